@@ -1,0 +1,387 @@
+"""Typed, validated configuration for one trial and for a whole sweep.
+
+Every config is a pydantic model with ``extra="forbid"``, so a misspelt key is an error that
+names the field instead of a silently ignored setting. A :class:`TrialConfig` is complete
+and self-checking: after validation its model knows its input and output shapes (taken from
+the dataset and the task) and its architecture has been checked for impossible shapes, so a
+bad grid point fails here, before any training starts.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+# Shapes (channels, height, width) of the supported datasets, known without loading them.
+DATASET_SHAPES: dict[str, tuple[int, int, int]] = {
+    "sample": (1, 28, 28),
+    "mnist": (1, 28, 28),
+    "fashion_mnist": (1, 28, 28),
+    "kmnist": (1, 28, 28),
+    "cifar10": (3, 32, 32),
+}
+
+DatasetName = Literal["sample", "mnist", "fashion_mnist", "kmnist", "cifar10"]
+Distortion = Literal["noise", "rotate", "flip", "patch", "brightness"]
+DISTORTIONS: tuple[str, ...] = ("noise", "rotate", "flip", "patch", "brightness")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=False, validate_assignment=False)
+
+
+class ModelConfig(_Strict):
+    """One convolutional autoencoder of the model space.
+
+    The encoder is a list of stages, one per entry of ``channels``: ``convs`` conv layers,
+    then an optional 2x2 max-pool, batchnorm and dropout. The bottleneck is either ``conv``
+    (the latent is the last feature map, optionally produced by one more conv with
+    ``latent_channels``) or ``dense`` (flatten, the ``dense`` stack, ``latent_dim``, then
+    the mirror). The decoder mirrors the stages in reverse: batchnorm, upsample back to the
+    stage's input size, ``convs`` convs to the stage's channels; ``output_conv`` adds a
+    separate conv to the output channels, otherwise the last decoder conv is the output.
+
+    ``preset: NAME`` starts from a named preset and overrides the fields given beside it.
+    ``in_channels``, ``out_channels`` and ``image_size`` are filled in from the dataset and
+    task when a trial is validated.
+    """
+
+    preset: str | None = None
+    in_channels: int | None = Field(None, ge=1)
+    out_channels: int | None = Field(None, ge=1)
+    image_size: int | None = Field(None, ge=1)
+
+    channels: list[int] = Field(default_factory=lambda: [16, 32], min_length=1)
+    convs: int | list[int] = 1
+    kernel: int = Field(3, ge=1)
+    stride: int = Field(1, ge=1)
+    padding: int | Literal["same"] = "same"
+    pool: bool | list[bool] = True
+    batchnorm: bool = False
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    dropout_std: float = Field(0.0, ge=0.0)
+    activation: Literal["relu", "leaky_relu", "elu", "gelu", "silu"] = "relu"
+
+    bottleneck: Literal["conv", "dense"] = "conv"
+    latent_channels: int | None = Field(None, ge=1)
+    latent_kernel: int | None = Field(None, ge=1)
+    latent_padding: int | Literal["same"] | None = None
+    dense: list[int] = Field(default_factory=list)
+    latent_dim: int | None = Field(None, ge=1)
+    dense_dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    reshape_channels: int | None = Field(None, ge=1)
+
+    decoder: Literal["upsample_conv", "conv_transpose"] = "upsample_conv"
+    decoder_kernel: int | None = Field(None, ge=1)
+    output_conv: bool = True
+    output_activation: Literal["sigmoid", "linear"] = "sigmoid"
+    init: Literal["he_uniform", "glorot_uniform", "default"] = "default"
+
+    activity_l1: float = Field(0.0, ge=0.0)
+    activity_l2: float = Field(0.0, ge=0.0)
+    edge_l2: float = Field(0.0, ge=0.0)
+    edge_dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    allow_overcomplete: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_preset(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("preset"):
+            from cae.models import preset_dict
+
+            merged = preset_dict(data["preset"])
+            merged.update(data)
+            return merged
+        return data
+
+    @model_validator(mode="after")
+    def _check_lists(self) -> ModelConfig:
+        n = len(self.channels)
+        for name in ("convs", "pool"):
+            value = getattr(self, name)
+            if isinstance(value, list) and len(value) != n:
+                raise ValueError(
+                    f"{name} has {len(value)} entries but channels has {n} stages"
+                )
+        if any(c < 1 for c in self.channels):
+            raise ValueError("channels must all be >= 1")
+        if any(c < 1 for c in self.stage_convs):
+            raise ValueError("convs must be >= 1 in every stage")
+        if any(w < 1 for w in self.dense):
+            raise ValueError("dense widths must all be >= 1")
+        if self.bottleneck == "dense" and self.latent_dim is None:
+            raise ValueError("latent_dim is required when bottleneck is 'dense'")
+        if self.bottleneck == "conv" and (self.latent_dim is not None or self.dense):
+            raise ValueError(
+                "latent_dim and dense apply to bottleneck 'dense'; "
+                "a conv bottleneck sets latent_channels"
+            )
+        if self.decoder_k % 2 == 0:
+            raise ValueError(
+                f"decoder_kernel must be odd (got {self.decoder_k}) so that decoder convs "
+                "keep their size; set decoder_kernel explicitly"
+            )
+        return self
+
+    @property
+    def stage_convs(self) -> list[int]:
+        c = self.convs
+        return list(c) if isinstance(c, list) else [c] * len(self.channels)
+
+    @property
+    def stage_pools(self) -> list[bool]:
+        p = self.pool
+        return list(p) if isinstance(p, list) else [p] * len(self.channels)
+
+    @property
+    def decoder_k(self) -> int:
+        return self.decoder_kernel if self.decoder_kernel is not None else self.kernel
+
+
+class DataConfig(_Strict):
+    """Which images, where they live, and how they are split."""
+
+    dataset: DatasetName = "sample"
+    data_dir: str | None = None
+    download: bool = True
+    val_fraction: float = Field(0.1, gt=0.0, lt=1.0)
+    split_seed: int = 0
+    train_limit: int | None = Field(None, ge=2)
+    test_limit: int | None = Field(None, ge=1)
+
+
+class TaskConfig(_Strict):
+    """What the autoencoder learns: reconstruct, denoise (undo distortions) or colorize.
+
+    For ``denoise`` each sample gets one distortion, ``distortions[index % len]`` (so each is
+    equally frequent), with its random strength drawn from a seeded generator; validation and
+    test inputs are distorted once with ``eval_seed`` so every trial and every epoch sees the
+    same inputs.
+    """
+
+    name: Literal["reconstruct", "denoise", "colorize"] = "reconstruct"
+    distortions: list[Distortion] = Field(default_factory=lambda: list(DISTORTIONS), min_length=1)
+    noise_std: float = Field(0.3, ge=0.0)
+    rotation_deg: float = Field(45.0, ge=0.0, le=180.0)
+    flip: Literal["horizontal", "vertical", "both"] = "horizontal"
+    patch_size: int = Field(10, ge=1)
+    brightness: float = Field(0.5, ge=0.0, lt=1.0)
+    eval_seed: int = 1234
+
+
+class TrialConfig(_Strict):
+    """Everything one training run needs: model, data, task and optimisation settings."""
+
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    task: TaskConfig = Field(default_factory=TaskConfig)
+    lr: float = Field(1e-3, gt=0.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    batch_size: int = Field(128, ge=1)
+    eval_batch_size: int = Field(1024, ge=1)
+    max_epochs: int = Field(10, ge=1)
+    patience: int | None = Field(3, ge=1)
+    min_delta: float = Field(0.0, ge=0.0)
+    loss: Literal["mse", "bce", "l1"] = "mse"
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    compile: bool = False
+
+    @model_validator(mode="after")
+    def _resolve_shapes(self) -> TrialConfig:
+        c, h, w = DATASET_SHAPES[self.data.dataset]
+        if self.task.name == "colorize":
+            if c != 3:
+                raise ValueError(
+                    f"task 'colorize' needs an RGB dataset, but '{self.data.dataset}' has "
+                    f"{c} channel(s); use cifar10"
+                )
+            want = {"in_channels": 1, "out_channels": 2, "image_size": h}
+        else:
+            want = {"in_channels": c, "out_channels": c, "image_size": h}
+        for key, value in want.items():
+            given = getattr(self.model, key)
+            if given is not None and given != value:
+                raise ValueError(
+                    f"model.{key} is {given} but dataset '{self.data.dataset}' with task "
+                    f"'{self.task.name}' needs {value}"
+                )
+            setattr(self.model, key, value)
+        if self.loss == "bce" and self.model.output_activation != "sigmoid":
+            raise ValueError("loss 'bce' needs model.output_activation 'sigmoid'")
+        from cae.models import plan
+
+        plan(self.model)  # raises ValueError naming the impossible layer
+        return self
+
+
+def set_dotted(data: dict, key: str, value: Any) -> None:
+    """Set ``data["a"]["b"] = value`` for ``key="a.b"``, creating dicts on the way."""
+    parts = key.split(".")
+    node = data
+    for part in parts[:-1]:
+        nxt = node.get(part)
+        if not isinstance(nxt, dict):
+            nxt = {}
+            node[part] = nxt
+        node = nxt
+    node[parts[-1]] = value
+
+
+def apply_point(data: dict, point: dict[str, Any]) -> dict:
+    """Apply one search-space point to a trial dict, in place.
+
+    Keys are dotted trial keys; a key starting with ``variant`` holds a mapping of dotted
+    keys applied together (so one grid axis can pair, say, a model preset with its task).
+    """
+    for key, value in point.items():
+        if key.startswith("variant"):
+            if not isinstance(value, dict):
+                raise ValueError(f"{key}: each value must be a mapping of dotted keys")
+            for k, v in value.items():
+                set_dotted(data, k, v)
+        else:
+            set_dotted(data, key, value)
+    return data
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """Turn ``["a.b=3", "c=[1, 2]"]`` into ``{"a.b": 3, "c": [1, 2]}`` (values parsed as YAML)."""
+    import yaml
+
+    out: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise ValueError(f"--set expects key=value, got {item!r}")
+        key, raw = item.split("=", 1)
+        out[key.strip()] = yaml.safe_load(raw)
+    return out
+
+
+def load_yaml(path: str) -> dict:
+    """Read a YAML mapping, with a clear error for a missing or malformed file."""
+    import yaml
+    from pathlib import Path
+
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{path} is not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a mapping of settings, not {type(data).__name__}")
+    return data
+
+
+def load_trial(path: str, overrides: list[str] | None = None) -> TrialConfig:
+    """Load a trial YAML file, apply ``--set key=value`` overrides, validate."""
+    data = load_yaml(path)
+    data.pop("name", None)
+    for key, value in parse_overrides(overrides or []).items():
+        set_dotted(data, key, value)
+    return TrialConfig.model_validate(data)
+
+
+# ----------------------------------------------------------------------------------------
+# Sweeps
+
+AXIS_KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
+
+# Training images per dataset (before the validation split), for the dry run's work figure.
+DATASET_TRAIN_SIZES: dict[str, int] = {
+    "sample": 4000, "mnist": 60000, "fashion_mnist": 60000, "kmnist": 60000, "cifar10": 50000,
+}
+
+
+class SchedulerConfig(_Strict):
+    """ASHA on epochs (stops weak trials at rungs) or FIFO (every trial to max_epochs)."""
+
+    kind: Literal["asha", "fifo"] = "asha"
+    max_t: int | None = Field(None, ge=1)
+    grace_period: int = Field(1, ge=1)
+    reduction_factor: float = Field(3.0, gt=1.0)
+
+
+class ResourcesConfig(_Strict):
+    """Resources of one trial; a fractional ``gpu`` packs several trials on one GPU."""
+
+    cpu: float = Field(1.0, gt=0.0)
+    gpu: float = Field(0.0, ge=0.0)
+
+    @model_validator(mode="after")
+    def _whole_gpus_above_one(self) -> ResourcesConfig:
+        if self.gpu > 1 and self.gpu != int(self.gpu):
+            raise ValueError(f"gpu: above 1 it must be a whole number (got {self.gpu})")
+        return self
+
+
+class SweepSpec(_Strict):
+    """A sweep: a base trial, the axes to search over, the scheduler, resources, storage.
+
+    ``space`` maps dotted trial keys (``model.latent_dim``) to a fixed value or to one of
+    ``{grid: [...]}``, ``{choice: [...]}``, ``{uniform: [lo, hi]}``,
+    ``{loguniform: [lo, hi]}``, ``{randint: [lo, hi]}`` (hi exclusive). Every grid point is
+    crossed with ``num_samples`` draws of the random axes.
+    """
+
+    name: str = Field("sweep", pattern=r"^[A-Za-z0-9_.-]+$")
+    trial: dict[str, Any] = Field(default_factory=dict)
+    space: dict[str, Any] = Field(default_factory=dict)
+    scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
+    num_samples: int = Field(1, ge=1)
+    max_concurrent: int | None = Field(None, ge=1)
+    max_failures: int = Field(1, ge=0)
+    storage: str = "runs"
+
+    @model_validator(mode="after")
+    def _check_axes(self) -> SweepSpec:
+        for key, value in self.space.items():
+            where = f"space.{key}"
+            if not isinstance(value, dict) or not (set(value) & set(AXIS_KINDS)):
+                continue  # a fixed value
+            if len(value) != 1:
+                raise ValueError(f"{where}: give exactly one of {', '.join(AXIS_KINDS)}")
+            kind, arg = next(iter(value.items()))
+            if kind in ("grid", "choice"):
+                if not isinstance(arg, list) or not arg:
+                    raise ValueError(f"{where}: {kind} needs a non-empty list of values")
+                continue
+            if not (isinstance(arg, list) and len(arg) == 2
+                    and all(isinstance(v, (int, float)) for v in arg) and arg[0] < arg[1]):
+                raise ValueError(f"{where}: {kind} needs [low, high] with low < high")
+            if kind == "loguniform" and arg[0] <= 0:
+                raise ValueError(f"{where}: loguniform needs low > 0")
+            if kind == "randint" and not all(isinstance(v, int) for v in arg):
+                raise ValueError(f"{where}: randint needs whole numbers")
+        return self
+
+    def axes(self) -> dict[str, tuple[str, Any]]:
+        """Every axis as ``(kind, argument)``; a fixed value is ``("fixed", value)``."""
+        out = {}
+        for key, value in self.space.items():
+            if isinstance(value, dict) and len(value) == 1 and next(iter(value)) in AXIS_KINDS:
+                out[key] = next(iter(value.items()))
+            else:
+                out[key] = ("fixed", value)
+        return out
+
+
+def load_spec(path: str, overrides: list[str] | None = None) -> SweepSpec:
+    """Load a sweep spec YAML and apply ``--set`` overrides.
+
+    ``--set trial.lr=0.01`` sets a base trial key; ``--set space.model.latent_dim=[4, 8]``
+    replaces one axis (its key is everything after ``space.``).
+    """
+    data = load_yaml(path)
+    for key, value in parse_overrides(overrides or []).items():
+        if key.startswith("space."):
+            data.setdefault("space", {})[key.removeprefix("space.")] = value
+        elif key.startswith("trial."):
+            set_dotted(data.setdefault("trial", {}), key.removeprefix("trial."), value)
+        else:
+            set_dotted(data, key, value)
+    return SweepSpec.model_validate(data)

@@ -1,0 +1,184 @@
+"""A run directory -> tidy pandas frames: ``trials`` (one row per trial) and ``epochs``.
+
+Reads what Ray Tune writes (each trial's ``params.json``, ``result.json``, ``error.txt``,
+and the experiment state for statuses) plus our ``spec.yaml``, so it works on a finished,
+running or interrupted run alike, without starting Ray.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from functools import lru_cache
+from pathlib import Path
+
+import pandas as pd
+
+TRIALS_FILE, EPOCHS_FILE = "trials.parquet", "epochs.parquet"
+EPOCH_COLUMNS = ("train_loss", "val_loss", "epoch_time_s", "time_total_s")
+# Ray Tune's bookkeeping fields that are not ours to keep per epoch.
+_RAY_FIELDS = {
+    "timestamp", "checkpoint_dir_name", "done", "training_iteration", "trial_id", "date",
+    "time_this_iter_s", "pid", "hostname", "node_ip", "config", "time_since_restore",
+    "iterations_since_restore", "should_checkpoint",
+}
+_STATIC = {"params", "latent_size", "device", "node_id", "stop_reason", "best_val_loss"}
+
+
+def _read_results(path: Path) -> list[dict]:
+    rows = []
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                break  # a line being written right now
+    return rows
+
+
+def _statuses(run_dir: Path) -> dict[str, dict]:
+    """trial dir name -> {status, num_failures} from Ray Tune's newest experiment state."""
+    states = sorted(run_dir.glob("experiment_state-*.json"))
+    if not states:
+        return {}
+    try:
+        data = json.loads(states[-1].read_text())
+    except (json.JSONDecodeError, OSError):
+        return {}
+    out = {}
+    for trial_json, meta_json in data.get("trial_data", []):
+        trial = json.loads(trial_json) if isinstance(trial_json, str) else trial_json
+        meta = json.loads(meta_json) if isinstance(meta_json, str) else meta_json
+        out[trial.get("relative_logdir", "")] = {
+            "status": trial.get("status", "UNKNOWN"),
+            "trial_id": trial.get("trial_id"),
+            "num_failures": (meta or {}).get("num_failures", 0),
+        }
+    return out
+
+
+def _flatten(data: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(_flatten(value, f"{name}."))
+        else:
+            out[name] = json.dumps(value) if isinstance(value, (list, dict)) else value
+    return out
+
+
+@lru_cache(maxsize=4096)
+def _model_facts(config_json: str) -> dict:
+    """Params, latent size and family of one trial's resolved config (cached per config)."""
+    from cae.models import describe
+    from cae.trainable import trial_config
+
+    base, point = json.loads(config_json)
+    try:
+        cfg = trial_config(base, point)
+    except ValueError:
+        return {}
+    m = cfg.model
+    info = describe(m)
+    convs = m.convs if isinstance(m.convs, int) else "-".join(map(str, m.convs))
+    return {
+        "params": info["params"],
+        "latent_size": info["latent_size"],
+        "family": f"{m.bottleneck} {len(m.channels)} stages x {convs} conv",
+    }
+
+
+def _error_reason(trial_dir: Path) -> str:
+    path = trial_dir / "error.txt"
+    if not path.is_file():
+        return ""
+    lines = [ln.strip() for ln in path.read_text().splitlines() if ln.strip()]
+    return lines[-1] if lines else "error"
+
+
+def load_frames(run_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The ``trials`` and ``epochs`` frames of a run directory."""
+    import yaml
+
+    run_dir = Path(run_dir)
+    spec_path = run_dir / "spec.yaml"
+    if not spec_path.is_file():
+        raise FileNotFoundError(f"{run_dir} is not a cae run directory (no spec.yaml in it)")
+    spec = yaml.safe_load(spec_path.read_text())
+    base = spec.get("trial", {})
+    scheduler = spec.get("scheduler", {}).get("kind", "asha")
+    statuses = _statuses(run_dir)
+    trials, epochs = [], []
+    for trial_dir in sorted(p for p in run_dir.iterdir() if (p / "params.json").is_file()):
+        point = json.loads((trial_dir / "params.json").read_text())
+        results = _read_results(trial_dir / "result.json")
+        state = statuses.get(trial_dir.name, {})
+        error = _error_reason(trial_dir)
+        status = state.get("status") or ("ERROR" if error else "UNKNOWN")
+        trial_id = results[0]["trial_id"] if results else state.get("trial_id", trial_dir.name)
+        by_epoch: dict[int, dict] = {}
+        for r in results:
+            if "epoch" in r:
+                by_epoch[int(r["epoch"])] = r  # a resumed trial may repeat an epoch: keep last
+        for epoch, r in sorted(by_epoch.items()):
+            row = {"trial_id": trial_id, "epoch": epoch}
+            row.update({k: v for k, v in r.items()
+                        if k not in _RAY_FIELDS and k not in _STATIC and k != "epoch"
+                        and not k.startswith("test_")})
+            row["time_total_s"] = r.get("time_total_s")
+            epochs.append(row)
+        last = results[-1] if results else {}
+        vals = [r["val_loss"] for r in by_epoch.values() if _finite(r.get("val_loss"))]
+        if error:
+            reason = f"error: {error}"
+        elif last.get("stop_reason"):
+            reason = last["stop_reason"]
+        elif status == "TERMINATED":
+            reason = "asha" if scheduler == "asha" else "stopped"
+        else:
+            reason = status.lower()
+        row = {"trial_id": trial_id, **_flatten(base), **_flatten(point)}
+        row.update(_model_facts(json.dumps([base, point], sort_keys=True)))
+        row.update({
+            "best_val_loss": min(vals) if vals else math.nan,
+            "best_epoch": min(by_epoch, key=lambda e: by_epoch[e].get("val_loss", math.inf))
+            if vals else 0,
+            "last_val_loss": vals[-1] if vals else math.nan,
+            "epochs": max(by_epoch) if by_epoch else 0,
+            "status": status,
+            "stop_reason": reason,
+            "wall_time_s": last.get("time_total_s", 0.0),
+            "node_id": last.get("node_id"),
+            "hostname": last.get("hostname"),
+            "device": last.get("device"),
+            "num_failures": state.get("num_failures", 0),
+            "trial_dir": trial_dir.name,
+        })
+        row.update({k: v for k, v in last.items() if k.startswith("test_")})
+        trials.append(row)
+    trials_df = pd.DataFrame(trials)
+    if "test_loss" not in trials_df and len(trials_df):
+        trials_df["test_loss"] = math.nan
+    epochs_df = pd.DataFrame(epochs, columns=None if epochs else ["trial_id", "epoch",
+                                                                   *EPOCH_COLUMNS])
+    return trials_df, epochs_df
+
+
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+def export(run_dir: str | Path) -> tuple[Path, Path]:
+    """Write trials.parquet and epochs.parquet into the run directory."""
+    run_dir = Path(run_dir)
+    trials, epochs = load_frames(run_dir)
+    trials.to_parquet(run_dir / TRIALS_FILE, index=False)
+    epochs.to_parquet(run_dir / EPOCHS_FILE, index=False)
+    return run_dir / TRIALS_FILE, run_dir / EPOCHS_FILE
+
+
+def best_trial(trials: pd.DataFrame) -> pd.Series | None:
+    """The trial with the lowest best validation loss."""
+    ok = trials.dropna(subset=["best_val_loss"])
+    return None if ok.empty else ok.loc[ok["best_val_loss"].idxmin()]

@@ -1,0 +1,266 @@
+"""One training run in plain PyTorch: epochs, validation, patience, final test evaluation.
+
+No Ray here. ``train`` calls ``on_epoch(metrics, checkpoint)`` after every epoch, which is
+how the sweep's trainable reports to Ray Tune and saves checkpoints, and how ``cae train``
+prints its lines; ``resume`` continues from such a checkpoint. The data stay on the device
+as uint8; batches are indexed, converted and distorted there; losses are summed on the
+device and read once per epoch, so there is no host synchronisation per step.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from cae.config import TrialConfig
+from cae.data import ImageData, load, split, to_device
+from cae.models import CAE, build_model, count_params
+from cae.tasks import make_task
+
+
+class Diverged(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+
+@dataclass
+class TrainResult:
+    """What a finished run leaves: per-epoch history, the best epoch, the test errors."""
+
+    history: list[dict] = field(default_factory=list)
+    best_val: float = math.inf
+    best_epoch: int = 0
+    stop_reason: str = ""
+    test: dict = field(default_factory=dict)
+    params: int = 0
+    latent_size: int = 0
+    model: CAE | None = None
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` means CUDA when there is a GPU, else the CPU."""
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' was asked for but no CUDA GPU is available")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def per_sample_loss(kind: str, out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Loss of each sample, (B,), averaged over its pixels; computed in float32."""
+    out, target = out.float(), target.float()
+    if kind == "mse":
+        loss = F.mse_loss(out, target, reduction="none")
+    elif kind == "l1":
+        loss = F.l1_loss(out, target, reduction="none")
+    else:
+        loss = F.binary_cross_entropy(out.clamp(1e-6, 1 - 1e-6), target, reduction="none")
+    return loss.flatten(1).mean(1)
+
+
+class Trainer:
+    """Holds the model, optimiser, data and task of one run; ``fit`` runs the epochs."""
+
+    def __init__(self, cfg: TrialConfig, data: ImageData | None = None):
+        self.cfg = cfg
+        self.device = resolve_device(cfg.device)
+        torch.manual_seed(cfg.seed)
+        data = data if data is not None else load(cfg.data)
+        self.splits = to_device(split(data, cfg.data.val_fraction, cfg.data.split_seed), self.device)
+        self.task = make_task(cfg.task)
+        self.model = build_model(cfg.model, seed=cfg.seed).to(self.device)
+        self.cuda = self.device.type == "cuda"
+        if self.cuda:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        # Encoder and decoder are compiled separately so the latent stays reachable for
+        # the activity penalty.
+        wrap = torch.compile if cfg.compile else (lambda m: m)
+        self.enc, self.dec = wrap(self.model.encoder), wrap(self.model.decoder)
+        self.opt = torch.optim.Adam(
+            self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay
+        )
+        self.gen = torch.Generator(device=self.device)
+        # The validation inputs are prepared once, identically for every trial and epoch.
+        self.val = self.task.eval_inputs(self.splits.val, seed=cfg.task.eval_seed)
+        self.epoch = 0
+        self.best_val = math.inf
+        self.best_epoch = 0
+        self.bad_epochs = 0
+        self.best_state: dict | None = None
+        self.history: list[dict] = []
+        self.final: dict | None = None  # the last epoch's metrics, once the run has ended
+
+    # ---- state for checkpoints -----------------------------------------------------
+    def state_dict(self) -> dict:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.opt.state_dict(),
+            "epoch": self.epoch,
+            "best_val": self.best_val,
+            "best_epoch": self.best_epoch,
+            "bad_epochs": self.bad_epochs,
+            "best_model": self.best_state,
+            "history": self.history,
+            "final": self.final,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.epoch = int(state["epoch"])
+        self.best_val = float(state["best_val"])
+        self.best_epoch = int(state["best_epoch"])
+        self.bad_epochs = int(state["bad_epochs"])
+        self.best_state = state.get("best_model")
+        self.history = list(state.get("history", []))
+        self.final = state.get("final")
+
+    # ---- one epoch ------------------------------------------------------------------
+    def _autocast(self):
+        if self.cuda:
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return nullcontext()
+
+    def _inputs(self, x: torch.Tensor) -> torch.Tensor:
+        return x.contiguous(memory_format=torch.channels_last) if self.cuda else x
+
+    def train_epoch(self) -> float:
+        cfg, model = self.cfg, self.model
+        model.train()
+        train = self.splits.train
+        n = train.shape[0]
+        self.gen.manual_seed(cfg.seed * 1_000_003 + self.epoch)  # resumable sequence
+        perm = torch.randperm(n, generator=self.gen, device=self.device)
+        total = torch.zeros((), device=self.device)
+        for start in range(0, n, cfg.batch_size):
+            idx = perm[start : start + cfg.batch_size]
+            x, y, _ = self.task.batch(train[idx], idx, self.gen)
+            with self._autocast():
+                z = self.enc(self._inputs(x))
+                out = self.dec(z)
+            loss = per_sample_loss(cfg.loss, out, y).mean() + model.penalty(z)
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            self.opt.step()
+            total += loss.detach() * idx.numel()
+        return float(total) / n  # the one host sync of the epoch
+
+    @torch.inference_mode()
+    def evaluate(self, prepared: tuple) -> dict:
+        """Mean loss over a prepared split, per distortion group and (colorize) in RGB."""
+        x_all, y_all, groups = prepared
+        self.model.eval()
+        n = x_all.shape[0]
+        sums = torch.zeros((), device=self.device, dtype=torch.float64)
+        rgb = torch.zeros((), device=self.device, dtype=torch.float64)
+        names = self.task.group_names or []
+        per_group = torch.zeros(len(names), device=self.device, dtype=torch.float64)
+        counts = torch.zeros(len(names), device=self.device, dtype=torch.float64)
+        for start in range(0, n, self.cfg.eval_batch_size):
+            x = x_all[start : start + self.cfg.eval_batch_size]
+            y = y_all[start : start + self.cfg.eval_batch_size]
+            with self._autocast():
+                out = self.dec(self.enc(self._inputs(x)))
+            losses = per_sample_loss(self.cfg.loss, out, y).double()
+            sums += losses.sum()
+            if names:
+                g = groups[start : start + self.cfg.eval_batch_size]
+                per_group.index_add_(0, g, losses)
+                counts.index_add_(0, g, torch.ones_like(losses))
+            if self.cfg.task.name == "colorize":
+                rgb += self.task.rgb_error(x, out.float(), y).double().sum()
+        result = {"loss": float(sums) / n}
+        for name, s, c in zip(names, per_group.tolist(), counts.tolist()):
+            result[f"loss_{name}"] = s / c if c else math.nan
+        if self.cfg.task.name == "colorize":
+            result["rgb_mse"] = float(rgb) / n
+        return result
+
+    # ---- the run --------------------------------------------------------------------
+    def fit(self, on_epoch: Callable[[dict, Callable[[], dict]], None] | None = None) -> str:
+        """Train until max_epochs or patience; return the stop reason.
+
+        The last epoch's metrics carry ``stop_reason``, so ``on_epoch`` knows it is the last.
+        """
+        cfg = self.cfg
+        if cfg.patience and self.bad_epochs >= cfg.patience:
+            return "patience"  # resumed from the checkpoint of a run that had already ended
+        while self.epoch < cfg.max_epochs:
+            t0 = time.perf_counter()
+            train_loss = self.train_epoch()
+            self.epoch += 1
+            if not math.isfinite(train_loss):
+                raise Diverged(f"train loss became {train_loss} at epoch {self.epoch}")
+            val = self.evaluate(self.val)
+            if not math.isfinite(val["loss"]):
+                raise Diverged(f"val loss became {val['loss']} at epoch {self.epoch}")
+            if val["loss"] < self.best_val - cfg.min_delta:
+                self.best_val, self.best_epoch, self.bad_epochs = val["loss"], self.epoch, 0
+                self.best_state = copy.deepcopy(self.model.state_dict())
+            else:
+                self.bad_epochs += 1
+            metrics = {
+                "epoch": self.epoch,
+                "train_loss": train_loss,
+                "val_loss": val["loss"],
+                **{f"val_{k}": v for k, v in val.items() if k != "loss"},
+                "best_val_loss": self.best_val,
+                "epoch_time_s": time.perf_counter() - t0,
+            }
+            stop = None
+            if cfg.patience and self.bad_epochs >= cfg.patience:
+                stop = "patience"
+            elif self.epoch >= cfg.max_epochs:
+                stop = "max_epochs"
+            if stop:
+                metrics["stop_reason"] = stop
+            self.history.append(metrics)
+            if on_epoch is not None:
+                on_epoch(metrics, self.state_dict)
+            if stop:
+                return stop
+        return "max_epochs"
+
+    def test(self) -> dict:
+        """Test-split errors of the best (by validation) weights."""
+        if self.best_state is not None:
+            self.model.load_state_dict(self.best_state)
+        prepared = self.task.eval_inputs(self.splits.test, seed=self.cfg.task.eval_seed + 1)
+        return {f"test_{k}": v for k, v in self.evaluate(prepared).items()}
+
+
+def train(
+    cfg: TrialConfig,
+    data: ImageData | None = None,
+    on_epoch: Callable[[dict, Callable[[], dict]], None] | None = None,
+    resume: dict | None = None,
+    evaluate_test: bool = True,
+) -> TrainResult:
+    """Train one trial to the end and evaluate it on the test split.
+
+    ``on_epoch(metrics, state)`` is called after each epoch; ``state()`` returns the
+    checkpoint dict (model, optimiser, epoch, early-stopping state). ``resume`` is such a
+    dict: the run continues after its epoch.
+    """
+    trainer = Trainer(cfg, data)
+    if resume is not None:
+        trainer.load_state_dict(resume)
+    reason = trainer.fit(on_epoch)
+    result = TrainResult(
+        history=trainer.history,
+        best_val=trainer.best_val,
+        best_epoch=trainer.best_epoch,
+        stop_reason=reason,
+        params=count_params(trainer.model),
+        latent_size=trainer.model.plan.latent_size,
+        model=trainer.model,
+    )
+    if evaluate_test:
+        result.test = trainer.test()
+    return result

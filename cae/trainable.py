@@ -1,0 +1,70 @@
+"""The Ray Tune function trainable: one trial of a sweep around ``cae.train.Trainer``.
+
+Each epoch it reports the losses to Ray Tune with a checkpoint (model, optimiser, epoch,
+early-stopping state); a restarted trial continues from its last checkpoint. The final
+epoch's report also carries the test errors and the stop reason, because a scheduler may
+end the trial right after its last report. A trial that diverges raises, so Ray Tune marks
+it as an error with that reason and the sweep goes on.
+"""
+
+from __future__ import annotations
+
+import copy
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import ray
+import torch
+from ray import tune
+
+from cae.config import TrialConfig, apply_point
+from cae.data import ImageData
+from cae.train import Trainer
+
+STATE_FILE = "state.pt"
+
+
+def trial_config(base: dict, point: dict[str, Any]) -> TrialConfig:
+    """The base trial with one search-space point (dotted keys) applied, validated."""
+    return TrialConfig.model_validate(apply_point(copy.deepcopy(base), point))
+
+
+def _load_state(checkpoint: tune.Checkpoint | None) -> dict | None:
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as d:
+        return torch.load(Path(d) / STATE_FILE, weights_only=True, map_location="cpu")
+
+
+def run_trial(point: dict, base: dict, data: ImageData, threads: int = 1) -> None:
+    """Train one trial, reporting every epoch to Ray Tune (used with tune.with_parameters)."""
+    torch.set_num_threads(max(1, threads))
+    cfg = trial_config(base, point)
+    state = _load_state(tune.get_checkpoint())
+    if state is not None and state.get("final"):
+        tune.report(state["final"])  # finished before an interruption: nothing to redo
+        return
+    trainer = Trainer(cfg, data)
+    if state is not None:
+        trainer.load_state_dict(state)
+    static = {
+        "params": sum(p.numel() for p in trainer.model.parameters()),
+        "latent_size": trainer.model.plan.latent_size,
+        "device": str(trainer.device),
+        "node_id": ray.get_runtime_context().get_node_id(),
+    }
+
+    def on_epoch(metrics: dict, state_fn) -> None:
+        report = {**metrics, **static}
+        if "stop_reason" in metrics:  # the last epoch of this trial
+            state = state_fn()  # saved before test() swaps in the best weights
+            report.update(trainer.test())
+            state["final"] = report
+        else:
+            state = state_fn()
+        with tempfile.TemporaryDirectory() as d:
+            torch.save(state, Path(d) / STATE_FILE)
+            tune.report(report, checkpoint=tune.Checkpoint.from_directory(d))
+
+    trainer.fit(on_epoch)
