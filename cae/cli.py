@@ -11,11 +11,9 @@ import json
 import sys
 from collections.abc import Callable
 
+from cae.config import UserError
+
 EXIT_USAGE = 2
-
-
-class UserError(Exception):
-    """An error in what the user asked for; printed as one line, exit status 2."""
 
 
 def format_validation_error(exc, source: str = "") -> str:
@@ -35,14 +33,12 @@ def _user_errors(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.
     def run(args: argparse.Namespace) -> int:
         from pydantic import ValidationError
 
-        from cae.data import DatasetUnavailable
-
         try:
             return fn(args)
         except ValidationError as exc:
             print(f"cae: error: {format_validation_error(exc, getattr(args, 'config', ''))}",
                   file=sys.stderr)
-        except (UserError, DatasetUnavailable, FileNotFoundError, ValueError) as exc:
+        except (UserError, FileNotFoundError, ValueError) as exc:
             print(f"cae: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
 

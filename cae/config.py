@@ -27,6 +27,11 @@ Distortion = Literal["noise", "rotate", "flip", "patch", "brightness"]
 DISTORTIONS: tuple[str, ...] = ("noise", "rotate", "flip", "patch", "brightness")
 
 
+class UserError(Exception):
+    """An error in what the user asked for (a spec, a path, a dataset): the CLI prints its
+    message as one line and exits with status 2."""
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=False, validate_assignment=False)
 
@@ -42,6 +47,7 @@ class ModelConfig(_Strict):
     stage's input size, ``convs`` convs to the stage's channels; ``output_conv`` adds a
     separate conv to the output channels, otherwise the last decoder conv is the output.
 
+    ``latent_dim`` is the width of a dense bottleneck; a conv bottleneck ignores it.
     ``preset: NAME`` starts from a named preset and overrides the fields given beside it.
     ``in_channels``, ``out_channels`` and ``image_size`` are filled in from the dataset and
     task when a trial is validated.
@@ -63,12 +69,12 @@ class ModelConfig(_Strict):
     dropout_std: float = Field(0.0, ge=0.0)
     activation: Literal["relu", "leaky_relu", "elu", "gelu", "silu"] = "relu"
 
-    bottleneck: Literal["conv", "dense"] = "conv"
+    bottleneck: Literal["conv", "dense"] = "dense"
     latent_channels: int | None = Field(None, ge=1)
     latent_kernel: int | None = Field(None, ge=1)
     latent_padding: int | Literal["same"] | None = None
     dense: list[int] = Field(default_factory=list)
-    latent_dim: int | None = Field(None, ge=1)
+    latent_dim: int = Field(16, ge=1)
     dense_dropout: float = Field(0.0, ge=0.0, lt=1.0)
     reshape_channels: int | None = Field(None, ge=1)
 
@@ -88,7 +94,7 @@ class ModelConfig(_Strict):
     @classmethod
     def _apply_preset(cls, data: Any) -> Any:
         if isinstance(data, dict) and data.get("preset"):
-            from cae.models import preset_dict
+            from cae.arch import preset_dict
 
             merged = preset_dict(data["preset"])
             merged.update(data)
@@ -110,12 +116,10 @@ class ModelConfig(_Strict):
             raise ValueError("convs must be >= 1 in every stage")
         if any(w < 1 for w in self.dense):
             raise ValueError("dense widths must all be >= 1")
-        if self.bottleneck == "dense" and self.latent_dim is None:
-            raise ValueError("latent_dim is required when bottleneck is 'dense'")
-        if self.bottleneck == "conv" and (self.latent_dim is not None or self.dense):
+        if self.bottleneck == "conv" and self.dense:
             raise ValueError(
-                "latent_dim and dense apply to bottleneck 'dense'; "
-                "a conv bottleneck sets latent_channels"
+                "dense applies to bottleneck 'dense'; a conv bottleneck's latent is its last "
+                "feature map (set latent_channels)"
             )
         if self.decoder_k % 2 == 0:
             raise ValueError(
@@ -210,7 +214,7 @@ class TrialConfig(_Strict):
             setattr(self.model, key, value)
         if self.loss == "bce" and self.model.output_activation != "sigmoid":
             raise ValueError("loss 'bce' needs model.output_activation 'sigmoid'")
-        from cae.models import plan
+        from cae.arch import plan
 
         plan(self.model)  # raises ValueError naming the impossible layer
         return self

@@ -71,7 +71,7 @@ def _flatten(data: dict, prefix: str = "") -> dict:
 @lru_cache(maxsize=4096)
 def _model_facts(config_json: str) -> dict:
     """Params, latent size and family of one trial's resolved config (cached per config)."""
-    from cae.models import describe
+    from cae.arch import describe
     from cae.trainable import trial_config
 
     base, point = json.loads(config_json)

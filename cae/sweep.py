@@ -18,13 +18,13 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from cae.config import DATASET_TRAIN_SIZES, SweepSpec, TrialConfig, apply_point
+from cae.config import DATASET_TRAIN_SIZES, SweepSpec, TrialConfig, UserError, apply_point
 
 SPEC_FILE = "spec.yaml"
 METRIC, MODE = "val_loss", "min"
 
 
-class SpecError(ValueError):
+class SpecError(UserError, ValueError):
     """A sweep spec that cannot run; the message names the field (and the grid point)."""
 
 
@@ -107,7 +107,7 @@ def check_spec(spec: SweepSpec) -> Checked:
 
 def summarize(checked: Checked) -> str:
     """The dry run: trials, distinct architectures with params and latent size, the work."""
-    from cae.models import describe
+    from cae.arch import describe
 
     spec = checked.spec
     swept = [k for k, (kind, _) in spec.axes().items() if kind != "fixed"]

@@ -94,7 +94,7 @@ def _trial(**model):
         ({"channels": [8], "kernel": 31, "padding": 0}, "kernel 31 is larger than its input"),
         ({"channels": [8, 8, 8, 8, 8, 8]}, "pools a 1x1 map"),
         ({"channels": [8, 8], "convs": [1, 2, 3]}, "convs has 3 entries"),
-        ({"channels": [64], "pool": False}, "larger than the input"),
+        ({"channels": [64], "pool": False, "bottleneck": "conv"}, "larger than the input"),
         ({"channels": [8], "kernel": 4}, "odd"),
     ],
 )

@@ -1,0 +1,408 @@
+"""Plotly figures that answer "which architecture, which latent size" from a sweep's frames.
+
+Every builder takes the ``trials`` / ``epochs`` frames of ``cae.results`` (and the spec dict
+where it needs the swept axes) and returns a ``plotly.graph_objects.Figure``; none reads
+files. They stay small at scale: a thousand trials' loss curves are a few merged traces with
+gaps between trials, not a thousand traces, and numeric arrays go out as float32.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+from analysis.run import (
+    axis_kind, axis_labels, axis_numeric, best_trials, config_text, error_column,
+    family_colors, short_id, sort_key, swept_axes,
+)
+
+LOG2_DTICK = math.log10(2)  # log axis ticks at 1, 2, 4, 8, ...
+GREY = "rgba(120, 120, 120, 0.35)"
+BEST_COLORS = ("#D62728", "#1F77B4", "#2CA02C", "#FF7F0E", "#9467BD", "#8C564B", "#E377C2")
+METRIC_TITLES = {
+    "best_val_loss": "best validation loss", "test_loss": "test loss",
+    "last_val_loss": "last validation loss", "test_rgb_mse": "test MSE in RGB",
+}
+
+
+def _empty(title: str, why: str) -> go.Figure:
+    fig = go.Figure()
+    fig.update_layout(title=title, xaxis_visible=False, yaxis_visible=False, height=200)
+    fig.add_annotation(text=why, showarrow=False, x=0.5, y=0.5, xref="paper", yref="paper")
+    return fig
+
+
+def _positive(values: pd.Series) -> np.ndarray:
+    """float32 array with non-positive or non-finite values as NaN (they break log axes)."""
+    v = pd.to_numeric(values, errors="coerce").to_numpy(dtype="float64")
+    v[~np.isfinite(v) | (v <= 0)] = np.nan
+    return v.astype("float32")
+
+
+def _merged(epochs: pd.DataFrame, col: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """All trials' curves as one x / y pair, NaN between trials, plus each point's trial."""
+    e = epochs.sort_values(["trial_id", "epoch"], kind="stable")
+    ids = e["trial_id"].astype(str).to_numpy()
+    x = e["epoch"].to_numpy(dtype="float32")
+    y = _positive(e[col])
+    starts = np.flatnonzero(ids[1:] != ids[:-1]) + 1  # where a new trial begins
+    x = np.insert(x, starts, np.nan)
+    y = np.insert(y, starts, np.nan)
+    ids = np.insert(ids.astype(object), starts, "")
+    return x, y, ids
+
+
+def loss_evolution(
+    trials: pd.DataFrame, epochs: pd.DataFrame, n_best: int = 5, max_individual: int = 40,
+) -> go.Figure:
+    """Validation and training loss per epoch of every trial, on log axes.
+
+    The ``n_best`` trials (lowest best validation loss) are coloured and named; the others
+    are thin grey lines, one legend entry each (click to hide or isolate) up to
+    ``max_individual`` of them, else merged into one trace per panel whose hover names the
+    trial. Curves end where a trial stopped, so ASHA's early stops are visibly shorter, and
+    a marker per stop reason sits on the last validation point.
+    """
+    title = "Loss evolution: every trial, the best few highlighted"
+    if epochs.empty or "val_loss" not in epochs:
+        return _empty(title, "no epochs reported yet")
+    fig = make_subplots(rows=1, cols=2, shared_yaxes=True, horizontal_spacing=0.04,
+                        subplot_titles=("validation loss", "training loss"))
+    best = best_trials(trials, n_best)
+    best_ids = [str(t) for t in best["trial_id"]]
+    rest = epochs[~epochs["trial_id"].astype(str).isin(best_ids)]
+    n_rest = rest["trial_id"].nunique()
+    panels = [(1, "val_loss"), (2, "train_loss")]
+    if n_rest and n_rest <= max_individual:
+        for tid, curve in rest.groupby("trial_id", sort=True):
+            for col, metric in panels:
+                fig.add_trace(go.Scatter(
+                    x=curve["epoch"].to_numpy("float32"), y=_positive(curve[metric]),
+                    mode="lines", line=dict(color=GREY, width=1), name=f"trial {short_id(tid)}",
+                    legendgroup=f"t{tid}", showlegend=col == 1,
+                    hovertemplate=f"trial {short_id(tid)}<br>epoch %{{x}}<br>%{{y:.4g}}"
+                                  "<extra></extra>"), row=1, col=col)
+    elif n_rest:
+        for col, metric in panels:
+            x, y, ids = _merged(rest, metric)
+            fig.add_trace(go.Scatter(
+                x=x, y=y, mode="lines", line=dict(color=GREY, width=1),
+                name=f"other trials ({n_rest})", legendgroup="others", showlegend=col == 1,
+                connectgaps=False,
+                text=[short_id(i) for i in ids] if col == 1 else None,
+                hovertemplate=("trial %{text}<br>" if col == 1 else "") +
+                              "epoch %{x}<br>%{y:.4g}<extra></extra>"), row=1, col=col)
+    by_trial = dict(tuple(epochs.groupby(epochs["trial_id"].astype(str))))
+    for rank, (_, row) in enumerate(best.iterrows(), start=1):
+        tid = str(row["trial_id"])
+        curve = by_trial.get(tid)
+        if curve is None:
+            continue
+        curve = curve.sort_values("epoch")
+        color = BEST_COLORS[(rank - 1) % len(BEST_COLORS)]
+        for col, metric in panels:
+            fig.add_trace(go.Scatter(
+                x=curve["epoch"].to_numpy("float32"), y=_positive(curve[metric]),
+                mode="lines+markers", line=dict(color=color, width=2.5), marker=dict(size=5),
+                name=f"#{rank} trial {short_id(tid)} (val {row['best_val_loss']:.4g})",
+                legendgroup=f"t{tid}", showlegend=col == 1,
+                hovertemplate=f"#{rank} trial {short_id(tid)}<br>epoch %{{x}}<br>%{{y:.4g}}"
+                              "<extra></extra>"), row=1, col=col)
+    _stop_markers(fig, trials, epochs)
+    fig.update_yaxes(type="log", title_text="loss (log)", row=1, col=1)
+    fig.update_yaxes(type="log", row=1, col=2)
+    fig.update_xaxes(title_text="epoch", tickformat="d", rangemode="tozero")
+    fig.update_layout(title=title, height=520, hovermode="closest",
+                      legend=dict(groupclick="togglegroup", itemsizing="constant"))
+    return fig
+
+
+_STOP_STYLES = {
+    "asha": ("stopped by ASHA", dict(symbol="x", size=8, color="#444")),
+    "patience": ("stopped by patience", dict(symbol="circle-open", size=8, color="#444")),
+    "error": ("error", dict(symbol="x-thin-open", size=11, color="#D62728",
+                            line=dict(width=2, color="#D62728"))),
+    "running": ("still running", dict(symbol="triangle-right", size=9, color="#17BECF")),
+}
+
+
+def _stop_kind(reason: str, status: str) -> str | None:
+    reason = str(reason)
+    if reason.startswith("error") or status == "ERROR":
+        return "error"
+    if reason in ("asha", "patience"):
+        return reason
+    if status in ("RUNNING", "PENDING", "PAUSED"):
+        return "running"
+    return None
+
+
+def _stop_markers(fig: go.Figure, trials: pd.DataFrame, epochs: pd.DataFrame) -> None:
+    """One marker trace per stop reason at each trial's last validation point."""
+    if "stop_reason" not in trials or epochs.empty:
+        return
+    last = epochs.sort_values("epoch").groupby(epochs["trial_id"].astype(str)).tail(1)
+    last = last.assign(tid=last["trial_id"].astype(str)).set_index("tid")
+    kinds = {str(r.trial_id): _stop_kind(r.stop_reason, str(getattr(r, "status", "")))
+             for r in trials.itertuples()}
+    for kind, (label, marker) in _STOP_STYLES.items():
+        ids = [t for t, k in kinds.items() if k == kind and t in last.index]
+        if not ids:
+            continue
+        pts = last.loc[ids]
+        fig.add_trace(go.Scatter(
+            x=pts["epoch"].to_numpy("float32"), y=_positive(pts["val_loss"]), mode="markers",
+            marker=marker, name=f"{label} ({len(ids)})", legendgroup=f"stop-{kind}",
+            text=[short_id(t) for t in ids],
+            hovertemplate=f"trial %{{text}}: {label} after epoch %{{x}}<extra></extra>"),
+            row=1, col=1)
+
+
+def pareto_front(trials: pd.DataFrame, metric: str = "best_val_loss") -> pd.DataFrame:
+    """Trials no other beats with a latent as small or smaller: the lowest error at each
+    latent size and below, in increasing latent size (so error strictly decreases)."""
+    df = trials[pd.to_numeric(trials[metric], errors="coerce").notna()]
+    df = df[df["latent_size"] > 0].sort_values(["latent_size", metric], kind="stable")
+    keep, low = [], math.inf
+    for idx, value in zip(df.index, df[metric].astype(float)):
+        if value < low:
+            keep.append(idx)
+            low = value
+    return df.loc[keep]
+
+
+def latent_vs_error(
+    trials: pd.DataFrame, spec: dict | None = None, metric: str = "best_val_loss",
+) -> go.Figure:
+    """One point per trial: latent size (log2 x) against its error (log y), coloured by
+    architecture family, with the Pareto front drawn and each point's config on hover.
+
+    Families sharing a latent size are dodged slightly sideways so that none hides another;
+    the hover shows the true latent size.
+    """
+    metric = error_column(trials, metric) if len(trials) else metric
+    name = METRIC_TITLES.get(metric, metric)
+    title = f"Latent size versus {name}"
+    if trials.empty or "latent_size" not in trials:
+        return _empty(title, "no trials yet")
+    df = trials[pd.to_numeric(trials[metric], errors="coerce").notna()
+                & (pd.to_numeric(trials["latent_size"], errors="coerce") > 0)]
+    if df.empty:
+        return _empty(title, f"no trial has a {name} yet")
+    axes = swept_axes(spec or {}, trials)
+    text = config_text(df, axes)
+    colors = family_colors(trials)
+    families = sorted(df["family"].astype(str).unique())
+    fig = go.Figure()
+    for i, fam in enumerate(families):
+        sub = df[df["family"].astype(str) == fam]
+        offset = (i - (len(families) - 1) / 2) * 0.06 if len(families) > 1 else 0.0
+        fig.add_trace(go.Scatter(
+            x=(sub["latent_size"].astype(float) * 2.0 ** offset).to_numpy("float32"),
+            y=sub[metric].astype("float32").to_numpy(), mode="markers", name=fam,
+            marker=dict(color=colors[fam], size=10, opacity=0.85,
+                        line=dict(width=0.5, color="white")),
+            customdata=np.stack([sub["trial_id"].map(short_id).to_numpy(),
+                                 sub["latent_size"].astype(int).to_numpy()], axis=1),
+            text=text.loc[sub.index],
+            hovertemplate=("trial %{customdata[0]}<br>latent size %{customdata[1]}<br>"
+                           f"{name} %{{y:.4g}}<br>%{{text}}<extra>{fam}</extra>")))
+    front = pareto_front(df, metric)
+    fig.add_trace(go.Scatter(
+        x=front["latent_size"].astype("float32").to_numpy(),
+        y=front[metric].astype("float32").to_numpy(), mode="lines+markers",
+        line=dict(color="black", width=1.5, shape="hv", dash="dot"),
+        marker=dict(symbol="diamond-open", size=14, color="black", line=dict(width=2)),
+        name="Pareto front", text=front["trial_id"].map(short_id),
+        hovertemplate=f"Pareto: trial %{{text}}<br>latent %{{x}}<br>{name} %{{y:.4g}}"
+                      "<extra></extra>"))
+    fig.update_xaxes(type="log", dtick=LOG2_DTICK, title_text="latent size (log2 scale)")
+    fig.update_yaxes(type="log", title_text=f"{name} (log)")
+    fig.update_layout(title=title, height=520, legend_title_text="family",
+                      hovermode="closest")
+    return fig
+
+
+def _dimension(values: pd.Series, label: str, log: bool = False) -> dict:
+    """One parcoords axis: numbers as they are (log10 with readable ticks when ``log``)."""
+    v = values.astype(float)
+    if log and (v > 0).all():
+        lo, hi = math.floor(math.log10(v.min())), math.ceil(math.log10(v.max()))
+        ticks = list(range(lo, hi + 1))
+        return dict(label=label + " (log)", values=np.log10(v).to_numpy("float32"),
+                    tickvals=ticks, ticktext=[f"{10.0 ** t:g}" for t in ticks])
+    return dict(label=label, values=v.to_numpy("float32"))
+
+
+def _categorical_dimension(labels: pd.Series, label: str) -> dict:
+    order = sorted(labels.unique(), key=sort_key)
+    codes = labels.map({v: i for i, v in enumerate(order)})
+    return dict(label=label, values=codes.to_numpy("float32"), tickvals=list(range(len(order))),
+                ticktext=[o if len(o) <= 24 else o[:22] + "..." for o in order],
+                range=[-0.3, len(order) - 0.7] if len(order) > 1 else [-1, 1])
+
+
+def parallel_coordinates(
+    trials: pd.DataFrame, spec: dict, metric: str = "best_val_loss",
+) -> go.Figure:
+    """Parallel coordinates over the swept axes (then latent size and the error), each
+    trial a line coloured by its validation loss; drag along an axis to filter."""
+    metric = error_column(trials, metric) if len(trials) else metric
+    name = METRIC_TITLES.get(metric, metric)
+    title = f"Swept axes, coloured by {name}"
+    if trials.empty or metric not in trials:
+        return _empty(title, "no trials yet")
+    df = trials[pd.to_numeric(trials[metric], errors="coerce").notna()]
+    if df.empty:
+        return _empty(title, f"no trial has a {name} yet")
+    dims = []
+    for key in swept_axes(spec, df):
+        numeric = axis_numeric(df, key)
+        if numeric is not None and (numeric.nunique() > 8
+                                    or axis_kind(spec, key) in ("uniform", "loguniform")):
+            dims.append(_dimension(numeric, key, log=axis_kind(spec, key) == "loguniform"))
+        else:
+            dims.append(_categorical_dimension(axis_labels(df, key), key))
+    if "latent_size" in df and (df["latent_size"] > 0).all():
+        lat = df["latent_size"].astype(float)
+        ticks = sorted({2 ** round(math.log2(v)) for v in lat.unique()})
+        dims.append(dict(label="latent size (log2)", values=np.log2(lat).to_numpy("float32"),
+                         tickvals=[math.log2(t) for t in ticks], ticktext=[str(t) for t in ticks]))
+    err = df[metric].astype(float)
+    dims.append(_dimension(err, name, log=bool((err > 0).all())))
+    fig = go.Figure(go.Parcoords(
+        dimensions=dims,
+        line=dict(color=err.to_numpy("float32"), colorscale="Viridis", reversescale=True,
+                  showscale=True, colorbar=dict(title=dict(text=name)))))
+    fig.update_layout(title=title, height=480, margin=dict(l=80, r=80, t=110, b=40))
+    return fig
+
+
+def _bins(values: pd.Series, log: bool, n: int = 5) -> pd.Series:
+    """Labels of ``n`` equal-count bins of a continuous axis."""
+    v = np.log10(values) if log else values
+    cats = pd.qcut(v, q=min(n, v.nunique()), duplicates="drop")
+    fmt = (lambda x: f"{10 ** x:.3g}") if log else (lambda x: f"{x:.3g}")
+    return cats.map(lambda c: f"{fmt(c.left)}-{fmt(c.right)}").astype(str)
+
+
+def axis_effects(trials: pd.DataFrame, spec: dict, metric: str = "best_val_loss") -> dict:
+    """Per swept axis: a frame of (value, best, median, trials) and the axis's spread,
+    ``(worst best - best best) / best best``: how much choosing its value can cost."""
+    df = trials[pd.to_numeric(trials.get(metric), errors="coerce").notna()] \
+        if metric in trials else trials.iloc[0:0]
+    out = {}
+    for key in swept_axes(spec, df):
+        numeric = axis_numeric(df, key)
+        kind = axis_kind(spec, key)
+        if numeric is not None and kind in ("uniform", "loguniform", "randint") \
+                and numeric.nunique() > 6:
+            labels = _bins(numeric, log=kind == "loguniform")
+        else:
+            labels = axis_labels(df, key)
+        g = df[metric].astype(float).groupby(labels)
+        table = pd.DataFrame({"best": g.min(), "median": g.median(), "trials": g.size()})
+        table = table.loc[sorted(table.index, key=sort_key)]
+        spread = (table["best"].max() - table["best"].min()) / table["best"].min() \
+            if len(table) and table["best"].min() > 0 else 0.0
+        out[key] = (table, float(spread))
+    return out
+
+
+def axis_importance(
+    trials: pd.DataFrame, spec: dict, metric: str = "best_val_loss", per_row: int = 4,
+) -> go.Figure:
+    """How much each swept axis matters: for every value of the axis, the best (and the
+    median) error of the trials that had it; panels ordered by spread, largest first."""
+    metric = error_column(trials, metric) if len(trials) else metric
+    name = METRIC_TITLES.get(metric, metric)
+    title = f"What each swept axis does to the {name}"
+    effects = axis_effects(trials, spec, metric)
+    if not effects:
+        return _empty(title, "no swept axis with finished trials yet")
+    order = sorted(effects, key=lambda k: -effects[k][1])
+    cols = min(per_row, len(order))
+    rows = math.ceil(len(order) / cols)
+    fig = make_subplots(
+        rows=rows, cols=cols, shared_yaxes=True, vertical_spacing=0.25 / rows + 0.08,
+        subplot_titles=[f"{k}<br><sub>spread of best {effects[k][1]:.0%}</sub>"
+                        for k in order])
+    for i, key in enumerate(order):
+        table, _ = effects[key]
+        r, c = i // cols + 1, i % cols + 1
+        x = [s if len(s) <= 20 else s[:18] + "..." for s in table.index.astype(str)]
+        fig.add_trace(go.Scatter(
+            x=x, y=table["median"], mode="markers", name="median", legendgroup="median",
+            showlegend=i == 0, marker=dict(symbol="line-ew-open", size=16, color="#888",
+                                           line=dict(width=2)),
+            customdata=table["trials"], hovertemplate="%{x}: median %{y:.4g} over "
+                                                      "%{customdata} trials<extra></extra>"),
+            row=r, col=c)
+        fig.add_trace(go.Scatter(
+            x=x, y=table["best"], mode="markers+lines", name="best", legendgroup="best",
+            showlegend=i == 0, marker=dict(size=11, color="#D62728"),
+            line=dict(color="rgba(214, 39, 40, 0.3)"),
+            customdata=table["trials"], hovertemplate="%{x}: best %{y:.4g} of %{customdata}"
+                                                      " trials<extra></extra>"),
+            row=r, col=c)
+    fig.update_yaxes(type="log")
+    fig.update_yaxes(title_text=f"{name} (log)", col=1)
+    fig.update_xaxes(type="category")
+    fig.update_layout(title=title, height=330 * rows + 80, hovermode="closest")
+    return fig
+
+
+def distortion_errors(
+    trials: pd.DataFrame, epochs: pd.DataFrame | None = None, n_best: int = 5,
+) -> go.Figure | None:
+    """For ``denoise`` sweeps: the best trials' error on each distortion, side by side.
+
+    A low mean can hide a distortion the model never learned (Study B); each bar says how
+    many times the trial's mean it is. Uses the test errors of trials that have them, else
+    each trial's validation errors at its best epoch. None when there are no per-distortion
+    errors (any task but denoise).
+    """
+    test_cols = [c for c in trials.columns if c.startswith("test_loss_")]
+    names = [c.removeprefix("test_loss_") for c in test_cols]
+    source = "test"
+    ranked = trials.iloc[0:0]
+    if test_cols:
+        has = trials.dropna(subset=test_cols, how="all")
+        ranked = best_trials(has, n_best)
+    if ranked.empty and epochs is not None and not epochs.empty:
+        val_cols = [c for c in epochs.columns if c.startswith("val_loss_")]
+        names = [c.removeprefix("val_loss_") for c in val_cols]
+        if not val_cols:
+            return None
+        ranked = best_trials(trials, n_best)
+        at_best = epochs.merge(ranked[["trial_id", "best_epoch"]],
+                               left_on=["trial_id", "epoch"], right_on=["trial_id", "best_epoch"])
+        ranked = ranked.drop(columns=[c for c in ranked if c.startswith("test_loss_")]).merge(
+            at_best[["trial_id", *val_cols]].rename(
+                columns={c: "test_loss_" + c.removeprefix("val_loss_") for c in val_cols}),
+            on="trial_id")
+        source = "validation (best epoch)"
+    if ranked.empty or not names:
+        return None
+    fig = go.Figure()
+    for rank, (_, row) in enumerate(ranked.iterrows(), start=1):
+        values = np.array([row.get(f"test_loss_{n}", np.nan) for n in names], dtype=float)
+        mean = np.nanmean(values) if np.isfinite(values).any() else np.nan
+        fig.add_trace(go.Bar(
+            x=names, y=values.astype("float32"),
+            name=f"#{rank} trial {short_id(row['trial_id'])} (mean {mean:.4g})",
+            marker_color=BEST_COLORS[(rank - 1) % len(BEST_COLORS)],
+            text=[f"{v / mean:.1f}x" if mean > 0 and np.isfinite(v) else "" for v in values],
+            textposition="outside",
+            hovertemplate="%{x}: %{y:.4g} (%{text} the trial's mean)<extra>%{fullData.name}"
+                          "</extra>"))
+    fig.update_layout(
+        title=f"Error per distortion, best {len(ranked)} trials ({source} set); "
+              "labels: times the trial's mean",
+        barmode="group", height=460, xaxis_title="distortion",
+        yaxis_title=f"MSE on the {source.split()[0]} set", legend_title_text="trial")
+    return fig

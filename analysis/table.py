@@ -1,0 +1,111 @@
+"""The table of all trials, like the studies' hand-typed tables, but complete and sortable.
+
+``table_frame`` picks and orders the columns (trial, swept axes, model facts, losses,
+epochs, status); ``trials_table`` shows it as a Plotly table (for notebooks);
+``table_html`` renders it as a plain HTML table that sorts on a click on its header (for the
+report: a thousand rows stay small and fast as HTML, and the sort needs no library).
+"""
+
+from __future__ import annotations
+
+import html
+import math
+
+import pandas as pd
+import plotly.graph_objects as go
+
+from analysis.run import axis_labels, short_id, swept_axes
+
+_FACTS = ("family", "params", "latent_size")
+_LOSSES = ("best_val_loss", "best_epoch", "last_val_loss", "test_loss")
+_RUN = ("epochs", "status", "stop_reason", "wall_time_s", "num_failures")
+
+
+def table_frame(trials: pd.DataFrame, spec: dict) -> pd.DataFrame:
+    """One row per trial, best validation loss first: id, swept axes (as readable labels),
+    family, params, latent size, losses (per distortion too), epochs, status, stop reason,
+    wall time."""
+    if trials.empty:
+        return pd.DataFrame(columns=["trial"])
+    out = pd.DataFrame(index=trials.index)
+    out["trial"] = trials["trial_id"].map(short_id)
+    for key in swept_axes(spec, trials):
+        out[key] = axis_labels(trials, key)
+    extra = sorted(c for c in trials.columns if c.startswith("test_") and c != "test_loss")
+    for col in (*_FACTS, *_LOSSES, *extra, *_RUN):
+        if col in trials:
+            out[col] = trials[col]
+    if "best_val_loss" in out:
+        out = out.sort_values("best_val_loss", kind="stable", na_position="last")
+    return out.reset_index(drop=True)
+
+
+def _fmt(value) -> str:
+    if value is None or (pd.api.types.is_scalar(value) and not isinstance(value, str)
+                         and pd.isna(value)):
+        return ""
+    if isinstance(value, float):
+        if math.isnan(value):
+            return ""
+        if value.is_integer() and abs(value) < 1e15:
+            return f"{int(value):d}"
+        return f"{value:.4g}" if abs(value) >= 1e-3 else f"{value:.3e}"
+    return str(value)
+
+
+def trials_table(trials: pd.DataFrame, spec: dict) -> go.Figure:
+    """All trials as a Plotly table, best validation loss first."""
+    df = table_frame(trials, spec)
+    fig = go.Figure(go.Table(
+        header=dict(values=[f"<b>{c}</b>" for c in df.columns], align="left",
+                    fill_color="#EEF"),
+        cells=dict(values=[[_fmt(v) for v in df[c].tolist()] for c in df.columns],
+                   align="left", height=22)))
+    fig.update_layout(title=f"All {len(df)} trials, best validation loss first",
+                      height=min(900, 120 + 24 * max(len(df), 1)),
+                      margin=dict(l=10, r=10, t=50, b=10))
+    return fig
+
+
+SORT_JS = """
+document.querySelectorAll('table.sortable th').forEach(function (th) {
+  th.addEventListener('click', function () {
+    var table = th.closest('table'), body = table.tBodies[0];
+    var i = Array.prototype.indexOf.call(th.parentNode.children, th);
+    var asc = th.getAttribute('aria-sort') !== 'ascending';
+    table.querySelectorAll('th').forEach(function (h) { h.removeAttribute('aria-sort'); });
+    th.setAttribute('aria-sort', asc ? 'ascending' : 'descending');
+    var num = th.classList.contains('num');
+    var key = function (tr) {
+      var t = tr.children[i].textContent;
+      if (!num) return t;
+      var v = parseFloat(t.replace(/,/g, ''));
+      return isNaN(v) ? (asc ? Infinity : -Infinity) : v;
+    };
+    var rows = Array.prototype.slice.call(body.rows);
+    rows.sort(function (a, b) {
+      var x = key(a), y = key(b);
+      var c = num ? x - y : String(x).localeCompare(String(y), undefined, {numeric: true});
+      return asc ? c : -c;
+    });
+    rows.forEach(function (r) { body.appendChild(r); });
+  });
+});
+"""
+
+
+def table_html(trials: pd.DataFrame, spec: dict, table_id: str = "trials") -> str:
+    """The trials table as an HTML ``<table class="sortable">``; a click on a header sorts
+    by that column (numbers numerically), a second click reverses. Needs ``SORT_JS``."""
+    df = table_frame(trials, spec)
+    numeric = [pd.api.types.is_numeric_dtype(df[c]) and not pd.api.types.is_bool_dtype(df[c])
+               for c in df.columns]
+    head = "".join(
+        f'<th class="{"num" if n else "txt"}" title="click to sort">{html.escape(str(c))}</th>'
+        for c, n in zip(df.columns, numeric))
+    body = []
+    for row in df.itertuples(index=False):
+        cells = "".join(f"<td>{html.escape(_fmt(v))}</td>" for v in row)
+        body.append(f"<tr>{cells}</tr>")
+    return (f'<table class="sortable" id="{table_id}"><thead><tr>{head}</tr></thead>'
+            f'<tbody>{"".join(body)}</tbody></table>')

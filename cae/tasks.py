@@ -1,0 +1,274 @@
+"""What the autoencoder learns: uint8 image batches -> (input, target) float tensors.
+
+Three tasks, one small class each, all built by :func:`make_task`:
+
+- ``reconstruct``: input = target = the image in [0, 1].
+- ``denoise``: target = the clean image; input = the image with one distortion, chosen by
+  ``index % len(distortions)`` so each distortion is equally frequent, with its random
+  strength drawn from the caller's generator. The distortion's position is returned as the
+  sample's *group*, so errors can be reported per distortion.
+- ``colorize``: RGB -> YCbCr (ITU-R BT.601 full range, as in JPEG); input = luma Y,
+  target = chroma CbCr. :meth:`Colorize.rgb_error` re-joins Y with a predicted chroma and
+  measures the error in RGB, the space a person judges colours in.
+
+Everything runs on the batch's device and is vectorised over the batch: each distortion is
+computed for the whole batch and the right one picked per sample with ``torch.where``, so
+there is no per-sample Python and no host synchronisation on the hot path.
+Validation and test inputs come from :meth:`Task.eval_inputs`: prepared once, from a fixed
+seed, identically for every trial and epoch.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+
+import torch
+import torch.nn.functional as F
+
+from cae.config import TaskConfig
+
+Batch = tuple[torch.Tensor, torch.Tensor, "torch.Tensor | None"]
+
+
+# ---- colour spaces ---------------------------------------------------------------------
+
+# ITU-R BT.601 full range (JFIF / PIL): Y in [0, 1], Cb and Cr centred at 0.5.
+_RGB_TO_YCBCR = torch.tensor(
+    [
+        [0.299, 0.587, 0.114],
+        [-0.168736, -0.331264, 0.5],
+        [0.5, -0.418688, -0.081312],
+    ],
+    dtype=torch.float64,
+)
+_YCBCR_TO_RGB = torch.linalg.inv(_RGB_TO_YCBCR)  # 1.402, -0.344136, -0.714136, 1.772
+_CHROMA_OFFSET = torch.tensor([0.0, 0.5, 0.5], dtype=torch.float64)
+
+
+@lru_cache(maxsize=None)
+def _colour_constants(inverse: bool, device: torch.device, dtype: torch.dtype):
+    """The matrix and offset on ``device``, copied there once (a copy per batch would stall
+    a GPU stream)."""
+    m = _YCBCR_TO_RGB if inverse else _RGB_TO_YCBCR
+    return m.to(device, dtype), _CHROMA_OFFSET.to(device, dtype).view(1, 3, 1, 1)
+
+
+def rgb_to_ycbcr(x: torch.Tensor) -> torch.Tensor:
+    """RGB (B, 3, H, W) in [0, 1] -> YCbCr (B, 3, H, W) in [0, 1] (BT.601 full range)."""
+    m, off = _colour_constants(False, x.device, x.dtype)
+    return torch.einsum("ij,bjhw->bihw", m, x) + off
+
+
+def ycbcr_to_rgb(x: torch.Tensor, clamp: bool = True) -> torch.Tensor:
+    """YCbCr (B, 3, H, W) -> RGB (B, 3, H, W), clamped to [0, 1] unless ``clamp=False``.
+
+    Clamping matters for predicted chroma, which can leave the RGB gamut.
+    """
+    m, off = _colour_constants(True, x.device, x.dtype)
+    rgb = torch.einsum("ij,bjhw->bihw", m, x - off)
+    return rgb.clamp(0.0, 1.0) if clamp else rgb
+
+
+# ---- distortions (each takes and returns float (B, C, H, W) in [0, 1]) -------------------
+
+
+def add_noise(x: torch.Tensor, std: float, gen: torch.Generator | None) -> torch.Tensor:
+    """Gaussian noise of standard deviation ``std``, clamped back to [0, 1]."""
+    noise = torch.randn(x.shape, generator=gen, device=x.device, dtype=x.dtype)
+    return (x + std * noise).clamp(0.0, 1.0)
+
+
+def rotate_by(x: torch.Tensor, degrees: torch.Tensor) -> torch.Tensor:
+    """Rotate each image about its centre by ``degrees[b]`` (counter-clockwise, as
+    torchvision's ``rotate``), bilinear, filling with black. ``degrees`` is (B,)."""
+    b, _, h, w = x.shape
+    rad = degrees.to(x.device, x.dtype) * (math.pi / 180.0)
+    cos, sin = torch.cos(rad), torch.sin(rad)
+    # affine_grid maps output to input positions in [-1, 1] coordinates; the h/w factors keep
+    # the rotation rigid on non-square images.
+    theta = torch.stack(
+        [
+            torch.stack([cos, -sin * h / w, torch.zeros_like(cos)], dim=1),
+            torch.stack([sin * w / h, cos, torch.zeros_like(cos)], dim=1),
+        ],
+        dim=1,
+    )  # (B, 2, 3)
+    grid = F.affine_grid(theta, [b, x.shape[1], h, w], align_corners=False)  # (B, H, W, 2)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def random_rotate(x: torch.Tensor, max_deg: float, gen: torch.Generator | None) -> torch.Tensor:
+    """Rotate each image by an angle drawn uniformly from [-max_deg, max_deg]."""
+    u = torch.rand(x.shape[0], generator=gen, device=x.device, dtype=x.dtype)
+    return rotate_by(x, (2.0 * u - 1.0) * max_deg)
+
+
+def flip(x: torch.Tensor, mode: str) -> torch.Tensor:
+    """Mirror every image: ``horizontal`` (left-right), ``vertical`` (up-down) or ``both``."""
+    dims = {"horizontal": [-1], "vertical": [-2], "both": [-2, -1]}[mode]
+    return torch.flip(x, dims)
+
+
+def black_patch(x: torch.Tensor, size: int, gen: torch.Generator | None) -> torch.Tensor:
+    """Black out a ``size`` x ``size`` square (clipped to the image) at a random position,
+    entirely inside each image."""
+    b, _, h, w = x.shape
+    ph, pw = min(size, h), min(size, w)
+    top = torch.randint(0, h - ph + 1, (b,), generator=gen, device=x.device).view(b, 1, 1)
+    left = torch.randint(0, w - pw + 1, (b,), generator=gen, device=x.device).view(b, 1, 1)
+    rows = torch.arange(h, device=x.device).view(1, h, 1)
+    cols = torch.arange(w, device=x.device).view(1, 1, w)
+    inside = (rows >= top) & (rows < top + ph) & (cols >= left) & (cols < left + pw)  # (B, H, W)
+    return x.masked_fill(inside.unsqueeze(1), 0.0)
+
+
+def scale_brightness(x: torch.Tensor, amount: float, gen: torch.Generator | None) -> torch.Tensor:
+    """Multiply each image by a factor drawn uniformly from [1 - amount, 1 + amount], clamped."""
+    u = torch.rand(x.shape[0], generator=gen, device=x.device, dtype=x.dtype)
+    factor = (1.0 + amount * (2.0 * u - 1.0)).view(-1, 1, 1, 1)
+    return (x * factor).clamp(0.0, 1.0)
+
+
+# ---- tasks -----------------------------------------------------------------------------
+
+
+def _to_unit(images: torch.Tensor) -> torch.Tensor:
+    """uint8 (B, C, H, W) -> float32 in [0, 1], same shape and device."""
+    return images.to(torch.float32).div_(255.0)
+
+
+class Task:
+    """Base class: turns uint8 batches into ``(input, target, group)``; see the module doc."""
+
+    name = "task"
+
+    def __init__(self, cfg: TaskConfig):
+        self.cfg = cfg
+
+    @property
+    def group_names(self) -> list[str] | None:
+        """Names of the per-sample groups (distortions), or None when there are none."""
+        return None
+
+    def batch(
+        self, images: torch.Tensor, index: torch.Tensor, generator: torch.Generator | None = None
+    ) -> Batch:
+        """``images`` uint8 (B, C, H, W) and their dataset ``index`` (B,) -> float32
+        ``(input (B, Cin, H, W), target (B, Cout, H, W), group (B,) or None)`` on the images'
+        device. Random draws come from ``generator``, which must live on that device."""
+        raise NotImplementedError
+
+    def eval_inputs(self, images: torch.Tensor, seed: int, chunk: int = 4096) -> Batch:
+        """A whole validation or test split prepared once, the same on every call.
+
+        The split is processed on the CPU in fixed chunks of ``chunk`` images, in order, with
+        index ``arange(N)`` and a CPU generator seeded with ``seed``, then moved to the
+        images' device. So the result depends only on the images, ``seed`` and ``chunk``:
+        not on any batch size, and not on whether the trial runs on a CPU or a GPU (their
+        random streams differ), so every trial of a sweep sees the same inputs.
+        """
+        gen = torch.Generator().manual_seed(seed)
+        cpu = images.cpu()
+        n = cpu.shape[0]
+        parts = [
+            self.batch(cpu[s : s + chunk], torch.arange(s, min(s + chunk, n)), gen)
+            for s in range(0, n, chunk)
+        ]
+        x = torch.cat([p[0] for p in parts])
+        shared = all(p[0] is p[1] for p in parts)  # reconstruct: one tensor, not two
+        y = x if shared else torch.cat([p[1] for p in parts])
+        g = None if parts[0][2] is None else torch.cat([p[2] for p in parts])
+        dev = images.device
+        x_dev = x.to(dev)
+        return x_dev, (x_dev if shared else y.to(dev)), (None if g is None else g.to(dev))
+
+
+class Reconstruct(Task):
+    """Input = target = the image."""
+
+    name = "reconstruct"
+
+    def batch(self, images, index, generator=None) -> Batch:
+        x = _to_unit(images)
+        return x, x, None
+
+
+class Denoise(Task):
+    """Input = a distorted image, target = the clean one, group = the distortion's position."""
+
+    name = "denoise"
+
+    def __init__(self, cfg: TaskConfig):
+        super().__init__(cfg)
+        self.distortions = list(cfg.distortions)
+
+    @property
+    def group_names(self) -> list[str]:
+        return list(self.distortions)
+
+    def distort(self, kind: str, x: torch.Tensor, gen: torch.Generator | None) -> torch.Tensor:
+        """Apply one distortion, with this task's strength, to every image of ``x``."""
+        cfg = self.cfg
+        if kind == "noise":
+            return add_noise(x, cfg.noise_std, gen)
+        if kind == "rotate":
+            return random_rotate(x, cfg.rotation_deg, gen)
+        if kind == "flip":
+            return flip(x, cfg.flip)
+        if kind == "patch":
+            return black_patch(x, cfg.patch_size, gen)
+        if kind == "brightness":
+            return scale_brightness(x, cfg.brightness, gen)
+        raise ValueError(f"unknown distortion {kind!r}")
+
+    def batch(self, images, index, generator=None) -> Batch:
+        clean = _to_unit(images)  # (B, C, H, W)
+        group = index.to(images.device) % len(self.distortions)  # (B,)
+        x = clean
+        # Every distortion is computed for the whole batch and selected per sample: a fixed
+        # number of random draws per batch, and no data-dependent shapes (no host sync).
+        for k, kind in enumerate(self.distortions):
+            chosen = (group == k).view(-1, 1, 1, 1)
+            x = torch.where(chosen, self.distort(kind, clean, generator), x)
+        return x, clean, group
+
+
+class Colorize(Task):
+    """Input = luma Y (B, 1, H, W), target = chroma CbCr (B, 2, H, W) of an RGB image."""
+
+    name = "colorize"
+
+    def batch(self, images, index, generator=None) -> Batch:
+        if images.shape[1] != 3:
+            raise ValueError(f"colorize needs RGB images (B, 3, H, W), got {tuple(images.shape)}")
+        ycbcr = rgb_to_ycbcr(_to_unit(images))  # (B, 3, H, W)
+        return ycbcr[:, :1].contiguous(), ycbcr[:, 1:].contiguous(), None
+
+    @staticmethod
+    def rgb_error(
+        y: torch.Tensor, pred_cbcr: torch.Tensor, target_cbcr: torch.Tensor
+    ) -> torch.Tensor:
+        """Per-sample MSE (B,) in RGB between Y + predicted chroma and Y + true chroma.
+
+        Both are converted back to RGB and clamped to [0, 1] first, so the error is the one
+        of the pictures a person would see; the true side is the original image (up to
+        rounding). Pass the model's input ``y`` (B, 1, H, W) and chroma (B, 2, H, W).
+        """
+        y = y.float()
+        pred = ycbcr_to_rgb(torch.cat([y, pred_cbcr.float()], dim=1))  # (B, 3, H, W)
+        true = ycbcr_to_rgb(torch.cat([y, target_cbcr.float()], dim=1))
+        return (pred - true).square().flatten(1).mean(1)
+
+    @staticmethod
+    def to_rgb(y: torch.Tensor, cbcr: torch.Tensor) -> torch.Tensor:
+        """Re-join luma (B, 1, H, W) and chroma (B, 2, H, W) into RGB (B, 3, H, W) for display."""
+        return ycbcr_to_rgb(torch.cat([y.float(), cbcr.float()], dim=1))
+
+
+_TASKS: dict[str, type[Task]] = {t.name: t for t in (Reconstruct, Denoise, Colorize)}
+
+
+def make_task(cfg: TaskConfig) -> Task:
+    """The task object for ``cfg.name``."""
+    return _TASKS[cfg.name](cfg)
