@@ -38,7 +38,7 @@ def _empty(title: str, why: str) -> go.Figure:
 
 def _positive(values: pd.Series) -> np.ndarray:
     """float32 array with non-positive or non-finite values as NaN (they break log axes)."""
-    v = pd.to_numeric(values, errors="coerce").to_numpy(dtype="float64")
+    v = np.array(pd.to_numeric(values, errors="coerce"), dtype="float64")  # a copy
     v[~np.isfinite(v) | (v <= 0)] = np.nan
     return v.astype("float32")
 
@@ -82,7 +82,8 @@ def loss_evolution(
             for col, metric in panels:
                 fig.add_trace(go.Scatter(
                     x=curve["epoch"].to_numpy("float32"), y=_positive(curve[metric]),
-                    mode="lines", line=dict(color=GREY, width=1), name=f"trial {short_id(tid)}",
+                    mode="lines+markers", line=dict(color=GREY, width=1),
+                    marker=dict(size=3, color=GREY), name=f"trial {short_id(tid)}",
                     legendgroup=f"t{tid}", showlegend=col == 1,
                     hovertemplate=f"trial {short_id(tid)}<br>epoch %{{x}}<br>%{{y:.4g}}"
                                   "<extra></extra>"), row=1, col=col)
@@ -275,10 +276,11 @@ def parallel_coordinates(
     err = df[metric].astype(float)
     dims.append(_dimension(err, name, log=bool((err > 0).all())))
     fig = go.Figure(go.Parcoords(
-        dimensions=dims,
+        dimensions=dims, domain=dict(x=[0.0, 0.9]),
         line=dict(color=err.to_numpy("float32"), colorscale="Viridis", reversescale=True,
-                  showscale=True, colorbar=dict(title=dict(text=name)))))
-    fig.update_layout(title=title, height=480, margin=dict(l=80, r=80, t=110, b=40))
+                  showscale=True, colorbar=dict(title=dict(text=name), x=1.0)),
+        labelangle=0, labelside="top"))
+    fig.update_layout(title=title, height=480, margin=dict(l=80, r=40, t=120, b=40))
     return fig
 
 

@@ -257,6 +257,7 @@ def fit(spec: SweepSpec, data, name: str, storage: str, checked: Checked):
         tune_config=tune.TuneConfig(
             metric=METRIC, mode=MODE, scheduler=scheduler(spec, checked.max_epochs),
             num_samples=spec.num_samples, max_concurrent_trials=spec.max_concurrent,
+            reuse_actors=True,  # skip a process start and the torch import per trial
         ),
         run_config=run_config(spec, name, storage),
     )

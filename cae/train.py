@@ -76,8 +76,8 @@ class Trainer:
         self.task = make_task(cfg.task)
         self.model = build_model(cfg.model, seed=cfg.seed).to(self.device)
         self.cuda = self.device.type == "cuda"
-        if self.cuda:
-            self.model = self.model.to(memory_format=torch.channels_last)
+        # channels_last is faster for these small convs on CUDA and on the CPU (oneDNN) alike.
+        self.model = self.model.to(memory_format=torch.channels_last)
         # Encoder and decoder are compiled separately so the latent stays reachable for
         # the activity penalty.
         wrap = torch.compile if cfg.compile else (lambda m: m)
@@ -127,8 +127,9 @@ class Trainer:
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return nullcontext()
 
-    def _inputs(self, x: torch.Tensor) -> torch.Tensor:
-        return x.contiguous(memory_format=torch.channels_last) if self.cuda else x
+    @staticmethod
+    def _inputs(x: torch.Tensor) -> torch.Tensor:
+        return x.contiguous(memory_format=torch.channels_last)
 
     def train_epoch(self) -> float:
         cfg, model = self.cfg, self.model

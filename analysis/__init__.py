@@ -1,0 +1,25 @@
+"""Reading sweep results: Plotly figures, the HTML report, the notebook.
+
+Everything here takes the ``trials`` and ``epochs`` frames of :mod:`cae.results` (through
+:func:`load_run`) and draws them; nothing here trains or starts Ray.
+
+>>> from analysis import load_run, loss_evolution
+>>> run = load_run("runs/quickstart-20250101-120000")
+>>> loss_evolution(run.trials, run.epochs).show()
+"""
+
+from analysis.figures import (
+    axis_effects, axis_importance, distortion_errors, latent_vs_error, loss_evolution,
+    parallel_coordinates, pareto_front,
+)
+from analysis.pictures import sample_pictures, trial_samples
+from analysis.report import build_report, write_report
+from analysis.run import Run, best_trials, load_run, swept_axes
+from analysis.table import table_frame, table_html, trials_table
+
+__all__ = [
+    "Run", "load_run", "swept_axes", "best_trials",
+    "loss_evolution", "latent_vs_error", "pareto_front", "parallel_coordinates",
+    "axis_effects", "axis_importance", "distortion_errors", "trials_table", "table_frame",
+    "table_html", "sample_pictures", "trial_samples", "build_report", "write_report",
+]

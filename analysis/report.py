@@ -1,0 +1,222 @@
+"""One self-contained HTML page per sweep: ``cae report RUN_DIR [-o FILE]``.
+
+The page works offline: plotly.js is embedded once, in the head, and every figure is a
+``<div>`` plus a few lines of JSON and script. It opens with a header (sweep, trials by
+status, trial-epochs and compute time, the best config), then the figures of
+``analysis.figures``, the pictures of the best trials, and a sortable table of all trials.
+It reads whatever the run directory holds now, so it works on a finished, running or
+interrupted run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import html
+import math
+import os
+import sys
+import tempfile
+from datetime import datetime
+from pathlib import Path
+
+import pandas as pd
+import plotly.graph_objects as go
+
+from analysis import figures
+from analysis.run import NOT_FINISHED, Run, axis_labels, best_trials, load_run, short_id
+from analysis.table import SORT_JS, table_html
+
+CSS = """
+body { font-family: system-ui, -apple-system, 'Segoe UI', sans-serif; margin: 0 auto;
+       max-width: 1400px; padding: 0 24px 48px; color: #222; }
+h1 { margin: 24px 0 4px; } h2 { margin-top: 40px; border-bottom: 1px solid #ddd; }
+.sub { color: #666; margin: 0 0 12px; }
+.facts { display: flex; flex-wrap: wrap; gap: 12px; margin: 16px 0; }
+.fact { background: #f5f6fa; border-radius: 6px; padding: 10px 14px; min-width: 150px; }
+.fact b { display: block; font-size: 1.35em; }
+.note { background: #fff6e0; border-left: 4px solid #f0b400; padding: 8px 12px; }
+nav a { margin-right: 14px; }
+table { border-collapse: collapse; font-size: 13px; }
+td, th { padding: 3px 8px; border-bottom: 1px solid #eee; text-align: right;
+         white-space: nowrap; }
+th { background: #eef; position: sticky; top: 0; cursor: pointer; user-select: none; }
+th[aria-sort=ascending]::after { content: ' \\25B2'; }
+th[aria-sort=descending]::after { content: ' \\25BC'; }
+table.best td:first-child, table.best th { text-align: left; }
+.scroll { max-height: 720px; overflow: auto; border: 1px solid #ddd; }
+"""
+
+PLOT_CONFIG = {"displaylogo": False, "responsive": True}
+
+
+def _duration(seconds: float) -> str:
+    if not seconds or not math.isfinite(seconds):
+        return "0 s"
+    s = int(round(seconds))
+    h, m, s = s // 3600, s % 3600 // 60, s % 60
+    return f"{h} h {m:02d} min" if h else (f"{m} min {s:02d} s" if m else f"{s} s")
+
+
+def _fig_html(fig: go.Figure) -> str:
+    return fig.to_html(full_html=False, include_plotlyjs=False, config=PLOT_CONFIG,
+                       default_width="100%")
+
+
+def _fact(label: str, value: str) -> str:
+    return f'<div class="fact">{html.escape(label)}<b>{html.escape(value)}</b></div>'
+
+
+def header_html(run: Run) -> str:
+    """Sweep name, trials by status, trial-epochs, compute time, the best config."""
+    t, spec = run.trials, run.spec
+    trial = spec.get("trial") or {}
+    dataset = (trial.get("data") or {}).get("dataset", "?")
+    sched = (spec.get("scheduler") or {}).get("kind", "asha")
+    parts = [f"<h1>Sweep {html.escape(str(spec.get('name', run.name)))}</h1>",
+             f'<p class="sub">run <code>{html.escape(str(run.path or run.name))}</code>; task '
+             f"{html.escape(run.task)} on {html.escape(str(dataset))}; scheduler "
+             f"{html.escape(sched)}; swept axes: {html.escape(', '.join(run.axes) or 'none')}"
+             f"; report made {datetime.now():%Y-%m-%d %H:%M}</p>"]
+    n = len(t)
+    statuses = t["status"].value_counts() if n else pd.Series(dtype=int)
+    reasons = t["stop_reason"].astype(str).str.split(":").str[0].value_counts() if n else {}
+    facts = [
+        _fact("trials", f"{n}"),
+        _fact("by status", ", ".join(f"{c} {s.lower()}" for s, c in statuses.items()) or "-"),
+        _fact("stopped by", ", ".join(f"{c} {r}" for r, c in reasons.items()) or "-"),
+        _fact("trial-epochs", f"{int(t['epochs'].sum()) if n else 0:,}"),
+        _fact("compute time (sum of trials)",
+              _duration(float(t["wall_time_s"].fillna(0).sum()) if n else 0.0)),
+    ]
+    parts.append(f'<div class="facts">{"".join(facts)}</div>')
+    unfinished = int(unfinished_mask(t).sum()) if n else 0
+    if unfinished or n == 0:
+        parts.append(
+            f'<p class="note">{unfinished} of {n} trials have not finished: the run is still '
+            "going or was interrupted (<code>cae resume RUN_DIR</code> continues it). This "
+            "report shows what had been reported when it was made.</p>")
+    parts.append(_best_html(run))
+    return "\n".join(parts)
+
+
+def unfinished_mask(trials: pd.DataFrame) -> pd.Series:
+    """Trials still running or pending, or whose state Ray has not written yet and that
+    did not report an end of their own."""
+    unknown = (trials["status"] == "UNKNOWN") & ~trials["stop_reason"].astype(str).isin(
+        ("max_epochs", "patience"))
+    return trials["status"].isin(NOT_FINISHED) | unknown
+
+
+def _best_html(run: Run) -> str:
+    best = best_trials(run.trials, 1)
+    if best.empty:
+        return "<p>No trial has reported a validation loss yet.</p>"
+    row = best.iloc[0]
+    cells = [("trial", short_id(row["trial_id"]))]
+    cells += [(k, axis_labels(best, k).iloc[0]) for k in run.axes]
+    for key, fmt in (("family", "{}"), ("params", "{:,.0f}"), ("latent_size", "{:.0f}"),
+                     ("best_val_loss", "{:.5g}"), ("test_loss", "{:.5g}"),
+                     ("best_epoch", "{:.0f}"), ("epochs", "{:.0f}"), ("stop_reason", "{}")):
+        if key in row and not pd.isna(row[key]):
+            cells.append((key, fmt.format(row[key])))
+    head = "".join(f"<th>{html.escape(k)}</th>" for k, _ in cells)
+    body = "".join(f"<td>{html.escape(str(v))}</td>" for _, v in cells)
+    return (f'<h3>Best config (lowest validation loss)</h3><div class="scroll" style="max-height:'
+            f'none"><table class="best"><tr>{head}</tr><tr>{body}</tr></table></div>')
+
+
+def sections(run: Run, pictures: bool = True,
+             n_best: int = 5) -> list[tuple[str, str, str, str]]:
+    """(anchor, title, explanation, figure html) for every part of the report."""
+    t, e, spec = run.trials, run.epochs, run.spec
+    out = [
+        ("loss", "Loss evolution", "Validation and training loss per epoch of every "
+                 f"trial (log scale). The {n_best} best are coloured; curves end where a trial "
+                 "stopped, so ASHA's early stops are the short ones. Click a legend entry to "
+                 "hide it, double-click to isolate it.",
+         _fig_html(figures.loss_evolution(t, e, n_best=n_best))),
+        ("latent", "Latent size versus error", "One point per trial, coloured by architecture "
+                   "family; the dotted step line is the Pareto front (the lowest error at "
+                   "each latent size and below). Hover a point for its config.",
+         _fig_html(figures.latent_vs_error(t, spec))),
+        ("axes", "Swept axes", "How much each swept axis matters: for each value, the best and the median "
+                 "error of the trials with it. A wide spread of the best means the axis "
+                 "matters.", _fig_html(figures.axis_importance(t, spec))),
+        ("parallel", "Parallel coordinates", "Over the swept axes, coloured by validation loss; "
+                     "drag along an axis to keep only the trials in that range.",
+         _fig_html(figures.parallel_coordinates(t, spec))),
+    ]
+    dist = figures.distortion_errors(t, e, n_best=n_best)
+    if dist is not None:
+        out.append(("distortions", "Error per distortion",
+                    "The best trials on each distortion: a low mean can hide a distortion the "
+                    "model never learned to undo.",
+                    _fig_html(dist)))
+    if pictures and run.path is not None:
+        from analysis.pictures import sample_pictures
+
+        out.append(("pictures", "Pictures", "The best trials on their test samples: the best, median and "
+                                "worst sample by its own squared error, beside the target.",
+                    _fig_html(sample_pictures(run.path, t, spec))))
+    out.append(("table", "All trials", "Best validation loss first; click a column header to "
+                         "sort by it.",
+                f'<div class="scroll">{table_html(t, spec)}</div>'))
+    return out
+
+
+def build_report(run: Run, pictures: bool = True, n_best: int = 5) -> str:
+    """The whole page as one HTML string (plotly.js embedded once, no network needed)."""
+    from plotly.offline import get_plotlyjs
+
+    parts = sections(run, pictures=pictures, n_best=n_best)
+    nav = " ".join(f'<a href="#{a}">{html.escape(title)}</a>' for a, title, _, _ in parts)
+    body = "\n".join(
+        f'<section id="{a}"><h2>{html.escape(title)}</h2>'
+        f'<p class="sub">{html.escape(text)}</p>\n{fig}</section>'
+        for a, title, text, fig in parts)
+    title = html.escape(f"cae sweep report: {run.spec.get('name', run.name)}")
+    return (
+        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+        f"<title>{title}</title><style>{CSS}</style>\n"
+        f'<script type="text/javascript">{get_plotlyjs()}</script>\n</head><body>\n'
+        f"{header_html(run)}\n<nav>{nav}</nav>\n{body}\n<script>{SORT_JS}</script>\n"
+        "</body></html>\n")
+
+
+def write_report(run_dir: str | Path, out: str | Path | None = None,
+                 pictures: bool = True) -> Path:
+    """Build the report of a run directory and write it (default ``RUN_DIR/report.html``).
+
+    The file is written beside its final name and then renamed, so a browser reloading it
+    never sees half a page.
+    """
+    run = load_run(run_dir)
+    out = Path(out) if out is not None else Path(run_dir) / "report.html"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    page = build_report(run, pictures=pictures)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=".report-", suffix=".html")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(page)
+    os.replace(tmp, out)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m analysis.report RUN_DIR [-o FILE] [--no-pictures]``."""
+    p = argparse.ArgumentParser(prog="python -m analysis.report", description=__doc__)
+    p.add_argument("run_dir")
+    p.add_argument("-o", "--out", help="output file (default RUN_DIR/report.html)")
+    p.add_argument("--no-pictures", action="store_true",
+                   help="skip the sample pictures (which load the dataset and checkpoints)")
+    args = p.parse_args(argv)
+    try:
+        path = write_report(args.run_dir, args.out, pictures=not args.no_pictures)
+    except FileNotFoundError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

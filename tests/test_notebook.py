@@ -1,0 +1,73 @@
+"""analysis/trials.ipynb runs top to bottom (nbclient, kernel ``python3``) against a real
+small sweep and shows its figures and tables."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+NOTEBOOK = REPO / "analysis" / "trials.ipynb"
+PLOTLY = "application/vnd.plotly.v1+json"
+
+pytestmark = pytest.mark.slow
+
+
+def real_run(tmp_path_factory, task: str = "reconstruct") -> Path:
+    """The quickstart sweep, 3 epochs, latent 4 and 16 (shared with tests/test_analysis.py
+    through the session's temp dir: whichever file runs first makes it)."""
+    run_dir = tmp_path_factory.getbasetemp() / "analysis-runs" / f"t-{task}"
+    if (run_dir / "trials.parquet").is_file():
+        return run_dir
+    import ray
+
+    from cae.cli import main
+
+    started = not ray.is_initialized()
+    if started:  # a fresh local instance, never another session's cluster on this machine
+        ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False,
+                 log_to_driver=False, configure_logging=False)
+    args = ["sweep", str(REPO / "sweeps" / "quickstart.yaml"), "--storage",
+            str(run_dir.parent), "--name", run_dir.name, "--no-report",
+            "--set", "trial.max_epochs=3", "--set", "trial.data.train_limit=1500",
+            "--set", "space.model.latent_dim={grid: [4, 16]}", "--set", f"trial.task.name={task}"]
+    try:
+        assert main(args) == 0
+    finally:
+        if started and ray.is_initialized():
+            ray.shutdown()
+    return run_dir
+
+
+def execute(run_dir: Path, monkeypatch) -> "nbformat.NotebookNode":  # noqa: F821
+    import nbformat
+    from nbclient import NotebookClient
+
+    monkeypatch.setenv("CAE_RUN_DIR", str(run_dir))  # the kernel inherits the environment
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    NotebookClient(nb, kernel_name="python3", timeout=300,
+                   resources={"metadata": {"path": str(NOTEBOOK.parent)}}).execute()
+    return nb
+
+
+def outputs(nb) -> list:
+    return [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
+
+
+@pytest.mark.parametrize("task", ["reconstruct", "denoise"])
+def test_notebook_runs_on_a_real_sweep(tmp_path_factory, monkeypatch, task):
+    run_dir = real_run(tmp_path_factory, task)
+    nb = execute(run_dir, monkeypatch)
+    outs = outputs(nb)
+    assert not [o for o in outs if o.output_type == "error"]
+    figs = [o for o in outs if PLOTLY in o.get("data", {})]
+    # loss, latent, axes, parallel, pictures, table; plus per distortion for denoise
+    assert len(figs) == (7 if task == "denoise" else 6)
+    titles = [o["data"][PLOTLY]["layout"]["title"]["text"] for o in figs]
+    assert titles[0].startswith("Loss evolution") and titles[1].startswith("Latent size")
+    text = "".join(o.get("text", "") for o in outs if o.output_type == "stream")
+    assert f"{run_dir}: 8 trials" in text
+    frames = [o for o in outs if "text/html" in o.get("data", {})]
+    assert len(frames) >= 4  # trials, status counts, epochs, pareto, pivot
+    assert "best_val_loss" in frames[0]["data"]["text/html"]

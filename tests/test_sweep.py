@@ -1,0 +1,141 @@
+"""Real Ray Tune sweeps on the embedded sample: ASHA, results files, divergence, resume."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from cae.cli import main
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[1]
+QUICK = str(REPO / "sweeps" / "quickstart.yaml")
+SMALL = ["--set", "trial.data.train_limit=500", "--set", "trial.max_epochs=4", "--no-report"]
+
+
+@pytest.fixture(scope="module")
+def asha_run(tmp_path_factory):
+    storage = tmp_path_factory.mktemp("runs")
+    rc = main(["sweep", QUICK, "--storage", str(storage), "--name", "asha", *SMALL,
+               "--set", "trial.patience=null"])
+    assert rc == 0
+    return storage / "asha"
+
+
+def test_asha_stops_some_trials_early(asha_run):
+    trials = pd.read_parquet(asha_run / "trials.parquet")
+    assert len(trials) == 16
+    assert set(trials["status"]) == {"TERMINATED"}
+    assert trials["epochs"].max() == 4
+    assert trials["epochs"].min() < 4  # stopped at a rung
+    stopped = trials[trials["stop_reason"] == "asha"]
+    assert len(stopped) >= 8 and (stopped["epochs"] < 4).all()
+    finished = trials[trials["stop_reason"] == "max_epochs"]
+    assert len(finished) >= 1 and (finished["epochs"] == 4).all()
+    assert finished["test_loss"].notna().all() and stopped["test_loss"].isna().all()
+
+
+def test_trials_parquet_contents(asha_run):
+    trials = pd.read_parquet(asha_run / "trials.parquet")
+    for col in ("trial_id", "model.latent_dim", "model.channels", "model.convs", "params",
+                "latent_size", "family", "best_val_loss", "last_val_loss", "test_loss",
+                "epochs", "status", "stop_reason", "wall_time_s", "node_id"):
+        assert col in trials, col
+    assert sorted(trials["model.latent_dim"].unique()) == [4, 8, 16, 32]
+    assert (trials["latent_size"] == trials["model.latent_dim"]).all()
+    assert (trials["best_val_loss"] <= trials["last_val_loss"] + 1e-12).all()
+    assert trials["params"].nunique() == 16 and (trials["params"] > 1000).all()
+    assert (trials["wall_time_s"] > 0).all()
+    spec = yaml.safe_load((asha_run / "spec.yaml").read_text())
+    assert spec["trial"]["data"]["train_limit"] == 500
+
+
+def test_epochs_parquet_contents(asha_run):
+    trials = pd.read_parquet(asha_run / "trials.parquet")
+    epochs = pd.read_parquet(asha_run / "epochs.parquet")
+    assert {"trial_id", "epoch", "train_loss", "val_loss", "epoch_time_s"} <= set(epochs)
+    assert len(epochs) == trials["epochs"].sum()
+    assert not epochs.duplicated(["trial_id", "epoch"]).any()
+    per_trial = epochs.groupby("trial_id")["epoch"].max()
+    assert (per_trial.sort_index() == trials.set_index("trial_id")["epochs"].sort_index()).all()
+    best = trials.set_index("trial_id")["best_val_loss"]
+    assert (epochs.groupby("trial_id")["val_loss"].min().sort_index()
+            == best.sort_index()).all()
+    # training helps: for the trials that ran to the end, val loss fell from epoch 1
+    full = trials.loc[trials["epochs"] == 4, "trial_id"]
+    e = epochs[epochs["trial_id"].isin(full)].pivot(index="trial_id", columns="epoch",
+                                                     values="val_loss")
+    assert (e[4] < e[1]).all()
+
+
+def test_denoise_sweep_reports_per_distortion_and_a_diverging_trial_errors(tmp_path, capsys):
+    spec = {
+        "name": "diverge",
+        "trial": {"data": {"dataset": "sample", "train_limit": 300}, "task": {"name": "denoise"},
+                  "model": {"channels": [4, 8], "latent_dim": 8, "output_activation": "linear"},
+                  "max_epochs": 3, "patience": None},
+        "space": {"lr": {"grid": [0.003, 1.0e12]}},
+        "scheduler": {"kind": "fifo"},
+        "max_failures": 0,
+    }
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    assert main(["sweep", str(path), "--storage", str(tmp_path), "--name", "d",
+                 "--no-report"]) == 0
+    trials = pd.read_parquet(tmp_path / "d" / "trials.parquet").set_index("lr")
+    bad, good = trials.loc[1.0e12], trials.loc[0.003]
+    assert bad["status"] == "ERROR"
+    assert "loss became" in bad["stop_reason"] and ("nan" in bad["stop_reason"]
+                                                    or "inf" in bad["stop_reason"])
+    assert good["status"] == "TERMINATED" and good["epochs"] == 3
+    for name in ("noise", "rotate", "flip", "patch", "brightness"):
+        assert good[f"test_loss_{name}"] > 0
+    epochs = pd.read_parquet(tmp_path / "d" / "epochs.parquet")
+    assert {f"val_loss_{n}" for n in ("noise", "flip")} <= set(epochs)
+
+
+def _finished_trials(run_dir: Path) -> dict[str, list[str]]:
+    """trial dir -> its result lines, for trials whose last result has a stop reason."""
+    out = {}
+    for d in run_dir.glob("run_trial_*"):
+        lines = (d / "result.json").read_text().splitlines() if (d / "result.json").exists() \
+            else []
+        if lines and "stop_reason" in json.loads(lines[-1]):
+            out[d.name] = lines
+    return out
+
+
+def test_killed_driver_then_resume_finishes_without_rerunning(tmp_path):
+    name, run_dir = "killed", tmp_path / "killed"
+    cmd = [sys.executable, "-m", "cae.cli", "sweep", QUICK, "--storage", str(tmp_path),
+           "--name", name, *SMALL, "--set", "scheduler.kind=fifo",
+           "--set", "trial.max_epochs=3", "--set", "trial.patience=null"]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and len(_finished_trials(run_dir)) < 3:
+        time.sleep(0.5)
+    time.sleep(3)  # let Ray Tune save its experiment state once more
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray it started, as in a crash
+    proc.wait()
+    before = _finished_trials(run_dir)
+    assert 3 <= len(before) < 16, "the sweep should have been interrupted mid-way"
+
+    assert main(["resume", str(run_dir), "--no-report"]) == 0
+    trials = pd.read_parquet(run_dir / "trials.parquet")
+    assert len(trials) == 16
+    assert set(trials["status"]) == {"TERMINATED"} and (trials["epochs"] == 3).all()
+    after = _finished_trials(run_dir)
+    for trial, lines in before.items():
+        new = after[trial][len(lines):]
+        # a finished trial is not trained again: at most its final result is repeated
+        assert all(json.loads(n)["epoch"] == json.loads(lines[-1])["epoch"] for n in new)
+    epochs = pd.read_parquet(run_dir / "epochs.parquet")
+    assert len(epochs) == 16 * 3
