@@ -1,0 +1,96 @@
+"""Real short training runs on the embedded sample and on real RGB photographs."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from cae.config import TrialConfig
+from cae.data import ImageData
+from cae.train import Diverged, Trainer, train
+
+
+def _cfg(**kw) -> TrialConfig:
+    base = {"data": {"dataset": "sample", "train_limit": 1600}, "lr": 0.005, "batch_size": 32,
+            "max_epochs": 3, "patience": None,
+            "model": {"channels": [4, 8], "dense": [32], "latent_dim": 8}}
+    base.update(kw)
+    return TrialConfig.model_validate(base)
+
+
+def test_reconstruct_val_loss_falls_and_test_is_evaluated():
+    seen = []
+    result = train(_cfg(), on_epoch=lambda m, state: seen.append((m, state())))
+    losses = [m["val_loss"] for m, _ in seen]
+    assert len(losses) == 3 and losses[-1] < losses[0] * 0.8
+    assert result.stop_reason == "max_epochs" and "stop_reason" in seen[-1][0]
+    assert result.best_epoch == int(np.argmin(losses)) + 1
+    assert 0 < result.test["test_loss"] < losses[0]
+    state = seen[-1][1]
+    assert state["epoch"] == 3 and set(state) >= {"model", "optimizer", "best_model"}
+
+
+def test_seeded_runs_are_identical_and_resume_continues():
+    a = train(_cfg(max_epochs=2), evaluate_test=False)
+    b = train(_cfg(max_epochs=2), evaluate_test=False)
+    assert [h["val_loss"] for h in a.history] == [h["val_loss"] for h in b.history]
+    states = []
+    train(_cfg(max_epochs=1), on_epoch=lambda m, s: states.append(s()), evaluate_test=False)
+    resumed = train(_cfg(max_epochs=2), resume=states[-1], evaluate_test=False)
+    assert [h["epoch"] for h in resumed.history] == [1, 2]
+    assert resumed.history[1]["val_loss"] == pytest.approx(a.history[1]["val_loss"], rel=1e-5)
+
+
+def test_patience_stops_early():
+    result = train(_cfg(max_epochs=30, patience=1, lr=0.5), evaluate_test=False)
+    assert result.stop_reason in ("patience",) and len(result.history) < 30
+
+
+def test_denoise_reports_each_distortion():
+    result = train(_cfg(task={"name": "denoise"}, max_epochs=2))
+    last = result.history[-1]
+    for name in ("noise", "rotate", "flip", "patch", "brightness"):
+        assert last[f"val_loss_{name}"] > 0 and result.test[f"test_loss_{name}"] > 0
+    mean = np.mean([last[f"val_loss_{n}"] for n in ("noise", "rotate", "flip", "patch",
+                                                    "brightness")])
+    assert last["val_loss"] == pytest.approx(mean, rel=0.05)  # balanced groups
+
+
+def test_divergence_raises_with_the_reason():
+    cfg = _cfg(lr=1e12, model={"channels": [4, 8], "latent_dim": 8,
+                                "output_activation": "linear"})
+    with pytest.raises(Diverged, match="loss became (nan|inf)"):
+        train(cfg, evaluate_test=False)
+
+
+def _photos() -> ImageData:
+    """Real RGB photographs shipped with scikit-image, cut into 32x32 tiles."""
+    skdata = pytest.importorskip("skimage.data")
+    tiles = []
+    for name in ("astronaut", "coffee", "chelsea", "rocket"):
+        img = torch.from_numpy(np.ascontiguousarray(getattr(skdata, name)()[..., :3]))
+        img = img.permute(2, 0, 1)  # (3, H, W)
+        h, w = (img.shape[1] // 32) * 32, (img.shape[2] // 32) * 32
+        t = img[:, :h, :w].unfold(1, 32, 32).unfold(2, 32, 32)  # (3, h/32, w/32, 32, 32)
+        tiles.append(t.permute(1, 2, 0, 3, 4).reshape(-1, 3, 32, 32))
+    x = torch.cat(tiles)[torch.randperm(sum(len(t) for t in tiles),
+                                        generator=torch.Generator().manual_seed(0))]
+    return ImageData(name="photos", train=x[:-200].contiguous(), test=x[-200:].contiguous())
+
+
+def test_colorize_on_real_photographs():
+    data = _photos()
+    cfg = TrialConfig.model_validate({
+        "data": {"dataset": "cifar10"}, "task": {"name": "colorize"},
+        "model": {"preset": "study_a_colorize"}, "lr": 0.003, "batch_size": 64,
+        "max_epochs": 3, "patience": None,
+    })
+    trainer = Trainer(cfg, data)
+    assert trainer.model.cfg.in_channels == 1 and trainer.model.cfg.out_channels == 2
+    trainer.fit()
+    first, last = trainer.history[0], trainer.history[-1]
+    assert last["val_loss"] < first["val_loss"]
+    assert 0 < last["val_rgb_mse"] < 0.1 and math.isfinite(last["val_rgb_mse"])
+    test = trainer.test()
+    assert test["test_rgb_mse"] > 0 and test["test_loss"] > 0
