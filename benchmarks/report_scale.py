@@ -2,7 +2,8 @@
 
 Builds the report (``analysis.report.build_report``, pictures left out: they need
 checkpoints, and are 27 small PNGs whatever the sweep's size) for SYNTHETIC frames of
-1,000 trials x 50 epochs, made by ``analysis.synthetic``: timing input shaped like a real
+1,000 trials x 50 epochs (every trial runs every epoch: the largest frames such a sweep
+can leave), made by ``analysis.synthetic``: timing input shaped like a real
 run's frames, not results. Records the build time, the page's size (goal: under 15 MB) and
 what each part weighs; then, when Chromium is installed, how long the page takes to load
 and draw in headless Chromium, as a ratio against a baseline page in the same run (plotly.js
@@ -96,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or HERE / "results" / f"report_scale{'-quick' if args.quick else ''}.json"
 
     t0 = time.perf_counter()
-    run = synthetic_run(n_trials=n_trials, n_epochs=n_epochs, task="denoise")
+    # Every trial runs every epoch: the largest frames a sweep of this size can leave.
+    run = synthetic_run(n_trials=n_trials, n_epochs=n_epochs, task="denoise", stop_early=False)
     synth_s = time.perf_counter() - t0
     builds = []
     for _ in range(args.repeats):

@@ -202,7 +202,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if not attach:
         sweep.check_local_resources(spec)
     data = _load_data_for(spec, args.data_dir)
-    sweep.init_ray(args.address)
+    sweep.init_ray(args.address, dashboard=args.dashboard)
     sweep.check_cluster(spec)
     storage = sweep.storage_uri(spec.storage)
     name = args.name or sweep.run_name(spec)
@@ -274,6 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", help="Ray cluster to attach to (default: start Ray locally; "
                                      "a Ray job attaches to its own cluster)")
     p.add_argument("--data-dir", help="dataset root (default: $CAE_DATA_DIR or a cache dir)")
+    p.add_argument("--dashboard", action="store_true",
+                   help="local runs: start Ray's dashboard on http://127.0.0.1:8265")
     p.add_argument("--dry-run", action="store_true",
                    help="validate every grid point, print trials, architectures and work; "
                         "start nothing, write nothing")

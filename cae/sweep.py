@@ -207,17 +207,22 @@ def storage_uri(storage: str) -> str:
     return storage if "://" in storage else str(Path(storage).expanduser().resolve())
 
 
-def init_ray(address: str | None) -> None:
+def init_ray(address: str | None, dashboard: bool = False) -> None:
     """Attach to a cluster (``--address``, or the one a Ray job runs in), or start Ray
-    in-process on 127.0.0.1 with no dashboard."""
+    in-process on 127.0.0.1, with the dashboard (http://127.0.0.1:8265) only if asked."""
+    attach = address or os.environ.get("RAY_ADDRESS")
+    if not attach:
+        # Ray's single-machine mode: every server binds to the loopback address only (read
+        # when ray is first imported; tests/conftest.py sets it for in-process runs).
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     import ray
 
     if ray.is_initialized():
         return
-    if address or os.environ.get("RAY_ADDRESS"):
-        ray.init(address=address or os.environ["RAY_ADDRESS"], log_to_driver=False)
+    if attach:
+        ray.init(address=attach, log_to_driver=False)
     else:
-        ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False,
+        ray.init(include_dashboard=dashboard, dashboard_host="127.0.0.1", log_to_driver=False,
                  configure_logging=False)
 
 

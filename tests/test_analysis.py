@@ -369,7 +369,8 @@ def test_report_embeds_plotlyjs_once_and_needs_no_network(large):
 
 
 def test_report_of_1000_trials_x_50_epochs_stays_under_15_mb():
-    run = synthetic_run(n_trials=1000, n_epochs=50)
+    run = synthetic_run(n_trials=1000, n_epochs=50, stop_early=False)
+    assert len(run.epochs) == 50_000
     size = len(build_report(run, pictures=False).encode())
     assert size < 15e6, f"{size / 1e6:.1f} MB"
 

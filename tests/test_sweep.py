@@ -139,3 +139,21 @@ def test_killed_driver_then_resume_finishes_without_rerunning(tmp_path):
         assert all(json.loads(n)["epoch"] == json.loads(lines[-1])["epoch"] for n in new)
     epochs = pd.read_parquet(run_dir / "epochs.parquet")
     assert len(epochs) == 16 * 3
+
+
+def test_local_ray_listens_on_loopback_only():
+    import psutil
+    import ray
+
+    from cae.sweep import init_ray
+
+    init_ray(None)
+    try:
+        ray.get(ray.remote(lambda: 1).remote())
+        pids = {p.pid for p in psutil.Process().children(recursive=True)} | {os.getpid()}
+        listening = [c.laddr.ip for c in psutil.net_connections(kind="inet")
+                     if c.status == "LISTEN" and c.pid in pids]
+    finally:
+        ray.shutdown()
+    assert listening, "no Ray server found"
+    assert all(ip in ("127.0.0.1", "::ffff:127.0.0.1", "::1") for ip in listening), listening
