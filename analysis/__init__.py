@@ -8,10 +8,8 @@ Everything here takes the ``trials`` and ``epochs`` frames of :mod:`cae.results`
 >>> loss_evolution(run.trials, run.epochs).show()
 """
 
-from analysis.figures import (
-    axis_effects, axis_importance, distortion_errors, latent_vs_error, loss_evolution,
-    parallel_coordinates, pareto_front,
-)
+from analysis.axes import axis_effects, axis_importance, parallel_coordinates
+from analysis.figures import distortion_errors, latent_vs_error, loss_evolution, pareto_front
 from analysis.pictures import sample_pictures, trial_samples
 from analysis.report import build_report, write_report
 from analysis.run import Run, best_trials, load_run, swept_axes

@@ -15,14 +15,13 @@ import html
 import math
 import os
 import sys
-import tempfile
 from datetime import datetime
 from pathlib import Path
 
 import pandas as pd
 import plotly.graph_objects as go
 
-from analysis import figures
+from analysis import axes, figures
 from analysis.run import NOT_FINISHED, Run, axis_labels, best_trials, load_run, short_id
 from analysis.table import SORT_JS, table_html
 
@@ -130,36 +129,39 @@ def sections(run: Run, pictures: bool = True,
     """(anchor, title, explanation, figure html) for every part of the report."""
     t, e, spec = run.trials, run.epochs, run.spec
     out = [
-        ("loss", "Loss evolution", "Validation and training loss per epoch of every "
-                 f"trial (log scale). The {n_best} best are coloured; curves end where a trial "
-                 "stopped, so ASHA's early stops are the short ones. Click a legend entry to "
-                 "hide it, double-click to isolate it.",
+        ("loss", "Loss evolution",
+         f"Validation and training loss per epoch of every trial (log scale). The {n_best} "
+         "best are coloured; curves end where a trial stopped, so ASHA's early stops are the "
+         "short ones. Click a legend entry to hide it, double-click to isolate it.",
          _fig_html(figures.loss_evolution(t, e, n_best=n_best))),
-        ("latent", "Latent size versus error", "One point per trial, coloured by architecture "
-                   "family; the dotted step line is the Pareto front (the lowest error at "
-                   "each latent size and below). Hover a point for its config.",
+        ("latent", "Latent size versus error",
+         "One point per trial, coloured by architecture family; the dotted step line is the "
+         "Pareto front (the lowest error at each latent size and below). Hover a point for "
+         "its config.",
          _fig_html(figures.latent_vs_error(t, spec))),
-        ("axes", "Swept axes", "How much each swept axis matters: for each value, the best and the median "
-                 "error of the trials with it. A wide spread of the best means the axis "
-                 "matters.", _fig_html(figures.axis_importance(t, spec))),
-        ("parallel", "Parallel coordinates", "Over the swept axes, coloured by validation loss; "
-                     "drag along an axis to keep only the trials in that range.",
-         _fig_html(figures.parallel_coordinates(t, spec))),
+        ("axes", "Swept axes",
+         "How much each swept axis matters: for each value, the best and the median error of "
+         "the trials with it. A wide spread of the best means the axis matters.",
+         _fig_html(axes.axis_importance(t, spec))),
+        ("parallel", "Parallel coordinates",
+         "Over the swept axes, coloured by validation loss; drag along an axis to keep only "
+         "the trials in that range.",
+         _fig_html(axes.parallel_coordinates(t, spec))),
     ]
     dist = figures.distortion_errors(t, e, n_best=n_best)
     if dist is not None:
         out.append(("distortions", "Error per distortion",
                     "The best trials on each distortion: a low mean can hide a distortion the "
-                    "model never learned to undo.",
-                    _fig_html(dist)))
+                    "model never learned to undo.", _fig_html(dist)))
     if pictures and run.path is not None:
         from analysis.pictures import sample_pictures
 
-        out.append(("pictures", "Pictures", "The best trials on their test samples: the best, median and "
-                                "worst sample by its own squared error, beside the target.",
+        out.append(("pictures", "Pictures",
+                    "The best trials on their test samples: the best, median and worst sample "
+                    "by its own squared error, beside the target.",
                     _fig_html(sample_pictures(run.path, t, spec))))
-    out.append(("table", "All trials", "Best validation loss first; click a column header to "
-                         "sort by it.",
+    out.append(("table", "All trials",
+                "Best validation loss first; click a column header to sort by it.",
                 f'<div class="scroll">{table_html(t, spec)}</div>'))
     return out
 
@@ -194,16 +196,15 @@ def write_report(run_dir: str | Path, out: str | Path | None = None,
     out = Path(out) if out is not None else Path(run_dir) / "report.html"
     out.parent.mkdir(parents=True, exist_ok=True)
     page = build_report(run, pictures=pictures)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=".report-", suffix=".html")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(page)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    tmp.write_text(page, encoding="utf-8")
     os.replace(tmp, out)
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m analysis.report RUN_DIR [-o FILE] [--no-pictures]``."""
-    p = argparse.ArgumentParser(prog="python -m analysis.report", description=__doc__)
+    """``python -m analysis RUN_DIR [-o FILE] [--no-pictures]``."""
+    p = argparse.ArgumentParser(prog="python -m analysis", description=__doc__)
     p.add_argument("run_dir")
     p.add_argument("-o", "--out", help="output file (default RUN_DIR/report.html)")
     p.add_argument("--no-pictures", action="store_true",

@@ -177,13 +177,17 @@ def _finish(run_dir: str, no_report: bool) -> None:
               f"latent {int(best['latent_size'])}")
         print("  " + ", ".join(f"{k}={v}" for k, v in axes.items()))
     print(f"results: {trials_path} and epochs.parquet")
+    unfinished = ~trials["status"].isin(["TERMINATED", "ERROR"])
+    if unfinished.any():
+        print(f"{int(unfinished.sum())} trials did not finish; continue with: cae resume {run_dir}")
     if not no_report:
+        from analysis.report import write_report
+
         try:
-            from analysis.report import write_report
-        except ImportError:
-            pass
-        else:
             print(f"report: {write_report(run_dir)}")
+        except Exception as exc:  # the results are safe on disk; say why the report is not
+            print(f"cae: the report could not be written ({exc}); the results are complete: "
+                  f"try `cae report {run_dir}`", file=sys.stderr)
     print(f"run directory: {run_dir}")
 
 
@@ -224,6 +228,13 @@ def cmd_resume(args: argparse.Namespace) -> int:
     print(f"resuming {run_dir}", flush=True)
     sweep.resume(run_dir, spec, data)
     _finish(run_dir, args.no_report)
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from analysis.report import write_report
+
+    print(f"report: {write_report(args.run_dir, args.output, pictures=not args.no_pictures)}")
     return 0
 
 
@@ -293,6 +304,14 @@ def build_parser() -> argparse.ArgumentParser:
                                       "(finished, running or interrupted)")
     p.add_argument("run_dir", help="the run directory of the sweep")
     p.set_defaults(func=_user_errors(cmd_export))
+
+    p = sub.add_parser("report", help="write the HTML report of a run (finished, running or "
+                                      "interrupted)")
+    p.add_argument("run_dir", help="the run directory of the sweep")
+    p.add_argument("-o", "--output", help="the HTML file (default: RUN_DIR/report.html)")
+    p.add_argument("--no-pictures", action="store_true",
+                   help="leave out the test-sample pictures (no dataset or checkpoints loaded)")
+    p.set_defaults(func=_user_errors(cmd_report))
     return parser
 
 

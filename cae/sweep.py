@@ -222,7 +222,8 @@ def init_ray(address: str | None, dashboard: bool = False) -> None:
     if attach:
         ray.init(address=attach, log_to_driver=False)
     else:
-        ray.init(include_dashboard=dashboard, dashboard_host="127.0.0.1", log_to_driver=False,
+        ray.init(address="local", include_dashboard=dashboard, dashboard_host="127.0.0.1",
+                 log_to_driver=False,
                  configure_logging=False)
 
 

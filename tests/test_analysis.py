@@ -18,11 +18,16 @@ import pandas as pd
 import pytest
 import yaml
 
-from analysis import figures
+from analysis import axes, figures
 from analysis.pictures import sample_pictures, trial_samples
 from analysis.report import build_report, write_report
 from analysis.run import (
-    Run, axis_labels, best_trials, family_colors, load_run, swept_axes,
+    Run,
+    axis_labels,
+    best_trials,
+    family_colors,
+    load_run,
+    swept_axes,
 )
 from analysis.synthetic import DISTORTION_FACTORS, synthetic_run
 from analysis.table import table_frame, table_html
@@ -45,8 +50,8 @@ def real_run(tmp_path_factory, task: str = "reconstruct") -> Path:
 
     started = not ray.is_initialized()
     if started:  # a fresh local instance, never another session's cluster on this machine
-        ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False,
-                 log_to_driver=False, configure_logging=False)
+        ray.init(address="local", include_dashboard=False, log_to_driver=False,
+                 configure_logging=False)
     args = ["sweep", str(REPO / "sweeps" / "quickstart.yaml"), "--storage",
             str(run_dir.parent), "--name", run_dir.name, "--no-report",
             "--set", "trial.max_epochs=3", "--set", "trial.data.train_limit=1500",
@@ -191,20 +196,28 @@ def test_latent_vs_error_can_use_test_loss(large):
 
 
 def test_parallel_coordinates_one_dimension_per_axis_coloured_by_val_loss(large):
-    fig = figures.parallel_coordinates(large.trials, large.spec)
+    fig = axes.parallel_coordinates(large.trials, large.spec)
     (pc,) = fig.data
     assert pc.type == "parcoords"
     labels = [d.label for d in pc.dimensions]
-    axes = swept_axes(large.spec, large.trials)
-    assert labels[: len(axes)] == [a if a != "lr" else "lr (log)" for a in axes]
+    swept = swept_axes(large.spec, large.trials)
+    assert labels[: len(swept)] == [a if a != "lr" else "lr (log)" for a in swept]
+    assert labels[-1] == "best validation loss (log)"
+    assert "latent size (log2)" not in labels  # the dense latent_dim axis already is it
+    conv = large.trials.assign(latent_size=large.trials["model.latent_dim"] * 49)
+    labels = [d.label for d in axes.parallel_coordinates(conv, large.spec).data[0].dimensions]
     assert labels[-2:] == ["latent size (log2)", "best validation loss (log)"]
+    loss_dim = pc.dimensions[-1]
+    ticks = [10 ** v for v in loss_dim.tickvals]
+    lo, hi = large.trials.best_val_loss.min(), large.trials.best_val_loss.max()
+    assert len(ticks) >= 3 and all(lo <= t <= hi for t in ticks)
     np.testing.assert_allclose(pc.line.color, large.trials.best_val_loss, rtol=1e-6)
-    channels = pc.dimensions[axes.index("model.channels")]
+    channels = pc.dimensions[swept.index("model.channels")]
     assert list(channels.ticktext) == ["[8, 16]", "[16, 32]", "[32, 16]", "[32, 64]"]
 
 
 def test_axis_importance_best_error_per_axis_value(large):
-    fig = figures.axis_importance(large.trials, large.spec)
+    fig = axes.axis_importance(large.trials, large.spec)
     best = traces(fig, "best")
     assert len(best) == len(swept_axes(large.spec, large.trials))
     yaxes = [a for a in fig.select_yaxes()]
@@ -368,6 +381,15 @@ def test_report_embeds_plotlyjs_once_and_needs_no_network(large):
         assert text in page
 
 
+def test_report_of_a_run_that_has_not_reported_yet(tmp_path):
+    run_dir = tmp_path / "new"
+    run_dir.mkdir()
+    (run_dir / "spec.yaml").write_text((REPO / "sweeps" / "quickstart.yaml").read_text())
+    page = write_report(run_dir).read_text()
+    assert "No trial has reported a validation loss yet" in page
+    assert "no epochs reported yet" in page and "0 of 0 trials" in page
+
+
 def test_report_of_1000_trials_x_50_epochs_stays_under_15_mb():
     run = synthetic_run(n_trials=1000, n_epochs=50, stop_early=False)
     assert len(run.epochs) == 50_000
@@ -393,10 +415,10 @@ def test_real_run_figures(recon_run):
     assert len(stop.x) == len(asha) and max(stop.x) < 3
     assert max(len(tr.x) for tr in traces(fig, "#")) == 3
     check_latent_figure(figures.latent_vs_error(t, run.spec), t)
-    pc = figures.parallel_coordinates(t, run.spec).data[0]
+    pc = axes.parallel_coordinates(t, run.spec).data[0]
     assert [d.label for d in pc.dimensions][:3] == run.axes
-    axes = figures.axis_importance(t, run.spec)
-    assert len(traces(axes, "best")) == 3
+    importance = axes.axis_importance(t, run.spec)
+    assert len(traces(importance, "best")) == 3
     assert figures.distortion_errors(t, e) is None
     fig = sample_pictures(recon_run, t, run.spec)
     assert len([tr for tr in fig.data if tr.type == "image"]) == 27

@@ -26,8 +26,8 @@ def real_run(tmp_path_factory, task: str = "reconstruct") -> Path:
 
     started = not ray.is_initialized()
     if started:  # a fresh local instance, never another session's cluster on this machine
-        ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False,
-                 log_to_driver=False, configure_logging=False)
+        ray.init(address="local", include_dashboard=False, log_to_driver=False,
+                 configure_logging=False)
     args = ["sweep", str(REPO / "sweeps" / "quickstart.yaml"), "--storage",
             str(run_dir.parent), "--name", run_dir.name, "--no-report",
             "--set", "trial.max_epochs=3", "--set", "trial.data.train_limit=1500",

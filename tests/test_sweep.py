@@ -157,3 +157,50 @@ def test_local_ray_listens_on_loopback_only():
         ray.shutdown()
     assert listening, "no Ray server found"
     assert all(ip in ("127.0.0.1", "::ffff:127.0.0.1", "::1") for ip in listening), listening
+
+
+def test_a_crashed_trial_is_retried_from_its_checkpoint(tmp_path):
+    """The trial's worker process is killed mid-run; FailureConfig retries it from its last
+    checkpoint, so its epochs go on instead of starting again at 1."""
+    import threading
+
+    spec = {
+        "name": "crash",
+        "trial": {"data": {"dataset": "sample", "train_limit": 1500},
+                  "model": {"channels": [4, 8], "latent_dim": 8}, "max_epochs": 6,
+                  "patience": None},
+        "scheduler": {"kind": "fifo"},
+        "max_failures": 2,
+    }
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    run_dir = tmp_path / "c"
+    killed = {}
+
+    def kill_when_at_epoch_2():
+        deadline = time.time() + 240
+        while time.time() < deadline:
+            for result in run_dir.glob("run_trial_*/result.json"):
+                lines = result.read_text().splitlines()
+                if len(lines) >= 2:
+                    last = json.loads(lines[-1])
+                    killed.update(epoch=last["epoch"], pid=last["pid"])
+                    os.kill(last["pid"], signal.SIGKILL)
+                    return
+            time.sleep(0.2)
+
+    killer = threading.Thread(target=kill_when_at_epoch_2)
+    killer.start()
+    assert main(["sweep", str(path), "--storage", str(tmp_path), "--name", "c",
+                 "--no-report"]) == 0
+    killer.join()
+    assert killed, "the trial was never caught mid-run"
+    trials = pd.read_parquet(run_dir / "trials.parquet")
+    assert trials.loc[0, "status"] == "TERMINATED" and trials.loc[0, "num_failures"] == 1
+    lines = [json.loads(x) for x in
+             next(run_dir.glob("run_trial_*/result.json")).read_text().splitlines()]
+    epochs = [r["epoch"] for r in lines]
+    assert epochs[-1] == 6
+    restart = [r for r in lines if r["pid"] != killed["pid"]]
+    # after the crash the trial went on from its checkpoint, not from epoch 1
+    assert restart and restart[0]["epoch"] > 1 and restart[0]["epoch"] >= killed["epoch"]
