@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import random
+from itertools import pairwise
 from dataclasses import dataclass, field
 
 from cae.config import ModelConfig
@@ -127,7 +128,7 @@ def layers(cfg: ModelConfig, seed: int = 0) -> tuple[list[Layer], list[Layer]]:
     if cfg.bottleneck == "dense":
         widths = [fc * fh * fw, *cfg.dense]
         enc.append(("flatten",))  # (B, C*H*W)
-        for a, b in zip(widths[:-1], widths[1:]):
+        for a, b in pairwise(widths):
             enc += [("linear", a, b), ("act",)]
             if cfg.dense_dropout:
                 enc.append(("dropout", cfg.dense_dropout))
@@ -136,7 +137,7 @@ def layers(cfg: ModelConfig, seed: int = 0) -> tuple[list[Layer], list[Layer]]:
         back = [cfg.latent_dim, *reversed(cfg.dense)]
         if back[-1] != rc * fh * fw:
             back.append(rc * fh * fw)
-        for a, b in zip(back[:-1], back[1:]):
+        for a, b in pairwise(back):
             dec += [("linear", a, b), ("act",)]
             if cfg.dense_dropout and b != back[-1]:
                 dec.append(("dropout", cfg.dense_dropout))

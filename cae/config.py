@@ -194,7 +194,7 @@ class TrialConfig(_Strict):
 
     @model_validator(mode="after")
     def _resolve_shapes(self) -> TrialConfig:
-        c, h, w = DATASET_SHAPES[self.data.dataset]
+        c, h, _ = DATASET_SHAPES[self.data.dataset]
         if self.task.name == "colorize":
             if c != 3:
                 raise ValueError(
@@ -265,8 +265,9 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
 
 def load_yaml(path: str) -> dict:
     """Read a YAML mapping, with a clear error for a missing or malformed file."""
-    import yaml
     from pathlib import Path
+
+    import yaml
 
     p = Path(path)
     if not p.is_file():

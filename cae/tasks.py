@@ -21,7 +21,7 @@ seed, identically for every trial and epoch.
 from __future__ import annotations
 
 import math
-from functools import lru_cache
+from functools import cache, lru_cache
 
 import torch
 import torch.nn.functional as F
@@ -46,7 +46,7 @@ _YCBCR_TO_RGB = torch.linalg.inv(_RGB_TO_YCBCR)  # 1.402, -0.344136, -0.714136, 
 _CHROMA_OFFSET = torch.tensor([0.0, 0.5, 0.5], dtype=torch.float64)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _colour_constants(inverse: bool, device: torch.device, dtype: torch.dtype):
     """The matrix and offset on ``device``, copied there once (a copy per batch would stall
     a GPU stream)."""

@@ -39,39 +39,14 @@ DISTORTIONS = list(DISTORTION_FACTORS)
 # ---- a real small sweep, shared by the slow tests of this session ----------------------
 
 
-def real_run(tmp_path_factory, task: str = "reconstruct") -> Path:
-    """Run (once per session) the quickstart sweep, 3 epochs, latent 4 and 16: 8 trials."""
-    run_dir = tmp_path_factory.getbasetemp() / "analysis-runs" / f"t-{task}"
-    if (run_dir / "trials.parquet").is_file():
-        return run_dir
-    import ray
-
-    from cae.cli import main
-
-    started = not ray.is_initialized()
-    if started:  # a fresh local instance, never another session's cluster on this machine
-        ray.init(address="local", include_dashboard=False, log_to_driver=False,
-                 configure_logging=False)
-    args = ["sweep", str(REPO / "sweeps" / "quickstart.yaml"), "--storage",
-            str(run_dir.parent), "--name", run_dir.name, "--no-report",
-            "--set", "trial.max_epochs=3", "--set", "trial.data.train_limit=1500",
-            "--set", "space.model.latent_dim={grid: [4, 16]}", "--set", f"trial.task.name={task}"]
-    try:
-        assert main(args) == 0
-    finally:
-        if started and ray.is_initialized():
-            ray.shutdown()
-    return run_dir
+@pytest.fixture(scope="session")
+def recon_run(small_run) -> Path:
+    return small_run("reconstruct")
 
 
 @pytest.fixture(scope="session")
-def recon_run(tmp_path_factory) -> Path:
-    return real_run(tmp_path_factory, "reconstruct")
-
-
-@pytest.fixture(scope="session")
-def denoise_run(tmp_path_factory) -> Path:
-    return real_run(tmp_path_factory, "denoise")
+def denoise_run(small_run) -> Path:
+    return small_run("denoise")
 
 
 # ---- helpers ----------------------------------------------------------------------------

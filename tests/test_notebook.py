@@ -14,32 +14,6 @@ PLOTLY = "application/vnd.plotly.v1+json"
 pytestmark = pytest.mark.slow
 
 
-def real_run(tmp_path_factory, task: str = "reconstruct") -> Path:
-    """The quickstart sweep, 3 epochs, latent 4 and 16 (shared with tests/test_analysis.py
-    through the session's temp dir: whichever file runs first makes it)."""
-    run_dir = tmp_path_factory.getbasetemp() / "analysis-runs" / f"t-{task}"
-    if (run_dir / "trials.parquet").is_file():
-        return run_dir
-    import ray
-
-    from cae.cli import main
-
-    started = not ray.is_initialized()
-    if started:  # a fresh local instance, never another session's cluster on this machine
-        ray.init(address="local", include_dashboard=False, log_to_driver=False,
-                 configure_logging=False)
-    args = ["sweep", str(REPO / "sweeps" / "quickstart.yaml"), "--storage",
-            str(run_dir.parent), "--name", run_dir.name, "--no-report",
-            "--set", "trial.max_epochs=3", "--set", "trial.data.train_limit=1500",
-            "--set", "space.model.latent_dim={grid: [4, 16]}", "--set", f"trial.task.name={task}"]
-    try:
-        assert main(args) == 0
-    finally:
-        if started and ray.is_initialized():
-            ray.shutdown()
-    return run_dir
-
-
 def execute(run_dir: Path, monkeypatch) -> "nbformat.NotebookNode":  # noqa: F821
     import nbformat
     from nbclient import NotebookClient
@@ -56,8 +30,8 @@ def outputs(nb) -> list:
 
 
 @pytest.mark.parametrize("task", ["reconstruct", "denoise"])
-def test_notebook_runs_on_a_real_sweep(tmp_path_factory, monkeypatch, task):
-    run_dir = real_run(tmp_path_factory, task)
+def test_notebook_runs_on_a_real_sweep(small_run, monkeypatch, task):
+    run_dir = small_run(task)
     nb = execute(run_dir, monkeypatch)
     outs = outputs(nb)
     assert not [o for o in outs if o.output_type == "error"]

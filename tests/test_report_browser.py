@@ -77,32 +77,6 @@ PROBE = """
 """
 
 
-def real_run(tmp_path_factory, task: str = "reconstruct") -> Path:
-    """The quickstart sweep, 3 epochs, latent 4 and 16 (shared with tests/test_analysis.py
-    through the session's temp dir: whichever file runs first makes it)."""
-    run_dir = tmp_path_factory.getbasetemp() / "analysis-runs" / f"t-{task}"
-    if (run_dir / "trials.parquet").is_file():
-        return run_dir
-    import ray
-
-    from cae.cli import main
-
-    started = not ray.is_initialized()
-    if started:  # a fresh local instance, never another session's cluster on this machine
-        ray.init(address="local", include_dashboard=False, log_to_driver=False,
-                 configure_logging=False)
-    args = ["sweep", str(REPO / "sweeps" / "quickstart.yaml"), "--storage",
-            str(run_dir.parent), "--name", run_dir.name, "--no-report",
-            "--set", "trial.max_epochs=3", "--set", "trial.data.train_limit=1500",
-            "--set", "space.model.latent_dim={grid: [4, 16]}", "--set", f"trial.task.name={task}"]
-    try:
-        assert main(args) == 0
-    finally:
-        if started and ray.is_initialized():
-            ray.shutdown()
-    return run_dir
-
-
 def render(page: Path, profile: Path) -> tuple[dict, str]:
     """Open ``page`` with the probe in headless Chromium: (probe result, browser log)."""
     probed = page.with_name(page.stem + "-probe.html")
@@ -125,8 +99,8 @@ def page_errors(log: str) -> list[str]:
 
 
 @pytest.mark.parametrize("task", ["reconstruct", "denoise"])
-def test_report_renders_every_plot_without_errors(tmp_path_factory, tmp_path, task):
-    run_dir = real_run(tmp_path_factory, task)
+def test_report_renders_every_plot_without_errors(small_run, tmp_path, task):
+    run_dir = small_run(task)
     page = write_report(run_dir, tmp_path / "report.html")
     expected = page.read_text().count('class="plotly-graph-div"')
     assert expected == (6 if task == "denoise" else 5)
@@ -150,9 +124,9 @@ def test_report_renders_every_plot_without_errors(tmp_path_factory, tmp_path, ta
         assert any(p["bars"] >= 1 for p in plots)
 
 
-def test_report_screenshot(tmp_path_factory, tmp_path):
+def test_report_screenshot(small_run, tmp_path_factory, tmp_path):
     """A screenshot for a person to look at (path printed; the test checks it was made)."""
-    run_dir = real_run(tmp_path_factory, "reconstruct")
+    run_dir = small_run("reconstruct")
     page = write_report(run_dir, tmp_path / "report.html")
     shot = tmp_path_factory.getbasetemp() / "report-screenshot.png"
     subprocess.run([CHROMIUM, *FLAGS, f"--user-data-dir={tmp_path / 'profile'}",
