@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import math
 import random
-from itertools import pairwise
 from dataclasses import dataclass, field
+from itertools import pairwise
 
 from cae.config import ModelConfig
 

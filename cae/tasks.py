@@ -21,7 +21,7 @@ seed, identically for every trial and epoch.
 from __future__ import annotations
 
 import math
-from functools import cache, lru_cache
+from functools import cache
 
 import torch
 import torch.nn.functional as F
