@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable
 
@@ -202,18 +203,18 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(sweep.summarize(checked))
         return 0
-    attach = bool(args.address or __import__("os").environ.get("RAY_ADDRESS"))
+    attach = bool(args.address or os.environ.get("RAY_ADDRESS"))
     if not attach:
         sweep.check_local_resources(spec)
     data = _load_data_for(spec, args.data_dir)
-    sweep.init_ray(args.address, dashboard=args.dashboard)
-    sweep.check_cluster(spec)
     storage = sweep.storage_uri(spec.storage)
     name = args.name or sweep.run_name(spec)
     run_dir = f"{storage.rstrip('/')}/{name}"
-    sweep.save_spec(run_dir, spec)
-    print(f"sweep {spec.name}: {checked.n_trials} trials -> {run_dir}", flush=True)
-    sweep.fit(spec, data, name, storage, checked)
+    with sweep.ray_session(args.address, dashboard=args.dashboard):
+        sweep.check_cluster(spec)
+        sweep.save_spec(run_dir, spec)
+        print(f"sweep {spec.name}: {checked.n_trials} trials -> {run_dir}", flush=True)
+        sweep.fit(spec, data, name, storage, checked)
     _finish(run_dir, args.no_report)
     return 0
 
@@ -224,9 +225,9 @@ def cmd_resume(args: argparse.Namespace) -> int:
     run_dir = sweep.storage_uri(args.run_dir)
     spec = sweep.load_run_spec(run_dir)
     data = _load_data_for(spec, args.data_dir)
-    sweep.init_ray(args.address)
-    print(f"resuming {run_dir}", flush=True)
-    sweep.resume(run_dir, spec, data)
+    with sweep.ray_session(args.address):
+        print(f"resuming {run_dir}", flush=True)
+        sweep.resume(run_dir, spec, data)
     _finish(run_dir, args.no_report)
     return 0
 

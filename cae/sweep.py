@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -207,9 +208,10 @@ def storage_uri(storage: str) -> str:
     return storage if "://" in storage else str(Path(storage).expanduser().resolve())
 
 
-def init_ray(address: str | None, dashboard: bool = False) -> None:
+def init_ray(address: str | None, dashboard: bool = False) -> bool:
     """Attach to a cluster (``--address``, or the one a Ray job runs in), or start Ray
-    in-process on 127.0.0.1, with the dashboard (http://127.0.0.1:8265) only if asked."""
+    in-process on 127.0.0.1, with the dashboard (http://127.0.0.1:8265) only if asked.
+    Returns whether this call initialised Ray (False if it already was)."""
     attach = address or os.environ.get("RAY_ADDRESS")
     if not attach:
         # Ray's single-machine mode: every server binds to the loopback address only (read
@@ -218,13 +220,26 @@ def init_ray(address: str | None, dashboard: bool = False) -> None:
     import ray
 
     if ray.is_initialized():
-        return
+        return False
     if attach:
         ray.init(address=attach, log_to_driver=False)
     else:
         ray.init(address="local", include_dashboard=dashboard, dashboard_host="127.0.0.1",
-                 log_to_driver=False,
-                 configure_logging=False)
+                 log_to_driver=False, configure_logging=False)
+    return True
+
+
+@contextmanager
+def ray_session(address: str | None, dashboard: bool = False):
+    """Ray for the length of one sweep: shut down afterwards if this call started it."""
+    started = init_ray(address, dashboard)
+    try:
+        yield
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
 
 
 def run_name(spec: SweepSpec) -> str:

@@ -70,6 +70,7 @@ def test_bad_specs_exit_2_naming_the_field(tmp_path, capsys, change, needles):
     if "resources" in change and torch.cuda.device_count() >= 2:
         pytest.skip("this machine has the GPUs the spec asks for")
 
+    ray.shutdown()
     storage = tmp_path / "runs"
     spec = {**BASE, **change}
     rc = main(["sweep", _write(tmp_path, spec), "--storage", str(storage)])
