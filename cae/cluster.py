@@ -1,4 +1,4 @@
-"""Checks for a sweep on an attached Ray cluster: is ``--storage`` shared by every node?
+"""Sweeps on a Ray cluster: is ``--storage`` shared by every node; run directories at URIs.
 
 On a cluster each trial writes its checkpoints from whichever node runs it, and a trial
 that loses its node resumes from them on another: ``--storage`` must be a URI (s3://,
@@ -9,18 +9,23 @@ each alive node looks for it. A node that cannot see it is named in the refusal.
 When no alive node can run a trial yet (a CPU-only head whose GPU workers the autoscaler
 adds on demand), the nodes the trials will run on cannot be asked; a local path is then
 accepted only on a network filesystem (NFS, CIFS, a FUSE mount, ...).
+
+A run directory at a URI is read through a local mirror of its small files (``fetch_run``:
+the spec, Ray Tune's experiment state, each trial's params, results and error; never the
+checkpoints, but for the few trials the report draws: ``fetch_checkpoints``), and what is
+made from it goes back next to them (``publish``).
 """
 
 from __future__ import annotations
 
-import socket
+import re
 import uuid
 from pathlib import Path
 
 CHECK_TIMEOUT_S = 120.0
 # Filesystem types that are shared between machines when mounted on each of them.
 NETWORK_FS = ("nfs", "nfs4", "cifs", "smb3", "smbfs", "ceph", "glusterfs", "lustre", "gpfs",
-              "beegfs", "9p", "fuse")
+              "beegfs", "fuse")
 ADVICE = ("use s3://BUCKET/PATH, gs://BUCKET/PATH or a path on a mount shared by every node "
           "(NFS, EFS, Filestore, ...)")
 
@@ -30,8 +35,13 @@ class SharedStorageError(ValueError):
 
 
 def is_uri(storage: str) -> bool:
-    """s3://, gs://, hdfs://, ... (``file://`` is a local path)."""
-    return "://" in storage and not storage.startswith("file://")
+    """s3://, gs://, file://, ...: a location read through pyarrow's filesystems."""
+    return "://" in storage
+
+
+def is_shared_uri(storage: str) -> bool:
+    """A URI that every node reaches alike (``file://`` is a local path in disguise)."""
+    return is_uri(storage) and not storage.startswith("file://")
 
 
 def local_path(storage: str) -> Path:
@@ -71,13 +81,12 @@ def _can_host(node: dict, trial_resources: dict[str, float]) -> bool:
     return all(have.get(k, 0) >= v for k, v in trial_resources.items() if v > 0)
 
 
-def _sees_marker(path: str, token: str) -> tuple[bool, str]:
+def _sees_marker(path: str, token: str) -> bool:
     """Run on one node: does the marker file hold the driver's token here?"""
     try:
-        ok = Path(path).read_text() == token
+        return Path(path).read_text() == token
     except OSError:
-        ok = False
-    return ok, socket.gethostname()
+        return False
 
 
 def blind_nodes(directory: Path, nodes: list[dict]) -> list[tuple[dict, str]]:
@@ -102,7 +111,7 @@ def blind_nodes(directory: Path, nodes: list[dict]) -> list[tuple[dict, str]]:
         blind = [(refs[r], "no answer") for r in not_ready]
         for ref in ready:
             try:
-                ok, _host = ray.get(ref)
+                ok = ray.get(ref)
             except Exception:  # noqa: BLE001 - a node that fails the check cannot be trusted
                 ok = False
             if not ok:
@@ -124,19 +133,18 @@ def check_shared_storage(storage: str, trial_resources: dict[str, float] | None 
     """
     import ray
 
-    if is_uri(storage):
+    if is_shared_uri(storage):
         return
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     hosts = [n for n in nodes if _can_host(n, trial_resources or {})]
     if len(nodes) <= 1 and hosts:
         return
     path = local_path(storage)
-    created = not path.exists()
+    made = next((p for p in reversed([path, *path.parents]) if not p.exists()), None)
     path.mkdir(parents=True, exist_ok=True)
     blind = blind_nodes(path, nodes)
     if blind:
-        if created:
-            _remove_empty(path)
+        _remove_made(path, made)
         names = "; ".join(f"{_node_name(n)}: {why}" for n, why in blind)
         raise SharedStorageError(
             f"storage: {storage!r} is a local path that {len(blind)} of the cluster's "
@@ -144,8 +152,7 @@ def check_shared_storage(storage: str, trial_resources: dict[str, float] | None 
             f"there from the node it runs on: {ADVICE}"
         )
     if not hosts and not _is_network_fs(path):
-        if created:
-            _remove_empty(path)
+        _remove_made(path, made)
         raise SharedStorageError(
             f"storage: {storage!r} is a local path ({mount_fstype(path) or 'local'} "
             f"filesystem), and no node of the cluster can run a trial yet: the trials will "
@@ -153,9 +160,91 @@ def check_shared_storage(storage: str, trial_resources: dict[str, float] | None 
         )
 
 
-def _remove_empty(path: Path) -> None:
-    try:
-        path.rmdir()
-    except OSError:
-        pass
+def _remove_made(path: Path, made: Path | None) -> None:
+    """Remove the (empty) directories this check created, up to ``made``."""
+    if made is None:
+        return
+    for p in [path, *path.parents]:
+        try:
+            p.rmdir()
+        except OSError:
+            return
+        if p == made:
+            return
 
+
+# ---- run directories at URIs ---------------------------------------------------------------
+
+_TOP_FILES = re.compile(r"spec\.yaml|experiment_state-.*\.json|basic-variant-state-.*\.json")
+_TRIAL_FILES = ("params.json", "result.json", "error.txt")
+
+
+def mirror_dir(run_dir: str) -> Path:
+    """Where the local mirror of a URI run directory lives (a per-user cache)."""
+    from platformdirs import user_cache_dir
+
+    scheme, rest = run_dir.split("://", 1)
+    parts = [p for p in rest.split("?", 1)[0].split("/") if p not in ("", ".", "..")]
+    return Path(user_cache_dir("cae-sweep")).joinpath("runs", scheme, *parts)
+
+
+def fetch_run(run_dir: str, dest: Path | None = None) -> Path:
+    """Copy what cae.results reads from a run directory at a URI (s3://, gs://, ...) into a
+    local mirror, refreshed on every call; returns the mirror's path."""
+    import shutil
+
+    import pyarrow.fs as pafs
+
+    fs, root = pafs.FileSystem.from_uri(run_dir)
+    root = root.rstrip("/")
+    dest = dest or mirror_dir(run_dir)
+    if dest.exists():
+        shutil.rmtree(dest)
+    dest.mkdir(parents=True)
+    for info in fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True)):
+        if info.type != pafs.FileType.File:
+            continue
+        rel = info.path[len(root):].lstrip("/").split("/")
+        wanted = ((len(rel) == 1 and _TOP_FILES.fullmatch(rel[0]))
+                  or (len(rel) == 2 and rel[1] in _TRIAL_FILES))
+        if wanted:
+            target = dest.joinpath(*rel)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with fs.open_input_stream(info.path) as src:
+                target.write_bytes(src.read())
+    if not (dest / "spec.yaml").is_file():
+        raise FileNotFoundError(f"{run_dir} is not a cae run directory (no spec.yaml in it)")
+    return dest
+
+
+def fetch_checkpoints(run_dir: str, trial_dirs, dest: Path | None = None) -> None:
+    """Add the newest checkpoint of each named trial directory to the local mirror (the
+    report's sample pictures rebuild the best trials from them)."""
+    import pyarrow.fs as pafs
+
+    fs, root = pafs.FileSystem.from_uri(run_dir)
+    root = root.rstrip("/")
+    dest = dest or mirror_dir(run_dir)
+    for name in trial_dirs:
+        infos = fs.get_file_info(pafs.FileSelector(f"{root}/{name}", allow_not_found=True))
+        ckpts = sorted(i.base_name for i in infos
+                       if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_"))
+        if not ckpts:
+            continue
+        src = f"{root}/{name}/{ckpts[-1]}"
+        for info in fs.get_file_info(pafs.FileSelector(src, recursive=True)):
+            if info.type == pafs.FileType.File:
+                target = dest / name / ckpts[-1] / info.path[len(src):].lstrip("/")
+                target.parent.mkdir(parents=True, exist_ok=True)
+                with fs.open_input_stream(info.path) as f:
+                    target.write_bytes(f.read())
+
+
+def publish(run_dir: str, *files: Path) -> None:
+    """Upload local files (trials.parquet, the report, ...) into a URI run directory."""
+    import pyarrow.fs as pafs
+
+    fs, root = pafs.FileSystem.from_uri(run_dir)
+    for path in files:
+        with fs.open_output_stream(f"{root.rstrip('/')}/{Path(path).name}") as out:
+            out.write(Path(path).read_bytes())

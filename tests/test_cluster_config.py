@@ -31,7 +31,7 @@ def _raw() -> dict:
 def _variant(name: str) -> dict:
     """The commented block between ``# >>> name`` and ``# <<< name``, as YAML."""
     text = CLUSTER_YAML.read_text()
-    m = re.search(rf"^# >>> {name}\n(.*?)^# <<< {name}$", text, re.S | re.M)
+    m = re.search(rf"^# >>> {name}\n(.*?)^# <<< {name}$", text, re.DOTALL | re.MULTILINE)
     assert m, f"cluster.yaml has no '# >>> {name}' block"
     lines = [ln[2:] if ln.startswith("# ") else ln.lstrip("#") for ln in m.group(1).splitlines()]
     return yaml.safe_load("\n".join(lines))
