@@ -11,6 +11,8 @@ nothing about real models.
 from __future__ import annotations
 
 import json
+
+from cae.results import _flatten
 import math
 
 import numpy as np
@@ -36,18 +38,6 @@ SPEC = {
     "scheduler": {"kind": "fifo"},
     "resources": {"cpu": 1, "gpu": 0.25},
 }
-
-
-def _flatten(data: dict, prefix: str = "") -> dict:
-    """As ``cae.results`` flattens configs: dotted keys, lists as JSON, mappings expanded."""
-    out = {}
-    for key, value in data.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict) and value:
-            out.update(_flatten(value, f"{name}."))
-        else:
-            out[name] = json.dumps(value) if isinstance(value, (list, dict)) else value
-    return out
 
 
 def synthetic_run(n_trials: int = 1000, n_epochs: int = 50, task: str = "denoise",
