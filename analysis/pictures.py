@@ -68,10 +68,10 @@ def trial_samples(
     """
     import torch
 
+    from cae.config import trial_config
     from cae.data import load, split
     from cae.models import build_model
     from cae.tasks import make_task, ycbcr_to_rgb
-    from cae.trainable import trial_config
 
     trial_dir = Path(run_dir) / str(trial["trial_dir"])
     ckpt = _checkpoint(trial_dir)

@@ -103,7 +103,7 @@ def synthesize_run(run_dir: Path, n_trials: int, n_epochs: int, seed: int = 0) -
     import yaml
 
     from cae.arch import describe
-    from cae.trainable import trial_config
+    from cae.config import trial_config
 
     rng = random.Random(seed)
     run_dir.mkdir(parents=True)
@@ -224,21 +224,6 @@ def timed(cmd: list[str], repeats: int, before=None) -> tuple[list[float], str]:
     return times, out
 
 
-# ``cae export`` with ``cae.results._model_facts`` validating the trial config without going
-# through ``cae.trainable`` (which imports Ray Tune and torch): the patch proposed in
-# docs/performance.md, simulated here by a stand-in module, to time it in the same run.
-PATCHED_EXPORT = """
-import sys, types
-from cae.config import TrialConfig, apply_point
-stub = types.ModuleType("cae.trainable")
-stub.trial_config = lambda base, point: TrialConfig.model_validate(apply_point(base, point))
-sys.modules["cae.trainable"] = stub
-from cae.results import export
-export(sys.argv[1])
-assert "torch" not in sys.modules and "ray" not in sys.modules, "still imports torch/ray"
-"""
-
-
 def profile_top(cmd_args: list[str], n: int = 18) -> str:
     """``python -m cProfile -s cumulative`` of a command: its top ``n`` lines."""
     proc = subprocess.run([sys.executable, "-m", "cProfile", "-s", "cumulative", *cmd_args],
@@ -309,9 +294,6 @@ def main(argv: list[str] | None = None) -> int:
     exp_t, _ = timed(cae_cmd() + ["export", str(run_dir)], repeats)
     import pandas as pd
 
-    patched = tmp / "patched_export.py"
-    patched.write_text(PATCHED_EXPORT)
-    exp_patched_t, _ = timed([sys.executable, str(patched), str(run_dir)], repeats)
     exp_profile = profile_top(["-m", "cae.cli", "export", str(run_dir)])
     imports = {m: round(import_seconds(m), 3) for m in
                ("cae.config, cae.arch", "cae.results", "cae.trainable", "torch", "ray.tune")}
@@ -331,8 +313,7 @@ def main(argv: list[str] | None = None) -> int:
     size = report_html.stat().st_size
 
     med = {"dry_run_s": common.median(dry_t), "dry_run_baseline_s": common.median(base_t),
-           "export_s": common.median(exp_t), "report_s": common.median(rep_t),
-           "export_patched_s": common.median(exp_patched_t)}
+           "export_s": common.median(exp_t), "report_s": common.median(rep_t)}
     goals = {"dry_run": med["dry_run_s"] < 5, "export": med["export_s"] < 5,
              "report_size": size < 15e6}
     figures = {
@@ -351,8 +332,6 @@ def main(argv: list[str] | None = None) -> int:
         "export": {"seconds": [round(x, 3) for x in exp_t], "median_s": round(med["export_s"], 3),
                    "trials_rows": len(trials), "epochs_rows": len(epochs),
                    "goal": "< 5 s", "met": goals["export"],
-                   "with_proposed_patch_s": [round(x, 3) for x in exp_patched_t],
-                   "with_proposed_patch_median_s": round(med["export_patched_s"], 3),
                    "import_s": imports, "profile_top": exp_profile},
         "report": {"command": how, "seconds": [round(x, 3) for x in rep_t],
                    "median_s": round(med["report_s"], 3), "size_bytes": size,
@@ -375,8 +354,6 @@ def main(argv: list[str] | None = None) -> int:
          "< 5 s", "met" if goals["dry_run"] else "NOT met"),
         (f"cae export, {n_trials:,} x {n_epochs} (SYNTHETIC)", f"{med['export_s']:.2f} s",
          "< 5 s", "met" if goals["export"] else "NOT met"),
-        ("  with the proposed results.py patch", f"{med['export_patched_s']:.2f} s", "< 5 s",
-         "met" if med["export_patched_s"] < 5 else "NOT met"),
         (f"report, {n_trials:,} x {n_epochs} (SYNTHETIC)", f"{med['report_s']:.2f} s", "", ""),
         ("report size", f"{size / 1e6:.2f} MB", "< 15 MB",
          "met" if goals["report_size"] else "NOT met"),

@@ -11,6 +11,7 @@ import json
 import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 from cae.config import UserError
 
@@ -108,8 +109,6 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _save_run(out: str, cfg, result) -> None:
-    from pathlib import Path
-
     import torch
     import yaml
 
@@ -158,13 +157,47 @@ def _load_data_for(spec, data_dir: str | None):
     return load(cfg)
 
 
-def _finish(run_dir: str, no_report: bool) -> None:
-    from cae.results import best_trial, export
+# A run directory is a local path or a URI (s3://, gs://, file://): one at a URI is read
+# through a local mirror of its small files, and what is made from it goes back next to them.
 
-    trials_path, _ = export(run_dir)
+
+def _local_copy(run_dir: str) -> Path:
+    from cae.cluster import fetch_run, is_uri
+
+    return fetch_run(run_dir) if is_uri(run_dir) else Path(run_dir)
+
+
+def _write_report(run_dir: str, local: Path, trials, out: str | None = None,
+                  pictures: bool = True) -> Path:
+    """The HTML report of a run; for a run at a URI, the checkpoints its pictures need
+    are fetched first (those of the best few trials only)."""
+    from analysis.report import write_report
+    from cae.cluster import fetch_checkpoints, is_uri
+
+    if pictures and is_uri(run_dir):
+        from analysis.run import best_trials
+
+        fetch_checkpoints(run_dir, best_trials(trials, 9)["trial_dir"], local)
+    return write_report(local, out, pictures=pictures)
+
+
+def _publish(run_dir: str, *files: Path) -> None:
+    from cae.cluster import is_uri, publish
+
+    if is_uri(run_dir):
+        publish(run_dir, *files)
+
+
+def _finish(run_dir: str, no_report: bool) -> None:
+    """After a sweep or a resume: export the results, summarise them, write the report."""
     import pandas as pd
 
-    trials = pd.read_parquet(trials_path)
+    from cae.results import EPOCHS_FILE, TRIALS_FILE, best_trial, export
+
+    local = _local_copy(run_dir)
+    made = list(export(local))
+    _publish(run_dir, *made)
+    trials = pd.read_parquet(made[0])
     counts = ", ".join(f"{n} {s.lower()}" for s, n in trials["status"].value_counts().items())
     print(f"\ntrials: {len(trials)} ({counts}); "
           f"trial-epochs: {int(trials['epochs'].sum())}")
@@ -177,16 +210,17 @@ def _finish(run_dir: str, no_report: bool) -> None:
               f"{best.get('test_loss', float('nan')):.5f}, params {int(best['params']):,}, "
               f"latent {int(best['latent_size'])}")
         print("  " + ", ".join(f"{k}={v}" for k, v in axes.items()))
-    print(f"results: {trials_path} and epochs.parquet")
+    print(f"results: {run_dir}/{TRIALS_FILE} and {EPOCHS_FILE}")
     unfinished = ~trials["status"].isin(["TERMINATED", "ERROR"])
     if unfinished.any():
         print(f"{int(unfinished.sum())} trials did not finish; continue with: cae resume {run_dir}")
     if not no_report:
-        from analysis.report import write_report
-
         try:
-            print(f"report: {write_report(run_dir)}")
-        except Exception as exc:  # the results are safe on disk; say why the report is not
+            report = _write_report(run_dir, local, trials)
+            _publish(run_dir, report)
+            print(f"report: {run_dir}/{report.name}" if run_dir != str(local)
+                  else f"report: {report}")
+        except Exception as exc:  # noqa: BLE001 - the results are safe; say why no report
             print(f"cae: the report could not be written ({exc}); the results are complete: "
                   f"try `cae report {run_dir}`", file=sys.stderr)
     print(f"run directory: {run_dir}")
@@ -226,6 +260,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
     spec = sweep.load_run_spec(run_dir)
     data = _load_data_for(spec, args.data_dir)
     with sweep.ray_session(args.address):
+        sweep.check_cluster(spec, run_dir)
         print(f"resuming {run_dir}", flush=True)
         sweep.resume(run_dir, spec, data)
     _finish(run_dir, args.no_report)
@@ -233,17 +268,26 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from analysis.report import write_report
+    from cae.results import load_frames
 
-    print(f"report: {write_report(args.run_dir, args.output, pictures=not args.no_pictures)}")
+    local = _local_copy(args.run_dir)
+    trials = load_frames(local)[0] if not args.no_pictures else None
+    report = _write_report(args.run_dir, local, trials, args.output, not args.no_pictures)
+    if args.output is None and str(local) != args.run_dir:
+        _publish(args.run_dir, report)
+        print(f"report: {args.run_dir.rstrip('/')}/{report.name} (local copy: {report})")
+    else:
+        print(f"report: {report}")
     return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
     from cae.results import export
 
-    trials, epochs = export(args.run_dir)
-    print(f"wrote {trials} and {epochs}")
+    made = export(_local_copy(args.run_dir))
+    _publish(args.run_dir, *made)
+    where = args.run_dir.rstrip("/")
+    print(f"wrote {where}/{made[0].name} and {where}/{made[1].name}")
     return 0
 
 

@@ -250,6 +250,13 @@ def apply_point(data: dict, point: dict[str, Any]) -> dict:
     return data
 
 
+def trial_config(base: dict, point: dict[str, Any]) -> TrialConfig:
+    """The base trial with one search-space point (dotted keys) applied, validated."""
+    import copy
+
+    return TrialConfig.model_validate(apply_point(copy.deepcopy(base), point))
+
+
 def parse_overrides(items: list[str]) -> dict[str, Any]:
     """Turn ``["a.b=3", "c=[1, 2]"]`` into ``{"a.b": 3, "c": [1, 2]}`` (values parsed as YAML)."""
     import yaml

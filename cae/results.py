@@ -72,7 +72,7 @@ def _flatten(data: dict, prefix: str = "") -> dict:
 def _model_facts(config_json: str) -> dict:
     """Params, latent size and family of one trial's resolved config (cached per config)."""
     from cae.arch import describe
-    from cae.trainable import trial_config
+    from cae.config import trial_config
 
     base, point = json.loads(config_json)
     try:
@@ -129,6 +129,8 @@ def load_frames(run_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
             row["time_total_s"] = r.get("time_total_s")
             epochs.append(row)
         last = results[-1] if results else {}
+        if error and status == "TERMINATED":
+            error = ""  # failed once (a lost node, a crash), then finished from its checkpoint
         vals = [r["val_loss"] for r in by_epoch.values() if _finite(r.get("val_loss"))]
         if error:
             reason = f"error: {error}"
@@ -149,6 +151,8 @@ def load_frames(run_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
             "status": status,
             "stop_reason": reason,
             "wall_time_s": last.get("time_total_s", 0.0),
+            "node": f"{last.get('node_ip', '?')}/{str(last.get('node_id'))[:8]}"
+            if last.get("node_id") else None,  # where it ran last: IP / node id
             "node_id": last.get("node_id"),
             "hostname": last.get("hostname"),
             "device": last.get("device"),

@@ -262,10 +262,22 @@ def save_spec(run_dir: str, spec: SweepSpec) -> None:
 
 
 def load_run_spec(run_dir: str) -> SweepSpec:
-    path = Path(run_dir) / SPEC_FILE
-    if not path.is_file():
-        raise SpecError(f"{run_dir} is not a cae run directory (no {SPEC_FILE} in it)")
-    return SweepSpec.model_validate(yaml.safe_load(path.read_text()))
+    """The spec a run directory (a local path or a URI) ran with."""
+    missing = SpecError(f"{run_dir} is not a cae run directory (no {SPEC_FILE} in it)")
+    if "://" in run_dir:
+        import pyarrow.fs as pafs
+
+        fs, path = pafs.FileSystem.from_uri(run_dir)
+        if fs.get_file_info(f"{path}/{SPEC_FILE}").type != pafs.FileType.File:
+            raise missing
+        with fs.open_input_stream(f"{path}/{SPEC_FILE}") as f:
+            text = f.read().decode()
+    else:
+        path = Path(run_dir) / SPEC_FILE
+        if not path.is_file():
+            raise missing
+        text = path.read_text()
+    return SweepSpec.model_validate(yaml.safe_load(text))
 
 
 def fit(spec: SweepSpec, data, name: str, storage: str, checked: Checked):
@@ -295,13 +307,13 @@ def resume(run_dir: str, spec: SweepSpec, data):
     return tuner.fit()
 
 
-def check_cluster(spec: SweepSpec) -> None:
-    """On an attached cluster: refuse a local storage path when there are several nodes."""
-    import ray
+def check_cluster(spec: SweepSpec, storage: str | None = None) -> None:
+    """On an attached cluster: refuse a local storage path that some node cannot see, before
+    any trial starts (``cae.cluster.check_shared_storage``)."""
+    from cae.cluster import SharedStorageError, check_shared_storage
 
-    nodes = [n for n in ray.nodes() if n.get("Alive")]
-    if len(nodes) > 1 and "://" not in spec.storage:
-        raise SpecError(
-            f"storage: {spec.storage!r} is a local path, but the cluster has {len(nodes)} nodes; "
-            "use s3://, gs:// or a path on a mount shared by every node"
-        )
+    try:
+        check_shared_storage(storage or spec.storage,
+                             {"CPU": spec.resources.cpu, "GPU": spec.resources.gpu})
+    except SharedStorageError as exc:
+        raise SpecError(str(exc)) from None

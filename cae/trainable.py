@@ -9,25 +9,18 @@ it as an error with that reason and the sweep goes on.
 
 from __future__ import annotations
 
-import copy
 import tempfile
 from pathlib import Path
-from typing import Any
 
 import ray
 import torch
 from ray import tune
 
-from cae.config import TrialConfig, apply_point
+from cae.config import trial_config
 from cae.data import ImageData
 from cae.train import Trainer
 
 STATE_FILE = "state.pt"
-
-
-def trial_config(base: dict, point: dict[str, Any]) -> TrialConfig:
-    """The base trial with one search-space point (dotted keys) applied, validated."""
-    return TrialConfig.model_validate(apply_point(copy.deepcopy(base), point))
 
 
 def _load_state(checkpoint: tune.Checkpoint | None) -> dict | None:

@@ -262,8 +262,8 @@ def fake_run(tmp_path: Path, trial: dict, n_trials: int = 2) -> tuple[Path, pd.D
     """A run dir with untrained models saved as Ray checkpoints of our trainable."""
     import torch
 
+    from cae.config import trial_config
     from cae.models import build_model
-    from cae.trainable import trial_config
 
     run_dir = tmp_path / "fake"
     (run_dir).mkdir()
