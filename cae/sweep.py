@@ -217,6 +217,11 @@ def init_ray(address: str | None, dashboard: bool = False) -> bool:
         # Ray's single-machine mode: every server binds to the loopback address only (read
         # when ray is first imported; tests/conftest.py sets it for in-process runs).
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        # Tune snapshots the experiment state every couple of checkpoints of a trial
+        # (CheckpointConfig.num_to_keep) and warns when that happens within seconds; on a
+        # local disk a snapshot is a file copy (benchmarks/overhead.py: 6.5 ms per epoch
+        # for report and checkpoint together), so the warning is only noise here.
+        os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     import ray
 
     if ray.is_initialized():
