@@ -15,7 +15,7 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from analysis.figures import METRIC_TITLES, _empty
+from analysis.figures import LOG_TICKS, METRIC_TITLES, _empty
 from analysis.run import (
     axis_kind,
     axis_labels,
@@ -163,7 +163,7 @@ def axis_importance(
             customdata=table["trials"], hovertemplate="%{x}: best %{y:.4g} of %{customdata}"
                                                       " trials<extra></extra>"),
             row=r, col=c)
-    fig.update_yaxes(type="log")
+    fig.update_yaxes(type="log", **LOG_TICKS)
     fig.update_yaxes(title_text=f"{name} (log)", col=1)
     fig.update_xaxes(type="category")
     fig.update_layout(title=title, height=330 * rows + 80, hovermode="closest")

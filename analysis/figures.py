@@ -27,6 +27,8 @@ from analysis.run import (
 )
 
 LOG2_DTICK = math.log10(2)  # log axis ticks at 1, 2, 4, 8, ...
+# Loss axes: ticks at 1, 2, 5 of each decade, written out (0.02, not "2").
+LOG_TICKS = {"dtick": "D2", "tickformat": ".2~g"}
 GREY = "rgba(120, 120, 120, 0.35)"
 BEST_COLORS = ("#D62728", "#1F77B4", "#2CA02C", "#FF7F0E", "#9467BD", "#8C564B", "#E377C2")
 METRIC_TITLES = {
@@ -120,8 +122,8 @@ def loss_evolution(
                 hovertemplate=f"#{rank} trial {short_id(tid)}<br>epoch %{{x}}<br>%{{y:.4g}}"
                               "<extra></extra>"), row=1, col=col)
     _stop_markers(fig, trials, epochs)
-    fig.update_yaxes(type="log", title_text="loss (log)", row=1, col=1)
-    fig.update_yaxes(type="log", row=1, col=2)
+    fig.update_yaxes(type="log", title_text="loss (log)", row=1, col=1, **LOG_TICKS)
+    fig.update_yaxes(type="log", row=1, col=2, **LOG_TICKS)
     fig.update_xaxes(title_text="epoch", tickformat="d", rangemode="tozero")
     fig.update_layout(title=title, height=520, hovermode="closest",
                       legend=dict(groupclick="togglegroup", itemsizing="constant"))
@@ -204,20 +206,41 @@ def latent_vs_error(
     text = config_text(df, axes)
     colors = family_colors(trials)
     families = sorted(df["family"].astype(str).unique())
+    # A trial the scheduler stopped early reached its error in fewer epochs than the others:
+    # drawn open, so that a short run is not read as a worse architecture.
+    early = (df["stop_reason"].astype(str) == "asha" if "stop_reason" in df
+             else pd.Series(False, index=df.index))
+    epochs_run = (df["epochs"] if "epochs" in df else pd.Series(0, index=df.index)).fillna(0)
     fig = go.Figure()
     for i, fam in enumerate(families):
         sub = df[df["family"].astype(str) == fam]
         offset = (i - (len(families) - 1) / 2) * 0.06 if len(families) > 1 else 0.0
+        fig.add_trace(go.Scatter(  # the legend entry, solid whatever the first point is
+            x=[None], y=[None], mode="markers", name=fam, legendgroup=fam,
+            marker=dict(color=colors.get(fam, "#999999"), size=10), hoverinfo="skip"))
         fig.add_trace(go.Scatter(
             x=(sub["latent_size"].astype(float) * 2.0 ** offset).to_numpy("float32"),
             y=sub[metric].astype("float32").to_numpy(), mode="markers", name=fam,
+            legendgroup=fam, showlegend=False,
             marker=dict(color=colors.get(fam, "#999999"), size=10, opacity=0.85,
-                        line=dict(width=0.5, color="white")),
+                        symbol=np.where(early.loc[sub.index], "circle-open", "circle"),
+                        line=dict(width=np.where(early.loc[sub.index], 2.0, 0.5),
+                                  color=np.where(early.loc[sub.index],
+                                                 colors.get(fam, "#999999"), "white"))),
             customdata=np.stack([sub["trial_id"].map(short_id).to_numpy(),
-                                 sub["latent_size"].astype(int).to_numpy()], axis=1),
+                                 sub["latent_size"].astype(int).to_numpy(),
+                                 epochs_run.loc[sub.index].astype(int).to_numpy(),
+                                 np.where(early.loc[sub.index], " (stopped early by ASHA)",
+                                          "")], axis=1),
             text=text.loc[sub.index],
             hovertemplate=("trial %{customdata[0]}<br>latent size %{customdata[1]}<br>"
-                           f"{name} %{{y:.4g}}<br>%{{text}}<extra>{fam}</extra>")))
+                           f"{name} %{{y:.4g}} after %{{customdata[2]}} epochs"
+                           f"%{{customdata[3]}}<br>%{{text}}<extra>{fam}</extra>")))
+    if early.any():
+        fig.add_trace(go.Scatter(  # a legend entry only
+            x=[None], y=[None], mode="markers", name=f"open: stopped early by ASHA "
+            f"({int(early.sum())})", marker=dict(symbol="circle-open", size=10, color="#555555",
+                                                 line=dict(width=2)), hoverinfo="skip"))
     front = pareto_front(df, metric)
     fig.add_trace(go.Scatter(
         x=front["latent_size"].astype("float32").to_numpy(),
@@ -228,7 +251,7 @@ def latent_vs_error(
         hovertemplate=f"Pareto: trial %{{text}}<br>latent %{{x}}<br>{name} %{{y:.4g}}"
                       "<extra></extra>"))
     fig.update_xaxes(type="log", dtick=LOG2_DTICK, title_text="latent size (log2 scale)")
-    fig.update_yaxes(type="log", title_text=f"{name} (log)")
+    fig.update_yaxes(type="log", title_text=f"{name} (log)", **LOG_TICKS)
     fig.update_layout(title=title, height=520, legend_title_text="family",
                       hovermode="closest")
     return fig

@@ -135,7 +135,8 @@ def sections(run: Run, pictures: bool = True,
          "short ones. Click a legend entry to hide it, double-click to isolate it.",
          _fig_html(figures.loss_evolution(t, e, n_best=n_best))),
         ("latent", "Latent size versus error",
-         "One point per trial, coloured by architecture family; the dotted step line is the "
+         "One point per trial, coloured by architecture family; open points are trials ASHA "
+         "stopped early (their error is from fewer epochs); the dotted step line is the "
          "Pareto front (the lowest error at each latent size and below). Hover a point for "
          "its config.",
          _fig_html(figures.latent_vs_error(t, spec))),

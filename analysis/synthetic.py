@@ -76,6 +76,9 @@ def synthetic_run(n_trials: int = 1000, n_epochs: int = 50, task: str = "denoise
             status, reason, n = "RUNNING", "running", int(rng.integers(1, n_epochs + 1))
         elif u < 0.18:
             reason, n = "patience", int(rng.integers(max(1, n_epochs // 3), n_epochs + 1))
+        elif u < 0.5 and n_epochs > 1:  # ASHA's rungs (grace 1, reduction factor 3)
+            rungs = [r for r in (1, 3, 9, 27) if r < n_epochs]
+            reason, n = "asha", int(rng.choice(rungs))
         ep = np.arange(1, n + 1)
         val = err * (1 + 3 * np.exp(-(ep - 1) / tau)) * np.exp(rng.normal(0, 0.02, n))
         train = val * 0.96 * np.exp(rng.normal(0, 0.02, n))

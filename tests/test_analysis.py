@@ -132,17 +132,30 @@ def test_loss_evolution_without_epochs_says_so():
 # ---- latent size versus error ----------------------------------------------------------
 
 
+def latent_points(fig) -> list:
+    """The traces of latent_vs_error that hold trials (not legend entries, not the front)."""
+    return [t for t in fig.data if t.name != "Pareto front" and t.hoverinfo != "skip"]
+
+
 def check_latent_figure(fig, trials: pd.DataFrame, metric: str = "best_val_loss") -> None:
     assert fig.layout.xaxis.type == "log"
     assert fig.layout.xaxis.dtick == pytest.approx(math.log10(2))  # ticks at powers of 2
     assert fig.layout.yaxis.type == "log"
     colors = family_colors(trials)
-    points = [t for t in fig.data if t.name != "Pareto front"]
+    points = latent_points(fig)
     assert {t.name for t in points} == set(trials.dropna(subset=[metric])["family"])
+    legend = {t.name for t in fig.data if t.showlegend is not False}
+    assert {t.name for t in points} <= legend  # one legend entry per family
     for t in points:
         assert t.marker.color == colors[t.name]
         assert all("latent size" not in s for s in t.text)  # config text, latent in customdata
     assert sum(len(t.x) for t in points) == trials[metric].notna().sum()
+    # trials ASHA stopped early are the open markers, and the legend says so
+    early = int((trials[metric].notna() & (trials["stop_reason"] == "asha")).sum())
+    n_open = sum(int((np.asarray(t.marker.symbol) == "circle-open").sum()) for t in points)
+    assert n_open == early
+    assert any(str(name).startswith(f"open: stopped early by ASHA ({early})")
+               for name in legend) == (early > 0)
     (front,) = traces(fig, "Pareto front")
     x, y = np.asarray(front.x, float), np.asarray(front.y, float)
     assert np.all(np.diff(x) > 0) and np.all(np.diff(y) < 0)  # non-increasing error
@@ -158,7 +171,7 @@ def check_latent_figure(fig, trials: pd.DataFrame, metric: str = "best_val_loss"
 def test_latent_vs_error_log2_axis_family_colours_and_pareto(large):
     fig = figures.latent_vs_error(large.trials, large.spec)
     check_latent_figure(fig, large.trials)
-    assert "model.latent_dim = " in fig.data[0].text[0]  # hover shows the config
+    assert "model.latent_dim = " in latent_points(fig)[0].text[0]  # hover shows the config
 
 
 def test_latent_vs_error_can_use_test_loss(large):
