@@ -40,7 +40,7 @@ def _user_errors(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.
         except ValidationError as exc:
             print(f"cae: error: {format_validation_error(exc, getattr(args, 'config', ''))}",
                   file=sys.stderr)
-        except (UserError, FileNotFoundError, ValueError) as exc:
+        except (UserError, OSError, ValueError) as exc:  # OSError: a path or URI unreadable
             print(f"cae: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
 

@@ -78,3 +78,16 @@ def test_set_override_and_missing_file(tmp_path, capsys):
     assert "not found" in capsys.readouterr().err
     assert main(["train", str(REPO / "sweeps" / "single.yaml"), "--set", "nokey"]) == 2
     assert "key=value" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("run_dir, needle", [
+    ("foo://bucket/run", "Unrecognized filesystem"),    # no such filesystem
+    ("s3://cae-sweep-no-such-bucket-7f3a/run", "cae-sweep-no-such-bucket-7f3a"),  # unreachable
+    ("file:///nonexistent/run", "not a cae run directory"),
+])
+def test_unreadable_run_directory_is_one_message(run_dir, needle, capsys):
+    """export/report of a run directory that cannot be read: one line, exit 2, no traceback."""
+    for command in (["export", run_dir], ["report", run_dir, "--no-pictures"]):
+        assert main(command) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("cae: error:") and needle in err and "Traceback" not in err, err
