@@ -223,8 +223,9 @@ def test_trials_spread_over_nodes_and_survive_a_lost_worker(cluster, tmp_path):
     """Two 1-CPU workers run four trials, two at a time. Once each worker has finished a
     trial and a second-round trial has reported epoch 2 or more, that trial's worker is
     killed (SIGKILL, like a lost spot instance). The lost trial resumes from its last
-    checkpoint on the other worker, its epochs going on; the sweep completes with every trial finished; trials.parquet shows
-    trials on more than one node."""
+    checkpoint on the other worker, its epochs going on (at most the one epoch whose checkpoint
+    was not yet registered is done again); the sweep completes with every trial finished;
+    trials.parquet shows trials on more than one node."""
     w1, w2 = _worker(cluster, num_cpus=1), _worker(cluster, num_cpus=1)
     names = {cluster.head_node.node_id: "head", w1.node_id: "worker-1", w2.node_id: "worker-2"}
     storage, max_epochs = tmp_path / "storage", 10
@@ -279,25 +280,35 @@ def test_trials_spread_over_nodes_and_survive_a_lost_worker(cluster, tmp_path):
     assert set(trials["stop_reason"]) == {"max_epochs"}, trials["stop_reason"]
     assert set(trials["epochs"]) == {max_epochs}
     assert trials["node_id"].nunique() >= 2, "trials ran on one node only"
-    if "node" in trials:
-        assert trials["node"].nunique() >= 2
+    assert trials["node"].nunique() >= 2  # "IP/node id", where each trial ran last
     nodes_used = {n for sp in spans.values() for n, _, _ in sp}
     assert cluster.head_node.node_id not in nodes_used, "a trial ran on the head"
     moved = 0
+    epochs_frame = pd.read_parquet(run / "epochs.parquet")
     for tid, rows in sorted(results.items()):
-        epochs = [r["epoch"] for r in rows]
-        # one row per epoch, in order: no restart from epoch 1, no epoch skipped
-        assert epochs == list(range(1, max_epochs + 1)), (tid, epochs)
         on_victim = [r["epoch"] for r in rows if r["node_id"] == victim.node_id]
-        if on_victim and rows[-1]["node_id"] != victim.node_id:
-            moved += 1
-            resumed = next(r for r in rows if r["epoch"] > max(on_victim))
-            assert resumed["node_id"] != victim.node_id
-            assert resumed["epoch"] == max(on_victim) + 1 > 1, (tid, on_victim, epochs)
-            row = trials.set_index("trial_id").loc[tid]
-            assert row["num_failures"] >= 1
-            print(f"  trial {tid} moved: lost after epoch {max(on_victim)}, resumed at epoch "
-                  f"{resumed['epoch']} on {names[resumed['node_id']]} from its checkpoint")
+        if not (on_victim and rows[-1]["node_id"] != victim.node_id):
+            # never moved: one row per epoch, in order
+            assert [r["epoch"] for r in rows] == list(range(1, max_epochs + 1)), tid
+            continue
+        moved += 1
+        after = rows[len(on_victim):]
+        assert all(r["node_id"] != victim.node_id for r in after)
+        epochs = [r["epoch"] for r in after]
+        # Resumed from its last checkpoint, not from epoch 1. Ray Tune registers a
+        # checkpoint a moment after the epoch's result; a node lost in between makes the
+        # trial redo that one epoch from the checkpoint before it.
+        assert max(on_victim) <= epochs[0] <= max(on_victim) + 1 and epochs[0] > 1, \
+            (tid, on_victim, epochs)
+        assert epochs == list(range(epochs[0], max_epochs + 1)), (tid, on_victim, epochs)
+        # the epochs frame keeps one row per epoch, the last one reported
+        mine = epochs_frame[epochs_frame["trial_id"] == tid]
+        assert list(mine["epoch"]) == list(range(1, max_epochs + 1))
+        assert trials.set_index("trial_id").loc[tid, "num_failures"] >= 1
+        redo = " (redoing that epoch: lost before its checkpoint was registered)" \
+            if epochs[0] == max(on_victim) else ""
+        print(f"  trial {tid} moved: lost after epoch {max(on_victim)}, resumed at epoch "
+              f"{epochs[0]} on {names[after[0]['node_id']]} from its checkpoint{redo}")
     assert moved >= 1, "the lost worker had no unfinished trial"
 
 
