@@ -280,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     prof.disable()
     t2 = time.perf_counter()
     s = io.StringIO()
-    pstats.Stats(prof, stream=s).sort_stats("cumulative").print_stats(14)
+    pstats.Stats(prof, stream=s).strip_dirs().sort_stats("cumulative").print_stats(14)
     dry_profile = "\n".join(ln for ln in s.getvalue().splitlines()[6:] if ln.strip())
 
     # 2. export and 3. report of a synthetic run.
