@@ -167,8 +167,8 @@ def _local_copy(run_dir: str) -> Path:
     return fetch_run(run_dir) if is_uri(run_dir) else Path(run_dir)
 
 
-def _write_report(run_dir: str, local: Path, trials, out: str | None = None,
-                  pictures: bool = True) -> Path:
+def _write_report(run_dir: str, local: Path, out: str | None = None, pictures: bool = True,
+                  trials=None) -> Path:
     """The HTML report of a run; for a run at a URI, the checkpoints its pictures need
     are fetched first (those of the best few trials only)."""
     from analysis.report import write_report
@@ -176,7 +176,9 @@ def _write_report(run_dir: str, local: Path, trials, out: str | None = None,
 
     if pictures and is_uri(run_dir):
         from analysis.run import best_trials
+        from cae.results import load_frames
 
+        trials = load_frames(local)[0] if trials is None else trials
         fetch_checkpoints(run_dir, best_trials(trials, 9)["trial_dir"], local)
     return write_report(local, out, pictures=pictures)
 
@@ -192,6 +194,7 @@ def _finish(run_dir: str, no_report: bool) -> None:
     """After a sweep or a resume: export the results, summarise them, write the report."""
     import pandas as pd
 
+    from cae.cluster import is_uri
     from cae.results import EPOCHS_FILE, TRIALS_FILE, best_trial, export
 
     local = _local_copy(run_dir)
@@ -216,10 +219,9 @@ def _finish(run_dir: str, no_report: bool) -> None:
         print(f"{int(unfinished.sum())} trials did not finish; continue with: cae resume {run_dir}")
     if not no_report:
         try:
-            report = _write_report(run_dir, local, trials)
+            report = _write_report(run_dir, local, trials=trials)
             _publish(run_dir, report)
-            print(f"report: {run_dir}/{report.name}" if run_dir != str(local)
-                  else f"report: {report}")
+            print(f"report: {run_dir}/{report.name}" if is_uri(run_dir) else f"report: {report}")
         except Exception as exc:  # noqa: BLE001 - the results are safe; say why no report
             print(f"cae: the report could not be written ({exc}); the results are complete: "
                   f"try `cae report {run_dir}`", file=sys.stderr)
@@ -268,12 +270,11 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from cae.results import load_frames
+    from cae.cluster import is_uri
 
     local = _local_copy(args.run_dir)
-    trials = load_frames(local)[0] if not args.no_pictures else None
-    report = _write_report(args.run_dir, local, trials, args.output, not args.no_pictures)
-    if args.output is None and str(local) != args.run_dir:
+    report = _write_report(args.run_dir, local, args.output, not args.no_pictures)
+    if args.output is None and is_uri(args.run_dir):
         _publish(args.run_dir, report)
         print(f"report: {args.run_dir.rstrip('/')}/{report.name} (local copy: {report})")
     else:

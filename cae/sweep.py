@@ -314,11 +314,8 @@ def resume(run_dir: str, spec: SweepSpec, data):
 
 def check_cluster(spec: SweepSpec, storage: str | None = None) -> None:
     """On an attached cluster: refuse a local storage path that some node cannot see, before
-    any trial starts (``cae.cluster.check_shared_storage``)."""
-    from cae.cluster import SharedStorageError, check_shared_storage
+    any trial starts (``cae.cluster.check_shared_storage`` raises a ValueError naming them)."""
+    from cae.cluster import check_shared_storage
 
-    try:
-        check_shared_storage(storage or spec.storage,
-                             {"CPU": spec.resources.cpu, "GPU": spec.resources.gpu})
-    except SharedStorageError as exc:
-        raise SpecError(str(exc)) from None
+    check_shared_storage(storage or spec.storage,
+                         {"CPU": spec.resources.cpu, "GPU": spec.resources.gpu})
