@@ -25,6 +25,7 @@ from analysis.run import (
     short_id,
     swept_axes,
 )
+from cae.rundir import unfinished_mask
 
 LOG2_DTICK = math.log10(2)  # log axis ticks at 1, 2, 4, 8, ...
 # Loss axes: ticks at 1, 2, 5 of each decade, written out (0.02, not "2").
@@ -139,15 +140,21 @@ _STOP_STYLES = {
 }
 
 
-def _stop_kind(reason: str, status: str) -> str | None:
-    reason = str(reason)
-    if reason.startswith("error") or status == "ERROR":
-        return "error"
-    if reason in ("asha", "patience"):
-        return reason
-    if status in ("RUNNING", "PENDING", "PAUSED"):
-        return "running"
-    return None
+def _stop_kinds(trials: pd.DataFrame) -> dict[str, str | None]:
+    """Per trial id: how it ended (error, asha, patience), "running" while it is unfinished
+    (``cae.rundir.unfinished_mask``), None for a trial that ran to max_epochs."""
+    reason = trials["stop_reason"].astype(str)
+    status = trials.get("status", pd.Series("", index=trials.index)).astype(str)
+    running = unfinished_mask(trials)
+    kinds = {}
+    for tid, r, s, run in zip(trials["trial_id"].astype(str), reason, status, running):
+        if r.startswith("error") or s == "ERROR":
+            kinds[tid] = "error"
+        elif r in ("asha", "patience"):
+            kinds[tid] = r
+        else:
+            kinds[tid] = "running" if run else None
+    return kinds
 
 
 def _stop_markers(fig: go.Figure, trials: pd.DataFrame, epochs: pd.DataFrame) -> None:
@@ -156,8 +163,7 @@ def _stop_markers(fig: go.Figure, trials: pd.DataFrame, epochs: pd.DataFrame) ->
         return
     last = epochs.sort_values("epoch").groupby(epochs["trial_id"].astype(str)).tail(1)
     last = last.assign(tid=last["trial_id"].astype(str)).set_index("tid")
-    kinds = {str(r.trial_id): _stop_kind(r.stop_reason, str(getattr(r, "status", "")))
-             for r in trials.itertuples()}
+    kinds = _stop_kinds(trials)
     for kind, (label, marker) in _STOP_STYLES.items():
         ids = [t for t, k in kinds.items() if k == kind and t in last.index]
         if not ids:

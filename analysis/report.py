@@ -22,8 +22,10 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from analysis import axes, figures
-from analysis.run import NOT_FINISHED, Run, axis_labels, best_trials, load_run, short_id
+from analysis.run import Run, axis_labels, best_trials, load_run, short_id
 from analysis.table import SORT_JS, table_html
+from cae.config import UserError
+from cae.rundir import unfinished_mask
 
 CSS = """
 body { font-family: system-ui, -apple-system, 'Segoe UI', sans-serif; margin: 0 auto;
@@ -96,14 +98,6 @@ def header_html(run: Run) -> str:
             "report shows what had been reported when it was made.</p>")
     parts.append(_best_html(run))
     return "\n".join(parts)
-
-
-def unfinished_mask(trials: pd.DataFrame) -> pd.Series:
-    """Trials still running or pending, or whose state Ray has not written yet and that
-    did not report an end of their own."""
-    unknown = (trials["status"] == "UNKNOWN") & ~trials["stop_reason"].astype(str).isin(
-        ("max_epochs", "patience"))
-    return trials["status"].isin(NOT_FINISHED) | unknown
 
 
 def _best_html(run: Run) -> str:
@@ -187,13 +181,17 @@ def build_report(run: Run, pictures: bool = True, n_best: int = 5) -> str:
 
 
 def write_report(run_dir: str | Path, out: str | Path | None = None,
-                 pictures: bool = True) -> Path:
+                 pictures: bool = True, data_dir: str | None = None) -> Path:
     """Build the report of a run directory and write it (default ``RUN_DIR/report.html``).
 
-    The file is written beside its final name and then renamed, so a browser reloading it
-    never sees half a page.
+    ``data_dir`` overrides where the pictures read the dataset (by default where the sweep
+    read it, as its spec records). The file is written beside its final name and then
+    renamed, so a browser reloading it never sees half a page.
     """
     run = load_run(run_dir)
+    if data_dir:
+        trial = run.spec.setdefault("trial", {})
+        trial.setdefault("data", {})["data_dir"] = str(Path(data_dir).expanduser().resolve())
     out = Path(out) if out is not None else Path(run_dir) / "report.html"
     out.parent.mkdir(parents=True, exist_ok=True)
     page = build_report(run, pictures=pictures)
@@ -213,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         path = write_report(args.run_dir, args.out, pictures=not args.no_pictures)
-    except FileNotFoundError as exc:
+    except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(path)

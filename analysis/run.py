@@ -17,13 +17,11 @@ from typing import Any
 
 import pandas as pd
 
-AXIS_KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
 # Plotly's default qualitative palette, then Dark24's first colours: families stay apart.
 PALETTE = (
     "#636EFA", "#EF553B", "#00CC96", "#AB63FA", "#FFA15A", "#19D3F3", "#FF6692", "#B6E880",
     "#FF97FF", "#FECB52", "#2E91E5", "#E15F99", "#1CA71C", "#FB0D0D", "#DA16FF", "#222A2A",
 )
-NOT_FINISHED = ("RUNNING", "PENDING", "PAUSED")
 
 
 @dataclass
@@ -61,12 +59,17 @@ def load_run(run_dir: str | Path) -> Run:
     return Run(trials=trials, epochs=epochs, spec=spec, path=run_dir)
 
 
+def spec_axes(spec: dict) -> dict[str, tuple[str, Any]]:
+    """The spec's axes as ``cae.config.SweepSpec.axes`` reads them: key -> (kind, argument),
+    kind one of grid, choice, uniform, loguniform, randint or fixed."""
+    from cae.config import SweepSpec
+
+    return SweepSpec.model_validate(spec).axes() if spec else {}
+
+
 def swept_axes(spec: dict, trials: pd.DataFrame | None = None) -> list[str]:
     """The spec's ``space`` keys that vary (grid, choice or a random range), in spec order."""
-    out = []
-    for key, value in (spec.get("space") or {}).items():
-        if isinstance(value, dict) and len(value) == 1 and next(iter(value)) in AXIS_KINDS:
-            out.append(key)
+    out = [key for key, (kind, _) in spec_axes(spec).items() if kind != "fixed"]
     if trials is not None:
         out = [k for k in out if axis_columns(trials, k)]
     return out
@@ -74,10 +77,7 @@ def swept_axes(spec: dict, trials: pd.DataFrame | None = None) -> list[str]:
 
 def axis_kind(spec: dict, key: str) -> str:
     """``grid``, ``choice``, ``uniform``, ``loguniform``, ``randint`` or ``fixed``."""
-    value = (spec.get("space") or {}).get(key)
-    if isinstance(value, dict) and len(value) == 1 and next(iter(value)) in AXIS_KINDS:
-        return next(iter(value))
-    return "fixed"
+    return spec_axes(spec).get(key, ("fixed", None))[0]
 
 
 def task_name(spec: dict, trials: pd.DataFrame | None = None) -> str:

@@ -39,6 +39,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # (puts the repository root on sys.path)
 
+from cae.catalog import DATASETS  # noqa: E402
+
 MODEL = {"channels": [4, 8], "bottleneck": "dense", "dense": [64], "latent_dim": 8}
 
 
@@ -68,7 +70,7 @@ def classic_dataset(dataset: str, data_dir: str | None, train_idx, data):
         return PILImages(data.train[train_idx, 0].numpy(), to_tensor), "PIL arrays of the sample"
     import torchvision.datasets as tvd
 
-    cls = {"fashion_mnist": tvd.FashionMNIST, "mnist": tvd.MNIST}[dataset]
+    cls = getattr(tvd, DATASETS[dataset].torchvision)
     full = cls(root=data_dir, train=True, transform=to_tensor, download=False)
     return (torch.utils.data.Subset(full, train_idx.tolist()),
             f"torchvision.datasets.{cls.__name__} + ToTensor")
@@ -184,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     dataset = args.dataset or ("sample" if args.quick else "fashion_mnist")
     data_dir = None
     if dataset != "sample":
-        folder = {"fashion_mnist": "FashionMNIST", "mnist": "MNIST"}[dataset]
+        folder = DATASETS[dataset].folder
         root = common.writable_data_copy(folder, tmp)
         if root is None:
             if args.dataset:

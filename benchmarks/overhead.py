@@ -41,6 +41,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # (puts the repository root on sys.path)
 
+from cae.catalog import DATASETS  # noqa: E402
+
 # The quickstart's base model: a small dense-bottleneck CAE for 28x28 images.
 MODEL = {"channels": [4, 8], "bottleneck": "dense", "dense": [64], "latent_dim": 8}
 
@@ -209,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     data_dir = None
     dataset = args.dataset or ("sample" if args.quick else "fashion_mnist")
     if dataset != "sample":
-        folder = {"fashion_mnist": "FashionMNIST", "mnist": "MNIST"}[dataset]
+        folder = DATASETS[dataset].folder
         root = common.writable_data_copy(folder, tmp)
         if root is None:
             if args.dataset:

@@ -40,6 +40,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # (puts the repository root on sys.path)
 
+from cae.catalog import DISTORTIONS  # noqa: E402
+
 VARIANTS = [{}, {"model.batchnorm": True}, {"model.dropout": 0.2},
             {"model.decoder": "conv_transpose"}, {"model.activation": "gelu"}]
 CHANNELS = [[4, 8], [8, 16], [16, 32], [32, 64], [8, 16, 32]]
@@ -79,7 +81,6 @@ RUN_SPEC = {
     "resources": {"cpu": 1.0, "gpu": 0.25},
     "num_samples": 1, "max_concurrent": None, "max_failures": 1, "storage": "runs",
 }
-DISTORTIONS = ["noise", "rotate", "flip", "patch", "brightness"]
 
 
 def _hex(n: int, rng: random.Random) -> str:

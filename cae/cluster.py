@@ -10,17 +10,15 @@ When no alive node can run a trial yet (a CPU-only head whose GPU workers the au
 adds on demand), the nodes the trials will run on cannot be asked; a local path is then
 accepted only on a network filesystem (NFS, CIFS, a FUSE mount, ...).
 
-A run directory at a URI is read through a local mirror of its small files (``fetch_run``:
-the spec, Ray Tune's experiment state, each trial's params, results and error; never the
-checkpoints, but for the few trials the report draws: ``fetch_checkpoints``), and what is
-made from it goes back next to them (``publish``).
+Run directories at URIs are ``cae.rundir``'s business.
 """
 
 from __future__ import annotations
 
-import re
 import uuid
 from pathlib import Path
+
+from cae.rundir import is_shared_uri, local_path
 
 CHECK_TIMEOUT_S = 120.0
 # Filesystem types that are shared between machines when mounted on each of them.
@@ -32,20 +30,6 @@ ADVICE = ("use s3://BUCKET/PATH, gs://BUCKET/PATH or a path on a mount shared by
 
 class SharedStorageError(ValueError):
     """``--storage`` is a path that some node of the cluster cannot see."""
-
-
-def is_uri(storage: str) -> bool:
-    """s3://, gs://, file://, ...: a location read through pyarrow's filesystems."""
-    return "://" in storage
-
-
-def is_shared_uri(storage: str) -> bool:
-    """A URI that every node reaches alike (``file://`` is a local path in disguise)."""
-    return is_uri(storage) and not storage.startswith("file://")
-
-
-def local_path(storage: str) -> Path:
-    return Path(storage.removeprefix("file://")).expanduser().resolve()
 
 
 def mount_fstype(path: Path) -> str | None:
@@ -171,80 +155,3 @@ def _remove_made(path: Path, made: Path | None) -> None:
             return
         if p == made:
             return
-
-
-# ---- run directories at URIs ---------------------------------------------------------------
-
-_TOP_FILES = re.compile(r"spec\.yaml|experiment_state-.*\.json|basic-variant-state-.*\.json")
-_TRIAL_FILES = ("params.json", "result.json", "error.txt")
-
-
-def mirror_dir(run_dir: str) -> Path:
-    """Where the local mirror of a URI run directory lives (a per-user cache)."""
-    from platformdirs import user_cache_dir
-
-    scheme, rest = run_dir.split("://", 1)
-    parts = [p for p in rest.split("?", 1)[0].split("/") if p not in ("", ".", "..")]
-    return Path(user_cache_dir("cae-sweep")).joinpath("runs", scheme, *parts)
-
-
-def fetch_run(run_dir: str, dest: Path | None = None) -> Path:
-    """Copy what cae.results reads from a run directory at a URI (s3://, gs://, ...) into a
-    local mirror, refreshed on every call; returns the mirror's path."""
-    import shutil
-
-    import pyarrow.fs as pafs
-
-    fs, root = pafs.FileSystem.from_uri(run_dir)
-    root = root.rstrip("/")
-    dest = dest or mirror_dir(run_dir)
-    if dest.exists():
-        shutil.rmtree(dest)
-    dest.mkdir(parents=True)
-    for info in fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True)):
-        if info.type != pafs.FileType.File:
-            continue
-        rel = info.path[len(root):].lstrip("/").split("/")
-        wanted = ((len(rel) == 1 and _TOP_FILES.fullmatch(rel[0]))
-                  or (len(rel) == 2 and rel[1] in _TRIAL_FILES))
-        if wanted:
-            target = dest.joinpath(*rel)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            with fs.open_input_stream(info.path) as src:
-                target.write_bytes(src.read())
-    if not (dest / "spec.yaml").is_file():
-        raise FileNotFoundError(f"{run_dir} is not a cae run directory (no spec.yaml in it)")
-    return dest
-
-
-def fetch_checkpoints(run_dir: str, trial_dirs, dest: Path | None = None) -> None:
-    """Add the newest checkpoint of each named trial directory to the local mirror (the
-    report's sample pictures rebuild the best trials from them)."""
-    import pyarrow.fs as pafs
-
-    fs, root = pafs.FileSystem.from_uri(run_dir)
-    root = root.rstrip("/")
-    dest = dest or mirror_dir(run_dir)
-    for name in trial_dirs:
-        infos = fs.get_file_info(pafs.FileSelector(f"{root}/{name}", allow_not_found=True))
-        ckpts = sorted(i.base_name for i in infos
-                       if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_"))
-        if not ckpts:
-            continue
-        src = f"{root}/{name}/{ckpts[-1]}"
-        for info in fs.get_file_info(pafs.FileSelector(src, recursive=True)):
-            if info.type == pafs.FileType.File:
-                target = dest / name / ckpts[-1] / info.path[len(src):].lstrip("/")
-                target.parent.mkdir(parents=True, exist_ok=True)
-                with fs.open_input_stream(info.path) as f:
-                    target.write_bytes(f.read())
-
-
-def publish(run_dir: str, *files: Path) -> None:
-    """Upload local files (trials.parquet, the report, ...) into a URI run directory."""
-    import pyarrow.fs as pafs
-
-    fs, root = pafs.FileSystem.from_uri(run_dir)
-    for path in files:
-        with fs.open_output_stream(f"{root.rstrip('/')}/{Path(path).name}") as out:
-            out.write(Path(path).read_bytes())

@@ -9,27 +9,46 @@ bad grid point fails here, before any training starts.
 
 from __future__ import annotations
 
+import json
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-# Shapes (channels, height, width) of the supported datasets, known without loading them.
-DATASET_SHAPES: dict[str, tuple[int, int, int]] = {
-    "sample": (1, 28, 28),
-    "mnist": (1, 28, 28),
-    "fashion_mnist": (1, 28, 28),
-    "kmnist": (1, 28, 28),
-    "cifar10": (3, 32, 32),
-}
+from cae.arch import plan
+from cae.catalog import DATASETS, DISTORTIONS
+from cae.presets import preset_dict
 
-DatasetName = Literal["sample", "mnist", "fashion_mnist", "kmnist", "cifar10"]
-Distortion = Literal["noise", "rotate", "flip", "patch", "brightness"]
-DISTORTIONS: tuple[str, ...] = ("noise", "rotate", "flip", "patch", "brightness")
+DatasetName = Literal[tuple(DATASETS)]  # type: ignore[valid-type]
+Distortion = Literal[DISTORTIONS]  # type: ignore[valid-type]
+
+# Upper bounds of the model space: far beyond any useful CAE of these image sizes, low
+# enough that checking a grid point is instant and a typo (convs: 1000000000) is refused.
+MAX_STAGES, MAX_CONVS, MAX_CHANNELS, MAX_KERNEL = 16, 64, 4096, 64
+MAX_DENSE_LAYERS, MAX_WIDTH = 32, 1 << 20
 
 
 class UserError(Exception):
-    """An error in what the user asked for (a spec, a path, a dataset): the CLI prints its
-    message as one line and exits with status 2."""
+    """An error in what the user asked for (a spec, a path, a dataset, a run directory):
+    the CLI prints its message as one line and exits with status 2."""
+
+
+def format_validation_error(exc: ValidationError, source: str = "") -> str:
+    """One readable message from a pydantic ValidationError, naming each field."""
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"])
+        msg = err["msg"].removeprefix("Value error, ")
+        lines.append(f"{loc}: {msg}" if loc else msg)
+    head = f"invalid config{f' ({source})' if source else ''}: "
+    return head + "; ".join(lines)
+
+
+def validate(model: type[BaseModel], data: Any, source: str = "") -> Any:
+    """``model.model_validate(data)``, a validation error becoming a :class:`UserError`."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise UserError(format_validation_error(exc, source)) from None
 
 
 class _Strict(BaseModel):
@@ -58,10 +77,11 @@ class ModelConfig(_Strict):
     out_channels: int | None = Field(None, ge=1)
     image_size: int | None = Field(None, ge=1)
 
-    channels: list[int] = Field(default_factory=lambda: [16, 32], min_length=1)
+    channels: list[int] = Field(default_factory=lambda: [16, 32], min_length=1,
+                                max_length=MAX_STAGES)
     convs: int | list[int] = 1
-    kernel: int = Field(3, ge=1)
-    stride: int = Field(1, ge=1)
+    kernel: int = Field(3, ge=1, le=MAX_KERNEL)
+    stride: int = Field(1, ge=1, le=MAX_KERNEL)
     padding: int | Literal["same"] = "same"
     pool: bool | list[bool] = True
     batchnorm: bool = False
@@ -70,16 +90,16 @@ class ModelConfig(_Strict):
     activation: Literal["relu", "leaky_relu", "elu", "gelu", "silu"] = "relu"
 
     bottleneck: Literal["conv", "dense"] = "dense"
-    latent_channels: int | None = Field(None, ge=1)
-    latent_kernel: int | None = Field(None, ge=1)
+    latent_channels: int | None = Field(None, ge=1, le=MAX_CHANNELS)
+    latent_kernel: int | None = Field(None, ge=1, le=MAX_KERNEL)
     latent_padding: int | Literal["same"] | None = None
-    dense: list[int] = Field(default_factory=list)
-    latent_dim: int = Field(16, ge=1)
+    dense: list[int] = Field(default_factory=list, max_length=MAX_DENSE_LAYERS)
+    latent_dim: int = Field(16, ge=1, le=MAX_WIDTH)
     dense_dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    reshape_channels: int | None = Field(None, ge=1)
+    reshape_channels: int | None = Field(None, ge=1, le=MAX_CHANNELS)
 
     decoder: Literal["upsample_conv", "conv_transpose"] = "upsample_conv"
-    decoder_kernel: int | None = Field(None, ge=1)
+    decoder_kernel: int | None = Field(None, ge=1, le=MAX_KERNEL)
     output_conv: bool = True
     output_activation: Literal["sigmoid", "linear"] = "sigmoid"
     init: Literal["he_uniform", "glorot_uniform", "default"] = "default"
@@ -94,8 +114,6 @@ class ModelConfig(_Strict):
     @classmethod
     def _apply_preset(cls, data: Any) -> Any:
         if isinstance(data, dict) and data.get("preset"):
-            from cae.arch import preset_dict
-
             merged = preset_dict(data["preset"])
             merged.update(data)
             return merged
@@ -110,12 +128,14 @@ class ModelConfig(_Strict):
                 raise ValueError(
                     f"{name} has {len(value)} entries but channels has {n} stages"
                 )
-        if any(c < 1 for c in self.channels):
-            raise ValueError("channels must all be >= 1")
-        if any(c < 1 for c in self.stage_convs):
-            raise ValueError("convs must be >= 1 in every stage")
-        if any(w < 1 for w in self.dense):
-            raise ValueError("dense widths must all be >= 1")
+        if any(not 1 <= c <= MAX_CHANNELS for c in self.channels):
+            raise ValueError(f"channels must all be between 1 and {MAX_CHANNELS}")
+        if any(not 1 <= c <= MAX_CONVS for c in self.stage_convs):
+            raise ValueError(f"convs must be between 1 and {MAX_CONVS} in every stage")
+        if any(not 1 <= w <= MAX_WIDTH for w in self.dense):
+            raise ValueError(f"dense widths must all be between 1 and {MAX_WIDTH}")
+        if isinstance(self.padding, int) and not 0 <= self.padding <= MAX_KERNEL:
+            raise ValueError(f"padding must be 'same' or between 0 and {MAX_KERNEL}")
         if self.bottleneck == "conv" and self.dense:
             raise ValueError(
                 "dense applies to bottleneck 'dense'; a conv bottleneck's latent is its last "
@@ -154,6 +174,11 @@ class DataConfig(_Strict):
     train_limit: int | None = Field(None, ge=2)
     test_limit: int | None = Field(None, ge=1)
 
+    def source_key(self) -> str:
+        """What decides which images are loaded (not how they are split): trials with the
+        same key share one copy of the dataset."""
+        return json.dumps([self.dataset, self.data_dir, self.train_limit, self.test_limit])
+
 
 class TaskConfig(_Strict):
     """What the autoencoder learns: reconstruct, denoise (undo distortions) or colorize.
@@ -169,7 +194,7 @@ class TaskConfig(_Strict):
     noise_std: float = Field(0.3, ge=0.0)
     rotation_deg: float = Field(45.0, ge=0.0, le=180.0)
     flip: Literal["horizontal", "vertical", "both"] = "horizontal"
-    patch_size: int = Field(10, ge=1)
+    patch_size: int = Field(10, ge=1, le=4096)
     brightness: float = Field(0.5, ge=0.0, lt=1.0)
     eval_seed: int = 1234
 
@@ -182,9 +207,9 @@ class TrialConfig(_Strict):
     task: TaskConfig = Field(default_factory=TaskConfig)
     lr: float = Field(1e-3, gt=0.0)
     weight_decay: float = Field(0.0, ge=0.0)
-    batch_size: int = Field(128, ge=1)
-    eval_batch_size: int = Field(1024, ge=1)
-    max_epochs: int = Field(10, ge=1)
+    batch_size: int = Field(128, ge=1, le=1 << 20)
+    eval_batch_size: int = Field(1024, ge=1, le=1 << 20)
+    max_epochs: int = Field(10, ge=1, le=100_000)
     patience: int | None = Field(3, ge=1)
     min_delta: float = Field(0.0, ge=0.0)
     loss: Literal["mse", "bce", "l1"] = "mse"
@@ -194,7 +219,7 @@ class TrialConfig(_Strict):
 
     @model_validator(mode="after")
     def _resolve_shapes(self) -> TrialConfig:
-        c, h, _ = DATASET_SHAPES[self.data.dataset]
+        c, h, _ = DATASETS[self.data.dataset].shape
         if self.task.name == "colorize":
             if c != 3:
                 raise ValueError(
@@ -214,8 +239,6 @@ class TrialConfig(_Strict):
             setattr(self.model, key, value)
         if self.loss == "bce" and self.model.output_activation != "sigmoid":
             raise ValueError("loss 'bce' needs model.output_activation 'sigmoid'")
-        from cae.arch import plan
-
         plan(self.model)  # raises ValueError naming the impossible layer
         return self
 
@@ -223,6 +246,8 @@ class TrialConfig(_Strict):
 def set_dotted(data: dict, key: str, value: Any) -> None:
     """Set ``data["a"]["b"] = value`` for ``key="a.b"``, creating dicts on the way."""
     parts = key.split(".")
+    if not isinstance(data, dict) or not all(parts):
+        raise UserError(f"cannot set {key!r}: keys are dotted names inside a mapping")
     node = data
     for part in parts[:-1]:
         nxt = node.get(part)
@@ -242,7 +267,7 @@ def apply_point(data: dict, point: dict[str, Any]) -> dict:
     for key, value in point.items():
         if key.startswith("variant"):
             if not isinstance(value, dict):
-                raise ValueError(f"{key}: each value must be a mapping of dotted keys")
+                raise UserError(f"{key}: each value must be a mapping of dotted keys")
             for k, v in value.items():
                 set_dotted(data, k, v)
         else:
@@ -257,6 +282,11 @@ def trial_config(base: dict, point: dict[str, Any]) -> TrialConfig:
     return TrialConfig.model_validate(apply_point(copy.deepcopy(base), point))
 
 
+def get_preset(name: str) -> ModelConfig:
+    """A named preset as a validated ModelConfig."""
+    return ModelConfig.model_validate(preset_dict(name))
+
+
 def parse_overrides(items: list[str]) -> dict[str, Any]:
     """Turn ``["a.b=3", "c=[1, 2]"]`` into ``{"a.b": 3, "c": [1, 2]}`` (values parsed as YAML)."""
     import yaml
@@ -264,9 +294,12 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for item in items:
         if "=" not in item:
-            raise ValueError(f"--set expects key=value, got {item!r}")
+            raise UserError(f"--set expects key=value, got {item!r}")
         key, raw = item.split("=", 1)
-        out[key.strip()] = yaml.safe_load(raw)
+        try:
+            out[key.strip()] = yaml.safe_load(raw)
+        except yaml.YAMLError as exc:
+            raise UserError(f"--set {key.strip()}: the value is not valid YAML ({exc})") from None
     return out
 
 
@@ -278,13 +311,15 @@ def load_yaml(path: str) -> dict:
 
     p = Path(path)
     if not p.is_file():
-        raise FileNotFoundError(f"config file not found: {path}")
+        raise UserError(f"config file not found: {path}")
     try:
         data = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ValueError(f"{path} is not valid YAML: {exc}") from exc
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path} is not valid YAML: {exc}") from None
+    except OSError as exc:
+        raise UserError(f"{path} cannot be read: {exc}") from None
     if not isinstance(data, dict):
-        raise ValueError(f"{path} must hold a mapping of settings, not {type(data).__name__}")
+        raise UserError(f"{path} must hold a mapping of settings, not {type(data).__name__}")
     return data
 
 
@@ -294,18 +329,13 @@ def load_trial(path: str, overrides: list[str] | None = None) -> TrialConfig:
     data.pop("name", None)
     for key, value in parse_overrides(overrides or []).items():
         set_dotted(data, key, value)
-    return TrialConfig.model_validate(data)
+    return validate(TrialConfig, data, path)
 
 
 # ----------------------------------------------------------------------------------------
 # Sweeps
 
 AXIS_KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
-
-# Training images per dataset (before the validation split), for the dry run's work figure.
-DATASET_TRAIN_SIZES: dict[str, int] = {
-    "sample": 4000, "mnist": 60000, "fashion_mnist": 60000, "kmnist": 60000, "cifar10": 50000,
-}
 
 
 class SchedulerConfig(_Strict):
@@ -344,7 +374,7 @@ class SweepSpec(_Strict):
     space: dict[str, Any] = Field(default_factory=dict)
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
-    num_samples: int = Field(1, ge=1)
+    num_samples: int = Field(1, ge=1, le=100_000)
     max_concurrent: int | None = Field(None, ge=1)
     max_failures: int = Field(1, ge=0)
     storage: str = "runs"
@@ -391,9 +421,12 @@ def load_spec(path: str, overrides: list[str] | None = None) -> SweepSpec:
     data = load_yaml(path)
     for key, value in parse_overrides(overrides or []).items():
         if key.startswith("space."):
-            data.setdefault("space", {})[key.removeprefix("space.")] = value
+            space = data.setdefault("space", {})
+            if not isinstance(space, dict):
+                raise UserError(f"{path}: space must be a mapping of dotted keys")
+            space[key.removeprefix("space.")] = value
         elif key.startswith("trial."):
             set_dotted(data.setdefault("trial", {}), key.removeprefix("trial."), value)
         else:
             set_dotted(data, key, value)
-    return SweepSpec.model_validate(data)
+    return validate(SweepSpec, data, path)

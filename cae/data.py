@@ -22,17 +22,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from cae.catalog import DATASETS
 from cae.config import DataConfig, UserError
 
 SAMPLE_FILE = "fashion_mnist_sample.npz"
-
-# torchvision class and its folder under the data root, per dataset name.
-_TORCHVISION = {
-    "mnist": ("MNIST", "MNIST"),
-    "fashion_mnist": ("FashionMNIST", "FashionMNIST"),
-    "kmnist": ("KMNIST", "KMNIST"),
-    "cifar10": ("CIFAR10", "cifar-10-batches-py"),
-}
 
 
 class DatasetUnavailable(UserError, RuntimeError):
@@ -83,16 +76,16 @@ def load(cfg: DataConfig) -> ImageData:
     tensors are shared by every caller of the cache: treat them as read-only.
     """
     name = cfg.dataset
-    root = None if name == "sample" else data_root(cfg.data_dir)
+    embedded = name in DATASETS and DATASETS[name].torchvision is None
+    root = None if embedded else data_root(cfg.data_dir)
     key = (name, str(root) if root else None, cfg.train_limit, cfg.test_limit)
     if key not in _CACHE:
-        if name == "sample":
+        if name not in DATASETS:
+            raise UserError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
+        if DATASETS[name].torchvision is None:
             data = _load_sample()
-        elif name in _TORCHVISION:
-            data = _load_torchvision(name, root, cfg.download)
         else:
-            raise ValueError(f"unknown dataset {name!r}; expected one of sample, "
-                             f"{', '.join(_TORCHVISION)}")
+            data = _load_torchvision(name, root, cfg.download)
         _CACHE[key] = _limit(data, cfg.train_limit, cfg.test_limit)
     return _CACHE[key]
 
@@ -138,7 +131,7 @@ def _load_sample() -> ImageData:
 def _load_torchvision(name: str, root: Path, download: bool) -> ImageData:
     import torchvision.datasets as tvd
 
-    cls = getattr(tvd, _TORCHVISION[name][0])
+    cls = getattr(tvd, DATASETS[name].torchvision)
     # Verified archives already on disk only need extracting, which torchvision does in its
     # download step without touching the network; so allow that even when download=False.
     fetch = download or _archives_verified(cls, root)
@@ -179,8 +172,8 @@ def expected_files(name: str) -> list[str]:
     """The files torchvision needs for ``name``, relative to the data root."""
     import torchvision.datasets as tvd
 
-    cls_name, folder = _TORCHVISION[name]
-    cls = getattr(tvd, cls_name)
+    info = DATASETS[name]
+    cls, folder = getattr(tvd, info.torchvision), info.folder
     if hasattr(cls, "resources"):
         return [f"{folder}/raw/{f}" for f, _ in cls.resources]
     batches = ", ".join(f for f, _ in cls.train_list + cls.test_list)
@@ -195,7 +188,7 @@ def _unavailable_message(name: str, root: Path, download: bool, exc: BaseExcepti
         f"dataset '{name}' is not available in {root} ({tried}: {reason}).\n"
         f"Expected these files under {root}:\n{files}\n"
         "To fix: download them on a machine with network access (for example with "
-        f"torchvision.datasets.{_TORCHVISION[name][0]}(root, download=True)) and copy them "
+        f"torchvision.datasets.{DATASETS[name].torchvision}(root, download=True)) and copy them "
         "into that folder, or point --data-dir / CAE_DATA_DIR at a folder that has them."
     )
 
@@ -211,7 +204,7 @@ def split(data: ImageData, val_fraction: float, seed: int) -> Splits:
     """
     n = data.train.shape[0]
     if n < 2:
-        raise ValueError(f"dataset '{data.name}' has {n} training image(s); a split needs 2")
+        raise UserError(f"dataset '{data.name}' has {n} training image(s); a split needs 2")
     n_val = min(max(1, round(n * val_fraction)), n - 1)
     gen = torch.Generator().manual_seed(seed)
     perm = torch.randperm(n, generator=gen)

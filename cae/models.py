@@ -10,18 +10,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from cae.arch import (  # noqa: F401  (re-exported: the model API in one place)
-    PRESETS,
-    Layer,
-    Plan,
-    describe,
-    get_preset,
-    layers,
-    param_count,
-    plan,
-    preset_dict,
-)
-from cae.config import ModelConfig
+from cae import arch
+from cae.arch import Layer, Plan, describe, layers, param_count, plan  # noqa: F401 (re-exported)
+from cae.config import ModelConfig, get_preset  # noqa: F401 (re-exported)
+from cae.presets import PRESETS, preset_dict  # noqa: F401 (re-exported)
 
 # --------------------------------------------------------------------------------------
 # The module
@@ -43,7 +35,8 @@ class CAE(nn.Module):
         self.cfg = cfg
         self.plan = plan(cfg)
         enc, dec = layers(cfg, seed)
-        self.dropout_rates = [l[1] for l in enc if l[0] == "dropout" and l[-1] == "stage"]
+        self.dropout_rates = [layer.rate for layer in enc
+                              if isinstance(layer, arch.Dropout) and layer.where == "stage"]
         self.encoder = nn.Sequential(*map(self._module, enc))
         self.decoder = nn.Sequential(*map(self._module, dec))
         self._init_weights(cfg.init)
@@ -51,28 +44,28 @@ class CAE(nn.Module):
         self._edges = (convs[0], convs[-1])
 
     def _module(self, layer: Layer) -> nn.Module:
-        kind, *a = layer
-        if kind == "conv":
-            return nn.Conv2d(*a)
-        if kind == "convT":
-            return nn.ConvTranspose2d(*a)
-        if kind == "linear":
-            return nn.Linear(*a)
-        if kind == "bn":
-            return nn.BatchNorm2d(a[0])
-        if kind == "act":
-            return _ACTIVATIONS[self.cfg.activation]()
-        if kind == "out_act":
-            return self._output_act()
-        if kind == "dropout":
-            return nn.Dropout(a[0])
-        if kind == "pool":
-            return nn.MaxPool2d(2)
-        if kind == "up":
-            return nn.Upsample(size=(a[0], a[0]), mode="nearest")
-        if kind == "flatten":
-            return nn.Flatten()
-        return nn.Unflatten(1, a[0])
+        match layer:
+            case arch.Conv(cin, cout, k, s, p, transpose):
+                return (nn.ConvTranspose2d if transpose else nn.Conv2d)(cin, cout, k, s, p)
+            case arch.Linear(fin, fout):
+                return nn.Linear(fin, fout)
+            case arch.BatchNorm(channels):
+                return nn.BatchNorm2d(channels)
+            case arch.Activation(output=True):
+                return self._output_act()
+            case arch.Activation():
+                return _ACTIVATIONS[self.cfg.activation]()
+            case arch.Dropout(rate):
+                return nn.Dropout(rate)
+            case arch.Pool():
+                return nn.MaxPool2d(2)
+            case arch.Upsample(size):
+                return nn.Upsample(size=(size, size), mode="nearest")
+            case arch.Flatten():
+                return nn.Flatten()
+            case arch.Unflatten(shape):
+                return nn.Unflatten(1, shape)
+        raise TypeError(f"no module for layer {layer!r}")
 
     def _output_act(self) -> nn.Module:
         return nn.Sigmoid() if self.cfg.output_activation == "sigmoid" else nn.Identity()

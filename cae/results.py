@@ -14,6 +14,9 @@ from pathlib import Path
 
 import pandas as pd
 
+from cae.config import UserError, apply_point
+from cae.rundir import SPEC_FILE, RunDirError, unfinished_mask
+
 TRIALS_FILE, EPOCHS_FILE = "trials.parquet", "epochs.parquet"
 EPOCH_COLUMNS = ("train_loss", "val_loss", "epoch_time_s", "time_total_s")
 # Ray Tune's bookkeeping fields that are not ours to keep per epoch.
@@ -23,6 +26,10 @@ _RAY_FIELDS = {
     "iterations_since_restore", "should_checkpoint",
 }
 _STATIC = {"params", "latent_size", "device", "node_id", "stop_reason", "best_val_loss"}
+
+
+class ExperimentStateError(UserError):
+    """Ray Tune's experiment state cannot be read (another Ray version wrote it)."""
 
 
 def _read_results(path: Path) -> list[dict]:
@@ -43,17 +50,26 @@ def _statuses(run_dir: Path) -> dict[str, dict]:
         return {}
     try:
         data = json.loads(states[-1].read_text())
-    except (json.JSONDecodeError, OSError):
-        return {}
+    except json.JSONDecodeError:
+        return {}  # being rewritten by a running sweep right now: statuses unknown for now
     out = {}
-    for trial_json, meta_json in data.get("trial_data", []):
-        trial = json.loads(trial_json) if isinstance(trial_json, str) else trial_json
-        meta = json.loads(meta_json) if isinstance(meta_json, str) else meta_json
-        out[trial.get("relative_logdir", "")] = {
-            "status": trial.get("status", "UNKNOWN"),
-            "trial_id": trial.get("trial_id"),
-            "num_failures": (meta or {}).get("num_failures", 0),
-        }
+    try:
+        for trial_json, meta_json in data["trial_data"]:
+            trial = json.loads(trial_json) if isinstance(trial_json, str) else trial_json
+            meta = json.loads(meta_json) if isinstance(meta_json, str) else meta_json
+            out[trial["relative_logdir"]] = {
+                "status": trial["status"],
+                "trial_id": trial["trial_id"],
+                "num_failures": (meta or {}).get("num_failures", 0),
+            }
+    except (KeyError, TypeError, ValueError) as exc:
+        import ray
+
+        raise ExperimentStateError(
+            f"{states[-1]}: Ray Tune's experiment state is not in the form this cae reads "
+            f"(ray {ray.__version__} expected; {type(exc).__name__}: {exc}). It was probably "
+            "written by another Ray version: read it with the Ray version that ran the sweep"
+        ) from None
     return out
 
 
@@ -77,7 +93,7 @@ def _model_facts(config_json: str) -> dict:
     base, point = json.loads(config_json)
     try:
         cfg = trial_config(base, point)
-    except ValueError:
+    except (ValueError, UserError):  # a hand-edited params.json: leave the facts out
         return {}
     m = cfg.model
     info = describe(m)
@@ -102,9 +118,9 @@ def load_frames(run_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     import yaml
 
     run_dir = Path(run_dir)
-    spec_path = run_dir / "spec.yaml"
+    spec_path = run_dir / SPEC_FILE
     if not spec_path.is_file():
-        raise FileNotFoundError(f"{run_dir} is not a cae run directory (no spec.yaml in it)")
+        raise RunDirError(f"{run_dir} is not a cae run directory (no {SPEC_FILE} in it)")
     spec = yaml.safe_load(spec_path.read_text())
     base = spec.get("trial", {})
     scheduler = spec.get("scheduler", {}).get("kind", "asha")
@@ -140,7 +156,10 @@ def load_frames(run_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
             reason = "asha" if scheduler == "asha" else "stopped"
         else:
             reason = status.lower()
-        row = {"trial_id": trial_id, **_flatten(base), **_flatten(point)}
+        # The configuration the trial ran: the base with its point applied (a variant's keys
+        # included), then the point's own columns (a variant also as ``variant.*``).
+        resolved = apply_point(json.loads(json.dumps(base)), point)
+        row = {"trial_id": trial_id, **_flatten(resolved), **_flatten(point)}
         row.update(_model_facts(json.dumps([base, point], sort_keys=True)))
         row.update({
             "best_val_loss": min(vals) if vals else math.nan,
@@ -186,3 +205,23 @@ def best_trial(trials: pd.DataFrame) -> pd.Series | None:
     """The trial with the lowest best validation loss."""
     ok = trials.dropna(subset=["best_val_loss"])
     return None if ok.empty else ok.loc[ok["best_val_loss"].idxmin()]
+
+
+def summary(trials: pd.DataFrame, run_dir: str) -> str:
+    """The lines ``cae sweep`` and ``cae resume`` end with: counts, the best trial, where."""
+    counts = ", ".join(f"{n} {s.lower()}" for s, n in trials["status"].value_counts().items())
+    lines = [f"\ntrials: {len(trials)} ({counts}); trial-epochs: {int(trials['epochs'].sum())}"]
+    best = best_trial(trials)
+    if best is not None:
+        axes = {k: best[k] for k in trials.columns
+                if k.startswith(("model.", "lr", "batch_size", "weight_decay", "task.", "data."))
+                and k != "data.data_dir" and not pd.isna(best[k])}
+        lines.append(f"best trial {best['trial_id']}: val {best['best_val_loss']:.5f}, test "
+                     f"{best.get('test_loss', float('nan')):.5f}, params {int(best['params']):,}, "
+                     f"latent {int(best['latent_size'])}")
+        lines.append("  " + ", ".join(f"{k}={v}" for k, v in axes.items()))
+    lines.append(f"results: {run_dir}/{TRIALS_FILE} and {EPOCHS_FILE}")
+    unfinished = int(unfinished_mask(trials).sum())
+    if unfinished:
+        lines.append(f"{unfinished} trials did not finish; continue with: cae resume {run_dir}")
+    return "\n".join(lines)

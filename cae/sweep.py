@@ -12,20 +12,27 @@ import json
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime
-from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import ValidationError
 
-from cae.config import DATASET_TRAIN_SIZES, SweepSpec, TrialConfig, UserError, apply_point
+from cae.catalog import DATASETS
+from cae.config import (
+    DataConfig,
+    SweepSpec,
+    TrialConfig,
+    UserError,
+    apply_point,
+    format_validation_error,
+)
+from cae.memory import estimate, trial_budget
 
-SPEC_FILE = "spec.yaml"
 METRIC, MODE = "val_loss", "min"
+# More grid points than this is a typo or a spec for another tool; checking is linear.
+MAX_GRID_POINTS = 1_000_000
 
 
-class SpecError(UserError, ValueError):
+class SpecError(UserError):
     """A sweep spec that cannot run; the message names the field (and the grid point)."""
 
 
@@ -56,43 +63,65 @@ class Checked:
     n_points: int  # grid points (product of grid axes)
     n_trials: int  # grid points x num_samples
     models: dict[str, tuple[TrialConfig, dict]] = field(default_factory=dict)
+    datasets: dict[str, DataConfig] = field(default_factory=dict)  # source key -> config
     max_epochs: int = 0
     train_images: int = 0
+    memory: dict[str, int] = field(default_factory=dict)  # architecture -> bytes per trial
+    budget: tuple[int, str] | None = None  # bytes one trial may use, and of what
 
 
-def check_spec(spec: SweepSpec) -> Checked:
-    """Validate the base trial and every grid point (with the ends of random ranges)."""
+def check_spec(spec: SweepSpec, budget: tuple[int, str] | None = None) -> Checked:
+    """Validate the base trial and every grid point (with the ends of random ranges).
+
+    ``budget`` (bytes, and of what: see ``cae.memory.trial_budget``) refuses a grid point
+    whose trial would not fit its share of the device."""
     axes = spec.axes()
     keys = list(axes)
+    for key, (kind, _arg) in axes.items():
+        if key.startswith("data.") and kind not in ("fixed", "grid", "choice"):
+            raise SpecError(f"space.{key}: a data setting can be fixed, a grid or a choice, "
+                            f"not {kind} (each distinct dataset is loaded before the sweep)")
     values = [_validation_values(*axes[k]) for k in keys]
     n_points = 1
     for k in keys:
         if axes[k][0] == "grid":
             n_points *= len(axes[k][1])
-    checked = Checked(spec, n_points, n_points * spec.num_samples)
+    n_checks = 1
+    for v in values:
+        n_checks *= len(v)
+    if max(n_points, n_checks) > MAX_GRID_POINTS:
+        raise SpecError(f"space: {max(n_points, n_checks):,} combinations of the axes to run or "
+                        f"check; the limit is {MAX_GRID_POINTS:,}: split the sweep")
+    checked = Checked(spec, n_points, n_points * spec.num_samples, budget=budget)
     seen: dict[str, TrialConfig] = {}
     for combo in itertools.product(*values):
         point = dict(zip(keys, combo))
         try:
             data = apply_point(json.loads(json.dumps(spec.trial)), point)
-        except ValueError as exc:
+        except UserError as exc:
             raise SpecError(f"space.{exc}") from None
         cache_key = json.dumps(data, sort_keys=True)
         if cache_key in seen:
             continue
+        where = f"at grid point {_label(point)}" if point else "in the base trial"
         try:
             cfg = TrialConfig.model_validate(data)
         except ValidationError as exc:
-            from cae.cli import format_validation_error
-
             msg = format_validation_error(exc).removeprefix("invalid config: ")
-            where = f"at grid point {_label(point)}" if point else "in the base trial"
             raise SpecError(f"{msg} ({where})") from None
         seen[cache_key] = cfg
+        checked.datasets.setdefault(cfg.data.source_key(), cfg.data)
         arch = json.dumps(cfg.model.model_dump(mode="json"), sort_keys=True)
         checked.models.setdefault(arch, (cfg, point))
+        need = estimate(cfg)
+        checked.memory[arch] = max(checked.memory.get(arch, 0), need.total)
+        if budget is not None and need.total > budget[0]:
+            raise SpecError(
+                f"{where}: a trial needs about {need.total / 2**20:,.0f} MiB ({need}) but may "
+                f"use {budget[0] / 2**20:,.0f} MiB ({budget[1]}); lower batch_size, the "
+                "model's size or data.train_limit, or give each trial more resources")
         checked.max_epochs = max(checked.max_epochs, cfg.max_epochs)
-        size = DATASET_TRAIN_SIZES[cfg.data.dataset]
+        size = DATASETS[cfg.data.dataset].train_size
         if cfg.data.train_limit:
             size = min(size, cfg.data.train_limit)
         checked.train_images = max(checked.train_images, int(size * (1 - cfg.data.val_fraction)))
@@ -116,16 +145,24 @@ def summarize(checked: Checked) -> str:
         f"sweep {spec.name}: {checked.n_trials} trials ({checked.n_points} grid points x "
         f"{spec.num_samples} samples), scheduler {spec.scheduler.kind}",
         f"distinct architectures: {len(checked.models)}",
-        f"  {'params':>10} {'latent':>7}  grid point",
+        f"  {'params':>10} {'latent':>7} {'memory':>9}  grid point",
     ]
     rows = []
-    for cfg, point in checked.models.values():
+    for arch, (cfg, point) in checked.models.items():
         info = describe(cfg.model)
         label = ", ".join(f"{k}={json.dumps(v)}" for k, v in point.items()
                           if k.startswith(("model.", "variant")))
-        rows.append((info["params"], info["latent_size"], label or cfg.model.preset or "base"))
-    for params, latent, label in sorted(rows, key=lambda r: (r[1], r[0])):
-        lines.append(f"  {params:>10,} {latent:>7}  {label}")
+        rows.append((info["params"], info["latent_size"], checked.memory[arch],
+                     label or cfg.model.preset or "base"))
+    for params, latent, mem, label in sorted(rows, key=lambda r: (r[1], r[0])):
+        lines.append(f"  {params:>10,} {latent:>7} {mem / 2**20:>5,.0f} MiB  {label}")
+    if len(checked.datasets) > 1:
+        names = sorted({json.loads(k)[0] for k in checked.datasets})
+        lines.append(f"datasets: {len(checked.datasets)} loaded once each ({', '.join(names)})")
+    if checked.budget is not None:
+        lines.append(f"memory per trial: at most {max(checked.memory.values()) / 2**20:,.0f} MiB "
+                     f"of the {checked.budget[0] / 2**20:,.0f} MiB a trial may use here "
+                     f"({checked.budget[1]})")
     trial_epochs = checked.n_trials * checked.max_epochs
     lines.append(
         f"work: at most {trial_epochs:,} trial-epochs ({checked.n_trials} x "
@@ -135,6 +172,11 @@ def summarize(checked: Checked) -> str:
     lines.append(f"swept axes: {', '.join(swept) or 'none'}")
     lines.append(f"resources per trial: {spec.resources.cpu:g} cpu, {spec.resources.gpu:g} gpu")
     return "\n".join(lines)
+
+
+def local_budget(spec: SweepSpec) -> tuple[int, str] | None:
+    """What one trial of ``spec`` may use on this machine (see ``cae.memory.trial_budget``)."""
+    return trial_budget(spec.resources.cpu, spec.resources.gpu)
 
 
 def check_local_resources(spec: SweepSpec) -> None:
@@ -153,6 +195,36 @@ def check_local_resources(spec: SweepSpec) -> None:
             f"resources.cpu: {spec.resources.cpu:g} CPUs per trial asked for, but this machine "
             f"has {os.cpu_count()}"
         )
+
+
+# ---- data ------------------------------------------------------------------------------
+
+
+def record_data_dir(spec: SweepSpec, checked: Checked | None, data_dir: str | None) -> bool:
+    """Write where the sweep's datasets live into ``spec.trial`` (so the run directory's
+    spec says it, and ``cae report`` and ``cae resume`` read the same files): ``data_dir``,
+    else the default root (``$CAE_DATA_DIR`` or the cache). Nothing is recorded for a sweep
+    on the embedded sample alone. Returns whether the spec changed."""
+    from cae.data import data_root
+
+    names = {json.loads(k)[0] for k in checked.datasets} if checked else {"?"}
+    if not data_dir and names <= {"sample"}:
+        return False
+    data = spec.trial.setdefault("data", {})
+    if not isinstance(data, dict):
+        raise SpecError("trial.data must be a mapping")
+    if data.get("data_dir") and not data_dir:
+        return False
+    data["data_dir"] = str(data_root(data_dir).resolve())
+    return True
+
+
+def load_datasets(checked: Checked) -> dict:
+    """Every distinct dataset of the sweep, loaded once on the driver (source key ->
+    ``ImageData``); trials receive them through Ray's object store."""
+    from cae.data import load
+
+    return {key: load(cfg) for key, cfg in checked.datasets.items()}
 
 
 # ---- Ray Tune ---------------------------------------------------------------------------
@@ -181,12 +253,12 @@ def scheduler(spec: SweepSpec, max_epochs: int):
     )
 
 
-def wrapped_trainable(spec: SweepSpec, data):
+def wrapped_trainable(spec: SweepSpec, datasets: dict):
     from ray import tune
 
     from cae.trainable import run_trial
 
-    fn = tune.with_parameters(run_trial, base=spec.trial, data=data,
+    fn = tune.with_parameters(run_trial, base=spec.trial, datasets=datasets,
                               threads=max(1, int(spec.resources.cpu)))
     return tune.with_resources(fn, {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu})
 
@@ -201,11 +273,6 @@ def run_config(spec: SweepSpec, name: str, storage: str):
         checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
         verbose=1,
     )
-
-
-def storage_uri(storage: str) -> str:
-    """Ray wants an absolute local path or a URI."""
-    return storage if "://" in storage else str(Path(storage).expanduser().resolve())
 
 
 def init_ray(address: str | None, dashboard: bool = False) -> bool:
@@ -247,50 +314,12 @@ def ray_session(address: str | None, dashboard: bool = False):
             ray.shutdown()
 
 
-def run_name(spec: SweepSpec) -> str:
-    return f"{spec.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
-
-
-def save_spec(run_dir: str, spec: SweepSpec) -> None:
-    """Write the resolved spec beside Ray Tune's files (local dirs or any pyarrow URI)."""
-    text = yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)
-    if "://" in run_dir:
-        import pyarrow.fs as pafs
-
-        fs, path = pafs.FileSystem.from_uri(run_dir)
-        fs.create_dir(path, recursive=True)
-        with fs.open_output_stream(f"{path}/{SPEC_FILE}") as f:
-            f.write(text.encode())
-    else:
-        Path(run_dir).mkdir(parents=True, exist_ok=True)
-        (Path(run_dir) / SPEC_FILE).write_text(text)
-
-
-def load_run_spec(run_dir: str) -> SweepSpec:
-    """The spec a run directory (a local path or a URI) ran with."""
-    missing = SpecError(f"{run_dir} is not a cae run directory (no {SPEC_FILE} in it)")
-    if "://" in run_dir:
-        import pyarrow.fs as pafs
-
-        fs, path = pafs.FileSystem.from_uri(run_dir)
-        if fs.get_file_info(f"{path}/{SPEC_FILE}").type != pafs.FileType.File:
-            raise missing
-        with fs.open_input_stream(f"{path}/{SPEC_FILE}") as f:
-            text = f.read().decode()
-    else:
-        path = Path(run_dir) / SPEC_FILE
-        if not path.is_file():
-            raise missing
-        text = path.read_text()
-    return SweepSpec.model_validate(yaml.safe_load(text))
-
-
-def fit(spec: SweepSpec, data, name: str, storage: str, checked: Checked):
+def fit(spec: SweepSpec, datasets: dict, name: str, storage: str, checked: Checked):
     """Run the sweep to the end; returns Ray Tune's ResultGrid."""
     from ray import tune
 
     tuner = tune.Tuner(
-        wrapped_trainable(spec, data),
+        wrapped_trainable(spec, datasets),
         param_space=param_space(spec),
         tune_config=tune.TuneConfig(
             metric=METRIC, mode=MODE, scheduler=scheduler(spec, checked.max_epochs),
@@ -302,12 +331,12 @@ def fit(spec: SweepSpec, data, name: str, storage: str, checked: Checked):
     return tuner.fit()
 
 
-def resume(run_dir: str, spec: SweepSpec, data):
+def resume(run_dir: str, spec: SweepSpec, datasets: dict):
     """Continue an interrupted sweep: unfinished trials go on from their checkpoints;
     finished ones are not run again; errored ones stay errors."""
     from ray import tune
 
-    tuner = tune.Tuner.restore(run_dir, trainable=wrapped_trainable(spec, data),
+    tuner = tune.Tuner.restore(run_dir, trainable=wrapped_trainable(spec, datasets),
                                resume_unfinished=True, resume_errored=False)
     return tuner.fit()
 

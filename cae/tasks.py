@@ -21,11 +21,13 @@ seed, identically for every trial and epoch.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from functools import cache
 
 import torch
 import torch.nn.functional as F
 
+from cae.catalog import DISTORTIONS
 from cae.config import TaskConfig
 
 Batch = tuple[torch.Tensor, torch.Tensor, "torch.Tensor | None"]
@@ -130,6 +132,18 @@ def scale_brightness(x: torch.Tensor, amount: float, gen: torch.Generator | None
     return (x * factor).clamp(0.0, 1.0)
 
 
+# One function per distortion of ``cae.catalog.DISTORTIONS``: (x, task config, generator).
+DISTORTION_FNS: dict[str, Callable[[torch.Tensor, TaskConfig, torch.Generator | None],
+                                   torch.Tensor]] = {
+    "noise": lambda x, cfg, gen: add_noise(x, cfg.noise_std, gen),
+    "rotate": lambda x, cfg, gen: random_rotate(x, cfg.rotation_deg, gen),
+    "flip": lambda x, cfg, gen: flip(x, cfg.flip),
+    "patch": lambda x, cfg, gen: black_patch(x, cfg.patch_size, gen),
+    "brightness": lambda x, cfg, gen: scale_brightness(x, cfg.brightness, gen),
+}
+assert tuple(DISTORTION_FNS) == DISTORTIONS, "every distortion of the catalog needs a function"
+
+
 # ---- tasks -----------------------------------------------------------------------------
 
 
@@ -209,18 +223,7 @@ class Denoise(Task):
 
     def distort(self, kind: str, x: torch.Tensor, gen: torch.Generator | None) -> torch.Tensor:
         """Apply one distortion, with this task's strength, to every image of ``x``."""
-        cfg = self.cfg
-        if kind == "noise":
-            return add_noise(x, cfg.noise_std, gen)
-        if kind == "rotate":
-            return random_rotate(x, cfg.rotation_deg, gen)
-        if kind == "flip":
-            return flip(x, cfg.flip)
-        if kind == "patch":
-            return black_patch(x, cfg.patch_size, gen)
-        if kind == "brightness":
-            return scale_brightness(x, cfg.brightness, gen)
-        raise ValueError(f"unknown distortion {kind!r}")
+        return DISTORTION_FNS[kind](x, self.cfg, gen)
 
     def batch(self, images, index, generator=None) -> Batch:
         clean = _to_unit(images)  # (B, C, H, W)

@@ -40,7 +40,8 @@ class TrainResult:
     test: dict = field(default_factory=dict)
     params: int = 0
     latent_size: int = 0
-    model: CAE | None = None
+    model: CAE | None = None  # with the last epoch's weights
+    best_state: dict | None = None  # the best epoch's weights (a state dict)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -98,8 +99,15 @@ class Trainer:
 
     # ---- state for checkpoints -----------------------------------------------------
     def state_dict(self) -> dict:
+        """Everything a resumed run needs to continue exactly as if uninterrupted: the
+        weights, the optimiser, the early-stopping state and the global random state
+        (dropout draws from it), on the CPU and on CUDA."""
+        rng = {"cpu": torch.get_rng_state()}
+        if self.cuda:
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
         return {
             "model": self.model.state_dict(),
+            "rng": rng,
             "optimizer": self.opt.state_dict(),
             "epoch": self.epoch,
             "best_val": self.best_val,
@@ -120,6 +128,11 @@ class Trainer:
         self.best_state = state.get("best_model")
         self.history = list(state.get("history", []))
         self.final = state.get("final")
+        rng = state.get("rng") or {}
+        if "cpu" in rng:
+            torch.set_rng_state(rng["cpu"])
+        if "cuda" in rng and self.cuda:
+            torch.cuda.set_rng_state(rng["cuda"], self.device)
 
     # ---- one epoch ------------------------------------------------------------------
     def _autocast(self):
@@ -229,11 +242,18 @@ class Trainer:
         return "max_epochs"
 
     def test(self) -> dict:
-        """Test-split errors of the best (by validation) weights."""
+        """Test-split errors of the best (by validation) weights; the model keeps its own
+        (last epoch's) weights afterwards, so a checkpoint saved later says what it holds."""
+        current = None
         if self.best_state is not None:
+            current = {k: v.clone() for k, v in self.model.state_dict().items()}
             self.model.load_state_dict(self.best_state)
-        prepared = self.task.eval_inputs(self.splits.test, seed=self.cfg.task.eval_seed + 1)
-        return {f"test_{k}": v for k, v in self.evaluate(prepared).items()}
+        try:
+            prepared = self.task.eval_inputs(self.splits.test, seed=self.cfg.task.eval_seed + 1)
+            return {f"test_{k}": v for k, v in self.evaluate(prepared).items()}
+        finally:
+            if current is not None:
+                self.model.load_state_dict(current)
 
 
 def train(
@@ -261,6 +281,7 @@ def train(
         params=count_params(trainer.model),
         latent_size=trainer.model.plan.latent_size,
         model=trainer.model,
+        best_state=trainer.best_state,
     )
     if evaluate_test:
         result.test = trainer.test()

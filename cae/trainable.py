@@ -30,10 +30,17 @@ def _load_state(checkpoint: tune.Checkpoint | None) -> dict | None:
         return torch.load(Path(d) / STATE_FILE, weights_only=True, map_location="cpu")
 
 
-def run_trial(point: dict, base: dict, data: ImageData, threads: int = 1) -> None:
-    """Train one trial, reporting every epoch to Ray Tune (used with tune.with_parameters)."""
+def run_trial(point: dict, base: dict, datasets: dict[str, ImageData], threads: int = 1) -> None:
+    """Train one trial, reporting every epoch to Ray Tune (used with tune.with_parameters).
+
+    ``datasets`` holds every dataset of the sweep by ``DataConfig.source_key``; the trial
+    takes the one its own config names."""
     torch.set_num_threads(max(1, threads))
     cfg = trial_config(base, point)
+    key = cfg.data.source_key()
+    if key not in datasets:  # check_spec loads every grid value: a bug if this happens
+        raise RuntimeError(f"no dataset loaded for {key}; loaded: {', '.join(datasets)}")
+    data = datasets[key]
     state = _load_state(tune.get_checkpoint())
     if state is not None and state.get("final"):
         tune.report(state["final"])  # finished before an interruption: nothing to redo

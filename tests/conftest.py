@@ -1,6 +1,7 @@
 """Shared test settings and the small real sweep several test files look at."""
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -31,3 +32,22 @@ def small_run(tmp_path_factory):
         return run_dir
 
     return make
+
+
+def shared_data() -> Path:
+    """The offline MNIST and Fashion-MNIST archives (``../shared/data`` beside the checkout,
+    or ``$CAE_SHARED_DATA``); never written to."""
+    env = os.environ.get("CAE_SHARED_DATA")
+    return Path(env) if env else REPO.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def data_copy(tmp_path_factory) -> Path:
+    """A writable copy of the offline archives (torchvision extracts next to them)."""
+    src = shared_data()
+    if not (src / "MNIST" / "raw").is_dir() or not (src / "FashionMNIST" / "raw").is_dir():
+        pytest.skip(f"offline dataset archives not found at {src} (set CAE_SHARED_DATA)")
+    dst = tmp_path_factory.mktemp("data")
+    for name in ("MNIST", "FashionMNIST"):
+        shutil.copytree(src / name, dst / name)
+    return dst

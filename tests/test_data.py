@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import shutil
 import urllib.error
 import urllib.request
 from importlib import resources
@@ -23,23 +22,6 @@ import torch
 from cae import data as cdata
 from cae.config import DataConfig
 from cae.data import DatasetUnavailable, ImageData, data_root, load, split, to_device
-
-
-def _shared_data() -> Path:
-    env = os.environ.get("CAE_SHARED_DATA")
-    return Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "data"
-
-
-@pytest.fixture(scope="session")
-def data_copy(tmp_path_factory) -> Path:
-    """A writable copy of the offline archives (torchvision extracts next to them)."""
-    src = _shared_data()
-    if not (src / "MNIST" / "raw").is_dir() or not (src / "FashionMNIST" / "raw").is_dir():
-        pytest.skip(f"offline dataset archives not found at {src} (set CAE_SHARED_DATA)")
-    dst = tmp_path_factory.mktemp("data")
-    for name in ("MNIST", "FashionMNIST"):
-        shutil.copytree(src / name, dst / name)
-    return dst
 
 
 @pytest.fixture

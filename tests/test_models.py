@@ -125,3 +125,28 @@ def test_preset_overrides():
     assert cfg.latent_dim == 4 and cfg.dense == [49, 40, 30, 20, 10]
     with pytest.raises(ValueError, match="unknown model preset"):
         ModelConfig.model_validate({"preset": "nope"})
+
+
+def test_decoder_dense_dropout_is_placed_by_position():
+    """A dense stack whose width equals the reshape size (4 x 7 x 7 = 196) still gets its
+    dropout after every decoder dense layer but the one feeding the reshape."""
+    from cae.arch import Dropout, Linear, layers
+
+    cfg = ModelConfig.model_validate(
+        {"in_channels": 1, "out_channels": 1, "image_size": 28, "channels": [8, 4],
+         "bottleneck": "dense", "dense": [64, 196], "latent_dim": 8, "dense_dropout": 0.5})
+    _, dec = layers(cfg)
+    dense = [i for i, layer in enumerate(dec) if isinstance(layer, Linear)]
+    assert [dec[i].fout for i in dense] == [196, 64, 196]
+    followed = [any(isinstance(x, Dropout) for x in dec[i + 1:i + 3]) for i in dense]
+    assert followed == [True, True, False]
+    model = build_model(cfg)
+    assert sum(isinstance(m, torch.nn.Dropout) for m in model.decoder) == 2
+
+
+def test_every_layer_kind_builds_and_an_unknown_one_is_refused():
+    from cae.models import CAE
+
+    model = build_model(get_preset("study_b_model12"))
+    with pytest.raises(TypeError, match="no module for layer"):
+        CAE._module(model, ("conv", 1, 2, 3, 1, 1))

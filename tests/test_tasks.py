@@ -9,7 +9,8 @@ import torchvision.transforms.functional as TF
 from PIL import Image
 from torchvision.transforms import InterpolationMode
 
-from cae.config import DISTORTIONS, DataConfig, TaskConfig
+from cae.catalog import DISTORTIONS
+from cae.config import DataConfig, TaskConfig
 from cae.data import load
 from cae.tasks import (
     Colorize,

@@ -94,3 +94,44 @@ def test_colorize_on_real_photographs():
     assert 0 < last["val_rgb_mse"] < 0.1 and math.isfinite(last["val_rgb_mse"])
     test = trainer.test()
     assert test["test_rgb_mse"] > 0 and test["test_loss"] > 0
+
+
+def _clone(state: dict) -> dict:
+    return {k: v.clone() for k, v in state.items()}
+
+
+def test_a_resumed_run_with_dropout_reproduces_the_uninterrupted_one():
+    """Dropout draws from the global random state: the checkpoint carries it, so a run
+    interrupted after epoch 2 and resumed from a saved-and-loaded checkpoint (as a restarted
+    Ray trial would) gives the very losses of the uninterrupted run."""
+    import io
+
+    kw = {"max_epochs": 4, "model": {"channels": [4, 8], "dense": [32], "latent_dim": 8,
+                                     "dropout": 0.3, "dense_dropout": 0.2}}
+    whole = train(_cfg(**kw), evaluate_test=False)
+    states = []
+    train(_cfg(**{**kw, "max_epochs": 2}), on_epoch=lambda m, s: states.append(s()),
+          evaluate_test=False)
+    buf = io.BytesIO()
+    torch.save(states[-1], buf)
+    buf.seek(0)
+    torch.manual_seed(12345)  # another trial ran in this process meanwhile
+    torch.rand(100)
+    resumed = train(_cfg(**kw), resume=torch.load(buf, weights_only=True), evaluate_test=False)
+    assert [h["train_loss"] for h in resumed.history] == [h["train_loss"] for h in whole.history]
+    assert [h["val_loss"] for h in resumed.history] == [h["val_loss"] for h in whole.history]
+
+
+def test_test_evaluation_leaves_the_last_weights_in_the_model():
+    """The last checkpoint of a trial is saved after its test evaluation: ``model`` must
+    still hold the last epoch's weights, ``best_model`` the best epoch's."""
+    trainer = Trainer(_cfg(max_epochs=2))
+    states = []
+    trainer.fit(lambda m, s: states.append(_clone(s()["model"])))
+    trainer.best_state = states[0]  # make the best epoch differ from the last
+    last = _clone(trainer.model.state_dict())
+    test = trainer.test()
+    after = trainer.state_dict()
+    assert all(torch.equal(after["model"][k], last[k]) for k in last)
+    assert any(not torch.equal(after["best_model"][k], last[k]) for k in last)
+    assert math.isfinite(test["test_loss"])

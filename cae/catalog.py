@@ -1,0 +1,54 @@
+"""What the project knows about its datasets and distortions, in one place, without torch.
+
+Every other module (configs, data loading, tasks, the CLI, the benchmarks) reads these
+registries instead of repeating the facts, so adding a dataset or a distortion is one entry
+here plus its code where it is used.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """A dataset's facts, known without loading it.
+
+    ``torchvision`` is the class name in ``torchvision.datasets`` (None for the embedded
+    sample); ``folder`` is where that class keeps its files under the data root.
+    """
+
+    name: str
+    shape: tuple[int, int, int]  # (channels, height, width)
+    train_size: int
+    test_size: int
+    torchvision: str | None = None
+    folder: str | None = None
+
+    @property
+    def pixels(self) -> int:
+        c, h, w = self.shape
+        return c * h * w
+
+
+DATASETS: dict[str, DatasetInfo] = {
+    d.name: d
+    for d in (
+        # A class-balanced subset of real Fashion-MNIST shipped inside the package.
+        DatasetInfo("sample", (1, 28, 28), 4000, 1000),
+        DatasetInfo("mnist", (1, 28, 28), 60000, 10000, "MNIST", "MNIST"),
+        DatasetInfo("fashion_mnist", (1, 28, 28), 60000, 10000, "FashionMNIST", "FashionMNIST"),
+        DatasetInfo("kmnist", (1, 28, 28), 60000, 10000, "KMNIST", "KMNIST"),
+        DatasetInfo("cifar10", (3, 32, 32), 50000, 10000, "CIFAR10", "cifar-10-batches-py"),
+    )
+}
+
+# The distortions of the denoise task, in the order used for ``index % len`` assignment.
+DISTORTIONS: tuple[str, ...] = ("noise", "rotate", "flip", "patch", "brightness")
+
+
+def dataset_info(name: str) -> DatasetInfo:
+    """The registry entry of ``name``, or a ValueError listing the known ones."""
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
+    return DATASETS[name]

@@ -1,0 +1,206 @@
+"""A run directory, local or at a URI (s3://, gs://, file://): its spec, its local mirror,
+publishing files into it, and what "finished" means for its trials.
+
+A run directory holds Ray Tune's own files (experiment state, one folder per trial with
+``params.json``, ``result.json`` and checkpoints), plus ours: the resolved ``spec.yaml``
+(where the data came from included), ``trials.parquet``, ``epochs.parquet``,
+``baselines.parquet`` and ``report.html``. One at a URI is read through a local mirror of
+its small files (``fetch_run``; checkpoints only for the few trials the report draws:
+``fetch_checkpoints``), and what is made from it goes back next to them (``publish``).
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+from cae.config import SweepSpec, UserError, validate
+
+SPEC_FILE = "spec.yaml"
+# Statuses of a trial that will still run (Ray Tune's names).
+NOT_FINISHED = ("RUNNING", "PENDING", "PAUSED")
+# Stop reasons a trial reports itself at its last epoch.
+OWN_ENDS = ("max_epochs", "patience")
+
+
+class RunDirError(UserError):
+    """A path or URI that is not a readable cae run directory."""
+
+
+def is_uri(storage: str) -> bool:
+    """s3://, gs://, file://, ...: a location read through pyarrow's filesystems."""
+    return "://" in storage
+
+
+def is_shared_uri(storage: str) -> bool:
+    """A URI that every node reaches alike (``file://`` is a local path in disguise)."""
+    return is_uri(storage) and not storage.startswith("file://")
+
+
+def local_path(storage: str) -> Path:
+    return Path(storage.removeprefix("file://")).expanduser().resolve()
+
+
+def storage_uri(storage: str) -> str:
+    """Ray wants an absolute local path or a URI."""
+    return storage if is_uri(storage) else str(Path(storage).expanduser().resolve())
+
+
+def run_name(spec: SweepSpec) -> str:
+    return f"{spec.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+
+
+def _filesystem(run_dir: str):
+    import pyarrow.fs as pafs
+
+    try:
+        return pafs.FileSystem.from_uri(run_dir)
+    except (OSError, ValueError) as exc:  # unknown scheme, unreachable bucket
+        raise RunDirError(f"{run_dir}: cannot be reached ({exc})") from None
+
+
+# ---- the spec ------------------------------------------------------------------------------
+
+
+def save_spec(run_dir: str, spec: SweepSpec) -> None:
+    """Write the resolved spec beside Ray Tune's files (local dirs or any pyarrow URI)."""
+    text = yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)
+    if is_uri(run_dir):
+        fs, path = _filesystem(run_dir)
+        fs.create_dir(path, recursive=True)
+        with fs.open_output_stream(f"{path}/{SPEC_FILE}") as f:
+            f.write(text.encode())
+    else:
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+        (Path(run_dir) / SPEC_FILE).write_text(text)
+
+
+def load_run_spec(run_dir: str) -> SweepSpec:
+    """The spec a run directory (a local path or a URI) ran with."""
+    import pyarrow.fs as pafs
+
+    missing = RunDirError(f"{run_dir} is not a cae run directory (no {SPEC_FILE} in it)")
+    if is_uri(run_dir):
+        fs, path = _filesystem(run_dir)
+        if fs.get_file_info(f"{path}/{SPEC_FILE}").type != pafs.FileType.File:
+            raise missing
+        with fs.open_input_stream(f"{path}/{SPEC_FILE}") as f:
+            text = f.read().decode()
+    else:
+        path = Path(run_dir) / SPEC_FILE
+        if not path.is_file():
+            raise missing
+        text = path.read_text()
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise RunDirError(f"{run_dir}/{SPEC_FILE} is not valid YAML: {exc}") from None
+    return validate(SweepSpec, data, f"{run_dir}/{SPEC_FILE}")
+
+
+# ---- what is finished ------------------------------------------------------------------------
+
+
+def unfinished_mask(trials: pd.DataFrame) -> pd.Series:
+    """The trials that will still run: running, pending or paused, or whose status Ray had
+    not written yet (``UNKNOWN``) and that did not report an end of their own.
+
+    The one definition of "unfinished", used by the CLI, the report and its figures."""
+    if trials.empty or "status" not in trials:
+        return pd.Series(False, index=trials.index)
+    status = trials["status"].astype(str)
+    reason = trials.get("stop_reason", pd.Series("", index=trials.index)).astype(str)
+    return status.isin(NOT_FINISHED) | ((status == "UNKNOWN") & ~reason.isin(OWN_ENDS))
+
+
+# ---- mirrors of run directories at URIs ------------------------------------------------------
+
+_TOP_FILES = re.compile(r"spec\.yaml|experiment_state-.*\.json|basic-variant-state-.*\.json"
+                        r"|searcher-state-.*\.pkl|baselines\.parquet")
+_TRIAL_FILES = ("params.json", "result.json", "error.txt")
+
+
+def mirror_dir(run_dir: str) -> Path:
+    """Where the local mirror of a URI run directory lives (a per-user cache)."""
+    from platformdirs import user_cache_dir
+
+    scheme, rest = run_dir.split("://", 1)
+    parts = [p for p in rest.split("?", 1)[0].split("/") if p not in ("", ".", "..")]
+    return Path(user_cache_dir("cae-sweep")).joinpath("runs", scheme, *parts)
+
+
+def fetch_run(run_dir: str, dest: Path | None = None) -> Path:
+    """Copy what cae.results reads from a run directory at a URI (s3://, gs://, ...) into a
+    local mirror, refreshed on every call; returns the mirror's path."""
+    import shutil
+
+    import pyarrow.fs as pafs
+
+    fs, root = _filesystem(run_dir)
+    root = root.rstrip("/")
+    dest = dest or mirror_dir(run_dir)
+    if dest.exists():
+        shutil.rmtree(dest)
+    dest.mkdir(parents=True)
+    for info in fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True)):
+        if info.type != pafs.FileType.File:
+            continue
+        rel = info.path[len(root):].lstrip("/").split("/")
+        wanted = ((len(rel) == 1 and _TOP_FILES.fullmatch(rel[0]))
+                  or (len(rel) == 2 and rel[1] in _TRIAL_FILES))
+        if wanted:
+            target = dest.joinpath(*rel)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with fs.open_input_stream(info.path) as src:
+                target.write_bytes(src.read())
+    if not (dest / SPEC_FILE).is_file():
+        raise RunDirError(f"{run_dir} is not a cae run directory (no {SPEC_FILE} in it)")
+    return dest
+
+
+def local_copy(run_dir: str) -> Path:
+    """A local path to read a run directory from: itself, or the refreshed mirror of a URI."""
+    if is_uri(run_dir):
+        return fetch_run(run_dir)
+    path = Path(run_dir)
+    if not (path / SPEC_FILE).is_file():
+        raise RunDirError(f"{run_dir} is not a cae run directory (no {SPEC_FILE} in it)")
+    return path
+
+
+def fetch_checkpoints(run_dir: str, trial_dirs, dest: Path | None = None) -> None:
+    """Add the newest checkpoint of each named trial directory to the local mirror (the
+    report's sample pictures rebuild the best trials from them)."""
+    import pyarrow.fs as pafs
+
+    fs, root = _filesystem(run_dir)
+    root = root.rstrip("/")
+    dest = dest or mirror_dir(run_dir)
+    for name in trial_dirs:
+        infos = fs.get_file_info(pafs.FileSelector(f"{root}/{name}", allow_not_found=True))
+        ckpts = sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory
+                       and i.base_name.startswith("checkpoint_"))
+        if not ckpts:
+            continue
+        src = f"{root}/{name}/{ckpts[-1]}"
+        for info in fs.get_file_info(pafs.FileSelector(src, recursive=True)):
+            if info.type == pafs.FileType.File:
+                target = dest / name / ckpts[-1] / info.path[len(src):].lstrip("/")
+                target.parent.mkdir(parents=True, exist_ok=True)
+                with fs.open_input_stream(info.path) as f:
+                    target.write_bytes(f.read())
+
+
+def publish(run_dir: str, *files: Path) -> None:
+    """Put local files (trials.parquet, the report, ...) into a run directory at a URI;
+    a local run directory already holds them."""
+    if not is_uri(run_dir):
+        return
+    fs, root = _filesystem(run_dir)
+    for path in files:
+        with fs.open_output_stream(f"{root.rstrip('/')}/{Path(path).name}") as out:
+            out.write(Path(path).read_bytes())

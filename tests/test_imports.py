@@ -1,0 +1,86 @@
+"""The data flow is one way: no import cycles between modules, the core never imports Ray,
+and the library never imports its command line."""
+
+import ast
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+PACKAGES = ("cae", "analysis")
+CORE = ("cae.catalog", "cae.presets", "cae.arch", "cae.config", "cae.memory", "cae.models",
+        "cae.data", "cae.tasks", "cae.train", "cae.baselines")
+
+
+def _module_imports() -> dict[str, set[str]]:
+    """Every project module -> the project modules it imports (at any level of the file)."""
+    graph = {}
+    for pkg in PACKAGES:
+        for path in (REPO / pkg).glob("*.py"):
+            name = f"{pkg}.{path.stem}" if path.stem != "__init__" else pkg
+            deps = set()
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.Import):
+                    deps |= {a.name for a in node.names}
+                elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                    deps.add(node.module)
+                    deps |= {f"{node.module}.{a.name}" for a in node.names}
+            graph[name] = deps
+    return graph
+
+
+def _is_type_checking_only(path: Path, module: str) -> bool:
+    tree = ast.parse(path.read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and getattr(node.test, "id", "") == "TYPE_CHECKING":
+            for sub in ast.walk(node):
+                if isinstance(sub, ast.ImportFrom) and sub.module == module:
+                    return True
+    return False
+
+
+def _edges() -> dict[str, set[str]]:
+    graph = _module_imports()
+    edges = {}
+    for mod, deps in graph.items():
+        pkg, _, stem = mod.partition(".")
+        path = REPO / pkg / f"{stem or '__init__'}.py"
+        # ``from analysis import figures`` names the submodule; the package itself only
+        # re-exports, so it is not an edge of its own
+        edges[mod] = {d for d in deps if d in graph and d != mod and d not in PACKAGES
+                      and not _is_type_checking_only(path, d)}
+    return edges
+
+
+def test_no_import_cycles():
+    edges = _edges()
+    state: dict[str, int] = {}
+
+    def visit(node: str, stack: list[str]) -> None:
+        state[node] = 1
+        for dep in sorted(edges[node]):
+            if state.get(dep) == 1:
+                cycle = stack[stack.index(dep):] + [dep] if dep in stack else [node, dep]
+                pytest.fail("import cycle: " + " -> ".join(cycle))
+            if dep not in state:
+                visit(dep, [*stack, dep])
+        state[node] = 2
+
+    for mod in sorted(edges):
+        if mod not in state:
+            visit(mod, [mod])
+
+
+@pytest.mark.parametrize("module", CORE)
+def test_core_never_imports_ray_or_the_cli(module):
+    deps = _module_imports().get(module)
+    if deps is None:
+        pytest.skip(f"{module} does not exist")
+    assert not {d for d in deps if d == "ray" or d.startswith("ray.")}, module
+    assert "cae.cli" not in deps and "cae.sweep" not in deps
+
+
+def test_the_library_never_imports_the_cli():
+    for mod, deps in _module_imports().items():
+        if mod != "cae.cli":
+            assert "cae.cli" not in deps, mod
