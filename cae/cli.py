@@ -51,7 +51,8 @@ def _epoch_line(m: dict, max_epochs: int) -> str:
         and k != "best_val_loss"
     )
     return (f"epoch {m['epoch']:>3}/{max_epochs}  train {m['train_loss']:.5f}  "
-            f"val {m['val_loss']:.5f}  {m['epoch_time_s']:.1f}s" + (f"  [{extra}]" if extra else ""))
+            f"val {m['val_loss']:.5f}  {m['epoch_time_s']:.1f}s"
+            + (f"  [{extra}]" if extra else ""))
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -68,7 +69,8 @@ def cmd_train(args: argparse.Namespace) -> int:
           f"{info['latent_size']} {info['latent_shape']}; task {cfg.task.name} on "
           f"{cfg.data.dataset}; device {device}", flush=True)
     try:
-        result = train(cfg, on_epoch=lambda m, _s: print(_epoch_line(m, cfg.max_epochs), flush=True))
+        result = train(cfg, on_epoch=lambda m, _s: print(_epoch_line(m, cfg.max_epochs),
+                                                          flush=True))
     except Diverged as exc:
         print(f"cae: trial diverged: {exc}", file=sys.stderr)
         return 1
@@ -325,6 +327,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("cae: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `cae ... | head`: the reader has gone, nothing to say
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - silence the flush at exit
+        return 141
     except Exception as exc:
         if _debug():
             raise

@@ -113,7 +113,9 @@ class ModelConfig(_Strict):
     @model_validator(mode="before")
     @classmethod
     def _apply_preset(cls, data: Any) -> Any:
-        if isinstance(data, dict) and data.get("preset"):
+        if isinstance(data, dict) and data.get("preset") is not None:
+            if not isinstance(data["preset"], str):
+                raise ValueError(f"preset must be a preset's name, not {data['preset']!r}")
             merged = preset_dict(data["preset"])
             merged.update(data)
             return merged

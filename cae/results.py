@@ -25,7 +25,8 @@ _RAY_FIELDS = {
     "time_this_iter_s", "pid", "hostname", "node_ip", "config", "time_since_restore",
     "iterations_since_restore", "should_checkpoint",
 }
-_STATIC = {"params", "latent_size", "device", "node_id", "stop_reason", "best_val_loss"}
+_STATIC = {"params", "latent_size", "device", "node_id", "stop_reason", "best_val_loss",
+           "data_loaded"}
 
 
 class ExperimentStateError(UserError):
@@ -85,20 +86,22 @@ def _flatten(data: dict, prefix: str = "") -> dict:
 
 
 @lru_cache(maxsize=4096)
-def _model_facts(config_json: str) -> dict:
-    """Params, latent size and family of one trial's resolved config (cached per config)."""
+def _trial_facts(config_json: str) -> dict:
+    """The flat columns of one trial (cached per configuration): every setting it ran with,
+    defaults included, plus params, latent size and architecture family."""
     from cae.arch import describe
     from cae.config import trial_config
 
     base, point = json.loads(config_json)
     try:
         cfg = trial_config(base, point)
-    except (ValueError, UserError):  # a hand-edited params.json: leave the facts out
-        return {}
+    except (ValueError, UserError):  # a hand-edited params.json: the settings as given
+        return _flatten(apply_point(json.loads(json.dumps(base)), point))
     m = cfg.model
     info = describe(m)
     convs = m.convs if isinstance(m.convs, int) else "-".join(map(str, m.convs))
     return {
+        **_flatten(cfg.model_dump(mode="json")),
         "params": info["params"],
         "latent_size": info["latent_size"],
         "family": f"{m.bottleneck} {len(m.channels)} stages x {convs} conv",
@@ -156,11 +159,11 @@ def load_frames(run_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
             reason = "asha" if scheduler == "asha" else "stopped"
         else:
             reason = status.lower()
-        # The configuration the trial ran: the base with its point applied (a variant's keys
-        # included), then the point's own columns (a variant also as ``variant.*``).
-        resolved = apply_point(json.loads(json.dumps(base)), point)
-        row = {"trial_id": trial_id, **_flatten(resolved), **_flatten(point)}
-        row.update(_model_facts(json.dumps([base, point], sort_keys=True)))
+        # The configuration the trial ran (its point and a variant's keys applied, defaults
+        # filled in); a variant axis also as ``variant.*`` columns, which name its values.
+        row = {"trial_id": trial_id,
+               **_trial_facts(json.dumps([base, point], sort_keys=True)),
+               **{k: v for k, v in _flatten(point).items() if k.startswith("variant")}}
         row.update({
             "best_val_loss": min(vals) if vals else math.nan,
             "best_epoch": min(by_epoch, key=lambda e: by_epoch[e].get("val_loss", math.inf))
@@ -175,6 +178,7 @@ def load_frames(run_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
             "node_id": last.get("node_id"),
             "hostname": last.get("hostname"),
             "device": last.get("device"),
+            "data_loaded": last.get("data_loaded"),  # what the trial really trained on
             "num_failures": state.get("num_failures", 0),
             "trial_dir": trial_dir.name,
         })

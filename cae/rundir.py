@@ -136,6 +136,13 @@ def mirror_dir(run_dir: str) -> Path:
 def fetch_run(run_dir: str, dest: Path | None = None) -> Path:
     """Copy what cae.results reads from a run directory at a URI (s3://, gs://, ...) into a
     local mirror, refreshed on every call; returns the mirror's path."""
+    try:
+        return _fetch_run(run_dir, dest)
+    except OSError as exc:  # the bucket or path cannot be listed or read
+        raise RunDirError(f"{run_dir}: cannot be read ({exc})") from None
+
+
+def _fetch_run(run_dir: str, dest: Path | None) -> Path:
     import shutil
 
     import pyarrow.fs as pafs

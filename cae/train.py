@@ -73,7 +73,8 @@ class Trainer:
         self.device = resolve_device(cfg.device)
         torch.manual_seed(cfg.seed)
         data = data if data is not None else load(cfg.data)
-        self.splits = to_device(split(data, cfg.data.val_fraction, cfg.data.split_seed), self.device)
+        splits = split(data, cfg.data.val_fraction, cfg.data.split_seed)
+        self.splits = to_device(splits, self.device)
         self.task = make_task(cfg.task)
         self.model = build_model(cfg.model, seed=cfg.seed).to(self.device)
         self.cuda = self.device.type == "cuda"

@@ -52,7 +52,8 @@ def _config(tmp_path, data: dict) -> str:
     "config, needles",
     [
         ({"modle": {}}, ["modle", "Extra inputs"]),
-        ({"model": {"bottleneck": "dense", "latent_dim": 0}}, ["model.latent_dim", "greater than or equal to 1"]),
+        ({"model": {"bottleneck": "dense", "latent_dim": 0}},
+         ["model.latent_dim", "greater than or equal to 1"]),
         ({"model": {"channels": [8], "kernel": 31, "padding": 0}},
          ["model.kernel", "larger than its input"]),
         ({"model": {"channels": [8, 8, 8, 8, 8]}}, ["model.pool", "pools a 1x1 map"]),
@@ -91,3 +92,32 @@ def test_unreadable_run_directory_is_one_message(run_dir, needle, capsys):
         assert main(command) == 2
         err = capsys.readouterr().err
         assert err.startswith("cae: error:") and needle in err and "Traceback" not in err, err
+
+
+def test_a_bug_is_not_reported_as_bad_input(monkeypatch, capsys):
+    """An unexpected exception is an internal error (exit 1) naming the exception, not a
+    user error; --debug shows its traceback."""
+    import cae.models
+
+    def broken(*args, **kwargs):
+        raise KeyError("boom")
+
+    monkeypatch.setattr(cae.models, "describe", broken)
+    assert main(["models"]) == 1
+    err = capsys.readouterr().err
+    assert "internal error: KeyError" in err and "boom" in err and "--debug" in err
+    assert not err.startswith("cae: error:")
+    monkeypatch.delenv("CAE_DEBUG", raising=False)
+    with pytest.raises(KeyError, match="boom"):
+        main(["--debug", "models"])
+
+
+def test_an_os_error_deep_inside_is_a_bug_but_a_bad_path_is_input(tmp_path, capsys,
+                                                                     monkeypatch):
+    monkeypatch.delenv("CAE_DEBUG", raising=False)
+    assert main(["report", str(tmp_path)]) == 2  # exists, but is no run directory
+    assert "not a cae run directory" in capsys.readouterr().err
+    spec = tmp_path / "s.yaml"
+    spec.write_bytes(b"\xff\xfe\x00 not yaml")
+    assert main(["sweep", str(spec), "--dry-run"]) == 2
+    assert "cae: error:" in capsys.readouterr().err

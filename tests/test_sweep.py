@@ -204,3 +204,61 @@ def test_a_crashed_trial_is_retried_from_its_checkpoint(tmp_path):
     restart = [r for r in lines if r["pid"] != killed["pid"]]
     # after the crash the trial went on from its checkpoint, not from epoch 1
     assert restart and restart[0]["epoch"] > 1 and restart[0]["epoch"] >= killed["epoch"]
+
+
+def test_datasets_and_variants_in_space_are_what_each_trial_ran(tmp_path, data_copy, capsys):
+    """A grid over datasets trains each trial on its own (each loaded once); a key set by a
+    variant is the trial's value in trials.parquet and in the closing best-trial line; the
+    data root is recorded in the run, and report and resume read it (or --data-dir)."""
+    spec = {
+        "name": "mixed",
+        "trial": {"data": {"dataset": "sample", "train_limit": 300, "test_limit": 200},
+                  "model": {"channels": [8, 8], "latent_dim": 8}, "max_epochs": 1,
+                  "patience": None},
+        "space": {"data.dataset": {"grid": ["sample", "mnist"]},
+                  "variant": {"grid": [{"model.channels": [8, 8]},
+                                       {"model.channels": [32, 32], "lr": 0.002}]}},
+        "scheduler": {"kind": "fifo"},
+    }
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    assert main(["sweep", str(path), "--storage", str(tmp_path), "--name", "m",
+                 "--data-dir", str(data_copy), "--no-report"]) == 0
+    out = capsys.readouterr().out
+    run_dir = tmp_path / "m"
+    trials = pd.read_parquet(run_dir / "trials.parquet")
+    assert len(trials) == 4 and set(trials["status"]) == {"TERMINATED"}
+    # each trial trained on the dataset its row names (mnist: 300 of 60,000 train images)
+    for _, t in trials.iterrows():
+        assert t["data_loaded"] == f"{t['data.dataset']}: (300, 1, 28, 28) train images"
+    assert sorted(trials["data.dataset"]) == ["mnist", "mnist", "sample", "sample"]
+    # the variant's keys are the trial's own columns
+    assert sorted(trials["model.channels"]) == ["[32, 32]", "[32, 32]", "[8, 8]", "[8, 8]"]
+    assert (trials.loc[trials["model.channels"] == "[32, 32]", "lr"] == 0.002).all()
+    assert (trials.loc[trials["model.channels"] == "[8, 8]", "lr"] == 0.001).all()
+    from cae.arch import param_count
+    from cae.config import trial_config
+
+    for channels in ([8, 8], [32, 32]):
+        want = param_count(trial_config(spec["trial"], {"model.channels": channels}).model)
+        assert set(trials.loc[trials["model.channels"] == str(channels), "params"]) == {want}
+    best = trials.loc[trials["best_val_loss"].idxmin()]
+    assert f"model.channels={best['model.channels']}" in out
+    # where the data came from is in the run; report and resume use it
+    saved = yaml.safe_load((run_dir / "spec.yaml").read_text())
+    assert saved["trial"]["data"]["data_dir"] == str(data_copy.resolve())
+    assert main(["report", str(run_dir)]) == 0
+    assert "Pictures" in (run_dir / "report.html").read_text()
+    assert main(["report", str(run_dir), "--data-dir", str(data_copy), "-o",
+                 str(tmp_path / "r.html")]) == 0
+    assert main(["resume", str(run_dir), "--data-dir", str(data_copy), "--no-report"]) == 0
+    assert len(pd.read_parquet(run_dir / "trials.parquet")) == 4
+
+
+def test_random_axes_over_data_are_refused_before_ray(tmp_path, capsys):
+    spec = {"name": "r", "space": {"data.val_fraction": {"uniform": [0.1, 0.2]}}}
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    assert main(["sweep", str(path), "--storage", str(tmp_path)]) == 2
+    assert "space.data.val_fraction" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir()) or list(tmp_path.iterdir()) == [path]

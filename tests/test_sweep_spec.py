@@ -24,8 +24,8 @@ def test_every_shipped_spec_passes_the_dry_run(path, capsys, tmp_path):
 def test_quickstart_and_full_grid_sizes():
     quick = check_spec(load_spec(str(SWEEPS / "quickstart.yaml")))
     full = check_spec(load_spec(str(SWEEPS / "full_grid.yaml")))
-    assert quick.n_trials >= 16
-    assert full.n_trials >= 1000
+    assert quick.n_trials == 16
+    assert full.n_trials == 3780
     assert len(quick.models) == quick.n_trials  # every quickstart trial is its own model
 
 
@@ -87,3 +87,57 @@ def test_bad_specs_exit_2_naming_the_field(tmp_path, capsys, change, needles):
 def test_missing_spec_file(tmp_path, capsys):
     assert main(["sweep", str(tmp_path / "nope.yaml")]) == 2
     assert "not found" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("change, needles", [
+    ({"space": {"model.convs": 1_000_000_000}}, ["convs", "between 1 and 64"]),
+    ({"space": {"model.channels": [8, 100_000]}}, ["channels", "between 1 and 4096"]),
+    ({"space": {"model.dense": [64] * 100}}, ["model.dense", "at most 32"]),
+    ({"space": {"model.latent_dim": 10**12}}, ["model.latent_dim", "less than or equal"]),
+    ({"trial": {"max_epochs": 10**9}}, ["max_epochs", "less than or equal"]),
+    ({"space": {"lr": {"grid": list(range(1, 1001))}, "seed": {"grid": list(range(1001))},
+                "batch_size": {"grid": [8, 16]}}}, ["space:", "2,002,000", "split the sweep"]),
+])
+def test_huge_sizes_are_refused_at_once_naming_the_field(tmp_path, capsys, change, needles):
+    assert main(["sweep", _write(tmp_path, {**BASE, **change}), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    for needle in needles:
+        assert needle in err, err
+
+
+def test_a_point_that_cannot_fit_its_memory_share_is_refused(tmp_path, capsys):
+    """The dry run estimates each architecture's memory per trial and refuses, before
+    anything starts, a grid point that cannot fit a CPU trial's share of this machine."""
+    from cae.memory import machine_memory
+
+    spec = {**BASE, "space": {"batch_size": {"grid": [64, 2**20]}}}
+    assert main(["sweep", _write(tmp_path, spec), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "batch_size: 1048576" in err and "MiB" in err and "share" in err, err
+    assert "1 of" in err and f"{machine_memory() / 2**30:.0f} GiB RAM" in err
+    spec["space"]["batch_size"]["grid"] = [64, 128]
+    assert main(["sweep", _write(tmp_path, spec), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "memory per trial: at most" in out and " MiB " in out
+
+
+def test_the_memory_estimate_counts_what_it_says():
+    from cae.config import TrialConfig
+    from cae.memory import RUNTIME_BYTES, estimate, layer_outputs
+
+    cfg = TrialConfig.model_validate({"data": {"dataset": "sample", "train_limit": 1000},
+                                      "model": {"channels": [4], "bottleneck": "conv",
+                                                "latent_channels": 2}, "batch_size": 10,
+                                      "eval_batch_size": 10})
+    # conv 4x28x28, relu, pool 4x14x14, latent conv 2x14x14, relu; up 28x28 (2 ch),
+    # conv 4x28x28, relu, output conv 1x28x28, sigmoid
+    outs = (2 * 4 * 28 * 28 + 4 * 14 * 14 + 2 * 2 * 14 * 14 + 2 * 28 * 28
+            + 2 * 4 * 28 * 28 + 2 * 28 * 28)
+    assert layer_outputs(cfg.model) == outs
+    e = estimate(cfg)
+    from cae.arch import param_count
+
+    assert e.weights == 20 * param_count(cfg.model)
+    assert e.activations == 10 * (8 * outs + 4 * 2 * 784)
+    assert e.data == 784 * (2 * 1000 + 1000) + 4 * 2 * 784 * (100 + 1000)
+    assert e.total == e.weights + e.activations + e.data + RUNTIME_BYTES

@@ -1,0 +1,57 @@
+"""Results frames from run directories: the one definition of an unfinished trial, and a
+clear error for experiment state this version of Ray Tune did not write."""
+
+import json
+
+import pandas as pd
+import pytest
+import yaml
+
+from cae.results import ExperimentStateError, load_frames
+from cae.rundir import RunDirError, unfinished_mask
+
+
+def test_unfinished_is_one_definition():
+    trials = pd.DataFrame({
+        "status": ["RUNNING", "PENDING", "PAUSED", "TERMINATED", "ERROR", "UNKNOWN", "UNKNOWN",
+                   "UNKNOWN"],
+        "stop_reason": ["running", "pending", "paused", "asha", "error: x", "max_epochs",
+                        "patience", "unknown"],
+    })
+    assert unfinished_mask(trials).tolist() == [True, True, True, False, False, False, False,
+                                                True]
+    assert not unfinished_mask(pd.DataFrame()).any()
+
+
+def _run_dir(tmp_path, state: dict | None):
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(
+        {"name": "x", "trial": {"model": {"latent_dim": 8}}, "scheduler": {"kind": "fifo"}}))
+    trial = tmp_path / "run_trial_00000"
+    trial.mkdir()
+    (trial / "params.json").write_text(json.dumps({"model.latent_dim": 4}))
+    (trial / "result.json").write_text(json.dumps(
+        {"trial_id": "a_00000", "epoch": 1, "train_loss": 0.1, "val_loss": 0.2,
+         "stop_reason": "max_epochs", "time_total_s": 1.0}) + "\n")
+    if state is not None:
+        (tmp_path / "experiment_state-2026.json").write_text(json.dumps(state))
+    return tmp_path
+
+
+def test_frames_of_a_run_with_and_without_ray_state(tmp_path):
+    trials, epochs = load_frames(_run_dir(tmp_path, None))
+    row = trials.iloc[0]
+    assert row["status"] == "UNKNOWN" and row["stop_reason"] == "max_epochs"
+    assert not unfinished_mask(trials).any()
+    assert row["model.latent_dim"] == 4 and row["latent_size"] == 4 and row["lr"] == 0.001
+    assert len(epochs) == 1
+
+
+def test_experiment_state_of_another_ray_is_a_clear_error(tmp_path):
+    run = _run_dir(tmp_path, {"trial_data": [[{"name": "x"}, {}]]})  # no status, no logdir
+    with pytest.raises(ExperimentStateError, match="experiment state is not in the form"):
+        load_frames(run)
+
+
+def test_not_a_run_directory(tmp_path):
+    with pytest.raises(RunDirError, match="not a cae run directory"):
+        load_frames(tmp_path)
