@@ -18,6 +18,7 @@ from __future__ import annotations
 import uuid
 from pathlib import Path
 
+from cae.config import UserError
 from cae.rundir import is_shared_uri, local_path
 
 CHECK_TIMEOUT_S = 120.0
@@ -28,7 +29,7 @@ ADVICE = ("use s3://BUCKET/PATH, gs://BUCKET/PATH or a path on a mount shared by
           "(NFS, EFS, Filestore, ...)")
 
 
-class SharedStorageError(ValueError):
+class SharedStorageError(UserError):
     """``--storage`` is a path that some node of the cluster cannot see."""
 
 

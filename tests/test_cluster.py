@@ -352,19 +352,22 @@ def test_quarter_gpus_pack_four_trials_on_one_gpu(cluster, tmp_path):
 
 def test_check_shared_storage_without_a_cluster():
     from cae import cluster as cc
+    from cae import rundir as rd
 
     for uri in ("s3://bucket/sweeps", "gs://bucket/sweeps", "hdfs://nn/sweeps"):
         cc.check_shared_storage(uri)  # URIs need no Ray at all
-    assert cc.is_shared_uri("s3://b/x") and cc.is_shared_uri("gs://b/x")
-    assert not cc.is_shared_uri("file:///tmp/x") and cc.is_uri("file:///tmp/x")
-    assert not cc.is_uri("runs") and not cc.is_shared_uri("/mnt/nfs/runs")
-    assert cc.local_path("file:///tmp/x") == Path("/tmp/x")
+    assert rd.is_shared_uri("s3://b/x") and rd.is_shared_uri("gs://b/x")
+    assert not rd.is_shared_uri("file:///tmp/x") and rd.is_uri("file:///tmp/x")
+    assert not rd.is_uri("runs") and not rd.is_shared_uri("/mnt/nfs/runs")
+    assert rd.local_path("file:///tmp/x") == Path("/tmp/x")
     assert cc.mount_fstype(Path("/proc/self")) == "proc"
     node = {"Resources": {"CPU": 4.0, "GPU": 1.0}}
     assert cc._can_host(node, {"CPU": 1, "GPU": 0.25})
     assert not cc._can_host({"Resources": {"CPU": 4.0}}, {"CPU": 1, "GPU": 0.25})
     assert not cc._can_host({"Resources": {}}, {"CPU": 1, "GPU": 0})
-    assert issubclass(cc.SharedStorageError, ValueError)  # the CLI's exit status 2
+    from cae.config import UserError
+
+    assert issubclass(cc.SharedStorageError, UserError)  # the CLI's exit status 2
 
 
 def _unshare_prefix() -> list[str] | None:
@@ -411,10 +414,11 @@ while True:
 CHECK = """
 import sys, ray
 from cae.cluster import check_shared_storage
+from cae.config import UserError
 ray.init(address=sys.argv[1], log_to_driver=False)
 try:
     check_shared_storage(sys.argv[2], {"CPU": 1, "GPU": 0})
-except ValueError as exc:
+except UserError as exc:
     print("REFUSED", exc)
 else:
     print("ACCEPTED")
