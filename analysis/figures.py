@@ -25,7 +25,7 @@ from analysis.run import (
     short_id,
     swept_axes,
 )
-from cae.rundir import unfinished_mask
+from cae.rundir import OWN_ENDS, SCHEDULER_STOPS, unfinished_mask
 
 LOG2_DTICK = math.log10(2)  # log axis ticks at 1, 2, 4, 8, ...
 # Loss axes: ticks at 1, 2, 5 of each decade, written out (0.02, not "2").
@@ -132,7 +132,7 @@ def loss_evolution(
 
 
 _STOP_STYLES = {
-    "asha": ("stopped by ASHA", dict(symbol="x", size=8, color="#444")),
+    "scheduler": ("stopped early by the scheduler", dict(symbol="x", size=8, color="#444")),
     "patience": ("stopped by patience", dict(symbol="circle-open", size=8, color="#444")),
     "error": ("error", dict(symbol="x-thin-open", size=11, color="#D62728",
                             line=dict(width=2, color="#D62728"))),
@@ -141,8 +141,8 @@ _STOP_STYLES = {
 
 
 def _stop_kinds(trials: pd.DataFrame) -> dict[str, str | None]:
-    """Per trial id: how it ended (error, asha, patience), "running" while it is unfinished
-    (``cae.rundir.unfinished_mask``), None for a trial that ran to max_epochs."""
+    """Per trial id: how it ended (error, scheduler, patience), "running" while it is
+    unfinished (``cae.rundir.unfinished_mask``), None for a trial that ran to max_epochs."""
     reason = trials["stop_reason"].astype(str)
     status = trials.get("status", pd.Series("", index=trials.index)).astype(str)
     running = unfinished_mask(trials)
@@ -150,7 +150,9 @@ def _stop_kinds(trials: pd.DataFrame) -> dict[str, str | None]:
     for tid, r, s, run in zip(trials["trial_id"].astype(str), reason, status, running):
         if r.startswith("error") or s == "ERROR":
             kinds[tid] = "error"
-        elif r in ("asha", "patience"):
+        elif r in SCHEDULER_STOPS:
+            kinds[tid] = "scheduler"
+        elif r == "patience":
             kinds[tid] = r
         else:
             kinds[tid] = "running" if run else None
@@ -177,10 +179,21 @@ def _stop_markers(fig: go.Figure, trials: pd.DataFrame, epochs: pd.DataFrame) ->
             row=1, col=1)
 
 
+def trained_to_the_end(trials: pd.DataFrame) -> pd.Series:
+    """Trials that ran until their own end (max_epochs or patience), neither stopped by the
+    scheduler nor unfinished nor failed: the only ones whose error says what the
+    architecture can do."""
+    if "stop_reason" not in trials:
+        return ~unfinished_mask(trials)
+    return trials["stop_reason"].astype(str).isin(OWN_ENDS) & ~unfinished_mask(trials)
+
+
 def pareto_front(trials: pd.DataFrame, metric: str = "best_val_loss") -> pd.DataFrame:
     """Trials no other beats with a latent as small or smaller: the lowest error at each
-    latent size and below, in increasing latent size (so error strictly decreases)."""
-    df = trials[pd.to_numeric(trials[metric], errors="coerce").notna()]
+    latent size and below, in increasing latent size (so error strictly decreases). Only
+    trials trained to the end take part (see ``trained_to_the_end``)."""
+    df = trials[pd.to_numeric(trials[metric], errors="coerce").notna()
+                & trained_to_the_end(trials)]
     df = df[df["latent_size"] > 0].sort_values(["latent_size", metric], kind="stable")
     keep, low = [], math.inf
     for idx, value in zip(df.index, df[metric].astype(float)):
@@ -192,9 +205,13 @@ def pareto_front(trials: pd.DataFrame, metric: str = "best_val_loss") -> pd.Data
 
 def latent_vs_error(
     trials: pd.DataFrame, spec: dict | None = None, metric: str = "best_val_loss",
+    baselines: pd.DataFrame | None = None,
 ) -> go.Figure:
     """One point per trial: latent size (log2 x) against its error (log y), coloured by
-    architecture family, with the Pareto front drawn and each point's config on hover.
+    architecture family, with the Pareto front of the trials trained to the end and each
+    point's config on hover; repeated configurations (same config, other seeds) also as
+    their mean with a min-max bar; ``baselines`` (``cae.baselines``) as reference lines:
+    PCA at each latent size, and for denoise the error of returning the distorted input.
 
     Families sharing a latent size are dodged slightly sideways so that none hides another;
     the hover shows the true latent size.
@@ -214,7 +231,7 @@ def latent_vs_error(
     families = sorted(df["family"].astype(str).unique())
     # A trial the scheduler stopped early reached its error in fewer epochs than the others:
     # drawn open, so that a short run is not read as a worse architecture.
-    early = (df["stop_reason"].astype(str) == "asha" if "stop_reason" in df
+    early = (df["stop_reason"].astype(str).isin(SCHEDULER_STOPS) if "stop_reason" in df
              else pd.Series(False, index=df.index))
     epochs_run = (df["epochs"] if "epochs" in df else pd.Series(0, index=df.index)).fillna(0)
     fig = go.Figure()
@@ -236,7 +253,7 @@ def latent_vs_error(
             customdata=np.stack([sub["trial_id"].map(short_id).to_numpy(),
                                  sub["latent_size"].astype(int).to_numpy(),
                                  epochs_run.loc[sub.index].astype(int).to_numpy(),
-                                 np.where(early.loc[sub.index], " (stopped early by ASHA)",
+                                 np.where(early.loc[sub.index], " (stopped early by the scheduler)",
                                           "")], axis=1),
             text=text.loc[sub.index],
             hovertemplate=("trial %{customdata[0]}<br>latent size %{customdata[1]}<br>"
@@ -244,9 +261,11 @@ def latent_vs_error(
                            f"%{{customdata[3]}}<br>%{{text}}<extra>{fam}</extra>")))
     if early.any():
         fig.add_trace(go.Scatter(  # a legend entry only
-            x=[None], y=[None], mode="markers", name=f"open: stopped early by ASHA "
+            x=[None], y=[None], mode="markers", name=f"open: stopped early "
             f"({int(early.sum())})", marker=dict(symbol="circle-open", size=10, color="#555555",
                                                  line=dict(width=2)), hoverinfo="skip"))
+    _repeat_bars(fig, df, metric, name, colors, families)
+    _baseline_lines(fig, baselines, metric, df)
     front = pareto_front(df, metric)
     fig.add_trace(go.Scatter(
         x=front["latent_size"].astype("float32").to_numpy(),
@@ -261,6 +280,81 @@ def latent_vs_error(
     fig.update_layout(title=title, height=520, legend_title_text="family",
                       hovermode="closest")
     return fig
+
+
+def repeat_spread(trials: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """Per configuration run more than once (``config_id``: the same settings but the
+    seed): how many repeats, and the mean, min, max and std of ``metric`` over them."""
+    if "config_id" not in trials or trials.empty:
+        return pd.DataFrame(columns=["config_id", "n", "mean", "min", "max", "std"])
+    df = trials[pd.to_numeric(trials[metric], errors="coerce").notna()]
+    g = df.groupby("config_id")[metric].agg(["count", "mean", "min", "max", "std"])
+    g = g.rename(columns={"count": "n"}).reset_index()
+    return g[g["n"] > 1]
+
+
+def _repeat_bars(fig: go.Figure, df: pd.DataFrame, metric: str, name: str,
+                 colors: dict, families: list[str]) -> None:
+    """Mean and min-max over the repeats of each repeated configuration."""
+    spread = repeat_spread(df, metric)
+    if spread.empty:
+        return
+    facts = df.drop_duplicates("config_id").set_index("config_id")
+    spread = spread.join(facts[["latent_size", "family"]], on="config_id")
+    for i, fam in enumerate(families):
+        sub = spread[spread["family"].astype(str) == fam]
+        if sub.empty:
+            continue
+        offset = (i - (len(families) - 1) / 2) * 0.06 if len(families) > 1 else 0.0
+        fig.add_trace(go.Scatter(
+            x=(sub["latent_size"].astype(float) * 2.0 ** offset).to_numpy("float32"),
+            y=sub["mean"].to_numpy("float32"), mode="markers", legendgroup=fam,
+            name=f"{fam}: mean of repeats", showlegend=False,
+            marker=dict(symbol="line-ew-open", size=18, color=colors.get(fam, "#999999"),
+                        line=dict(width=3)),
+            error_y=dict(type="data", symmetric=False,
+                         array=(sub["max"] - sub["mean"]).to_numpy("float32"),
+                         arrayminus=(sub["mean"] - sub["min"]).to_numpy("float32"),
+                         color=colors.get(fam, "#999999"), thickness=1.5, width=6),
+            customdata=np.stack([sub["n"].astype(int), sub["min"], sub["max"],
+                                 sub["std"].fillna(0)], axis=1),
+            hovertemplate=(f"mean {name} %{{y:.4g}} of %{{customdata[0]}} repeats<br>"
+                           "min %{customdata[1]:.4g}, max %{customdata[2]:.4g}, "
+                           f"std %{{customdata[3]:.2g}}<extra>{fam}</extra>")))
+    fig.add_trace(go.Scatter(  # a legend entry only
+        x=[None], y=[None], mode="markers", name="bar: mean and min-max of repeats",
+        marker=dict(symbol="line-ew-open", size=14, color="#555555", line=dict(width=3)),
+        hoverinfo="skip"))
+
+
+def _baseline_lines(fig: go.Figure, baselines: pd.DataFrame | None, metric: str,
+                    df: pd.DataFrame) -> None:
+    """PCA at each latent size (the best a linear autoencoder does) and, for denoise, the
+    error of the distorted input itself, on the split ``metric`` comes from."""
+    if baselines is None or baselines.empty:
+        return
+    split = "test" if metric.startswith("test") else "val"
+    b = baselines[baselines["split"] == split]
+    pca = b[b["baseline"] == "pca"].sort_values("latent_size")
+    lo, hi = float(df["latent_size"].min()), float(df["latent_size"].max())
+    for (dataset, task, loss), part in pca.groupby(["dataset", "task", "loss_kind"]):
+        part = part[(part["latent_size"] >= lo) & (part["latent_size"] <= hi)]
+        if part.empty:
+            continue
+        fig.add_trace(go.Scatter(
+            x=part["latent_size"].to_numpy("float32"), y=part["loss"].to_numpy("float32"),
+            mode="lines+markers", name=f"PCA ({dataset}, {split})",
+            line=dict(color="#888888", width=2, dash="dash"),
+            marker=dict(symbol="x", size=7, color="#888888"),
+            hovertemplate=(f"PCA on {dataset}: latent %{{x}}<br>{loss} %{{y:.4g}} ({split})"
+                           "<extra>linear reference</extra>")))
+    for dataset, part in b[b["baseline"] == "identity"].groupby("dataset"):
+        value = float(part["loss"].iloc[0])
+        fig.add_trace(go.Scatter(
+            x=[lo / 1.2, hi * 1.2], y=[value, value], mode="lines",
+            name=f"distorted input unchanged ({dataset})",
+            line=dict(color="#D62728", width=1.5, dash="dot"),
+            hovertemplate=f"returning the distorted input: %{{y:.4g}} ({split})<extra></extra>"))
 
 
 def distortion_errors(

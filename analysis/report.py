@@ -23,7 +23,7 @@ import plotly.graph_objects as go
 
 from analysis import axes, figures
 from analysis.run import Run, axis_labels, best_trials, load_run, short_id
-from analysis.table import SORT_JS, table_html
+from analysis.table import SORT_JS, best_per_latent, frame_html, table_html
 from cae.config import UserError
 from cae.rundir import unfinished_mask
 
@@ -89,6 +89,8 @@ def header_html(run: Run) -> str:
         _fact("compute time (sum of trials)",
               _duration(float(t["wall_time_s"].fillna(0).sum()) if n else 0.0)),
     ]
+    if n:
+        facts.append(_fact("trained to the end", _ends_per_stratum(run)))
     parts.append(f'<div class="facts">{"".join(facts)}</div>')
     unfinished = int(unfinished_mask(t).sum()) if n else 0
     if unfinished or n == 0:
@@ -98,6 +100,23 @@ def header_html(run: Run) -> str:
             "report shows what had been reported when it was made.</p>")
     parts.append(_best_html(run))
     return "\n".join(parts)
+
+
+def _ends_per_stratum(run: Run) -> str:
+    """How many trials of each stratum (``scheduler.stratify``'s values, else each latent
+    size) ran to their own end, neither stopped early nor unfinished."""
+    t = run.trials
+    keys = [k for k in (run.spec.get("scheduler") or {}).get("stratify") or [] if k in t]
+    keys = keys or (["latent_size"] if "latent_size" in t else [])
+    done = figures.trained_to_the_end(t)
+    if not keys:
+        return f"{int(done.sum())} of {len(t)}"
+    parts = []
+    for value, group in t.groupby(keys):
+        value = value if isinstance(value, tuple) else (value,)
+        label = ", ".join(f"{k.removeprefix('model.')} {v}" for k, v in zip(keys, value))
+        parts.append(f"{label}: {int(done.loc[group.index].sum())}/{len(group)}")
+    return "; ".join(parts)
 
 
 def _best_html(run: Run) -> str:
@@ -125,15 +144,24 @@ def sections(run: Run, pictures: bool = True,
     out = [
         ("loss", "Loss evolution",
          f"Validation and training loss per epoch of every trial (log scale). The {n_best} "
-         "best are coloured; curves end where a trial stopped, so ASHA's early stops are the "
-         "short ones. Click a legend entry to hide it, double-click to isolate it.",
+         "best are coloured; curves end where a trial stopped, so the scheduler's early stops "
+         "are the short ones. Click a legend entry to hide it, double-click to isolate it.",
          _fig_html(figures.loss_evolution(t, e, n_best=n_best))),
+        ("best-latent", "Best per latent size",
+         "At each latent size, the best trial among those trained to the end (early-stopped "
+         "ones reached their error in fewer epochs), beside the PCA reference at that size "
+         "(vs PCA below 1: the autoencoder beats the best linear one).",
+         f'<div class="scroll" style="max-height:none">'
+         f'{frame_html(best_per_latent(t, spec, run.baselines))}</div>'),
         ("latent", "Latent size versus error",
-         "One point per trial, coloured by architecture family; open points are trials ASHA "
-         "stopped early (their error is from fewer epochs); the dotted step line is the "
-         "Pareto front (the lowest error at each latent size and below). Hover a point for "
-         "its config.",
-         _fig_html(figures.latent_vs_error(t, spec))),
+         "One point per trial, coloured by architecture family; open points are trials the "
+         "scheduler stopped early (their error is from fewer epochs); the dotted step line is "
+         "the Pareto front of the trials trained to the end (the lowest error at each latent "
+         "size and below); the dashed grey line is PCA at each latent size (the best linear "
+         "autoencoder), and for denoise the red dotted line the error of returning the "
+         "distorted input. Bars: mean and min-max over the repeats of a configuration. Hover "
+         "a point for its config.",
+         _fig_html(figures.latent_vs_error(t, spec, baselines=run.baselines))),
         ("axes", "Swept axes",
          "How much each swept axis matters: for each value, the best and the median error of "
          "the trials with it. A wide spread of the best means the axis matters.",

@@ -32,6 +32,7 @@ class Run:
     epochs: pd.DataFrame
     spec: dict = field(default_factory=dict)
     path: Path | None = None
+    baselines: pd.DataFrame | None = None  # cae.baselines' reference errors, if written
 
     @property
     def name(self) -> str:
@@ -56,7 +57,9 @@ def load_run(run_dir: str | Path) -> Run:
     run_dir = Path(run_dir)
     trials, epochs = load_frames(run_dir)
     spec = yaml.safe_load((run_dir / "spec.yaml").read_text()) or {}
-    return Run(trials=trials, epochs=epochs, spec=spec, path=run_dir)
+    baselines_file = run_dir / "baselines.parquet"
+    baselines = pd.read_parquet(baselines_file) if baselines_file.is_file() else None
+    return Run(trials=trials, epochs=epochs, spec=spec, path=run_dir, baselines=baselines)
 
 
 def spec_axes(spec: dict) -> dict[str, tuple[str, Any]]:

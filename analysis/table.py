@@ -14,6 +14,7 @@ import math
 import pandas as pd
 import plotly.graph_objects as go
 
+from analysis.figures import repeat_spread, trained_to_the_end
 from analysis.run import axis_labels, short_id, swept_axes
 
 _FACTS = ("family", "params", "latent_size")
@@ -35,9 +36,66 @@ def table_frame(trials: pd.DataFrame, spec: dict) -> pd.DataFrame:
     for col in (*_FACTS, *_LOSSES, *extra, *_RUN):
         if col in trials:
             out[col] = trials[col]
+    spread = repeat_spread(trials, "best_val_loss")
+    if not spread.empty:  # configurations run several times, with other seeds
+        by = spread.set_index("config_id")
+        ids = trials["config_id"]
+        out.insert(1, "repeat", trials["repeat"])
+        out["repeats"] = ids.map(by["n"]).fillna(1).astype(int)
+        out["mean_of_repeats"] = ids.map(by["mean"])
+        out["std_of_repeats"] = ids.map(by["std"])
     if "best_val_loss" in out:
         out = out.sort_values("best_val_loss", kind="stable", na_position="last")
     return out.reset_index(drop=True)
+
+
+def best_per_latent(trials: pd.DataFrame, spec: dict,
+                    baselines: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Like the studies' tables: at each latent size, the best trial among those trained to
+    the end (its swept axes, params, validation and test error, epochs), how many trials of
+    that size ran to the end, the spread over the winner's repeats, and the PCA reference at
+    that size (with the winner's error relative to it: below 1 beats PCA)."""
+    cols = ["latent_size", "trained_to_end", "trial"]
+    if trials.empty or "latent_size" not in trials:
+        return pd.DataFrame(columns=cols)
+    axes = [a for a in swept_axes(spec, trials) if a != "model.latent_dim"]
+    done = trials[trained_to_the_end(trials)
+                  & pd.to_numeric(trials["best_val_loss"], errors="coerce").notna()]
+    spread = repeat_spread(trials, "best_val_loss").set_index("config_id")
+    pca = None
+    if baselines is not None and not baselines.empty:
+        b = baselines[(baselines["baseline"] == "pca") & (baselines["split"] == "val")]
+        pca = b.groupby("latent_size")["loss"].min()
+    rows = []
+    for latent, group in trials.groupby("latent_size"):
+        ran = done[done["latent_size"] == latent]
+        row = {"latent_size": int(latent), "trained_to_end": f"{len(ran)} of {len(group)}"}
+        if not ran.empty:
+            best = ran.loc[ran["best_val_loss"].idxmin()]
+            row["trial"] = short_id(best["trial_id"])
+            for a in axes:
+                row[a] = axis_labels(ran.loc[[best.name]], a).iloc[0]
+            for c in ("params", "best_val_loss", "test_loss", "epochs"):
+                row[c] = best.get(c)
+            cid = best.get("config_id")
+            if cid in spread.index:
+                s = spread.loc[cid]
+                row["repeats"] = int(s["n"])
+                row["val mean of repeats"] = s["mean"]
+                row["val min-max of repeats"] = f"{s['min']:.4g}-{s['max']:.4g}"
+            if pca is not None and float(latent) in pca.index:
+                row["PCA val"] = float(pca.loc[float(latent)])
+                row["vs PCA"] = float(best["best_val_loss"]) / row["PCA val"]
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def frame_html(df: pd.DataFrame, css: str = "best") -> str:
+    """A small frame as a plain HTML table."""
+    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in df.columns)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(v))}</td>" for v in row) + "</tr>"
+                   for row in df.itertuples(index=False))
+    return f'<table class="{css}"><tr>{head}</tr>{body}</table>'
 
 
 def _fmt(value) -> str:

@@ -1,21 +1,31 @@
-"""ASHA against FIFO on the quickstart: trial-epochs spent and the best validation loss found.
+"""Early stopping against FIFO on the quickstart: per latent size, is the answer the same?
 
-Runs ``sweeps/quickstart.yaml`` (16 CAEs on the embedded sample) through ``cae.cli.main``
-once with ``--set scheduler.kind=fifo`` (every trial to max_epochs, or to its patience
-stop, which the quickstart also has) and ``--repeats`` times with its own ASHA scheduler,
-then reads each run's ``trials.parquet``: trial-epochs = the sum of ``epochs``; best = the
-lowest ``best_val_loss``. ASHA's outcome depends on the order in which trials reach a rung
-(two run at a time on two cores), so repeated ASHA runs can differ.
+Runs ``sweeps/quickstart.yaml`` (16 CAEs on the embedded sample, 4 latent sizes) through
+``cae.cli.main`` with FIFO (every trial to max_epochs or its patience stop) and with three
+early-stopping schedulers, each under three trial orders (``--set seed=0/1/2``: the order
+the trials start in is shuffled with the spec's seed):
 
-``epoch_fraction`` = ASHA's trial-epochs / FIFO's (goal <= 0.35); ``best_gap`` = ASHA's
-best / FIFO's best - 1 (goal <= 0.02). Figures of the repeats are their means; each run's
-are in ``runs``.
+- ``asha``: Ray Tune's ASHA over all trials (no strata);
+- ``asha-strata``: ASHA separately per latent size (``scheduler.stratify``);
+- ``sha-strata``: synchronous successive halving per latent size (a rung is decided once
+  every trial of the stratum has reached it).
+
+Per run: trial-epochs (sum of ``epochs`` in trials.parquet), and at each latent size the
+best ``best_val_loss`` and the configuration that reached it (the stratum's winner).
+Figures per scheduler: ``epoch_fraction`` (mean trial-epochs / FIFO's), ``per_stratum_gap``
+(the largest, over latent sizes and orders, of best / FIFO's best at that size - 1), and
+``order_stable`` (the winner at every latent size is the same under the three orders).
+FIFO runs once: its trials do not influence each other, and on the CPU a trial's losses do
+not depend on when it runs.
+
+Goals (the stratified scheduler shipped as the default): per_stratum_gap <= 0.03,
+epoch_fraction <= 0.40, order_stable.
 
     python benchmarks/asha.py            # the real quickstart
     python benchmarks/asha.py --quick    # with trial.data.train_limit=600, a smoke run
-    python benchmarks/asha.py --set trial.max_epochs=12 --tag e12   # an alternative spec
 
-Writes ``benchmarks/results/asha.json`` (``asha[-TAG][-quick].json``).
+Writes ``benchmarks/results/asha.json`` (``asha-quick.json``); the figures of the landed
+grid-order ASHA before stratification are in ``asha-grid-order*.json``.
 """
 
 from __future__ import annotations
@@ -23,6 +33,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import json
 import shutil
 import sys
 import time
@@ -32,14 +43,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # (puts the repository root on sys.path)
 
 SPEC = common.ROOT / "sweeps" / "quickstart.yaml"
+SCHEDULERS = {
+    "asha": ["scheduler.kind=asha", "scheduler.stratify=[]"],
+    "asha-strata": ["scheduler.kind=asha", "scheduler.stratify=[model.latent_dim]"],
+    "sha-strata": ["scheduler.kind=sha", "scheduler.stratify=[model.latent_dim]"],
+}
+ORDERS = (0, 1, 2)
+AXES = ("model.channels", "model.convs")
 
 
-def run(spec: Path, sets: list[str], storage: Path, name: str, log: Path) -> dict:
+def run(sets: list[str], storage: Path, name: str) -> dict:
     import pandas as pd
 
     from cae import cli
 
-    argv = ["sweep", str(spec), "--storage", str(storage), "--name", name, "--no-report"]
+    argv = ["sweep", str(SPEC), "--storage", str(storage), "--name", name, "--no-report"]
     for s in sets:
         argv += ["--set", s]
     buf = io.StringIO()
@@ -47,97 +65,98 @@ def run(spec: Path, sets: list[str], storage: Path, name: str, log: Path) -> dic
     with contextlib.redirect_stdout(buf):
         rc = cli.main(argv)
     wall = time.perf_counter() - t0
-    log.write_text(buf.getvalue())
+    (storage / f"{name}.log").write_text(buf.getvalue())
     if rc != 0:
-        raise SystemExit(f"sweep {name} failed (exit {rc}); see {log}")
+        raise SystemExit(f"sweep {name} failed (exit {rc}); see {storage / name}.log")
     trials = pd.read_parquet(storage / name / "trials.parquet")
-    best = trials.loc[trials["best_val_loss"].idxmin()]
+    per_latent = {}
+    for latent, group in trials.groupby("model.latent_dim"):
+        best = group.loc[group["best_val_loss"].idxmin()]
+        per_latent[int(latent)] = {
+            "best_val_loss": float(best["best_val_loss"]),
+            "winner": ", ".join(f"{a}={best[a]}" for a in AXES),
+            "winner_epochs": int(best["epochs"]),
+            "epochs": sorted(int(e) for e in group["epochs"]),
+        }
+    return {"name": name, "sets": sets, "wall_s": round(wall, 2),
+            "trial_epochs": int(trials["epochs"].sum()), "per_latent": per_latent,
+            "stop_reasons": {str(k): int(v) for k, v in
+                             trials["stop_reason"].value_counts().items()}}
+
+
+def summarize(fifo: dict, runs: list[dict]) -> dict:
+    fractions = [r["trial_epochs"] / fifo["trial_epochs"] for r in runs]
+    gaps = {lat: [r["per_latent"][lat]["best_val_loss"] / f["best_val_loss"] - 1 for r in runs]
+            for lat, f in fifo["per_latent"].items()}
+    winners = {lat: sorted({r["per_latent"][lat]["winner"] for r in runs})
+               for lat in fifo["per_latent"]}
     return {
-        "name": name, "sets": sets, "wall_s": round(wall, 2), "trials": len(trials),
-        "trial_epochs": int(trials["epochs"].sum()),
-        "best_val_loss": float(best["best_val_loss"]), "best_trial": best["trial_id"],
-        "best_config": {k: best[k] for k in ("model.latent_dim", "model.channels",
-                                             "model.convs") if k in best},
-        "epochs_per_trial": sorted(int(e) for e in trials["epochs"]),
-        # In trial-id order, which is the order Ray Tune starts them in.
-        "epochs_by_trial": {str(t): int(e) for t, e in
-                            sorted(zip(trials["trial_id"], trials["epochs"]))},
-        "stop_reasons": {str(k): int(v) for k, v in trials["stop_reason"].value_counts().items()},
+        "trial_epochs": [r["trial_epochs"] for r in runs],
+        "epoch_fraction": round(sum(fractions) / len(fractions), 4),
+        "epoch_fraction_each": [round(f, 4) for f in fractions],
+        "per_stratum_gap": round(max(max(g) for g in gaps.values()), 5),
+        "gap_by_latent": {lat: [round(x, 5) for x in g] for lat, g in gaps.items()},
+        "order_stable": all(len(w) == 1 for w in winners.values()),
+        "winners_by_latent": winners,
+        "winner_trained_to_max_epochs": all(
+            r["per_latent"][lat]["winner_epochs"] == max(fifo["per_latent"][lat]["epochs"])
+            for r in runs for lat in fifo["per_latent"]),
+        "runs": runs,
     }
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="--set trial.data.train_limit=600")
-    p.add_argument("--repeats", type=int, help="ASHA runs (default 3, 1 with --quick)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="extra overrides for both runs (an alternative spec)")
-    p.add_argument("--tag", help="results file suffix for an alternative spec")
-    p.add_argument("--spec", type=Path, default=SPEC)
-    p.add_argument("--out", type=Path)
+    p.add_argument("--only", choices=list(SCHEDULERS), action="append",
+                   help="run only these schedulers (and FIFO)")
     args = p.parse_args(argv)
     started, info = common.now(), common.machine()
-    repeats = args.repeats or (1 if args.quick else 3)
-    sets = list(args.set) + (["trial.data.train_limit=600"] if args.quick else [])
+    sets = ["trial.data.train_limit=600"] if args.quick else []
 
     from cae import sweep
 
     tmp = common.tempdir("asha")
+    results = {}
     sweep.init_ray(None)
     try:
         print("FIFO ...", flush=True)
-        fifo = run(args.spec, sets + ["scheduler.kind=fifo"], tmp, "fifo", tmp / "fifo.log")
-        ashas = []
-        for i in range(repeats):
-            print(f"ASHA {i + 1}/{repeats} ...", flush=True)
-            ashas.append(run(args.spec, sets + ["scheduler.kind=asha"], tmp, f"asha{i}",
-                             tmp / f"asha{i}.log"))
+        fifo = run(sets + ["scheduler.kind=fifo"], tmp, "fifo")
+        for kind in args.only or SCHEDULERS:
+            runs = []
+            for seed in ORDERS:
+                print(f"{kind}, order {seed} ...", flush=True)
+                runs.append(run(sets + SCHEDULERS[kind] + [f"seed={seed}"], tmp,
+                                f"{kind}-{seed}"))
+            results[kind] = summarize(fifo, runs)
     finally:
         import ray
 
         ray.shutdown()
 
-    import yaml
-
-    from cae.config import load_spec
-
-    spec = load_spec(str(args.spec), sets)
-    fractions = [a["trial_epochs"] / fifo["trial_epochs"] for a in ashas]
-    gaps = [a["best_val_loss"] / fifo["best_val_loss"] - 1 for a in ashas]
-    fraction, gap = sum(fractions) / len(fractions), sum(gaps) / len(gaps)
-    met = fraction <= 0.35 and gap <= 0.02
+    goal = {"per_stratum_gap": 0.03, "epoch_fraction": 0.40, "order_stable": True}
     figures = {
-        "what": f"{args.spec.name} run with FIFO once and ASHA {repeats}x via cae.cli.main; "
-                "trial-epochs = sum of trials.parquet 'epochs', best = min 'best_val_loss'",
-        "spec": args.spec.name, "sets": sets,
-        "scheduler": spec.scheduler.model_dump(), "max_epochs": spec.trial.get("max_epochs"),
-        "patience": spec.trial.get("patience"), "resources": spec.resources.model_dump(),
-        "fifo_trial_epochs": fifo["trial_epochs"], "fifo_best_val_loss": fifo["best_val_loss"],
-        "asha_trial_epochs": [a["trial_epochs"] for a in ashas],
-        "asha_best_val_loss": [a["best_val_loss"] for a in ashas],
-        "epoch_fraction": round(fraction, 4), "epoch_fraction_each": [round(f, 4) for f in
-                                                                       fractions],
-        "best_gap": round(gap, 5), "best_gap_each": [round(g, 5) for g in gaps],
-        "goal": "epoch_fraction <= 0.35 and best_gap <= 0.02",
-        "met_fraction": fraction <= 0.35, "met_gap": gap <= 0.02, "met": met,
-        "runs": {"fifo": fifo, "asha": ashas},
+        "what": "sweeps/quickstart.yaml via cae.cli.main: FIFO once, each scheduler under "
+                "orders (seeds) 0, 1, 2; per latent size the best best_val_loss and its config",
+        "sets": sets, "fifo": fifo, "schedulers": results, "goal": goal,
+        "met": {k: (r["per_stratum_gap"] <= goal["per_stratum_gap"]
+                    and r["epoch_fraction"] <= goal["epoch_fraction"] and r["order_stable"])
+                for k, r in results.items()},
     }
-    out = args.out or common.results_path("asha", args.quick, args.tag)
+    out = common.results_path("asha", args.quick)
     common.write_results(out, "asha", info, figures, started)
     shutil.rmtree(tmp, ignore_errors=True)
 
-    rows = [("FIFO", fifo["trial_epochs"], "1.000", f"{fifo['best_val_loss']:.5f}", "",
-             fifo["wall_s"])]
-    for i, a in enumerate(ashas):
-        rows.append((f"ASHA run {i + 1}", a["trial_epochs"], f"{fractions[i]:.3f}",
-                     f"{a['best_val_loss']:.5f}", f"{gaps[i]:+.2%}", a["wall_s"]))
+    rows = [("fifo", fifo["trial_epochs"], "1.000", "", "", "")]
+    for kind, r in results.items():
+        rows.append((kind, "/".join(map(str, r["trial_epochs"])), f"{r['epoch_fraction']:.3f}",
+                     f"{r['per_stratum_gap']:+.2%}", "yes" if r["order_stable"] else "no",
+                     "yes" if figures["met"][kind] else "no"))
     print()
-    print(common.table(rows, header=("scheduler", "trial-epochs", "fraction", "best val loss",
-                                     "gap", "wall s")))
-    print(f"\n{args.spec.name} {' '.join('--set ' + s for s in sets)}; scheduler "
-          f"{yaml.safe_dump(spec.scheduler.model_dump(), default_flow_style=True).strip()}")
-    print(f"goal fraction <= 0.35: {'met' if fraction <= 0.35 else 'NOT met'} ({fraction:.3f}); "
-          f"goal gap <= 2%: {'met' if gap <= 0.02 else 'NOT met'} ({gap:+.2%})")
+    print(common.table(rows, header=("scheduler", "trial-epochs", "fraction",
+                                     "worst gap", "order-stable", "goals met")))
+    for kind, r in results.items():
+        print(f"{kind}: gap by latent {json.dumps(r['gap_by_latent'])}")
     print(f"wrote {out}")
     return 0
 

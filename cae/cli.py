@@ -132,8 +132,28 @@ def _write_report(run_dir: str, local: Path, out: str | None = None, pictures: b
     return write_report(local, out, pictures=pictures, data_dir=data_dir)
 
 
-def _finish(run_dir: str, no_report: bool, data_dir: str | None = None) -> None:
-    """After a sweep or a resume: export the results, summarise them, write the report."""
+def _baselines(run_dir: str, local: Path, data_dir: str | None = None,
+               datasets: dict | None = None) -> None:
+    """Write the run's reference errors (``cae.baselines``) unless it has them; a dataset
+    that cannot be read costs the references, not the run."""
+    from cae import baselines, rundir
+    from cae.results import trial_configs
+
+    if baselines.read_baselines(local) is not None:
+        return
+    try:
+        frame = baselines.for_configs(trial_configs(local, data_dir), datasets)
+    except UserError as exc:
+        print(f"cae: no reference errors (PCA, identity) for the report: {exc}",
+              file=sys.stderr)
+        return
+    rundir.publish(run_dir, baselines.write_baselines(local, frame))
+
+
+def _finish(run_dir: str, no_report: bool, data_dir: str | None = None,
+            datasets: dict | None = None) -> None:
+    """After a sweep or a resume: export the results, summarise them, compute the reference
+    errors, write the report."""
     import pandas as pd
 
     from cae import rundir
@@ -142,8 +162,11 @@ def _finish(run_dir: str, no_report: bool, data_dir: str | None = None) -> None:
     local = rundir.local_copy(run_dir)
     made = list(export(local))
     rundir.publish(run_dir, *made)
+    _baselines(run_dir, local, data_dir, datasets)
     trials = pd.read_parquet(made[0])
-    print(summary(trials, run_dir))
+    swept = [k for k, (kind, _) in rundir.load_run_spec(str(local)).axes().items()
+             if kind != "fixed"]
+    print(summary(trials, run_dir, swept))
     if not no_report:
         try:
             report = _write_report(run_dir, local, data_dir=data_dir)
@@ -185,7 +208,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         rundir.save_spec(run_dir, spec)
         print(f"sweep {spec.name}: {checked.n_trials} trials -> {run_dir}", flush=True)
         sweep.fit(spec, datasets, name, storage, checked)
-    _finish(run_dir, args.no_report)
+    _finish(run_dir, args.no_report, datasets=datasets)
     return 0
 
 
@@ -201,7 +224,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
         sweep.check_cluster(spec, run_dir)
         print(f"resuming {run_dir}", flush=True)
         sweep.resume(run_dir, spec, datasets)
-    _finish(run_dir, args.no_report, data_dir=args.data_dir)
+    _finish(run_dir, args.no_report, data_dir=args.data_dir, datasets=datasets)
     return 0
 
 
@@ -211,6 +234,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     if args.output and not Path(args.output).expanduser().resolve().parent.is_dir():
         raise UserError(f"--output {args.output}: its folder does not exist")
     local = rundir.local_copy(args.run_dir)
+    if not args.no_pictures:  # both load the dataset
+        _baselines(args.run_dir, local, args.data_dir)
     report = _write_report(args.run_dir, local, args.output, not args.no_pictures,
                            data_dir=args.data_dir)
     if args.output is None and rundir.is_uri(args.run_dir):
@@ -301,7 +326,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", help="dataset root for the pictures (default: where the "
                                       "sweep read its data, as recorded in the run)")
     p.add_argument("--no-pictures", action="store_true",
-                   help="leave out the test-sample pictures (no dataset or checkpoints loaded)")
+                   help="leave out the test-sample pictures and, if the run has none yet, the "
+                        "reference errors (no dataset or checkpoints loaded)")
     p.set_defaults(func=(cmd_report))
     return parser
 

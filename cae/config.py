@@ -277,11 +277,26 @@ def apply_point(data: dict, point: dict[str, Any]) -> dict:
     return data
 
 
+# A point's ``repeat`` (0, 1, ... num_samples - 1 over a grid) shifts the trial's seed by
+# this stride, so repeats of one configuration differ by seed and nothing else.
+REPEAT_KEY, REPEAT_SEED_STRIDE = "repeat", 1_000_003
+
+
 def trial_config(base: dict, point: dict[str, Any]) -> TrialConfig:
-    """The base trial with one search-space point (dotted keys) applied, validated."""
+    """The base trial with one search-space point (dotted keys) applied, validated.
+
+    A ``repeat`` entry of the point (see ``cae.sweep.param_space``) is not a setting: repeat
+    ``r`` runs with ``seed + r * REPEAT_SEED_STRIDE``."""
     import copy
 
-    return TrialConfig.model_validate(apply_point(copy.deepcopy(base), point))
+    point = dict(point)
+    repeat = point.pop(REPEAT_KEY, 0)
+    data = apply_point(copy.deepcopy(base), point)
+    if repeat:
+        if not isinstance(data.get("seed", 0), int):
+            return TrialConfig.model_validate(data)  # the validation error names the seed
+        data["seed"] = data.get("seed", 0) + int(repeat) * REPEAT_SEED_STRIDE
+    return TrialConfig.model_validate(data)
 
 
 def get_preset(name: str) -> ModelConfig:
@@ -341,12 +356,23 @@ AXIS_KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
 
 
 class SchedulerConfig(_Strict):
-    """ASHA on epochs (stops weak trials at rungs) or FIFO (every trial to max_epochs)."""
+    """Early stopping on epochs: successive halving stops weak trials at rungs (epochs
+    ``grace_period * reduction_factor^k``), or FIFO runs every trial to its end.
 
-    kind: Literal["asha", "fifo"] = "asha"
-    max_t: int | None = Field(None, ge=1)
-    grace_period: int = Field(1, ge=1)
-    reduction_factor: float = Field(3.0, gt=1.0)
+    ``asha`` is Ray Tune's asynchronous successive halving: a trial reaching a rung is
+    promoted at once if it is in the top 1/reduction_factor of those seen there so far, so
+    the first trials to arrive decide. ``sha`` is synchronous: a rung is decided once every
+    trial (of the stratum) has reached it, paused ones resuming from their checkpoints, so
+    the outcome does not depend on trial order. ``stratify`` (grid axes of ``space``) runs
+    the halving separately per combination of their values, so that each stratum's best (the
+    best model at each latent size, say) is trained to the end.
+    """
+
+    kind: Literal["asha", "sha", "fifo"] = "asha"
+    stratify: list[str] = Field(default_factory=list)
+    max_t: int | None = Field(None, ge=1, le=100_000)
+    grace_period: int = Field(1, ge=1, le=100_000)
+    reduction_factor: float = Field(3.0, gt=1.0, le=1000.0)
 
 
 class ResourcesConfig(_Strict):
@@ -368,7 +394,9 @@ class SweepSpec(_Strict):
     ``space`` maps dotted trial keys (``model.latent_dim``) to a fixed value or to one of
     ``{grid: [...]}``, ``{choice: [...]}``, ``{uniform: [lo, hi]}``,
     ``{loguniform: [lo, hi]}``, ``{randint: [lo, hi]}`` (hi exclusive). Every grid point is
-    crossed with ``num_samples`` draws of the random axes.
+    crossed with ``num_samples`` draws of the random axes; over a grid, the ``num_samples``
+    repeats of a point differ by their seed (``repeat`` r adds r * 1,000,003 to it). Trials
+    start in an order shuffled with ``seed``, so no axis value is systematically first.
     """
 
     name: str = Field("sweep", pattern=r"^[A-Za-z0-9_.-]+$")
@@ -377,6 +405,7 @@ class SweepSpec(_Strict):
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
     num_samples: int = Field(1, ge=1, le=100_000)
+    seed: int = 0  # the order trials start in (shuffled) and the draws of random axes
     max_concurrent: int | None = Field(None, ge=1)
     max_failures: int = Field(1, ge=0)
     storage: str = "runs"
@@ -401,6 +430,16 @@ class SweepSpec(_Strict):
                 raise ValueError(f"{where}: loguniform needs low > 0")
             if kind == "randint" and not all(isinstance(v, int) for v in arg):
                 raise ValueError(f"{where}: randint needs whole numbers")
+        axes = self.axes()
+        for key in self.scheduler.stratify:
+            in_variant = any(
+                kind == "grid" and all(isinstance(v, dict) and key in v for v in arg)
+                for k, (kind, arg) in axes.items() if k.startswith("variant"))
+            if axes.get(key, ("",))[0] != "grid" and not in_variant:
+                raise ValueError(f"scheduler.stratify: {key!r} must be a grid axis of space "
+                                 "(or a key set by a grid of variants)")
+        if REPEAT_KEY in self.space:
+            raise ValueError(f"space.{REPEAT_KEY}: reserved for the repeats of num_samples")
         return self
 
     def axes(self) -> dict[str, tuple[str, Any]]:

@@ -7,6 +7,7 @@ running or interrupted run alike, without starting Ray.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from functools import lru_cache
@@ -14,8 +15,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from cae.config import UserError, apply_point
-from cae.rundir import SPEC_FILE, RunDirError, unfinished_mask
+from cae.config import REPEAT_KEY, UserError, apply_point
+from cae.rundir import SCHEDULER_STOPS, SPEC_FILE, RunDirError, unfinished_mask
 
 TRIALS_FILE, EPOCHS_FILE = "trials.parquet", "epochs.parquet"
 EPOCH_COLUMNS = ("train_loss", "val_loss", "epoch_time_s", "time_total_s")
@@ -96,12 +97,17 @@ def _trial_facts(config_json: str) -> dict:
     try:
         cfg = trial_config(base, point)
     except (ValueError, UserError):  # a hand-edited params.json: the settings as given
-        return _flatten(apply_point(json.loads(json.dumps(base)), point))
+        given = {k: v for k, v in point.items() if k != REPEAT_KEY}
+        return _flatten(apply_point(json.loads(json.dumps(base)), given))
     m = cfg.model
     info = describe(m)
     convs = m.convs if isinstance(m.convs, int) else "-".join(map(str, m.convs))
+    dump = cfg.model_dump(mode="json")
+    unseeded = json.dumps({k: v for k, v in dump.items() if k != "seed"}, sort_keys=True)
     return {
-        **_flatten(cfg.model_dump(mode="json")),
+        **_flatten(dump),
+        # trials that differ by their seed alone (repeats) share a configuration
+        "config_id": hashlib.sha1(unseeded.encode()).hexdigest()[:10],
         "params": info["params"],
         "latent_size": info["latent_size"],
         "family": f"{m.bottleneck} {len(m.channels)} stages x {convs} conv",
@@ -156,12 +162,12 @@ def load_frames(run_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
         elif last.get("stop_reason"):
             reason = last["stop_reason"]
         elif status == "TERMINATED":
-            reason = "asha" if scheduler == "asha" else "stopped"
+            reason = scheduler if scheduler in SCHEDULER_STOPS else "stopped"
         else:
             reason = status.lower()
         # The configuration the trial ran (its point and a variant's keys applied, defaults
         # filled in); a variant axis also as ``variant.*`` columns, which name its values.
-        row = {"trial_id": trial_id,
+        row = {"trial_id": trial_id, "repeat": int(point.get(REPEAT_KEY, 0)),
                **_trial_facts(json.dumps([base, point], sort_keys=True)),
                **{k: v for k, v in _flatten(point).items() if k.startswith("variant")}}
         row.update({
@@ -211,15 +217,36 @@ def best_trial(trials: pd.DataFrame) -> pd.Series | None:
     return None if ok.empty else ok.loc[ok["best_val_loss"].idxmin()]
 
 
-def summary(trials: pd.DataFrame, run_dir: str) -> str:
-    """The lines ``cae sweep`` and ``cae resume`` end with: counts, the best trial, where."""
+def trial_configs(run_dir: str | Path, data_dir: str | None = None) -> list:
+    """The validated ``TrialConfig`` of every trial of a run directory (its spec's base with
+    each trial's ``params.json``); ``data_dir`` replaces where the data is read from."""
+    import yaml
+
+    from cae.config import trial_config
+
+    run_dir = Path(run_dir)
+    base = (yaml.safe_load((run_dir / SPEC_FILE).read_text()) or {}).get("trial") or {}
+    if data_dir:
+        base.setdefault("data", {})["data_dir"] = str(Path(data_dir).expanduser().resolve())
+    out = []
+    for params in sorted(run_dir.glob("*/params.json")):
+        try:
+            out.append(trial_config(base, json.loads(params.read_text())))
+        except (ValueError, UserError):
+            continue  # a hand-edited params.json: no config to take references from
+    return out
+
+
+def summary(trials: pd.DataFrame, run_dir: str, axes: list[str] | None = None) -> str:
+    """The lines ``cae sweep`` and ``cae resume`` end with: counts, the best trial (its
+    values of the swept ``axes``), where the results are."""
     counts = ", ".join(f"{n} {s.lower()}" for s, n in trials["status"].value_counts().items())
     lines = [f"\ntrials: {len(trials)} ({counts}); trial-epochs: {int(trials['epochs'].sum())}"]
     best = best_trial(trials)
     if best is not None:
+        keys = axes or []
         axes = {k: best[k] for k in trials.columns
-                if k.startswith(("model.", "lr", "batch_size", "weight_decay", "task.", "data."))
-                and k != "data.data_dir" and not pd.isna(best[k])}
+                if any(k == a or k.startswith(a + ".") for a in keys) and not pd.isna(best[k])}
         lines.append(f"best trial {best['trial_id']}: val {best['best_val_loss']:.5f}, test "
                      f"{best.get('test_loss', float('nan')):.5f}, params {int(best['params']):,}, "
                      f"latent {int(best['latent_size'])}")

@@ -25,6 +25,8 @@ SPEC_FILE = "spec.yaml"
 NOT_FINISHED = ("RUNNING", "PENDING", "PAUSED")
 # Stop reasons a trial reports itself at its last epoch.
 OWN_ENDS = ("max_epochs", "patience")
+# Stop reasons of trials the scheduler stopped early (at a rung of successive halving).
+SCHEDULER_STOPS = ("asha", "sha")
 
 
 class RunDirError(UserError):

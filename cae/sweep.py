@@ -68,6 +68,7 @@ class Checked:
     train_images: int = 0
     memory: dict[str, int] = field(default_factory=dict)  # architecture -> bytes per trial
     budget: tuple[int, str] | None = None  # bytes one trial may use, and of what
+    strata: dict[str, int] = field(default_factory=dict)  # stratum label -> trials
 
 
 def check_spec(spec: SweepSpec, budget: tuple[int, str] | None = None) -> Checked:
@@ -126,13 +127,39 @@ def check_spec(spec: SweepSpec, budget: tuple[int, str] | None = None) -> Checke
             size = min(size, cfg.data.train_limit)
         checked.train_images = max(checked.train_images, int(size * (1 - cfg.data.val_fraction)))
     sched = spec.scheduler
-    if sched.kind == "asha" and sched.max_t is not None and sched.max_t < checked.max_epochs:
+    if sched.kind != "fifo" and sched.max_t is not None and sched.max_t < checked.max_epochs:
         raise SpecError(
             f"scheduler.max_t ({sched.max_t}) is below trial max_epochs ({checked.max_epochs}); "
-            "ASHA would cut every trial before its test evaluation: raise max_t or lower "
-            "max_epochs"
+            "the scheduler would cut every trial before its test evaluation: raise max_t or "
+            "lower max_epochs"
         )
+    if sched.kind == "sha" and spec.max_concurrent is not None:
+        raise SpecError("max_concurrent: not with scheduler.kind 'sha' (Ray counts the trials "
+                        "paused at a rung as running, so the sweep could wait forever); limit "
+                        "concurrency through resources.cpu / resources.gpu instead")
+    checked.strata = strata(spec)
     return checked
+
+
+def strata(spec: SweepSpec) -> dict[str, int]:
+    """Each stratum of ``scheduler.stratify`` (its values, as a label) -> its trials."""
+    keys = spec.scheduler.stratify
+    if not keys or spec.scheduler.kind == "fifo":
+        return {}
+    axes = {k: v for k, v in spec.axes().items() if v[0] == "grid"}
+    names = list(axes)
+    out: dict[str, int] = {}
+    for combo in itertools.product(*(axes[k][1] for k in names)):
+        point = dict(zip(names, combo))
+        values = []
+        for key in keys:
+            found = [v for k, v in point.items() if k == key]
+            found += [v[key] for k, v in point.items()
+                      if k.startswith("variant") and isinstance(v, dict) and key in v]
+            values.append(f"{key}={json.dumps(found[-1])}")
+        label = ", ".join(values)
+        out[label] = out.get(label, 0) + spec.num_samples
+    return out
 
 
 def summarize(checked: Checked) -> str:
@@ -141,9 +168,13 @@ def summarize(checked: Checked) -> str:
 
     spec = checked.spec
     swept = [k for k, (kind, _) in spec.axes().items() if kind != "fixed"]
+    sched = spec.scheduler
+    how = sched.kind if not sched.stratify or sched.kind == "fifo" else (
+        f"{sched.kind} per stratum of {', '.join(sched.stratify)}")
     lines = [
         f"sweep {spec.name}: {checked.n_trials} trials ({checked.n_points} grid points x "
-        f"{spec.num_samples} samples), scheduler {spec.scheduler.kind}",
+        f"{spec.num_samples} samples), scheduler {how}, trials started in an order "
+        f"shuffled with seed {spec.seed}",
         f"distinct architectures: {len(checked.models)}",
         f"  {'params':>10} {'latent':>7} {'memory':>9}  grid point",
     ]
@@ -163,11 +194,17 @@ def summarize(checked: Checked) -> str:
         lines.append(f"memory per trial: at most {max(checked.memory.values()) / 2**20:,.0f} MiB "
                      f"of the {checked.budget[0] / 2**20:,.0f} MiB a trial may use here "
                      f"({checked.budget[1]})")
+    if checked.strata:
+        sizes = sorted(set(checked.strata.values()))
+        each = f"{sizes[0]} trials each" if len(sizes) == 1 else f"{sizes[0]}-{sizes[-1]} trials"
+        lines.append(f"strata: {len(checked.strata)} ({each}); the best of each is trained "
+                     "to the end:")
+        lines += [f"  {label}: {n} trials" for label, n in checked.strata.items()]
     trial_epochs = checked.n_trials * checked.max_epochs
     lines.append(
         f"work: at most {trial_epochs:,} trial-epochs ({checked.n_trials} x "
         f"{checked.max_epochs}), {trial_epochs * checked.train_images:,} training images"
-        + ("; ASHA stops weak trials early" if spec.scheduler.kind == "asha" else "")
+        + ("; weak trials stopped early" if spec.scheduler.kind != "fifo" else "")
     )
     lines.append(f"swept axes: {', '.join(swept) or 'none'}")
     lines.append(f"resources per trial: {spec.resources.cpu:g} cpu, {spec.resources.gpu:g} gpu")
@@ -242,15 +279,13 @@ def param_space(spec: SweepSpec) -> dict:
 
 
 def scheduler(spec: SweepSpec, max_epochs: int):
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    """ASHA or SHA per stratum (``cae.schedulers``), or FIFO."""
+    from cae.schedulers import make_scheduler
 
     s = spec.scheduler
-    if s.kind == "fifo":
-        return FIFOScheduler()
-    return ASHAScheduler(
-        time_attr="epoch", max_t=s.max_t or max_epochs, grace_period=s.grace_period,
-        reduction_factor=s.reduction_factor,
-    )
+    return make_scheduler(s.kind, s.stratify, max_t=s.max_t or max_epochs,
+                          grace_period=s.grace_period, reduction_factor=s.reduction_factor,
+                          metric=METRIC, mode=MODE)
 
 
 def wrapped_trainable(spec: SweepSpec, datasets: dict):
@@ -318,12 +353,18 @@ def fit(spec: SweepSpec, datasets: dict, name: str, storage: str, checked: Check
     """Run the sweep to the end; returns Ray Tune's ResultGrid."""
     from ray import tune
 
+    from cae.schedulers import shuffled_search
+
+    # Every grid point x num_samples (repeats with their own seeds), in a seeded shuffled
+    # order: no axis value systematically starts first.
+    search = shuffled_search(param_space(spec), spec.num_samples, spec.seed)
     tuner = tune.Tuner(
         wrapped_trainable(spec, datasets),
-        param_space=param_space(spec),
+        param_space=search.param_space,
         tune_config=tune.TuneConfig(
             metric=METRIC, mode=MODE, scheduler=scheduler(spec, checked.max_epochs),
-            num_samples=spec.num_samples, max_concurrent_trials=spec.max_concurrent,
+            search_alg=search.search_alg, num_samples=search.num_samples,
+            max_concurrent_trials=spec.max_concurrent,
             reuse_actors=True,  # skip a process start and the torch import per trial
         ),
         run_config=run_config(spec, name, storage),

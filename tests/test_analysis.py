@@ -27,6 +27,7 @@ from analysis.run import (
     best_trials,
     family_colors,
     load_run,
+    short_id,
     swept_axes,
 )
 from analysis.synthetic import DISTORTION_FACTORS, synthetic_run
@@ -134,7 +135,9 @@ def test_loss_evolution_without_epochs_says_so():
 
 def latent_points(fig) -> list:
     """The traces of latent_vs_error that hold trials (not legend entries, not the front)."""
-    return [t for t in fig.data if t.name != "Pareto front" and t.hoverinfo != "skip"]
+    return [t for t in fig.data if t.name != "Pareto front" and t.hoverinfo != "skip"
+            and not str(t.name).startswith(("PCA", "distorted input"))
+            and not str(t.name).endswith("mean of repeats")]
 
 
 def check_latent_figure(fig, trials: pd.DataFrame, metric: str = "best_val_loss") -> None:
@@ -150,18 +153,20 @@ def check_latent_figure(fig, trials: pd.DataFrame, metric: str = "best_val_loss"
         assert t.marker.color == colors[t.name]
         assert all("latent size" not in s for s in t.text)  # config text, latent in customdata
     assert sum(len(t.x) for t in points) == trials[metric].notna().sum()
-    # trials ASHA stopped early are the open markers, and the legend says so
-    early = int((trials[metric].notna() & (trials["stop_reason"] == "asha")).sum())
+    # trials the scheduler stopped early are the open markers, and the legend says so
+    early = int((trials[metric].notna() & trials["stop_reason"].isin(["asha", "sha"])).sum())
     n_open = sum(int((np.asarray(t.marker.symbol) == "circle-open").sum()) for t in points)
     assert n_open == early
-    assert any(str(name).startswith(f"open: stopped early by ASHA ({early})")
+    assert any(str(name).startswith(f"open: stopped early ({early})")
                for name in legend) == (early > 0)
     (front,) = traces(fig, "Pareto front")
     x, y = np.asarray(front.x, float), np.asarray(front.y, float)
     assert np.all(np.diff(x) > 0) and np.all(np.diff(y) < 0)  # non-increasing error
-    # brute force: a trial is on the front iff no trial with a latent as small or smaller
-    # has a lower error
+    # brute force: a trial trained to the end is on the front iff no such trial with a
+    # latent as small or smaller has a lower error; early-stopped trials are off the front
     ok = trials.dropna(subset=[metric])
+    ok = ok[ok["stop_reason"].isin(["max_epochs", "patience"])
+            & ~ok["status"].isin(["RUNNING", "PENDING", "PAUSED"])]
     expected = sorted(
         (r.latent_size, r[metric]) for _, r in ok.iterrows()
         if not ((ok.latent_size <= r.latent_size) & (ok[metric] < r[metric])).any())
@@ -459,3 +464,76 @@ def test_finished_sweep_prints_the_report_path(recon_run, capsys):
     _finish(str(recon_run), no_report=False)
     out = capsys.readouterr().out
     assert f"report: {recon_run / 'report.html'}" in out
+
+
+# ---- references, repeats, the best per latent size ----------------------------------------
+
+
+def test_latent_figure_draws_pca_and_identity_baselines_on_the_metrics_split(large):
+    rows = []
+    for split, scale in (("val", 1.0), ("test", 1.1)):
+        for k in (3, 4, 8, 16, 32, 64, 128, 1024):
+            rows.append({"dataset": "kmnist", "task": "denoise", "loss_kind": "mse",
+                         "baseline": "pca", "latent_size": float(k), "split": split,
+                         "loss": scale * 0.05 / math.log2(k + 1)})
+        rows.append({"dataset": "kmnist", "task": "denoise", "loss_kind": "mse",
+                     "baseline": "identity", "latent_size": math.nan, "split": split,
+                     "loss": scale * 0.048})
+    base = pd.DataFrame(rows)
+    fig = figures.latent_vs_error(large.trials, large.spec, baselines=base)
+    (pca,) = traces(fig, "PCA (kmnist, val)")
+    lo, hi = large.trials["latent_size"].min(), large.trials["latent_size"].max()
+    assert list(pca.x) == [k for k in (3, 4, 8, 16, 32, 64, 128) if lo <= k <= hi]
+    np.testing.assert_allclose(pca.y, [0.05 / math.log2(k + 1) for k in pca.x], rtol=1e-6)
+    (ident,) = traces(fig, "distorted input unchanged (kmnist)")
+    np.testing.assert_allclose(ident.y, [0.048, 0.048], rtol=1e-6)
+    test_fig = figures.latent_vs_error(large.trials, large.spec, metric="test_loss",
+                                       baselines=base)
+    assert traces(test_fig, "PCA (kmnist, test)")
+    check_latent_figure(fig, large.trials)
+
+
+def test_repeats_are_drawn_as_mean_and_min_max_and_tabled(large):
+    t = large.trials.head(6).copy()
+    t["config_id"] = ["a", "a", "a", "b", "c", "c"]
+    t["repeat"] = [0, 1, 2, 0, 0, 1]
+    t["best_val_loss"] = [0.02, 0.03, 0.04, 0.05, 0.06, 0.08]
+    t["latent_size"] = [8, 8, 8, 16, 32, 32]
+    t["family"] = "f"
+    t["stop_reason"] = "max_epochs"
+    t["status"] = "TERMINATED"
+    spread = figures.repeat_spread(t, "best_val_loss").set_index("config_id")
+    assert list(spread.index) == ["a", "c"] and spread.loc["a", "n"] == 3
+    assert spread.loc["a", "mean"] == pytest.approx(0.03)
+    assert spread.loc["c", "max"] == pytest.approx(0.08)
+    fig = figures.latent_vs_error(t, large.spec)
+    (bars,) = [tr for tr in fig.data if str(tr.name).endswith("mean of repeats")]
+    np.testing.assert_allclose(sorted(bars.y), [0.03, 0.07], rtol=1e-6)
+    order = np.argsort(bars.y)
+    np.testing.assert_allclose(np.asarray(bars.error_y.array)[order], [0.01, 0.01], rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(bars.error_y.arrayminus)[order], [0.01, 0.01],
+                               rtol=1e-5)
+    tab = table_frame(t, large.spec)
+    assert tab.loc[tab["trial"] == short_id(t.iloc[0]["trial_id"]), "repeats"].item() == 3
+    assert tab["mean_of_repeats"].dropna().round(4).tolist().count(0.03) == 3
+
+
+def test_best_per_latent_size_table_ranks_only_trials_trained_to_the_end(large):
+    from analysis.table import best_per_latent
+
+    t = large.trials.copy()
+    fast = t["best_val_loss"].idxmin()
+    t.loc[fast, "stop_reason"] = "sha"  # the lowest error, but stopped early: not a winner
+    base = pd.DataFrame([{"baseline": "pca", "split": "val", "latent_size": float(k),
+                          "loss": 0.03} for k in sorted(t["latent_size"].unique())])
+    table = best_per_latent(t, large.spec, base).set_index("latent_size")
+    assert set(table.index) == set(t["latent_size"].astype(int))
+    for latent, group in t.groupby("latent_size"):
+        done = group[group["stop_reason"].isin(["max_epochs", "patience"])
+                     & ~group["status"].isin(["RUNNING", "PENDING", "PAUSED"])]
+        row = table.loc[int(latent)]
+        assert row["trained_to_end"] == f"{len(done)} of {len(group)}"
+        if len(done):
+            assert row["best_val_loss"] == pytest.approx(done["best_val_loss"].min())
+            assert row["vs PCA"] == pytest.approx(done["best_val_loss"].min() / 0.03)
+    assert short_id(t.loc[fast, "trial_id"]) not in set(table["trial"])
