@@ -183,6 +183,12 @@ class SyncHalvingScheduler(TrialScheduler):
                 for trial in losers:
                     if trial is not current and trial.status not in (Trial.TERMINATED, Trial.ERROR):
                         tune_controller.stop_trial(trial)  # PAUSED, saving, or PENDING
+                        # Ray 2.60 marks a stopped trial for the experiment state only when
+                        # it has an actor: a PAUSED one would stay PAUSED on disk (and read
+                        # as unfinished) although it is TERMINATED
+                        mark = getattr(tune_controller, "_mark_trial_to_checkpoint", None)
+                        if mark is not None:
+                            mark(trial)
         finally:
             self._deciding = False
 

@@ -24,7 +24,8 @@ SMALL = ["--set", "trial.data.train_limit=500", "--set", "trial.max_epochs=4", "
 def asha_run(tmp_path_factory):
     storage = tmp_path_factory.mktemp("runs")
     rc = main(["sweep", QUICK, "--storage", str(storage), "--name", "asha", *SMALL,
-               "--set", "trial.patience=null"])
+               "--set", "trial.patience=null", "--set", "scheduler.kind=asha",
+               "--set", "scheduler.stratify=[]"])
     assert rc == 0
     return storage / "asha"
 
@@ -262,3 +263,60 @@ def test_random_axes_over_data_are_refused_before_ray(tmp_path, capsys):
     assert main(["sweep", str(path), "--storage", str(tmp_path)]) == 2
     assert "space.data.val_fraction" in capsys.readouterr().err
     assert not any(tmp_path.iterdir()) or list(tmp_path.iterdir()) == [path]
+
+
+@pytest.fixture(scope="module")
+def sha_runs(tmp_path_factory):
+    """The quickstart (synchronous halving per latent size) under two trial orders."""
+    storage = tmp_path_factory.mktemp("sha")
+    for seed in (0, 1):
+        assert main(["sweep", QUICK, "--storage", str(storage), "--name", f"s{seed}", *SMALL,
+                     "--set", "trial.patience=null", "--set", f"seed={seed}"]) == 0
+    return [pd.read_parquet(storage / f"s{seed}" / "trials.parquet") for seed in (0, 1)]
+
+
+def test_stratified_halving_trains_each_latent_sizes_best_to_the_end(sha_runs):
+    """4 trials per latent size, rungs at epochs 1 and 3 (reduction factor 3): at each size
+    2 pass rung 1, 1 passes rung 3 and runs to max_epochs 4; 9 trial-epochs per size."""
+    for trials in sha_runs:
+        assert len(trials) == 16 and set(trials["status"]) == {"TERMINATED"}
+        for latent, group in trials.groupby("model.latent_dim"):
+            assert sorted(group["epochs"]) == [1, 1, 3, 4], latent
+            winner = group.loc[group["best_val_loss"].idxmin()]
+            assert winner["epochs"] == 4 and winner["stop_reason"] == "max_epochs"
+            assert (group.loc[group["epochs"] < 4, "stop_reason"] == "sha").all()
+        assert trials["epochs"].sum() == 4 * 9
+
+
+def test_stratified_halving_winners_do_not_depend_on_trial_order(sha_runs):
+    def outcome(trials):
+        return {(int(r["model.latent_dim"]), r["model.channels"], int(r["model.convs"])):
+                int(r["epochs"]) for _, r in trials.iterrows()}
+
+    first, second = sha_runs
+    # started in another order (shuffled with another seed) ...
+    assert list(first["trial_dir"]) != list(second["trial_dir"])
+    # ... every configuration ran the same epochs, so every latent size has the same winner
+    assert outcome(first) == outcome(second)
+
+
+def test_repeats_differ_by_seed_and_nothing_else(tmp_path):
+    from cae.config import REPEAT_SEED_STRIDE
+
+    spec = {"name": "rep", "trial": {"data": {"dataset": "sample", "train_limit": 300},
+                                     "model": {"channels": [4, 8], "latent_dim": 8},
+                                     "max_epochs": 2, "patience": None, "seed": 5},
+            "space": {"model.latent_dim": {"grid": [4, 8]}}, "num_samples": 3,
+            "scheduler": {"kind": "fifo"}}
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    assert main(["sweep", str(path), "--storage", str(tmp_path), "--name", "r",
+                 "--no-report"]) == 0
+    trials = pd.read_parquet(tmp_path / "r" / "trials.parquet")
+    assert len(trials) == 6
+    for _, group in trials.groupby("model.latent_dim"):
+        assert sorted(group["repeat"]) == [0, 1, 2]
+        assert sorted(group["seed"]) == [5 + r * REPEAT_SEED_STRIDE for r in (0, 1, 2)]
+        assert group["config_id"].nunique() == 1  # one configuration, three repeats
+        assert group["best_val_loss"].nunique() == 3  # ... that differ by their seed
+    assert trials["config_id"].nunique() == 2
