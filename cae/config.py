@@ -217,6 +217,10 @@ class TrialConfig(_Strict):
     loss: Literal["mse", "bce", "l1"] = "mse"
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # bf16 autocast of the training forward pass; ``auto``: on a CUDA GPU with bf16, fp32
+    # elsewhere (see cae.train.resolve_precision). Weights, optimiser state, the loss and
+    # every reported error stay fp32.
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
     compile: bool = False
 
     @model_validator(mode="after")
@@ -388,6 +392,29 @@ class ResourcesConfig(_Strict):
         return self
 
 
+class SearchConfig(_Strict):
+    """How the random axes of ``space`` are drawn.
+
+    ``grid`` (the default): every grid point ``num_samples`` times, the random axes drawn
+    independently with the spec's seed, all in a seeded shuffled order. ``optuna``: the random
+    axes (uniform, loguniform, randint, choice) are proposed by Optuna's TPE, which learns
+    from the trials already finished; each grid point gets its own TPE search of
+    ``num_samples`` trials (its first ``startup_trials`` drawn at random; default
+    ``max(2, min(10, num_samples // 3))``), seeded from the spec's seed. Needs the ``optuna``
+    extra (``pip install 'cae-sweep[optuna]'``).
+    """
+
+    kind: Literal["grid", "optuna"] = "grid"
+    startup_trials: int | None = Field(None, ge=1, le=100_000)
+
+    def startup(self, num_samples: int) -> int:
+        """Trials of each grid point drawn at random before TPE takes over (Optuna's own
+        default, 10, would leave a small budget nothing to learn with)."""
+        if self.startup_trials is not None:
+            return self.startup_trials
+        return max(2, min(10, num_samples // 3))
+
+
 class SweepSpec(_Strict):
     """A sweep: a base trial, the axes to search over, the scheduler, resources, storage.
 
@@ -397,6 +424,8 @@ class SweepSpec(_Strict):
     crossed with ``num_samples`` draws of the random axes; over a grid, the ``num_samples``
     repeats of a point differ by their seed (``repeat`` r adds r * 1,000,003 to it). Trials
     start in an order shuffled with ``seed``, so no axis value is systematically first.
+    ``search`` (:class:`SearchConfig`) says whether the random axes are drawn at random or
+    proposed by a model-based search (Optuna's TPE).
     """
 
     name: str = Field("sweep", pattern=r"^[A-Za-z0-9_.-]+$")
@@ -404,6 +433,7 @@ class SweepSpec(_Strict):
     space: dict[str, Any] = Field(default_factory=dict)
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
+    search: SearchConfig = Field(default_factory=SearchConfig)
     num_samples: int = Field(1, ge=1, le=100_000)
     seed: int = 0  # the order trials start in (shuffled) and the draws of random axes
     max_concurrent: int | None = Field(None, ge=1)
@@ -440,6 +470,17 @@ class SweepSpec(_Strict):
                                  "(or a key set by a grid of variants)")
         if REPEAT_KEY in self.space:
             raise ValueError(f"space.{REPEAT_KEY}: reserved for the repeats of num_samples")
+        if self.search.kind == "optuna":
+            if not any(kind in AXIS_KINDS[1:] for kind, _ in axes.values()):
+                raise ValueError("search.kind: 'optuna' proposes the random axes of space "
+                                 f"({', '.join(AXIS_KINDS[1:])}) and this space has none: "
+                                 "add one or use kind 'grid'")
+            if self.scheduler.kind == "sha":
+                raise ValueError(
+                    "search.kind: 'optuna' cannot learn under scheduler.kind 'sha': "
+                    "synchronous halving decides its first rung only once every trial has "
+                    "been proposed, so no trial ends before TPE's last proposal; use "
+                    "scheduler.kind 'asha' or 'fifo' with optuna")
         return self
 
     def axes(self) -> dict[str, tuple[str, Any]]:

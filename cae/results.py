@@ -27,7 +27,7 @@ _RAY_FIELDS = {
     "iterations_since_restore", "should_checkpoint",
 }
 _STATIC = {"params", "latent_size", "device", "node_id", "stop_reason", "best_val_loss",
-           "data_loaded"}
+           "data_loaded", "precision"}
 
 
 class ExperimentStateError(UserError):
@@ -184,6 +184,7 @@ def load_frames(run_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
             "node_id": last.get("node_id"),
             "hostname": last.get("hostname"),
             "device": last.get("device"),
+            "precision": last.get("precision"),  # what autocast ran in (fp32 or bf16)
             "data_loaded": last.get("data_loaded"),  # what the trial really trained on
             "num_failures": state.get("num_failures", 0),
             "trial_dir": trial_dir.name,

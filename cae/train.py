@@ -44,6 +44,27 @@ class TrainResult:
     best_state: dict | None = None  # the best epoch's weights (a state dict)
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` runs bf16 matrix maths in hardware: a CUDA GPU with bf16, or a CPU
+    with AVX512-BF16 or AMX (elsewhere bf16 is emulated, slower than fp32)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
+def resolve_precision(name: str, device: torch.device) -> str:
+    """``auto`` means bf16 on a CUDA GPU that runs it natively, else fp32.
+
+    Not on the CPU, even with AVX512-BF16: there (2 cores, docs/performance.md) bf16 moved
+    single trials' best validation loss by up to 2.5% (peer grid) and 13% (quickstart)
+    against fp32, more than the 1% a sweep's answer may move, for sweeps 1.5x and 1.17x
+    faster; the best trial stayed the same. ``precision: bf16`` asks for it."""
+    if name == "auto":
+        return "bf16" if device.type == "cuda" and native_bf16(device) else "fp32"
+    return name
+
+
 def resolve_device(name: str) -> torch.device:
     """``auto`` means CUDA when there is a GPU, else the CPU."""
     if name == "cuda" and not torch.cuda.is_available():
@@ -71,6 +92,7 @@ class Trainer:
     def __init__(self, cfg: TrialConfig, data: ImageData | None = None):
         self.cfg = cfg
         self.device = resolve_device(cfg.device)
+        self.precision = resolve_precision(cfg.precision, self.device)
         torch.manual_seed(cfg.seed)
         data = data if data is not None else load(cfg.data)
         splits = split(data, cfg.data.val_fraction, cfg.data.split_seed)
@@ -137,8 +159,8 @@ class Trainer:
 
     # ---- one epoch ------------------------------------------------------------------
     def _autocast(self):
-        if self.cuda:
-            return torch.autocast("cuda", dtype=torch.bfloat16)
+        if self.precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return nullcontext()
 
     @staticmethod
@@ -168,7 +190,8 @@ class Trainer:
 
     @torch.inference_mode()
     def evaluate(self, prepared: tuple) -> dict:
-        """Mean loss over a prepared split, per distortion group and (colorize) in RGB."""
+        """Mean loss over a prepared split, per distortion group and (colorize) in RGB,
+        computed in fp32."""
         x_all, y_all, groups = prepared
         self.model.eval()
         n = x_all.shape[0]
@@ -180,8 +203,9 @@ class Trainer:
         for start in range(0, n, self.cfg.eval_batch_size):
             x = x_all[start : start + self.cfg.eval_batch_size]
             y = y_all[start : start + self.cfg.eval_batch_size]
-            with self._autocast():
-                out = self.dec(self.enc(self._inputs(x)))
+            # in fp32 whatever the training precision: every trial's (and the baselines')
+            # errors are measured alike, and bf16 rounding does not move the ranking
+            out = self.dec(self.enc(self._inputs(x)))
             losses = per_sample_loss(self.cfg.loss, out, y).double()
             sums += losses.sum()
             if names:

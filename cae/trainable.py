@@ -52,6 +52,7 @@ def run_trial(point: dict, base: dict, datasets: dict[str, ImageData], threads: 
         "params": sum(p.numel() for p in trainer.model.parameters()),
         "latent_size": trainer.model.plan.latent_size,
         "device": str(trainer.device),
+        "precision": trainer.precision,
         "data_loaded": f"{data.name}: {tuple(data.train.shape)} train images",
         "node_id": ray.get_runtime_context().get_node_id(),
     }

@@ -233,6 +233,7 @@ def test_datasets_and_variants_in_space_are_what_each_trial_ran(tmp_path, data_c
     for _, t in trials.iterrows():
         assert t["data_loaded"] == f"{t['data.dataset']}: (300, 1, 28, 28) train images"
     assert sorted(trials["data.dataset"]) == ["mnist", "mnist", "sample", "sample"]
+    assert set(trials["precision"]) == {"fp32"}  # what precision "auto" ran in, on a CPU
     # the variant's keys are the trial's own columns
     assert sorted(trials["model.channels"]) == ["[32, 32]", "[32, 32]", "[8, 8]", "[8, 8]"]
     assert (trials.loc[trials["model.channels"] == "[32, 32]", "lr"] == 0.002).all()

@@ -135,3 +135,31 @@ def test_test_evaluation_leaves_the_last_weights_in_the_model():
     assert all(torch.equal(after["model"][k], last[k]) for k in last)
     assert any(not torch.equal(after["best_model"][k], last[k]) for k in last)
     assert math.isfinite(test["test_loss"])
+
+
+def test_precision_auto_is_fp32_on_the_cpu_and_bf16_trains():
+    from cae.train import native_bf16, resolve_precision
+
+    cpu = torch.device("cpu")
+    assert resolve_precision("auto", cpu) == "fp32"  # bf16 moved single trials by up to 13%
+    assert resolve_precision("bf16", cpu) == "bf16" and resolve_precision("fp32", cpu) == "fp32"
+    assert isinstance(native_bf16(cpu), bool)
+    with pytest.raises(ValueError, match="precision"):
+        _cfg(precision="fp16")
+    trainer = Trainer(_cfg(precision="bf16", max_epochs=2))
+    assert trainer.precision == "bf16"
+    with trainer._autocast():
+        z = trainer.enc(trainer._inputs(trainer.splits.train[:4].float() / 255))
+    assert z.dtype == torch.bfloat16  # the forward pass runs in bf16 ...
+    trainer.fit()
+    losses = [h["val_loss"] for h in trainer.history]
+    assert losses[1] < losses[0]  # ... and it learns
+    assert all(p.dtype == torch.float32 for p in trainer.model.parameters())  # weights fp32
+
+
+def test_errors_are_measured_in_fp32_whatever_the_training_precision():
+    """The same weights give the same validation error under bf16 and fp32 training
+    settings: every trial (and the baselines) is measured alike."""
+    a, b = Trainer(_cfg(precision="fp32")), Trainer(_cfg(precision="bf16"))
+    b.model.load_state_dict(a.model.state_dict())
+    assert a.evaluate(a.val) == b.evaluate(b.val)

@@ -1,0 +1,230 @@
+"""`cae sweep` against a sweep written the way Ray Tune's PyTorch tutorial writes one.
+
+The same 16-point grid (latent 4/16/64/128 x channels [8, 8] or [32, 32] x 1 or 2 convs per
+stage; dense bottleneck, the same CAE modules from ``cae.models``), the same 6,000
+Fashion-MNIST training and 1,000 validation images (our split of the first 7,000), batch
+64, Adam 1e-3, MSE, 9 epochs, one CPU per trial, two trials at a time on two cores, a
+checkpoint every epoch on both sides:
+
+- peer: a function trainable that builds ``torchvision.datasets.FashionMNIST`` with
+  ``transforms.ToTensor()``, iterates ``DataLoader(Subset(...), batch_size=64,
+  shuffle=True)``, trains in fp32, evaluates the validation images each epoch and reports
+  with ``tune.report`` and a checkpoint; grid trials in grid order;
+- ours: ``cae sweep`` on a spec of that grid (device-resident uint8 data, the precision
+  ``auto`` picks here: fp32 on a CPU, a seeded shuffled trial order), run as a user runs
+  it (a process: Ray start, data load, sweep, export, baselines; no report).
+
+Each side under FIFO and under Ray's ASHA (no strata on our side, so both run the same
+scheduler), alternating sides. Figures: wall time of each sweep, trial-epochs, best val
+loss; ``wall_ratio_fifo`` and ``wall_ratio_asha`` = ours / peer (goal: FIFO <= 0.5). With
+``--precision-check`` our FIFO sweep runs once more in the other precision (bf16 on a
+CPU): per-trial best val loss of bf16 against fp32 (goal: every trial within 1%, the same
+best trial) and the wall-time ratio.
+
+    python benchmarks/peer.py --precision-check     # needs ../shared/data (Fashion-MNIST)
+    python benchmarks/peer.py --quick               # 2 epochs, 2,000 images: a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # (puts the repository root on sys.path)
+
+LATENTS, CHANNELS, CONVS = [4, 16, 64, 128], [[8, 8], [32, 32]], [1, 2]
+
+
+def grid_spec(data_dir: str, n: int, epochs: int, scheduler: dict, precision: str) -> dict:
+    return {
+        "name": "peer-ours",
+        "trial": {"data": {"dataset": "fashion_mnist", "data_dir": data_dir, "train_limit": n,
+                           "test_limit": 1000, "val_fraction": 1 / 7, "download": True},
+                  "model": {"bottleneck": "dense", "dense": [], "latent_dim": 4},
+                  "lr": 1e-3, "batch_size": 64, "max_epochs": epochs, "patience": None,
+                  "precision": precision},
+        "space": {"model.latent_dim": {"grid": LATENTS}, "model.channels": {"grid": CHANNELS},
+                  "model.convs": {"grid": CONVS}},
+        "scheduler": scheduler, "resources": {"cpu": 1, "gpu": 0}, "max_failures": 0,
+    }
+
+
+def run_ours(spec: dict, storage: Path, name: str) -> dict:
+    import pandas as pd
+    import yaml
+
+    path = storage / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    t0 = time.perf_counter()
+    proc = subprocess.run([*common.cae_command(), "sweep", str(path), "--storage", str(storage),
+                           "--name", name, "--no-report"], capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    (storage / f"{name}.log").write_text(proc.stdout + proc.stderr)
+    if proc.returncode != 0:
+        raise SystemExit(f"our sweep {name} failed; see {storage / name}.log")
+    trials = pd.read_parquet(storage / name / "trials.parquet")
+    key = trials["model.latent_dim"].astype(str) + " " + trials["model.channels"].astype(str) \
+        + " " + trials["model.convs"].astype(str)
+    return {"wall_s": round(wall, 2), "trial_epochs": int(trials["epochs"].sum()),
+            "best_val_loss": float(trials["best_val_loss"].min()),
+            "precision": sorted(set(trials["precision"].dropna())),
+            "per_trial": dict(zip(key, trials["best_val_loss"].astype(float)))}
+
+
+def peer_trial(config: dict, data_dir: str, train_idx: list, val_idx: list, epochs: int):
+    """The tutorial's way: a torchvision dataset with ToTensor, DataLoaders, fp32."""
+    import os
+
+    import torch
+    import torchvision
+    from ray import tune
+    from torch.utils.data import DataLoader, Subset
+    from torchvision import transforms
+
+    from cae.config import TrialConfig
+    from cae.models import build_model
+
+    torch.manual_seed(0)
+    ds = torchvision.datasets.FashionMNIST(data_dir, train=True, download=False,
+                                           transform=transforms.ToTensor())
+    train = DataLoader(Subset(ds, train_idx), batch_size=64, shuffle=True)
+    val = DataLoader(Subset(ds, val_idx), batch_size=1000)
+    cfg = TrialConfig.model_validate({"data": {"dataset": "fashion_mnist"}, "model": {
+        "bottleneck": "dense", "dense": [], "latent_dim": config["latent"],
+        "channels": config["channels"], "convs": config["convs"]}})
+    model = build_model(cfg.model)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    loss_fn = torch.nn.MSELoss()
+    for epoch in range(1, epochs + 1):
+        model.train()
+        for x, _ in train:
+            opt.zero_grad()
+            loss = loss_fn(model(x), x)
+            loss.backward()
+            opt.step()
+        model.eval()
+        total, count = 0.0, 0
+        with torch.no_grad():
+            for x, _ in val:
+                total += loss_fn(model(x), x).item() * len(x)
+                count += len(x)
+        with tempfile.TemporaryDirectory() as d:
+            torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "epoch": epoch},
+                       os.path.join(d, "checkpoint.pt"))
+            tune.report({"epoch": epoch, "val_loss": total / count},
+                        checkpoint=tune.Checkpoint.from_directory(d))
+
+
+def run_peer(data_dir: str, n: int, epochs: int, asha: bool, storage: Path, name: str) -> dict:
+    import ray
+    import torch
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    gen = torch.Generator().manual_seed(0)  # the split cae.data.split makes of the first n
+    perm = torch.randperm(n, generator=gen).tolist()
+    n_val = round(n / 7)
+    t0 = time.perf_counter()
+    ray.init(address="local", include_dashboard=False, log_to_driver=False)
+    try:
+        trainable = tune.with_parameters(peer_trial, data_dir=data_dir, train_idx=perm[n_val:],
+                                         val_idx=perm[:n_val], epochs=epochs)
+        sched = (ASHAScheduler(time_attr="epoch", max_t=epochs, grace_period=1,
+                               reduction_factor=3) if asha else FIFOScheduler())
+        tuner = tune.Tuner(
+            tune.with_resources(trainable, {"cpu": 1}),
+            param_space={"latent": tune.grid_search(LATENTS),
+                         "channels": tune.grid_search(CHANNELS),
+                         "convs": tune.grid_search(CONVS)},
+            tune_config=tune.TuneConfig(metric="val_loss", mode="min", scheduler=sched),
+            run_config=tune.RunConfig(name=name, storage_path=str(storage), verbose=0))
+        results = tuner.fit()
+    finally:
+        ray.shutdown()
+    wall = time.perf_counter() - t0
+    frames = [r.metrics_dataframe for r in results]
+    return {"wall_s": round(wall, 2), "trial_epochs": int(sum(len(f) for f in frames)),
+            "best_val_loss": float(min(f["val_loss"].min() for f in frames))}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="2 epochs on 2,000 images")
+    p.add_argument("--precision-check", action="store_true",
+                   help="also our FIFO sweep in the other precision: per-trial best val "
+                        "loss of bf16 against fp32")
+    args = p.parse_args(argv)
+    started, info = common.now(), common.machine()
+    epochs, n = (2, 2000) if args.quick else (9, 7000)
+    tmp = common.tempdir("peer")
+    data = common.writable_data_copy("FashionMNIST", tmp)
+    if data is None:
+        print("peer.py needs ../shared/data (Fashion-MNIST)", file=sys.stderr)
+        return 2
+    import torchvision
+
+    torchvision.datasets.FashionMNIST(str(data), train=True, download=True)  # extract once
+    fifo, asha = {"kind": "fifo"}, {"kind": "asha", "stratify": []}
+    runs = {}
+    order = [("peer", "fifo"), ("ours", "fifo"), ("ours", "asha"), ("peer", "asha")]
+    import torch
+
+    from cae.train import resolve_precision
+
+    default = resolve_precision("auto", torch.device("cpu"))
+    other = "bf16" if default == "fp32" else "fp32"
+    if args.precision_check:
+        order.append(("ours-other", "fifo"))
+    for side, sched in order:
+        print(f"{side} {sched} ...", flush=True)
+        if side == "peer":
+            runs[f"peer_{sched}"] = run_peer(str(data), n, epochs, sched == "asha", tmp,
+                                             f"peer-{sched}")
+        else:
+            precision = other if side == "ours-other" else "auto"
+            spec = grid_spec(str(data), n, epochs, fifo if sched == "fifo" else asha, precision)
+            runs[f"{side.replace('-', '_')}_{sched}"] = run_ours(spec, tmp, f"{side}-{sched}")
+    figures = {
+        "what": f"16-point grid, {n - round(n / 7)} train / {round(n / 7)} val Fashion-MNIST "
+                f"images, batch 64, {epochs} epochs, 1 CPU per trial; wall time of each sweep",
+        "wall_ratio_fifo": round(runs["ours_fifo"]["wall_s"] / runs["peer_fifo"]["wall_s"], 3),
+        "wall_ratio_asha": round(runs["ours_asha"]["wall_s"] / runs["peer_asha"]["wall_s"], 3),
+        "goal": "wall_ratio_fifo <= 0.5", "runs": runs,
+    }
+    figures["met"] = figures["wall_ratio_fifo"] <= 0.5
+    if args.precision_check:
+        runs_by = {default: runs["ours_fifo"], other: runs["ours_other_fifo"]}
+        bf16, fp32 = runs_by["bf16"]["per_trial"], runs_by["fp32"]["per_trial"]
+        diffs = {k: bf16[k] / fp32[k] - 1 for k in fp32}
+        figures["precision_check"] = {
+            "default_precision": default,
+            "max_abs_rel_diff_bf16_vs_fp32": round(max(abs(d) for d in diffs.values()), 5),
+            "per_trial_rel_diff": {k: round(v, 5) for k, v in diffs.items()},
+            "same_best_trial": min(bf16, key=bf16.get) == min(fp32, key=fp32.get),
+            "wall_ratio_bf16_vs_fp32": round(runs_by["bf16"]["wall_s"]
+                                             / runs_by["fp32"]["wall_s"], 3),
+        }
+    out = common.results_path("peer", args.quick)
+    common.write_results(out, "peer", info, figures, started)
+    shutil.rmtree(tmp, ignore_errors=True)
+    rows = [(k, r["wall_s"], r["trial_epochs"], f"{r['best_val_loss']:.5f}")
+            for k, r in runs.items()]
+    print(common.table(rows, ("sweep", "wall s", "trial-epochs", "best val loss")))
+    print(f"wall ratio FIFO {figures['wall_ratio_fifo']}, ASHA {figures['wall_ratio_asha']} "
+          f"(goal FIFO <= 0.5: {'met' if figures['met'] else 'NOT met'})")
+    if args.precision_check:
+        print(json.dumps({k: v for k, v in figures["precision_check"].items()
+                          if k != "per_trial_rel_diff"}))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
