@@ -58,16 +58,17 @@ def _epoch_line(m: dict, max_epochs: int) -> str:
 def cmd_train(args: argparse.Namespace) -> int:
     from cae.config import load_trial
     from cae.models import describe
-    from cae.train import Diverged, resolve_device, train
+    from cae.train import Diverged, resolve_device, resolve_precision, train
 
     cfg = load_trial(args.config, args.set)
     if args.data_dir:
         cfg.data.data_dir = args.data_dir
     info = describe(cfg.model)
     device = resolve_device(cfg.device)
+    precision = resolve_precision(cfg.precision, device)
     print(f"model {cfg.model.preset or 'custom'}: {info['params']:,} params, latent "
           f"{info['latent_size']} {info['latent_shape']}; task {cfg.task.name} on "
-          f"{cfg.data.dataset}; device {device}", flush=True)
+          f"{cfg.data.dataset}; device {device}, {precision}", flush=True)
     try:
         result = train(cfg, on_epoch=lambda m, _s: print(_epoch_line(m, cfg.max_epochs),
                                                           flush=True))
@@ -204,10 +205,14 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     name = args.name or rundir.run_name(spec)
     run_dir = f"{storage.rstrip('/')}/{name}"
     with sweep.ray_session(args.address, dashboard=args.dashboard):
+        from cae import progress
+
         sweep.check_cluster(spec)
         rundir.save_spec(run_dir, spec)
         print(f"sweep {spec.name}: {checked.n_trials} trials -> {run_dir}", flush=True)
-        sweep.fit(spec, datasets, name, storage, checked)
+        callback = progress.for_run(spec, checked, run_dir, args.report_every,
+                                    final_report=args.no_report, verbose=args.verbose)
+        sweep.fit(spec, datasets, name, storage, checked, [callback], verbose=args.verbose)
     _finish(run_dir, args.no_report, datasets=datasets)
     return 0
 
@@ -219,11 +224,16 @@ def cmd_resume(args: argparse.Namespace) -> int:
     spec = rundir.load_run_spec(run_dir)
     if args.data_dir:
         sweep.record_data_dir(spec, None, args.data_dir)  # for this resume, not saved
-    datasets = sweep.load_datasets(sweep.check_spec(spec))
+    checked = sweep.check_spec(spec)
+    datasets = sweep.load_datasets(checked)
     with sweep.ray_session(args.address):
+        from cae import progress
+
         sweep.check_cluster(spec, run_dir)
         print(f"resuming {run_dir}", flush=True)
-        sweep.resume(run_dir, spec, datasets)
+        callback = progress.for_run(spec, checked, run_dir, args.report_every,
+                                    final_report=args.no_report, verbose=args.verbose)
+        sweep.resume(run_dir, spec, datasets, [callback], verbose=args.verbose)
     _finish(run_dir, args.no_report, data_dir=args.data_dir, datasets=datasets)
     return 0
 
@@ -243,6 +253,13 @@ def cmd_report(args: argparse.Namespace) -> int:
         print(f"report: {args.run_dir.rstrip('/')}/{report.name} (local copy: {report})")
     else:
         print(f"report: {report}")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from cae.status import run_status
+
+    print(run_status(args.run_dir).text())
     return 0
 
 
@@ -303,7 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true",
                    help="validate every grid point, print trials, architectures and work; "
                         "start nothing, write nothing")
-    p.add_argument("--no-report", action="store_true", help="skip the HTML report at the end")
+    _console_options(p)
     p.set_defaults(func=(cmd_sweep))
 
     p = sub.add_parser("resume", help="continue an interrupted sweep")
@@ -311,8 +328,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", help="Ray cluster to attach to")
     p.add_argument("--data-dir", help="dataset root (default: where the sweep read its data, "
                                       "as recorded in the run)")
-    p.add_argument("--no-report", action="store_true", help="skip the HTML report at the end")
+    _console_options(p)
     p.set_defaults(func=(cmd_resume))
+
+    p = sub.add_parser("status", help="how far a run is (running, finished or interrupted): "
+                                      "trials, trial-epochs, the best so far; no Ray")
+    p.add_argument("run_dir", help="the run directory of the sweep (a path, s3:// or gs://)")
+    p.set_defaults(func=(cmd_status))
 
     p = sub.add_parser("export", help="write trials.parquet and epochs.parquet of a run "
                                       "(finished, running or interrupted)")
@@ -330,6 +352,29 @@ def build_parser() -> argparse.ArgumentParser:
                         "reference errors (no dataset or checkpoints loaded)")
     p.set_defaults(func=(cmd_report))
     return parser
+
+
+def _console_options(p: argparse.ArgumentParser) -> None:
+    """What ``cae sweep`` and ``cae resume`` show and write while they run."""
+    p.add_argument("--no-report", action="store_true",
+                   help="skip the full HTML report at the end (a live report written during "
+                        "the run is brought up to date instead)")
+    p.add_argument("--report-every", type=_seconds, default=300.0, metavar="SECONDS",
+                   help="rewrite RUN_DIR/report.html (without pictures) this often while the "
+                        "sweep runs (default 300; 0: only at the end)")
+    p.add_argument("--verbose", action="store_true",
+                   help="Ray Tune's own output (a box per trial start and result, status "
+                        "tables) instead of the progress bar")
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected seconds >= 0, got {text!r}")
+    return value
 
 
 def _debug() -> bool:

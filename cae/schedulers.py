@@ -186,7 +186,8 @@ class SyncHalvingScheduler(TrialScheduler):
                         # Ray 2.60 marks a stopped trial for the experiment state only when
                         # it has an actor: a PAUSED one would stay PAUSED on disk (and read
                         # as unfinished) although it is TERMINATED
-                        mark = getattr(tune_controller, "_mark_trial_to_checkpoint", None)
+                        inner = getattr(tune_controller, "_tune_controller", tune_controller)
+                        mark = getattr(inner, "_mark_trial_to_checkpoint", None)
                         if mark is not None:
                             mark(trial)
         finally:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -71,11 +72,14 @@ class Checked:
     strata: dict[str, int] = field(default_factory=dict)  # stratum label -> trials
 
 
-def check_spec(spec: SweepSpec, budget: tuple[int, str] | None = None) -> Checked:
+def check_spec(spec: SweepSpec, budget: tuple[int, str] | None = None,
+               to_run: bool = True) -> Checked:
     """Validate the base trial and every grid point (with the ends of random ranges).
 
     ``budget`` (bytes, and of what: see ``cae.memory.trial_budget``) refuses a grid point
-    whose trial would not fit its share of the device."""
+    whose trial would not fit its share of the device. ``to_run=False`` reads a run's spec
+    without running it here (``cae status``): its searcher's package need not be
+    installed."""
     axes = spec.axes()
     keys = list(axes)
     for key, (kind, _arg) in axes.items():
@@ -133,12 +137,31 @@ def check_spec(spec: SweepSpec, budget: tuple[int, str] | None = None) -> Checke
             "the scheduler would cut every trial before its test evaluation: raise max_t or "
             "lower max_epochs"
         )
+    if to_run:
+        check_search(spec)
     if sched.kind == "sha" and spec.max_concurrent is not None:
         raise SpecError("max_concurrent: not with scheduler.kind 'sha' (Ray counts the trials "
                         "paused at a rung as running, so the sweep could wait forever); limit "
                         "concurrency through resources.cpu / resources.gpu instead")
     checked.strata = strata(spec)
     return checked
+
+
+def check_search(spec: SweepSpec) -> None:
+    """``search: {kind: optuna}`` needs Optuna (an extra): refuse before Ray starts."""
+    if spec.search.kind != "optuna":
+        return
+    from importlib import metadata
+
+    try:
+        version = metadata.version("optuna")
+    except metadata.PackageNotFoundError:
+        version = None
+    parts = [int(x) if x.isdigit() else 0 for x in (version or "0.0").split(".")[:2]]
+    if version is None or parts < [3, 4]:
+        found = "it is not installed" if version is None else f"found {version}"
+        raise SpecError(f"search.kind: 'optuna' needs the optuna package >= 3.4 ({found}); "
+                        "install it with pip install 'cae-sweep[optuna]'")
 
 
 def strata(spec: SweepSpec) -> dict[str, int]:
@@ -171,10 +194,15 @@ def summarize(checked: Checked) -> str:
     sched = spec.scheduler
     how = sched.kind if not sched.stratify or sched.kind == "fifo" else (
         f"{sched.kind} per stratum of {', '.join(sched.stratify)}")
+    if spec.search.kind == "optuna":
+        first = min(spec.search.startup(spec.num_samples), spec.num_samples)
+        order = (f"random axes proposed by Optuna's TPE, one search per grid point (its first "
+                 f"{first} trials at random), seed {spec.seed}")
+    else:
+        order = f"trials started in an order shuffled with seed {spec.seed}"
     lines = [
         f"sweep {spec.name}: {checked.n_trials} trials ({checked.n_points} grid points x "
-        f"{spec.num_samples} samples), scheduler {how}, trials started in an order "
-        f"shuffled with seed {spec.seed}",
+        f"{spec.num_samples} samples), scheduler {how}, {order}",
         f"distinct architectures: {len(checked.models)}",
         f"  {'params':>10} {'latent':>7} {'memory':>9}  grid point",
     ]
@@ -298,7 +326,10 @@ def wrapped_trainable(spec: SweepSpec, datasets: dict):
     return tune.with_resources(fn, {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu})
 
 
-def run_config(spec: SweepSpec, name: str, storage: str):
+def run_config(spec: SweepSpec, name: str, storage: str, callbacks: Sequence = (),
+               verbose: bool = False):
+    """Ray Tune's per-trial boxes and status tables only when ``verbose``; otherwise the
+    ``callbacks`` (``cae.progress.ProgressCallback``) are what the console shows."""
     from ray import tune
 
     return tune.RunConfig(
@@ -306,8 +337,51 @@ def run_config(spec: SweepSpec, name: str, storage: str):
         storage_path=storage,
         failure_config=tune.FailureConfig(max_failures=spec.max_failures),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-        verbose=1,
+        callbacks=list(callbacks),
+        verbose=1 if verbose else 0,
     )
+
+
+@contextmanager
+def console(verbose: bool):
+    """Ray Tune's console output for one ``fit``. Quiet (not ``verbose``), Ray 2.60 still
+    prints a configuration box and result paths at ``verbose=0`` with its new output engine
+    (``RAY_AIR_NEW_OUTPUT``; its older one prints nothing at 0), and logs each trial failure
+    with its traceback (``TUNE_PRINT_ALL_TRIAL_ERRORS``); both are read when the run starts,
+    and a callback prints one line per error instead."""
+    quiet = {"RAY_AIR_NEW_OUTPUT": "0", "TUNE_PRINT_ALL_TRIAL_ERRORS": "0"}
+    with environ({} if verbose else quiet):
+        yield
+
+
+@contextmanager
+def environ(values: dict[str, str]):
+    """Environment variables set for the length of a block, restored afterwards."""
+    before = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in before.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def pending_trials(spec: SweepSpec) -> dict[str, str]:
+    """How many trials Tune may keep waiting for resources. For any searcher but its own
+    grid generator Ray 2.60 allows one, so a cluster (or two cores) fills one trial at a
+    time; the shuffled grid knows all its trials up front, so it gets what Ray gives a
+    grid (at least 200, or 1.1 per CPU of the cluster: the autoscaler sees the demand);
+    TPE learns from finished trials, so it gets one per CPU. A value the user set wins."""
+    if "TUNE_MAX_PENDING_TRIALS_PG" in os.environ:
+        return {}
+    import ray
+
+    cpus = ray.cluster_resources().get("CPU", 1.0) if ray.is_initialized() else 1.0
+    n = max(200, int(cpus * 1.1)) if spec.search.kind == "grid" else max(2, int(cpus))
+    return {"TUNE_MAX_PENDING_TRIALS_PG": str(n)}
 
 
 def init_ray(address: str | None, dashboard: bool = False) -> bool:
@@ -349,37 +423,44 @@ def ray_session(address: str | None, dashboard: bool = False):
             ray.shutdown()
 
 
-def fit(spec: SweepSpec, datasets: dict, name: str, storage: str, checked: Checked):
+def fit(spec: SweepSpec, datasets: dict, name: str, storage: str, checked: Checked,
+        callbacks: Sequence = (), verbose: bool = False):
     """Run the sweep to the end; returns Ray Tune's ResultGrid."""
     from ray import tune
 
-    from cae.schedulers import shuffled_search
+    from cae.search import make_searcher
 
-    # Every grid point x num_samples (repeats with their own seeds), in a seeded shuffled
-    # order: no axis value systematically starts first.
-    search = shuffled_search(param_space(spec), spec.num_samples, spec.seed)
+    searcher, n_trials = make_searcher(spec, param_space(spec))
     tuner = tune.Tuner(
         wrapped_trainable(spec, datasets),
-        param_space=search.param_space,
+        param_space={},
         tune_config=tune.TuneConfig(
             metric=METRIC, mode=MODE, scheduler=scheduler(spec, checked.max_epochs),
-            search_alg=search.search_alg, num_samples=search.num_samples,
+            search_alg=searcher, num_samples=n_trials,
             max_concurrent_trials=spec.max_concurrent,
             reuse_actors=True,  # skip a process start and the torch import per trial
         ),
-        run_config=run_config(spec, name, storage),
+        run_config=run_config(spec, name, storage, callbacks, verbose),
     )
-    return tuner.fit()
+    with console(verbose), environ(pending_trials(spec)):
+        return tuner.fit()
 
 
-def resume(run_dir: str, spec: SweepSpec, datasets: dict):
+def resume(run_dir: str, spec: SweepSpec, datasets: dict, callbacks: Sequence = (),
+           verbose: bool = False):
     """Continue an interrupted sweep: unfinished trials go on from their checkpoints;
-    finished ones are not run again; errored ones stay errors."""
+    finished ones are not run again; errored ones stay errors. The searcher goes on from
+    the state Tune saved with the experiment."""
     from ray import tune
 
     tuner = tune.Tuner.restore(run_dir, trainable=wrapped_trainable(spec, datasets),
                                resume_unfinished=True, resume_errored=False)
-    return tuner.fit()
+    # The run config comes back from the run's tuner.pkl as the sweep began; this resume's
+    # console settings replace it (Tuner.restore takes no run config of its own).
+    restored = tuner._local_tuner.get_run_config()
+    restored.callbacks, restored.verbose = list(callbacks), 1 if verbose else 0
+    with console(verbose), environ(pending_trials(spec)):
+        return tuner.fit()
 
 
 def check_cluster(spec: SweepSpec, storage: str | None = None) -> None:

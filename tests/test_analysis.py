@@ -401,11 +401,13 @@ def test_real_run_figures(recon_run):
     assert swept_axes(run.spec, t) == ["model.latent_dim", "model.channels", "model.convs"]
     fig = figures.loss_evolution(t, e, n_best=3)
     assert len(traces(fig, "#")) == 6 and len(traces(fig, "trial ")) >= 6 + 2 * 5
-    # trials ASHA stopped are shorter than the best ones, and marked
-    asha = t[t.stop_reason == "asha"]
-    assert len(asha) >= 1 and (asha.epochs < 3).all()
-    (stop,) = traces(fig, "stopped by ASHA")
-    assert len(stop.x) == len(asha) and max(stop.x) < 3
+    # synchronous halving per latent size (4 trials each, rung at epoch 1): 2 of each
+    # stratum stopped after epoch 1, shorter than the others, and marked
+    stopped = t[t.stop_reason == "sha"]
+    assert len(stopped) == 4 and (stopped.epochs == 1).all()
+    assert sorted(stopped["model.latent_dim"]) == [4, 4, 16, 16]
+    (stop,) = traces(fig, "stopped early by the scheduler")
+    assert len(stop.x) == len(stopped) and max(stop.x) == 1
     assert max(len(tr.x) for tr in traces(fig, "#")) == 3
     check_latent_figure(figures.latent_vs_error(t, run.spec), t)
     pc = axes.parallel_coordinates(t, run.spec).data[0]
