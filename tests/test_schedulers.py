@@ -300,9 +300,12 @@ def test_sha_without_strata_trains_only_the_global_best(ray_local, tmp_path):
 
 @pytest.mark.slow
 def test_stratified_asha_trains_each_stratum_best_to_the_end(ray_local, tmp_path):
-    # the two strata's bests start first (2 slots) and lead at every rung
+    # the two strata's bests start first (2 slots) and lead at every rung: they run to the
+    # end; the others are stopped early (how early depends on when each reaches a rung:
+    # ASHA is asynchronous)
     got = _fit(tmp_path, "asha-best-first", "asha", ["model.latent_dim"], latent_first=True)
-    assert got == {(q, lat): MAX_T if q == 0.1 else 1 for q in QUALITIES for lat in LATENTS}
+    assert all(got[(0.1, lat)] == MAX_T for lat in LATENTS)
+    assert all(e < MAX_T for (q, _), e in got.items() if q != 0.1)
     # worst first: ASHA lets early weak trials run on, but never stops a stratum's best
     got = _fit(tmp_path, "asha-worst-first", "asha", ["model.latent_dim"],
                quality_order=QUALITIES[::-1])

@@ -117,13 +117,14 @@ def test_killed_driver_then_resume_finishes_without_rerunning(tmp_path):
     name, run_dir = "killed", tmp_path / "killed"
     cmd = [sys.executable, "-m", "cae.cli", "sweep", QUICK, "--storage", str(tmp_path),
            "--name", name, *SMALL, "--set", "scheduler.kind=fifo",
-           "--set", "trial.max_epochs=3", "--set", "trial.patience=null"]
+           "--set", "trial.max_epochs=3", "--set", "trial.patience=null",
+           "--set", "trial.data.train_limit=2000"]  # long enough to be caught mid-way
     proc = subprocess.Popen(cmd, cwd=tmp_path, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while time.time() < deadline and len(_finished_trials(run_dir)) < 3:
         time.sleep(0.5)
-    time.sleep(3)  # let Ray Tune save its experiment state once more
+    time.sleep(1)  # let Ray Tune save its experiment state once more
     os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray it started, as in a crash
     proc.wait()
     before = _finished_trials(run_dir)
