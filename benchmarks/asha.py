@@ -31,12 +31,9 @@ grid-order ASHA before stratification are in ``asha-grid-order*.json``.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import json
 import shutil
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -53,22 +50,10 @@ AXES = ("model.channels", "model.convs")
 
 
 def run(sets: list[str], storage: Path, name: str) -> dict:
-    import pandas as pd
-
-    from cae import cli
-
     argv = ["sweep", str(SPEC), "--storage", str(storage), "--name", name, "--no-report"]
     for s in sets:
         argv += ["--set", s]
-    buf = io.StringIO()
-    t0 = time.perf_counter()
-    with contextlib.redirect_stdout(buf):
-        rc = cli.main(argv)
-    wall = time.perf_counter() - t0
-    (storage / f"{name}.log").write_text(buf.getvalue())
-    if rc != 0:
-        raise SystemExit(f"sweep {name} failed (exit {rc}); see {storage / name}.log")
-    trials = pd.read_parquet(storage / name / "trials.parquet")
+    trials, wall = common.sweep_in_process(argv, storage, name)
     per_latent = {}
     for latent, group in trials.groupby("model.latent_dim"):
         best = group.loc[group["best_val_loss"].idxmin()]

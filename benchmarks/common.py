@@ -190,3 +190,25 @@ def run_timed(cmd: list[str], cwd: Path | None = None, env: dict | None = None
     proc = subprocess.run(cmd, check=False, cwd=cwd or ROOT, capture_output=True,
                           text=True, env={**os.environ, **(env or {})})
     return time.perf_counter() - t0, proc
+
+
+def sweep_in_process(argv: list[str], storage: Path, name: str):
+    """``cae sweep`` through ``cae.cli.main`` in this process (its output to
+    ``STORAGE/NAME.log``); the run's trials frame and the wall time in seconds."""
+    import contextlib
+    import io
+    import time
+
+    import pandas as pd
+
+    from cae import cli
+
+    buf = io.StringIO()
+    t0 = time.perf_counter()
+    with contextlib.redirect_stdout(buf):
+        rc = cli.main(argv)
+    wall = time.perf_counter() - t0
+    (storage / f"{name}.log").write_text(buf.getvalue())
+    if rc != 0:
+        raise SystemExit(f"sweep {name} failed (exit {rc}); see {storage / name}.log")
+    return pd.read_parquet(storage / name / "trials.parquet"), wall

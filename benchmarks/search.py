@@ -20,12 +20,9 @@ Writes ``benchmarks/results/search.json`` (``search-quick.json``).
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import re
 import shutil
 import sys
-import time
 from pathlib import Path
 
 import yaml
@@ -64,23 +61,11 @@ def trials_to_within(trials, within: float = WITHIN) -> int:
 
 
 def run(spec_path: Path, kind: str, seed: int, n: int, storage: Path) -> dict:
-    import pandas as pd
-
-    from cae import cli
-
     name = f"{kind}-{seed}"
     argv = ["sweep", str(spec_path), "--storage", str(storage), "--name", name, "--no-report",
             "--report-every", "0", "--set", f"search.kind={kind}", "--set", f"seed={seed}",
             "--set", f"num_samples={n}"]
-    buf = io.StringIO()
-    t0 = time.perf_counter()
-    with contextlib.redirect_stdout(buf):
-        rc = cli.main(argv)
-    wall = time.perf_counter() - t0
-    (storage / f"{name}.log").write_text(buf.getvalue())
-    if rc != 0:
-        raise SystemExit(f"sweep {name} failed (exit {rc}); see {storage / name}.log")
-    trials = pd.read_parquet(storage / name / "trials.parquet")
+    trials, wall = common.sweep_in_process(argv, storage, name)
     best = trials.loc[trials["best_val_loss"].idxmin()]
     return {"kind": kind, "seed": seed, "trials": len(trials), "wall_s": round(wall, 1),
             "best_val_loss": float(best["best_val_loss"]),
