@@ -281,6 +281,22 @@ def apply_point(data: dict, point: dict[str, Any]) -> dict:
     return data
 
 
+
+def stratum_of(config: dict, keys: list[str] | tuple[str, ...]) -> tuple:
+    """The values of ``keys`` in a flat trial config, directly or in a ``variant*`` mapping
+    (the later wins, as in ``cae.config.apply_point``); lists and dicts as JSON (hashable)."""
+    out = []
+    for key in keys:
+        found = [v[key] if k != key else v for k, v in config.items() if k == key or (
+            k.startswith("variant") and isinstance(v, dict) and key in v)]  # in applied order
+        if not found:
+            raise ValueError(f"scheduler.stratify: {key!r} is not an axis of the search space "
+                             f"(the trial config has {', '.join(sorted(config)) or 'no keys'})")
+        value = found[-1]
+        out.append(json.dumps(value, sort_keys=True) if isinstance(value, (list, dict)) else value)
+    return tuple(out)
+
+
 # A point's ``repeat`` (0, 1, ... num_samples - 1 over a grid) shifts the trial's seed by
 # this stride, so repeats of one configuration differ by seed and nothing else.
 REPEAT_KEY, REPEAT_SEED_STRIDE = "repeat", 1_000_003

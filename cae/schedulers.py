@@ -23,22 +23,7 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 from ray.tune.search import Searcher
 from ray.tune.search.variant_generator import generate_variants
 
-from cae.config import REPEAT_KEY
-
-
-def stratum_of(config: dict, keys: Sequence[str]) -> tuple:
-    """The values of ``keys`` in a flat trial config, directly or in a ``variant*`` mapping
-    (the later wins, as in ``cae.config.apply_point``); lists and dicts as JSON (hashable)."""
-    out = []
-    for key in keys:
-        found = [v[key] if k != key else v for k, v in config.items() if k == key or (
-            k.startswith("variant") and isinstance(v, dict) and key in v)]  # in applied order
-        if not found:
-            raise ValueError(f"scheduler.stratify: {key!r} is not an axis of the search space "
-                             f"(the trial config has {', '.join(sorted(config)) or 'no keys'})")
-        value = found[-1]
-        out.append(json.dumps(value, sort_keys=True) if isinstance(value, (list, dict)) else value)
-    return tuple(out)
+from cae.config import REPEAT_KEY, stratum_of  # noqa: F401 (re-exported)
 
 
 def _agree(self, metric: str | None, mode: str | None, **spec) -> bool:

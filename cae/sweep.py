@@ -25,6 +25,7 @@ from cae.config import (
     UserError,
     apply_point,
     format_validation_error,
+    stratum_of,
 )
 from cae.memory import estimate, trial_budget
 
@@ -173,14 +174,8 @@ def strata(spec: SweepSpec) -> dict[str, int]:
     names = list(axes)
     out: dict[str, int] = {}
     for combo in itertools.product(*(axes[k][1] for k in names)):
-        point = dict(zip(names, combo))
-        values = []
-        for key in keys:
-            found = [v for k, v in point.items() if k == key]
-            found += [v[key] for k, v in point.items()
-                      if k.startswith("variant") and isinstance(v, dict) and key in v]
-            values.append(f"{key}={json.dumps(found[-1])}")
-        label = ", ".join(values)
+        values = stratum_of(dict(zip(names, combo)), keys)  # as the scheduler groups them
+        label = ", ".join(f"{k}={v}" for k, v in zip(keys, values))
         out[label] = out.get(label, 0) + spec.num_samples
     return out
 
