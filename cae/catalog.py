@@ -14,8 +14,9 @@ from dataclasses import dataclass
 class DatasetInfo:
     """A dataset's facts, known without loading it.
 
-    ``torchvision`` is the class name in ``torchvision.datasets`` (None for the embedded
-    sample); ``folder`` is where that class keeps its files under the data root.
+    ``torchvision`` is the class name in ``torchvision.datasets`` (None for the datasets
+    that need no data root: the embedded sample and the photo tiles); ``folder`` is where
+    that class keeps its files under the data root.
     """
 
     name: str
@@ -40,6 +41,9 @@ DATASETS: dict[str, DatasetInfo] = {
         DatasetInfo("fashion_mnist", (1, 28, 28), 60000, 10000, "FashionMNIST", "FashionMNIST"),
         DatasetInfo("kmnist", (1, 28, 28), 60000, 10000, "KMNIST", "KMNIST"),
         DatasetInfo("cifar10", (3, 32, 32), 50000, 10000, "CIFAR10", "cifar-10-batches-py"),
+        # 32x32 RGB tiles of the colour photographs that ship with scikit-image (real
+        # images, offline; not CIFAR-10): six photos train, two others test.
+        DatasetInfo("photos", (3, 32, 32), 6061, 690),
     )
 }
 

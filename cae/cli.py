@@ -108,7 +108,8 @@ def cmd_data(args: argparse.Namespace) -> int:
 
     cfg = DataConfig(dataset=args.dataset, data_dir=args.data_dir, download=not args.no_download)
     data = load(cfg)
-    where = "inside the package" if args.dataset == "sample" else str(data_root(args.data_dir))
+    where = {"sample": "inside the package", "photos": "scikit-image's bundled photographs"}.get(
+        args.dataset, str(data_root(args.data_dir)))
     print(f"{args.dataset}: train {tuple(data.train.shape)}, test {tuple(data.test.shape)} "
           f"uint8, from {where}")
     return 0

@@ -7,7 +7,9 @@ once: torchvision's dataset classes find, download and md5-check the files, and 
 
 ``sample`` is a class-balanced subset of the real Fashion-MNIST shipped inside the package
 (``cae/sample/fashion_mnist_sample.npz``, built by ``scripts/make_sample.py``), so the
-quickstart and the tests need no network. Anything that cannot be found or downloaded
+quickstart and the tests need no network. ``photos`` cuts 32x32 RGB tiles from the colour
+photographs bundled with scikit-image (the ``photos`` extra), so colorization can be tried
+on real RGB images offline. Anything that cannot be found or downloaded
 becomes :class:`DatasetUnavailable`, whose message says where to put which files.
 """
 
@@ -82,8 +84,10 @@ def load(cfg: DataConfig) -> ImageData:
     if key not in _CACHE:
         if name not in DATASETS:
             raise UserError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
-        if DATASETS[name].torchvision is None:
+        if name == "sample":
             data = _load_sample()
+        elif name == "photos":
+            data = _load_photos()
         else:
             data = _load_torchvision(name, root, cfg.download)
         _CACHE[key] = _limit(data, cfg.train_limit, cfg.test_limit)
@@ -126,6 +130,52 @@ def _load_sample() -> ImageData:
         train_labels=torch.from_numpy(arrays["y_train"]).long(),
         test_labels=torch.from_numpy(arrays["y_test"]).long(),
     )
+
+
+# The photos and how they are cut: each scaled so its short side is PHOTO_SIDE pixels, then
+# cut into TILE x TILE tiles, overlapping (stride 8) for training, stride 16 for testing.
+# Whole photos are held out for testing, so the test error is measured on unseen scenes.
+PHOTOS_TRAIN = ("astronaut.png", "chelsea.png", "hubble_deep_field.jpg", "ihc.png",
+                "motorcycle_left.png", "retina.jpg")
+PHOTOS_TEST = ("coffee.png", "rocket.jpg")
+PHOTO_SIDE, TILE = 256, 32
+
+
+def _load_photos() -> ImageData:
+    import importlib.util
+
+    from PIL import Image
+
+    spec = importlib.util.find_spec("skimage")
+    folder = Path(spec.origin).parent / "data" if spec and spec.origin else None
+    missing = [f for f in PHOTOS_TRAIN + PHOTOS_TEST if not folder or not (folder / f).is_file()]
+    if missing:
+        raise DatasetUnavailable(
+            "dataset 'photos' cuts its tiles from the photographs bundled with scikit-image, "
+            f"and {'scikit-image is not installed' if not folder else f'{folder} lacks '}"
+            f"{'' if not folder else ', '.join(missing)}. "
+            "To fix: pip install 'cae-sweep[photos]' (or scikit-image>=0.22)."
+        )
+
+    def tiles(names: tuple[str, ...], stride: int) -> tuple[torch.Tensor, torch.Tensor]:
+        out, labels = [], []
+        for label, fname in enumerate(names):
+            with Image.open(folder / fname) as im:
+                im = im.convert("RGB")
+                scale = PHOTO_SIDE / min(im.size)
+                im = im.resize((round(im.width * scale), round(im.height * scale)),
+                               Image.Resampling.BICUBIC)
+                x = torch.from_numpy(np.array(im)).permute(2, 0, 1)  # (3, H, W) uint8, a copy
+            t = x.unfold(1, TILE, stride).unfold(2, TILE, stride)  # (3, nh, nw, TILE, TILE)
+            t = t.permute(1, 2, 0, 3, 4).reshape(-1, 3, TILE, TILE)
+            out.append(t)
+            labels.append(torch.full((len(t),), label, dtype=torch.int64))
+        return torch.cat(out).contiguous(), torch.cat(labels)
+
+    train, train_labels = tiles(PHOTOS_TRAIN, 8)
+    test, test_labels = tiles(PHOTOS_TEST, 16)
+    return ImageData(name="photos", train=train, test=test, train_labels=train_labels,
+                     test_labels=test_labels + len(PHOTOS_TRAIN))
 
 
 def _load_torchvision(name: str, root: Path, download: bool) -> ImageData:

@@ -243,3 +243,35 @@ def test_absent_dataset_raises_a_helpful_error(name, download, tmp_path, no_netw
     assert "--data-dir" in msg and "CAE_DATA_DIR" in msg
     if download:
         assert "download failed" in msg
+
+
+# ---- photos: real RGB images offline ------------------------------------------------
+
+
+def test_photos_are_tiles_of_whole_photographs_held_out_for_testing():
+    pytest.importorskip("skimage")
+    from cae.catalog import DATASETS
+
+    d = load(DataConfig(dataset="photos"))
+    info = DATASETS["photos"]
+    assert d.train.shape == (info.train_size, *info.shape) and d.train.dtype == torch.uint8
+    assert d.test.shape == (info.test_size, *info.shape)
+    # every training tile from one of the six training photos, every test tile from the two
+    # others: the test error is measured on scenes never seen in training
+    assert set(d.train_labels.tolist()) == set(range(len(cdata.PHOTOS_TRAIN)))
+    assert set(d.test_labels.tolist()) == {6, 7}
+    # real colour: the channels differ, and no tile of the test set occurs in training
+    assert (d.train[:, 0].float() - d.train[:, 2].float()).abs().mean() > 10
+    train_keys = {t.numpy().tobytes() for t in d.train[::7]}
+    assert not any(t.numpy().tobytes() in train_keys for t in d.test)
+
+
+def test_photos_without_scikit_image_say_how_to_get_them(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "skimage" else real(name, *a))
+    cdata.clear_cache()
+    with pytest.raises(DatasetUnavailable, match=r"scikit-image is not installed.*photos\]"):
+        load(DataConfig(dataset="photos"))

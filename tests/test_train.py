@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from cae.config import TrialConfig
-from cae.data import ImageData
+from cae.data import load
 from cae.train import Diverged, Trainer, train
 
 
@@ -64,29 +64,14 @@ def test_divergence_raises_with_the_reason():
         train(cfg, evaluate_test=False)
 
 
-def _photos() -> ImageData:
-    """Real RGB photographs shipped with scikit-image, cut into 32x32 tiles."""
-    skdata = pytest.importorskip("skimage.data")
-    tiles = []
-    for name in ("astronaut", "coffee", "chelsea", "rocket"):
-        img = torch.from_numpy(np.ascontiguousarray(getattr(skdata, name)()[..., :3]))
-        img = img.permute(2, 0, 1)  # (3, H, W)
-        h, w = (img.shape[1] // 32) * 32, (img.shape[2] // 32) * 32
-        t = img[:, :h, :w].unfold(1, 32, 32).unfold(2, 32, 32)  # (3, h/32, w/32, 32, 32)
-        tiles.append(t.permute(1, 2, 0, 3, 4).reshape(-1, 3, 32, 32))
-    x = torch.cat(tiles)[torch.randperm(sum(len(t) for t in tiles),
-                                        generator=torch.Generator().manual_seed(0))]
-    return ImageData(name="photos", train=x[:-200].contiguous(), test=x[-200:].contiguous())
-
-
 def test_colorize_on_real_photographs():
-    data = _photos()
+    pytest.importorskip("skimage")
     cfg = TrialConfig.model_validate({
-        "data": {"dataset": "cifar10"}, "task": {"name": "colorize"},
+        "data": {"dataset": "photos", "train_limit": 1200}, "task": {"name": "colorize"},
         "model": {"preset": "study_a_colorize"}, "lr": 0.003, "batch_size": 64,
         "max_epochs": 3, "patience": None,
     })
-    trainer = Trainer(cfg, data)
+    trainer = Trainer(cfg, load(cfg.data))
     assert trainer.model.cfg.in_channels == 1 and trainer.model.cfg.out_channels == 2
     trainer.fit()
     first, last = trainer.history[0], trainer.history[-1]
