@@ -16,7 +16,13 @@ from pathlib import Path
 import pandas as pd
 
 from cae.config import REPEAT_KEY, UserError, apply_point
-from cae.rundir import SCHEDULER_STOPS, SPEC_FILE, RunDirError, unfinished_mask
+from cae.rundir import (
+    HISTORY_FILE,
+    SCHEDULER_STOPS,
+    SPEC_FILE,
+    RunDirError,
+    unfinished_mask,
+)
 
 TRIALS_FILE, EPOCHS_FILE = "trials.parquet", "epochs.parquet"
 EPOCH_COLUMNS = ("train_loss", "val_loss", "epoch_time_s", "time_total_s")
@@ -122,6 +128,17 @@ def _error_reason(trial_dir: Path) -> str:
     return lines[-1] if lines else "error"
 
 
+def _checkpoint_history(trial_dir: Path) -> dict:
+    """What the trial's newest readable checkpoint says it has done (``cae.trainable``):
+    ``epochs`` (the per-epoch metrics), ``static`` and ``final``; {} without one."""
+    for path in sorted(trial_dir.glob(f"checkpoint_*/{HISTORY_FILE}"), reverse=True):
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue  # a checkpoint being written or cut short: try the one before
+    return {}
+
+
 def load_frames(run_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The ``trials`` and ``epochs`` frames of a run directory."""
     import yaml
@@ -146,6 +163,12 @@ def load_frames(run_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
         for r in results:
             if "epoch" in r:
                 by_epoch[int(r["epoch"])] = r  # a resumed trial may repeat an epoch: keep last
+        # epochs that result.json lost (a driver crash before Ray Tune copied it over) come
+        # back from the trial's own checkpoint
+        saved = _checkpoint_history(trial_dir)
+        newest = max(by_epoch, default=0)
+        for h in saved.get("epochs", []):
+            by_epoch.setdefault(int(h["epoch"]), {**saved.get("static", {}), **h})
         for epoch, r in sorted(by_epoch.items()):
             row = {"trial_id": trial_id, "epoch": epoch}
             row.update({k: v for k, v in r.items()
@@ -154,6 +177,8 @@ def load_frames(run_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
             row["time_total_s"] = r.get("time_total_s")
             epochs.append(row)
         last = results[-1] if results else {}
+        if max(by_epoch, default=0) > newest:  # the newest epochs only in the checkpoint
+            last = {**last, **by_epoch[max(by_epoch)], **(saved.get("final") or {})}
         if error and status == "TERMINATED":
             error = ""  # failed once (a lost node, a crash), then finished from its checkpoint
         vals = [r["val_loss"] for r in by_epoch.values() if _finite(r.get("val_loss"))]

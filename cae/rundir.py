@@ -27,6 +27,11 @@ NOT_FINISHED = ("RUNNING", "PENDING", "PAUSED")
 OWN_ENDS = ("max_epochs", "patience")
 # Stop reasons of trials the scheduler stopped early (at a rung of successive halving).
 SCHEDULER_STOPS = ("asha", "sha")
+# In every checkpoint of a trial (beside the weights): its epochs so far and, once it has
+# ended, its final report, as JSON. Ray Tune writes a trial's result.json on the driver and
+# copies it into the run directory in the background, so after a driver crash it can lack
+# epochs that the checkpoints (written by the trial itself) have.
+HISTORY_FILE = "history.json"
 
 
 class RunDirError(UserError):
@@ -160,7 +165,9 @@ def _fetch_run(run_dir: str, dest: Path | None) -> Path:
             continue
         rel = info.path[len(root):].lstrip("/").split("/")
         wanted = ((len(rel) == 1 and _TOP_FILES.fullmatch(rel[0]))
-                  or (len(rel) == 2 and rel[1] in _TRIAL_FILES))
+                  or (len(rel) == 2 and rel[1] in _TRIAL_FILES)
+                  or (len(rel) == 3 and rel[1].startswith("checkpoint_")
+                      and rel[2] == HISTORY_FILE))
         if wanted:
             target = dest.joinpath(*rel)
             target.parent.mkdir(parents=True, exist_ok=True)

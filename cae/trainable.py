@@ -1,7 +1,8 @@
 """The Ray Tune function trainable: one trial of a sweep around ``cae.train.Trainer``.
 
 Each epoch it reports the losses to Ray Tune with a checkpoint (model, optimiser, epoch,
-early-stopping state); a restarted trial continues from its last checkpoint. The final
+early-stopping state, and the epochs so far as JSON for ``cae.results``); a restarted trial
+continues from its last checkpoint. The final
 epoch's report also carries the test errors and the stop reason, because a scheduler may
 end the trial right after its last report. A trial that diverges raises, so Ray Tune marks
 it as an error with that reason and the sweep goes on.
@@ -9,6 +10,7 @@ it as an error with that reason and the sweep goes on.
 
 from __future__ import annotations
 
+import json
 import tempfile
 from pathlib import Path
 
@@ -18,6 +20,7 @@ from ray import tune
 
 from cae.config import trial_config
 from cae.data import ImageData
+from cae.rundir import HISTORY_FILE
 from cae.train import Trainer
 
 STATE_FILE = "state.pt"
@@ -65,8 +68,10 @@ def run_trial(point: dict, base: dict, datasets: dict[str, ImageData], threads: 
             state["final"] = report
         else:
             state = state_fn()
+        history = {"epochs": trainer.history, "static": static, "final": state.get("final")}
         with tempfile.TemporaryDirectory() as d:
             torch.save(state, Path(d) / STATE_FILE)
+            (Path(d) / HISTORY_FILE).write_text(json.dumps(history, default=float))
             tune.report(report, checkpoint=tune.Checkpoint.from_directory(d))
 
     trainer.fit(on_epoch)

@@ -5,7 +5,8 @@
 Prints a Markdown table with one row per configuration, its repeats pooled (mean, and the
 min-max over repeats): parameters, latent size, validation loss after each ``--at`` epoch,
 best validation loss, test loss, the PCA reference at that latent size, and for denoise the
-test error on each distortion. Writes the report's figures as PNG files beside it
+test error on each distortion; then the references (PCA, and for denoise the distorted input
+itself) on the test split. Writes the report's figures as PNG files beside it
 (``NAME-latent.png``, ``NAME-distortions.png`` for denoise, ``NAME-pictures.png``: the best
 trial's best, median and worst test sample),
 rendered by headless Chromium (``--no-figures`` skips them).
@@ -75,6 +76,23 @@ def config_table(run, at: list[int]) -> pd.DataFrame:
     return out.reset_index(drop=True)
 
 
+def reference_table(run) -> pd.DataFrame:
+    """The references on the test split: PCA at each latent size, and for denoise the
+    distorted input returned as it is (identity), with their per-distortion errors."""
+    b = run.baselines
+    if b is None or b.empty:
+        return pd.DataFrame()
+    b = b[b["split"] == "test"]
+    cols = [c for c in b.columns if c.startswith("loss_") and c != "loss_kind"]
+    rows = []
+    for _, r in b.iterrows():
+        name = ("identity (the distorted input)" if r["baseline"] == "identity"
+                else f"PCA, {int(r['latent_size'])} components")
+        rows.append({"reference": name, "test": f"{r['loss']:.4f}",
+                     **{c.removeprefix("loss_"): f"{r[c]:.4f}" for c in cols}})
+    return pd.DataFrame(rows)
+
+
 def markdown(df: pd.DataFrame) -> str:
     head = "| " + " | ".join(df.columns) + " |"
     rule = "|" + "|".join("---" for _ in df.columns) + "|"
@@ -117,6 +135,9 @@ def main(argv: list[str] | None = None) -> int:
     run = load_run(args.run_dir)
     name = args.name or run.name
     print(markdown(config_table(run, args.at)))
+    if not (ref := reference_table(run)).empty:
+        print()
+        print(markdown(ref))
     if args.no_figures:
         return 0
     out = Path(args.out)

@@ -76,6 +76,32 @@ def test_epochs_parquet_contents(asha_run):
     assert (e[4] < e[1]).all()
 
 
+def test_epochs_lost_from_result_json_come_back_from_the_checkpoints(asha_run, tmp_path):
+    # Ray Tune writes result.json on the driver and copies it into the run directory in the
+    # background: after a driver crash it can lack the newest epochs, which the trial's own
+    # checkpoints have. Keep only the first row of every trial's result.json.
+    import shutil
+
+    from cae.results import load_frames
+
+    want_trials, want_epochs = load_frames(asha_run)
+    cut = tmp_path / "cut"
+    shutil.copytree(asha_run, cut)
+    for result in cut.glob("*/result.json"):
+        result.write_text(result.read_text().splitlines()[0] + "\n")
+    trials, epochs = load_frames(cut)
+    cols = ["trial_id", "best_val_loss", "best_epoch", "epochs", "stop_reason", "test_loss",
+            "params", "latent_size"]
+    key = ["trial_id"]
+    pd.testing.assert_frame_equal(trials[cols].sort_values(key).reset_index(drop=True),
+                                  want_trials[cols].sort_values(key).reset_index(drop=True))
+    e_cols = ["trial_id", "epoch", "train_loss", "val_loss", "epoch_time_s"]
+    key = ["trial_id", "epoch"]
+    pd.testing.assert_frame_equal(epochs[e_cols].sort_values(key).reset_index(drop=True),
+                                  want_epochs[e_cols].sort_values(key).reset_index(drop=True))
+    assert (trials["epochs"] > 1).any()  # something was lost and came back
+
+
 def test_denoise_sweep_reports_per_distortion_and_a_diverging_trial_errors(tmp_path, capsys):
     spec = {
         "name": "diverge",
