@@ -339,6 +339,15 @@ def _baseline_lines(fig: go.Figure, baselines: pd.DataFrame | None, metric: str,
     lo, hi = float(df["latent_size"].min()), float(df["latent_size"].max())
     for (dataset, task, loss), part in pca.groupby(["dataset", "task", "loss_kind"]):
         part = part[(part["latent_size"] >= lo) & (part["latent_size"] <= hi)]
+        exact = part[part["loss"] <= 0]  # as many components as pixels: PCA is the identity
+        part = part[part["loss"] > 0]  # (a log axis cannot show 0)
+        if not exact.empty:
+            at = float(exact["latent_size"].min())
+            fig.add_vline(x=at, line=dict(color="#888888", width=1, dash="dot"))
+            fig.add_annotation(  # annotations on a log axis take log10 positions
+                x=math.log10(at), y=1, yref="paper", yanchor="bottom", xanchor="center",
+                showarrow=False, font=dict(size=11, color="#666666"),
+                text=f"PCA exact from latent {at:g} ({dataset}): as large as the input")
         if part.empty:
             continue
         fig.add_trace(go.Scatter(

@@ -54,7 +54,8 @@ def best_per_latent(trials: pd.DataFrame, spec: dict,
     """Like the studies' tables: at each latent size, the best trial among those trained to
     the end (its swept axes, params, validation and test error, epochs), how many trials of
     that size ran to the end, the spread over the winner's repeats, and the PCA reference at
-    that size (with the winner's error relative to it: below 1 beats PCA)."""
+    that size (with the winner's error relative to it: below 1 beats PCA; "PCA exact" where
+    the latent is as large as the input, so PCA reproduces it without error)."""
     cols = ["latent_size", "trained_to_end", "trial"]
     if trials.empty or "latent_size" not in trials:
         return pd.DataFrame(columns=cols)
@@ -85,7 +86,9 @@ def best_per_latent(trials: pd.DataFrame, spec: dict,
                 row["val min-max of repeats"] = f"{s['min']:.4g}-{s['max']:.4g}"
             if pca is not None and float(latent) in pca.index:
                 row["PCA val"] = float(pca.loc[float(latent)])
-                row["vs PCA"] = float(best["best_val_loss"]) / row["PCA val"]
+                # a latent as large as the input: PCA keeps every pixel, its error is 0
+                row["vs PCA"] = (float(best["best_val_loss"]) / row["PCA val"]
+                                 if row["PCA val"] > 0 else "PCA exact")
         rows.append(row)
     return pd.DataFrame(rows)
 

@@ -539,3 +539,26 @@ def test_best_per_latent_size_table_ranks_only_trials_trained_to_the_end(large):
             assert row["best_val_loss"] == pytest.approx(done["best_val_loss"].min())
             assert row["vs PCA"] == pytest.approx(done["best_val_loss"].min() / 0.03)
     assert short_id(t.loc[fast, "trial_id"]) not in set(table["trial"])
+
+
+def test_pca_as_large_as_the_input_is_exact_and_said_so(large):
+    # from 784 components on 28x28 images PCA reproduces its input: error 0, which a log
+    # axis cannot draw and a ratio cannot divide by
+    from analysis.table import best_per_latent
+
+    t = large.trials.copy()
+    sizes = sorted(t["latent_size"].unique())
+    exact_from = sizes[len(sizes) // 2]
+    base = pd.DataFrame([{"dataset": "fashion_mnist", "task": "reconstruct",
+                          "loss_kind": "mse", "baseline": "pca", "split": "val",
+                          "latent_size": float(k), "loss": 0.0 if k >= exact_from else 0.03}
+                         for k in sizes])
+    table = best_per_latent(t, large.spec, base).set_index("latent_size")
+    assert (table.loc[table.index >= exact_from, "vs PCA"].dropna() == "PCA exact").all()
+    assert table.loc[table.index < exact_from, "vs PCA"].dropna().map(
+        lambda v: isinstance(v, float)).all()
+    fig = figures.latent_vs_error(t, large.spec, baselines=base)
+    (pca,) = traces(fig, "PCA (fashion_mnist, val)")
+    assert min(pca.y) > 0 and max(pca.x) < exact_from
+    assert [s.x0 for s in fig.layout.shapes] == [exact_from]
+    assert any(f"PCA exact from latent {exact_from:g}" in a.text for a in fig.layout.annotations)
