@@ -327,10 +327,19 @@ def _repeat_bars(fig: go.Figure, df: pd.DataFrame, metric: str, name: str,
         hoverinfo="skip"))
 
 
+# References without a latent size, drawn as horizontal lines: (legend, hover, colour).
+FLAT_BASELINES = {
+    "identity": ("distorted input unchanged", "returning the distorted input", "#D62728"),
+    "mean_chroma": ("mean chroma of the training images",
+                    "colouring every image with the training images' mean chroma", "#9467BD"),
+}
+
+
 def _baseline_lines(fig: go.Figure, baselines: pd.DataFrame | None, metric: str,
                     df: pd.DataFrame) -> None:
-    """PCA at each latent size (the best a linear autoencoder does) and, for denoise, the
-    error of the distorted input itself, on the split ``metric`` comes from."""
+    """PCA at each latent size (the best a linear autoencoder does), for denoise the error
+    of the distorted input itself, for colorize that of the training images' mean chroma,
+    on the split ``metric`` comes from."""
     if baselines is None or baselines.empty:
         return
     split = "test" if metric.startswith("test") else "val"
@@ -357,13 +366,13 @@ def _baseline_lines(fig: go.Figure, baselines: pd.DataFrame | None, metric: str,
             marker=dict(symbol="x", size=7, color="#888888"),
             hovertemplate=(f"PCA on {dataset}: latent %{{x}}<br>{loss} %{{y:.4g}} ({split})"
                            "<extra>linear reference</extra>")))
-    for dataset, part in b[b["baseline"] == "identity"].groupby("dataset"):
-        value = float(part["loss"].iloc[0])
-        fig.add_trace(go.Scatter(
-            x=[lo / 1.2, hi * 1.2], y=[value, value], mode="lines",
-            name=f"distorted input unchanged ({dataset})",
-            line=dict(color="#D62728", width=1.5, dash="dot"),
-            hovertemplate=f"returning the distorted input: %{{y:.4g}} ({split})<extra></extra>"))
+    for kind, (label, hover, color) in FLAT_BASELINES.items():
+        for dataset, part in b[b["baseline"] == kind].groupby("dataset"):
+            value = float(part["loss"].iloc[0])
+            fig.add_trace(go.Scatter(
+                x=[lo / 1.2, hi * 1.2], y=[value, value], mode="lines",
+                name=f"{label} ({dataset})", line=dict(color=color, width=1.5, dash="dot"),
+                hovertemplate=f"{hover}: %{{y:.4g}} ({split})<extra></extra>"))
 
 
 def distortion_errors(

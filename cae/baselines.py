@@ -168,6 +168,30 @@ def _score(pca: PCA, sizes: list[int], prepared: tuple, task: Task, loss_kind: s
     return rows
 
 
+@torch.inference_mode()
+def _mean_target_rows(cfg: TrialConfig, splits, task: Task) -> list[dict]:
+    """The per-pixel mean target of the training split as a constant prediction, scored on
+    the validation and test splits like the trials."""
+    total, n = None, 0
+    for s in range(0, splits.train.shape[0], _CHUNK):
+        _, y, _ = task.batch(splits.train[s : s + _CHUNK].cpu(), None)
+        part = y.double().sum(0)
+        total, n = (part if total is None else total + part), n + y.shape[0]
+    mean = (total / n).float()  # (C, H, W)
+    rows = []
+    for split_name, images, seed in (("val", splits.val, cfg.task.eval_seed),
+                                     ("test", splits.test, cfg.task.eval_seed + 1)):
+        _, y_all, _ = task.eval_inputs(images, seed=seed)
+        losses = sum(float(per_sample_loss(cfg.loss, mean.expand_as(y), y).double().sum())
+                     for y in (y_all[s : s + _CHUNK].cpu()
+                               for s in range(0, y_all.shape[0], _CHUNK)))
+        rows.append({"dataset": cfg.data.dataset, "task": cfg.task.name, "loss_kind": cfg.loss,
+                     "baseline": "mean_chroma", "latent_size": math.nan,
+                     "components": math.nan, "split": split_name,
+                     "loss": losses / y_all.shape[0]})
+    return rows
+
+
 def compute_baselines(cfg: TrialConfig, data: ImageData | None,
                       latent_sizes: Iterable[int]) -> pd.DataFrame:
     """Reference errors of the sweep whose trials share ``cfg``'s data, task and loss.
@@ -183,18 +207,19 @@ def compute_baselines(cfg: TrialConfig, data: ImageData | None,
     ``loss_<distortion>`` as the trials' ``val_loss_<distortion>``. ``data`` None loads
     ``cfg.data``.
 
-    ``colorize`` has no baseline and gets an empty frame with the columns: its input (luma)
-    and target (chroma) are different signals, so a PCA of the input (a linear
-    *autoencoder*) does not predict the target at all, and there is no identity to return;
-    a fair linear reference would be a regression from luma to chroma, a different model.
+    ``colorize`` gets one baseline, ``mean_chroma`` (``latent_size`` NaN): every pixel
+    coloured with the training images' mean chroma at that pixel, whatever the input; a
+    model that does not beat it has learned no colour from the luma. PCA does not apply:
+    input (luma) and target (chroma) are different signals, so a PCA of the input (a linear
+    *autoencoder*) does not predict the target, and there is no identity to return.
     """
     sizes = _check_sizes(latent_sizes)
     name = cfg.task.name
-    if name == "colorize":
-        return _frame([], [])
     data = data if data is not None else load(cfg.data)
     splits = split(data, cfg.data.val_fraction, cfg.data.split_seed)
     task = make_task(cfg.task)
+    if name == "colorize":
+        return _frame(_mean_target_rows(cfg, splits, task), [])
     d = math.prod(splits.train.shape[1:])
     need = max([k for k in sizes if k < d], default=0)
     pca = fit_pca(splits.train, max_components=need)

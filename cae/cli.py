@@ -146,7 +146,7 @@ def _baselines(run_dir: str, local: Path, data_dir: str | None = None,
     try:
         frame = baselines.for_configs(trial_configs(local, data_dir), datasets)
     except UserError as exc:
-        print(f"cae: no reference errors (PCA, identity) for the report: {exc}",
+        print(f"cae: no reference errors (PCA and the like) for the report: {exc}",
               file=sys.stderr)
         return
     rundir.publish(run_dir, baselines.write_baselines(local, frame))

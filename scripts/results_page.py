@@ -77,8 +77,9 @@ def config_table(run, at: list[int]) -> pd.DataFrame:
 
 
 def reference_table(run) -> pd.DataFrame:
-    """The references on the test split: PCA at each latent size, and for denoise the
-    distorted input returned as it is (identity), with their per-distortion errors."""
+    """The references on the test split: PCA at each latent size, for denoise the distorted
+    input returned as it is (identity) with its per-distortion errors, for colorize the
+    training images' mean chroma."""
     b = run.baselines
     if b is None or b.empty:
         return pd.DataFrame()
@@ -86,8 +87,9 @@ def reference_table(run) -> pd.DataFrame:
     cols = [c for c in b.columns if c.startswith("loss_") and c != "loss_kind"]
     rows = []
     for _, r in b.iterrows():
-        name = ("identity (the distorted input)" if r["baseline"] == "identity"
-                else f"PCA, {int(r['latent_size'])} components")
+        name = {"identity": "identity (the distorted input)",
+                "mean_chroma": "the training images' mean chroma"}.get(
+            r["baseline"], f"PCA, {r['latent_size']:.0f} components")
         rows.append({"reference": name, "test": f"{r['loss']:.4f}",
                      **{c.removeprefix("loss_"): f"{r[c]:.4f}" for c in cols}})
     return pd.DataFrame(rows)

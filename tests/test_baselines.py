@@ -189,11 +189,29 @@ def test_denoise_frame_has_one_row_per_baseline_size_and_split(denoise_frame):
         ("pca", "val"): 2, ("pca", "test"): 2, ("identity", "val"): 1, ("identity", "test"): 1}
 
 
-def test_colorize_has_no_baseline():
-    images = torch.zeros((20, 3, 32, 32), dtype=torch.uint8)
-    cfg = trial("colorize", data=DataConfig(dataset="cifar10"))
-    frame = compute_baselines(cfg, ImageData(name="cifar10", train=images, test=images), [8])
-    assert frame.empty and list(frame.columns) == list(COLUMNS)
+def test_colorize_baseline_is_the_training_mean_chroma_on_real_photographs():
+    pytest.importorskip("skimage")
+    from cae.data import load, split
+    from cae.tasks import rgb_to_ycbcr
+
+    cfg = trial("colorize", data=DataConfig(dataset="photos"))
+    data = load(cfg.data)
+    frame = compute_baselines(cfg, data, [4096])
+    assert frame["baseline"].tolist() == ["mean_chroma", "mean_chroma"]
+    assert frame["split"].tolist() == ["val", "test"] and frame["latent_size"].isna().all()
+    # by hand: chroma (Cb, Cr) of each image in [0, 1], mean over the training split per
+    # pixel, MSE against each test image's chroma
+    splits = split(data, cfg.data.val_fraction, cfg.data.split_seed)
+
+    def chroma(u8):
+        return rgb_to_ycbcr(u8.double() / 255)[:, 1:]
+
+    mean = chroma(splits.train).mean(0)
+    want = (chroma(splits.test) - mean).square().flatten(1).mean(1).mean().item()
+    assert frame.loc[frame["split"] == "test", "loss"].item() == pytest.approx(want, rel=1e-4)
+    # it is a real reference: a constant at the test split's own mean does at least as well
+    own = (chroma(splits.test) - chroma(splits.test).mean(0)).square().mean().item()
+    assert own <= want
 
 
 def test_write_read_round_trip(tmp_path, denoise_frame):
