@@ -276,7 +276,8 @@ def summary(trials: pd.DataFrame, run_dir: str, axes: list[str] | None = None) -
         lines.append(f"best trial {best['trial_id']}: val {best['best_val_loss']:.5f}, test "
                      f"{best.get('test_loss', float('nan')):.5f}, params {int(best['params']):,}, "
                      f"latent {int(best['latent_size'])}")
-        lines.append("  " + ", ".join(f"{k}={v}" for k, v in axes.items()))
+        if axes:
+            lines.append("  " + ", ".join(f"{k}={v}" for k, v in axes.items()))
     lines.append(f"results: {run_dir}/{TRIALS_FILE} and {EPOCHS_FILE}")
     unfinished = int(unfinished_mask(trials).sum())
     if unfinished:
