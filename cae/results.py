@@ -229,12 +229,41 @@ def _finite(x) -> bool:
 
 
 def export(run_dir: str | Path) -> tuple[Path, Path]:
-    """Write trials.parquet and epochs.parquet into the run directory."""
+    """Write trials.parquet and epochs.parquet into the run directory.
+
+    Lists and mappings are JSON text (``model.channels`` "[16, 32]"). A column whose trials
+    hold values of different kinds (``model.convs`` 1 in one trial and [3, 4] in another;
+    ``padding`` 1 or "same") is all text, since a Parquet column has one type: its numbers
+    as JSON text too ("1"), so ``json.loads`` reads back every value but plain words."""
     run_dir = Path(run_dir)
     trials, epochs = load_frames(run_dir)
-    trials.to_parquet(run_dir / TRIALS_FILE, index=False)
-    epochs.to_parquet(run_dir / EPOCHS_FILE, index=False)
+    for_parquet(trials).to_parquet(run_dir / TRIALS_FILE, index=False)
+    for_parquet(epochs).to_parquet(run_dir / EPOCHS_FILE, index=False)
     return run_dir / TRIALS_FILE, run_dir / EPOCHS_FILE
+
+
+def _kind(value) -> str:
+    if isinstance(value, (list, tuple)):
+        return "list"
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, (int, float)):
+        return "number"
+    return type(value).__name__
+
+
+def for_parquet(frame: pd.DataFrame) -> pd.DataFrame:
+    """``frame`` with every object column that mixes text (lists are JSON text already) and
+    numbers or booleans as text throughout; other columns as they are."""
+    out = frame.copy()
+    for col in out.select_dtypes(include="object").columns:
+        present = [v for v in out[col] if v is not None
+                   and not (isinstance(v, float) and math.isnan(v))]
+        if len({_kind(v) for v in present}) > 1:
+            out[col] = out[col].map(
+                lambda v: v if v is None or isinstance(v, str)
+                or (isinstance(v, float) and math.isnan(v)) else json.dumps(v))
+    return out
 
 
 def best_trial(trials: pd.DataFrame) -> pd.Series | None:

@@ -55,3 +55,26 @@ def test_experiment_state_of_another_ray_is_a_clear_error(tmp_path):
 def test_not_a_run_directory(tmp_path):
     with pytest.raises(RunDirError, match="not a cae run directory"):
         load_frames(tmp_path)
+
+
+def test_export_writes_config_columns_that_mix_kinds_as_json_text(tmp_path):
+    # model 12 has convs [3, 4], its variants convs 1..4: one Parquet column cannot hold both
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(
+        {"name": "x", "trial": {"model": {"preset": "study_b_model12"}},
+         "scheduler": {"kind": "fifo"}}))
+    for i, point in enumerate([{}, {"variant": {"model.convs": 2}},
+                               {"variant": {"model.padding": "same"}}]):
+        trial = tmp_path / f"run_trial_{i:05d}"
+        trial.mkdir()
+        (trial / "params.json").write_text(json.dumps(point))
+        (trial / "result.json").write_text(json.dumps(
+            {"trial_id": f"t{i}", "epoch": 1, "train_loss": 0.1, "val_loss": 0.2 + i,
+             "stop_reason": "max_epochs", "time_total_s": 1.0}) + "\n")
+    from cae.results import export
+
+    trials_file, _ = export(tmp_path)
+    back = pd.read_parquet(trials_file).set_index("trial_id")
+    assert [json.loads(v) for v in back.loc[["t0", "t1", "t2"], "model.convs"]] == [
+        [3, 4], 2, [3, 4]]
+    assert back.loc[["t0", "t1", "t2"], "model.padding"].tolist() == ["1", "1", "same"]
+    assert back["model.kernel"].tolist() == [3, 3, 3]  # one kind: as it is
