@@ -256,7 +256,7 @@ def for_parquet(frame: pd.DataFrame) -> pd.DataFrame:
     """``frame`` with every object column that mixes text (lists are JSON text already) and
     numbers or booleans as text throughout; other columns as they are."""
     out = frame.copy()
-    for col in out.select_dtypes(include="object").columns:
+    for col in [c for c in out.columns if out[c].dtype == "object"]:
         present = [v for v in out[col] if v is not None
                    and not (isinstance(v, float) and math.isnan(v))]
         if len({_kind(v) for v in present}) > 1:
