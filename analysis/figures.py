@@ -375,15 +375,31 @@ def _baseline_lines(fig: go.Figure, baselines: pd.DataFrame | None, metric: str,
                 hovertemplate=f"{hover}: %{{y:.4g}} ({split})<extra></extra>"))
 
 
+def _identity_per_distortion(baselines: pd.DataFrame | None, split: str,
+                             names: list[str]) -> np.ndarray | None:
+    """The error of returning the distorted input, per distortion, on ``split``."""
+    if baselines is None or baselines.empty:
+        return None
+    rows = baselines[(baselines["baseline"] == "identity") & (baselines["split"] == split)]
+    cols = [f"loss_{n}" for n in names]
+    if rows.empty or not set(cols) <= set(rows.columns):
+        return None
+    values = rows.iloc[0][cols].to_numpy(dtype=float)
+    return values if np.isfinite(values).all() else None
+
+
 def distortion_errors(
     trials: pd.DataFrame, epochs: pd.DataFrame | None = None, n_best: int = 5,
+    baselines: pd.DataFrame | None = None,
 ) -> go.Figure | None:
     """For ``denoise`` sweeps: the best trials' error on each distortion, side by side.
 
-    A low mean can hide a distortion the model never learned (Study B); each bar says how
-    many times the trial's mean it is. Uses the test errors of trials that have them, else
-    each trial's validation errors at its best epoch. None when there are no per-distortion
-    errors (any task but denoise).
+    A low mean can hide a distortion the model never learned (Study B). With ``baselines``
+    (``cae.baselines``), the error of returning the distorted input unchanged is drawn on
+    each distortion and each bar says how many times that error it is (above 1x the model
+    does worse than doing nothing); without, how many times the trial's mean. Uses the test
+    errors of trials that have them, else each trial's validation errors at its best epoch.
+    None when there are no per-distortion errors (any task but denoise).
     """
     test_cols = [c for c in trials.columns if c.startswith("test_loss_")]
     names = [c.removeprefix("test_loss_") for c in test_cols]
@@ -407,21 +423,31 @@ def distortion_errors(
         source = "validation (best epoch)"
     if ranked.empty or not names:
         return None
+    identity = _identity_per_distortion(baselines, "test" if source == "test" else "val", names)
     fig = go.Figure()
     for rank, (_, row) in enumerate(ranked.iterrows(), start=1):
         values = np.array([row.get(f"test_loss_{n}", np.nan) for n in names], dtype=float)
         mean = np.nanmean(values) if np.isfinite(values).any() else np.nan
+        ref = identity if identity is not None else np.full(len(names), mean)
         fig.add_trace(go.Bar(
             x=names, y=values.astype("float32"),
             name=f"#{rank} trial {short_id(row['trial_id'])} (mean {mean:.4g})",
             marker_color=BEST_COLORS[(rank - 1) % len(BEST_COLORS)],
-            text=[f"{v / mean:.1f}x" if mean > 0 and np.isfinite(v) else "" for v in values],
+            text=[f"{v / r:.1f}x" if r > 0 and np.isfinite(v) else "" for v, r in zip(values, ref)],
             textposition="outside",
-            hovertemplate="%{x}: %{y:.4g} (%{text} the trial's mean)<extra>%{fullData.name}"
-                          "</extra>"))
+            hovertemplate="%{x}: %{y:.4g} (%{text} " + ("the distorted input's error"
+                          if identity is not None else "the trial's mean")
+                          + ")<extra>%{fullData.name}</extra>"))
+    if identity is not None:
+        fig.add_trace(go.Scatter(
+            x=names, y=identity.astype("float32"), mode="markers",
+            name="returning the distorted input",
+            marker=dict(symbol="line-ew", size=60, line=dict(width=3, color="#D62728")),
+            hovertemplate="%{x}: returning the distorted input %{y:.4g}<extra></extra>"))
     fig.update_layout(
-        title=f"Error per distortion, best {len(ranked)} trials ({source} set); "
-              "labels: times the trial's mean",
+        title=f"Error per distortion, best {len(ranked)} trials ({source} set); labels: "
+              + ("times the distorted input's own error (>1x: worse than doing nothing)"
+                 if identity is not None else "times the trial's mean"),
         barmode="group", height=460, xaxis_title="distortion",
         yaxis_title=f"MSE on the {source.split()[0]} set", legend_title_text="trial")
     return fig

@@ -171,11 +171,13 @@ def sections(run: Run, pictures: bool = True,
          "the trials in that range.",
          _fig_html(axes.parallel_coordinates(t, spec))),
     ]
-    dist = figures.distortion_errors(t, e, n_best=n_best)
+    dist = figures.distortion_errors(t, e, n_best=n_best, baselines=run.baselines)
     if dist is not None:
         out.append(("distortions", "Error per distortion",
-                    "The best trials on each distortion: a low mean can hide a distortion the "
-                    "model never learned to undo.", _fig_html(dist)))
+                    "The best trials on each distortion, beside the error of returning the "
+                    "distorted input unchanged (red): a low mean can hide a distortion the "
+                    "model never learned to undo, or undoes worse than doing nothing.",
+                    _fig_html(dist)))
     if pictures and run.path is not None:
         from analysis.pictures import sample_pictures
 

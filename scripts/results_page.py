@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     t = run.trials
     render_png(latent_vs_error(t, run.spec, baselines=run.baselines), out / f"{name}-latent.png")
-    dist = distortion_errors(t, run.epochs)
+    dist = distortion_errors(t, run.epochs, baselines=run.baselines)
     if dist is not None:
         render_png(dist, out / f"{name}-distortions.png")
     render_png(sample_pictures(run.path, t, run.spec, n_trials=1), out / f"{name}-pictures.png")

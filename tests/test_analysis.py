@@ -242,6 +242,23 @@ def test_distortion_errors_one_bar_group_per_distortion(large):
     assert fig.data[0].text[DISTORTIONS.index("rotate")].endswith("x")
 
 
+def test_distortion_errors_beside_the_distorted_inputs_own_error(large):
+    # Study B's point: a model can beat doing nothing on average and lose to it on one
+    # distortion; the bars are labelled against the distorted input's error
+    identity = {d: 0.01 * (i + 1) for i, d in enumerate(DISTORTIONS)}
+    base = pd.DataFrame([{"baseline": "identity", "split": split, "latent_size": math.nan,
+                          "loss": 0.03, **{f"loss_{d}": v for d, v in identity.items()}}
+                         for split in ("val", "test")])
+    fig = figures.distortion_errors(large.trials, large.epochs, n_best=2, baselines=base)
+    bars = [t for t in fig.data if t.type == "bar"]
+    (ref,) = [t for t in fig.data if t.name == "returning the distorted input"]
+    np.testing.assert_allclose(ref.y, [identity[d] for d in DISTORTIONS], rtol=1e-6)
+    top = best_trials(large.trials.dropna(subset=["test_loss_flip"]), 1).iloc[0]
+    want = [f"{top[f'test_loss_{d}'] / identity[d]:.1f}x" for d in DISTORTIONS]
+    assert list(bars[0].text) == want
+    assert "distorted input's own error" in fig.layout.title.text
+
+
 def test_distortion_errors_fall_back_to_validation_at_best_epoch(large):
     trials = large.trials.drop(columns=[f"test_loss_{d}" for d in DISTORTIONS])
     fig = figures.distortion_errors(trials, large.epochs, n_best=3)
