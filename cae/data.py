@@ -150,12 +150,11 @@ def _load_photos() -> ImageData:
     folder = Path(spec.origin).parent / "data" if spec and spec.origin else None
     missing = [f for f in PHOTOS_TRAIN + PHOTOS_TEST if not folder or not (folder / f).is_file()]
     if missing:
+        why = "scikit-image is not installed" if folder is None else (
+            f"{folder} lacks {', '.join(missing)}")
         raise DatasetUnavailable(
-            "dataset 'photos' cuts its tiles from the photographs bundled with scikit-image, "
-            f"and {'scikit-image is not installed' if not folder else f'{folder} lacks '}"
-            f"{'' if not folder else ', '.join(missing)}. "
-            "To fix: pip install 'cae-sweep[photos]' (or scikit-image>=0.22)."
-        )
+            f"dataset 'photos' cuts its tiles from the photographs bundled with scikit-image, "
+            f"and {why}. To fix: pip install 'cae-sweep[photos]' (or scikit-image>=0.22).")
 
     def tiles(names: tuple[str, ...], stride: int) -> tuple[torch.Tensor, torch.Tensor]:
         out, labels = [], []

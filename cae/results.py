@@ -163,8 +163,9 @@ def load_frames(run_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
         for r in results:
             if "epoch" in r:
                 by_epoch[int(r["epoch"])] = r  # a resumed trial may repeat an epoch: keep last
-        # epochs that result.json lost (a driver crash before Ray Tune copied it over) come
-        # back from the trial's own checkpoint
+        # epochs that result.json lost (Ray Tune rewrites it from an older copy when a trial
+        # restarts from a checkpoint, and a driver crash can leave it behind) come back from
+        # the trial's own checkpoint
         saved = _checkpoint_history(trial_dir)
         newest = max(by_epoch, default=0)
         for h in saved.get("epochs", []):
@@ -252,17 +253,18 @@ def _kind(value) -> str:
     return type(value).__name__
 
 
+def _absent(value) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
 def for_parquet(frame: pd.DataFrame) -> pd.DataFrame:
     """``frame`` with every object column that mixes text (lists are JSON text already) and
     numbers or booleans as text throughout; other columns as they are."""
     out = frame.copy()
     for col in [c for c in out.columns if out[c].dtype == "object"]:
-        present = [v for v in out[col] if v is not None
-                   and not (isinstance(v, float) and math.isnan(v))]
-        if len({_kind(v) for v in present}) > 1:
+        if len({_kind(v) for v in out[col] if not _absent(v)}) > 1:
             out[col] = out[col].map(
-                lambda v: v if v is None or isinstance(v, str)
-                or (isinstance(v, float) and math.isnan(v)) else json.dumps(v))
+                lambda v: v if _absent(v) or isinstance(v, str) else json.dumps(v))
     return out
 
 

@@ -28,9 +28,10 @@ OWN_ENDS = ("max_epochs", "patience")
 # Stop reasons of trials the scheduler stopped early (at a rung of successive halving).
 SCHEDULER_STOPS = ("asha", "sha")
 # In every checkpoint of a trial (beside the weights): its epochs so far and, once it has
-# ended, its final report, as JSON. Ray Tune writes a trial's result.json on the driver and
-# copies it into the run directory in the background, so after a driver crash it can lack
-# epochs that the checkpoints (written by the trial itself) have.
+# ended, its final report, as JSON. Ray Tune writes a trial's result.json on the driver,
+# copies it into the run directory in the background and, when the trial restarts from a
+# checkpoint (a paused trial resumed, a run resumed), replaces it with that copy: it can
+# lack epochs that the checkpoints (written by the trial itself) have.
 HISTORY_FILE = "history.json"
 
 

@@ -2,10 +2,10 @@
 
 Each epoch it reports the losses to Ray Tune with a checkpoint (model, optimiser, epoch,
 early-stopping state, and the epochs so far as JSON for ``cae.results``); a restarted trial
-continues from its last checkpoint. The final
-epoch's report also carries the test errors and the stop reason, because a scheduler may
-end the trial right after its last report. A trial that diverges raises, so Ray Tune marks
-it as an error with that reason and the sweep goes on.
+continues from its last checkpoint. The final epoch's report also carries the test errors
+and the stop reason, because a scheduler may end the trial right after its last report. A
+trial that diverges raises, so Ray Tune marks it as an error with that reason and the sweep
+goes on.
 """
 
 from __future__ import annotations
