@@ -16,6 +16,7 @@ from pathlib import Path
 import pandas as pd
 
 from cae.config import REPEAT_KEY, UserError, apply_point
+from cae.ray_internals import EXPERIMENT_STATE, StateFormatError, read_experiment_state
 from cae.rundir import (
     HISTORY_FILE,
     SCHEDULER_STOPS,
@@ -36,10 +37,6 @@ _STATIC = {"params", "latent_size", "device", "node_id", "stop_reason", "best_va
            "data_loaded", "precision"}
 
 
-class ExperimentStateError(UserError):
-    """Ray Tune's experiment state cannot be read (another Ray version wrote it)."""
-
-
 def _read_results(path: Path) -> list[dict]:
     rows = []
     if path.is_file():
@@ -52,33 +49,17 @@ def _read_results(path: Path) -> list[dict]:
 
 
 def _statuses(run_dir: Path) -> dict[str, dict]:
-    """trial dir name -> {status, num_failures} from Ray Tune's newest experiment state."""
-    states = sorted(run_dir.glob("experiment_state-*.json"))
+    """trial dir name -> {status, trial_id, num_failures} from Ray Tune's newest experiment
+    state ({} while it is being rewritten)."""
+    states = sorted(run_dir.glob(EXPERIMENT_STATE.format("*")))
     if not states:
         return {}
     try:
-        data = json.loads(states[-1].read_text())
-    except json.JSONDecodeError:
-        return {}  # being rewritten by a running sweep right now: statuses unknown for now
-    out = {}
-    try:
-        for trial_json, meta_json in data["trial_data"]:
-            trial = json.loads(trial_json) if isinstance(trial_json, str) else trial_json
-            meta = json.loads(meta_json) if isinstance(meta_json, str) else meta_json
-            out[trial["relative_logdir"]] = {
-                "status": trial["status"],
-                "trial_id": trial["trial_id"],
-                "num_failures": (meta or {}).get("num_failures", 0),
-            }
-    except (KeyError, TypeError, ValueError) as exc:
-        import ray
-
-        raise ExperimentStateError(
-            f"{states[-1]}: Ray Tune's experiment state is not in the form this cae reads "
-            f"(ray {ray.__version__} expected; {type(exc).__name__}: {exc}). It was probably "
-            "written by another Ray version: read it with the Ray version that ran the sweep"
-        ) from None
-    return out
+        trials, _ = read_experiment_state(states[-1].read_text())
+    except StateFormatError:
+        return {}
+    return {name: {"status": t.status, "trial_id": t.trial_id, "num_failures": t.num_failures}
+            for name, t in trials.items()}
 
 
 def _flatten(data: dict, prefix: str = "") -> dict:

@@ -19,6 +19,7 @@ import pandas as pd
 import yaml
 
 from cae.config import SweepSpec, UserError, validate
+from cae.ray_internals import STATE_FILES
 
 SPEC_FILE = "spec.yaml"
 # Statuses of a trial that will still run (Ray Tune's names).
@@ -127,8 +128,9 @@ def unfinished_mask(trials: pd.DataFrame) -> pd.Series:
 
 # ---- mirrors of run directories at URIs ------------------------------------------------------
 
-_TOP_FILES = re.compile(r"spec\.yaml|experiment_state-.*\.json|basic-variant-state-.*\.json"
-                        r"|searcher-state-.*\.pkl|baselines\.parquet")
+_TOP_FILES = re.compile("|".join(
+    [re.escape(SPEC_FILE), re.escape("baselines.parquet")]
+    + [re.escape(f).replace(r"\{\}", ".*") for f in STATE_FILES]))
 _TRIAL_FILES = ("params.json", "result.json", "error.txt")
 
 

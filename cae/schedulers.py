@@ -24,6 +24,7 @@ from ray.tune.search import Searcher
 from ray.tune.search.variant_generator import generate_variants
 
 from cae.config import REPEAT_KEY, stratum_of  # noqa: F401 (re-exported)
+from cae.ray_internals import mark_for_experiment_state
 
 
 def _agree(self, metric: str | None, mode: str | None, **spec) -> bool:
@@ -168,13 +169,7 @@ class SyncHalvingScheduler(TrialScheduler):
                 for trial in losers:
                     if trial is not current and trial.status not in (Trial.TERMINATED, Trial.ERROR):
                         tune_controller.stop_trial(trial)  # PAUSED, saving, or PENDING
-                        # Ray 2.60 marks a stopped trial for the experiment state only when
-                        # it has an actor: a PAUSED one would stay PAUSED on disk (and read
-                        # as unfinished) although it is TERMINATED
-                        inner = getattr(tune_controller, "_tune_controller", tune_controller)
-                        mark = getattr(inner, "_mark_trial_to_checkpoint", None)
-                        if mark is not None:
-                            mark(trial)
+                        mark_for_experiment_state(tune_controller, trial)
         finally:
             self._deciding = False
 

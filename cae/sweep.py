@@ -17,6 +17,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from cae import ray_internals
 from cae.catalog import DATASETS
 from cae.config import (
     DataConfig,
@@ -344,7 +345,7 @@ def console(verbose: bool):
     (``RAY_AIR_NEW_OUTPUT``; its older one prints nothing at 0), and logs each trial failure
     with its traceback (``TUNE_PRINT_ALL_TRIAL_ERRORS``); both are read when the run starts,
     and a callback prints one line per error instead."""
-    quiet = {"RAY_AIR_NEW_OUTPUT": "0", "TUNE_PRINT_ALL_TRIAL_ERRORS": "0"}
+    quiet = {ray_internals.NEW_OUTPUT_ENV: "0", ray_internals.PRINT_TRIAL_ERRORS_ENV: "0"}
     with environ({} if verbose else quiet):
         yield
 
@@ -370,13 +371,13 @@ def pending_trials(spec: SweepSpec) -> dict[str, str]:
     time; the shuffled grid knows all its trials up front, so it gets what Ray gives a
     grid (at least 200, or 1.1 per CPU of the cluster: the autoscaler sees the demand);
     TPE learns from finished trials, so it gets one per CPU. A value the user set wins."""
-    if "TUNE_MAX_PENDING_TRIALS_PG" in os.environ:
+    if ray_internals.MAX_PENDING_ENV in os.environ:
         return {}
     import ray
 
     cpus = ray.cluster_resources().get("CPU", 1.0) if ray.is_initialized() else 1.0
     n = max(200, int(cpus * 1.1)) if spec.search.kind == "grid" else max(2, int(cpus))
-    return {"TUNE_MAX_PENDING_TRIALS_PG": str(n)}
+    return {ray_internals.MAX_PENDING_ENV: str(n)}
 
 
 def init_ray(address: str | None, dashboard: bool = False) -> bool:
@@ -387,12 +388,12 @@ def init_ray(address: str | None, dashboard: bool = False) -> bool:
     if not attach:
         # Ray's single-machine mode: every server binds to the loopback address only (read
         # when ray is first imported; tests/conftest.py sets it for in-process runs).
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        os.environ.setdefault(ray_internals.LOOPBACK_ENV, "0")
         # Tune snapshots the experiment state every couple of checkpoints of a trial
         # (CheckpointConfig.num_to_keep) and warns when that happens within seconds; on a
         # local disk a snapshot is a file copy (benchmarks/overhead.py: 6.5 ms per epoch
         # for report and checkpoint together), so the warning is only noise here.
-        os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+        os.environ.setdefault(ray_internals.SYNC_WARNING_ENV, "0")
     import ray
 
     if ray.is_initialized():
@@ -452,7 +453,7 @@ def resume(run_dir: str, spec: SweepSpec, datasets: dict, callbacks: Sequence = 
                                resume_unfinished=True, resume_errored=False)
     # The run config comes back from the run's tuner.pkl as the sweep began; this resume's
     # console settings replace it (Tuner.restore takes no run config of its own).
-    restored = tuner._local_tuner.get_run_config()
+    restored = ray_internals.restored_run_config(tuner)
     restored.callbacks, restored.verbose = list(callbacks), 1 if verbose else 0
     with console(verbose), environ(pending_trials(spec)):
         return tuner.fit()

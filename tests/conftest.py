@@ -6,11 +6,13 @@ from pathlib import Path
 
 import pytest
 
+from cae.ray_internals import LOOPBACK_ENV
+
 REPO = Path(__file__).resolve().parents[1]
 
 # Local Ray binds to 127.0.0.1 only (as `cae sweep` sets before importing ray); set here too
 # because tests import ray before any sweep starts.
-os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault(LOOPBACK_ENV, "0")
 
 
 @pytest.fixture(scope="session")

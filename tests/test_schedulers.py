@@ -128,6 +128,9 @@ class _Controller:
             self.scheduler.on_trial_remove(self, trial)
         trial.status = "TERMINATED"
 
+    def _mark_trial_to_checkpoint(self, trial):  # what Tune's controller offers the scheduler
+        self.marked = getattr(self, "marked", []) + [trial.trial_id]
+
 
 def _simulate(points: list[dict], seed: int, stratify=("model.latent_dim",)) -> dict:
     """Trials added in a random order get random turns on 2 slots; (0.2, 8) crashes in its
