@@ -1,9 +1,9 @@
 """How big and how slow is the HTML report of a large sweep? (a benchmark, not a test)
 
-Builds the report (``analysis.report.build_report``, pictures left out: they need
+Builds the report (``cae.report.page.build_report``, pictures left out: they need
 checkpoints, and are 27 small PNGs whatever the sweep's size) for SYNTHETIC frames of
 1,000 trials x 50 epochs (every trial runs every epoch: the largest frames such a sweep
-can leave), made by ``analysis.synthetic``: timing input shaped like a real
+can leave), made by ``cae.report.synthetic``: timing input shaped like a real
 run's frames, not results. Records the build time, the page's size (goal: under 15 MB) and
 what each part weighs; then, when Chromium is installed, how long the page takes to load
 and draw in headless Chromium, as a ratio against a baseline page in the same run (plotly.js
@@ -33,8 +33,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from analysis.report import build_report, sections  # noqa: E402
-from analysis.synthetic import synthetic_run  # noqa: E402
+from cae.report.page import build_report, sections  # noqa: E402
+from cae.report.synthetic import synthetic_run  # noqa: E402
 
 PROBE = """<script>
 window.addEventListener('load', function () {
@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
 
     parts = {a: len(f.encode()) for a, _, _, f in sections(run, pictures=False)}
     result = {
-        "what": "analysis.report.build_report on SYNTHETIC frames (analysis.synthetic): "
+        "what": "cae.report.page.build_report on SYNTHETIC frames (cae.report.synthetic): "
                 "timing input, not results; pictures left out",
         "trials": n_trials, "max_epochs": n_epochs, "epoch_rows": len(run.epochs),
         "synthesize_s": round(synth_s, 3),

@@ -7,8 +7,7 @@ median of ``--repeats``:
   variant x batch size on fashion_mnist), every point validated; goal < 5 s. Baseline in the
   same run: the 16-point quickstart's dry run (what start-up and imports cost).
 - ``cae export RUN_DIR`` of 1,000 trials x 50 epochs; goal < 5 s.
-- ``cae report RUN_DIR`` of the same run (``python -m analysis.report`` where the CLI has no
-  ``report`` command); goal: the page under 15 MB. Also its build time.
+- ``cae report RUN_DIR`` of the same run; goal: the page under 15 MB. Also its build time.
 
 The run directory is SYNTHETIC: a timing input, not results. It is written in Ray Tune's
 on-disk layout as a real ``cae sweep`` leaves it (spec.yaml; experiment_state-*.json whose
@@ -205,12 +204,6 @@ def cae_cmd() -> list[str]:
     return common.cae_command()
 
 
-def has_report_command() -> bool:
-    proc = subprocess.run(cae_cmd() + ["report", "--help"], check=False, capture_output=True,
-                          text=True, cwd=common.ROOT)
-    return proc.returncode == 0
-
-
 def timed(cmd: list[str], repeats: int, before=None) -> tuple[list[float], str]:
     times, out = [], ""
     for _ in range(repeats):
@@ -303,11 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     assert len(trials) == n_trials and len(epochs) == n_trials * n_epochs, (len(trials),
                                                                             len(epochs))
     report_html = run_dir / "report.html"
-    if has_report_command():
-        report_cmd, how = cae_cmd() + ["report", str(run_dir)], "cae report RUN_DIR"
-    else:
-        report_cmd = [sys.executable, "-m", "analysis.report", str(run_dir)]
-        how = "python -m analysis.report RUN_DIR (the CLI has no report command yet)"
+    report_cmd, how = cae_cmd() + ["report", str(run_dir)], "cae report RUN_DIR"
     print(f"{how} ...", flush=True)
     rep_t, _ = timed(report_cmd, repeats,
                      before=lambda: report_html.unlink(missing_ok=True))

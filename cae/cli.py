@@ -122,11 +122,11 @@ def _write_report(run_dir: str, local: Path, out: str | None = None, pictures: b
                   data_dir: str | None = None) -> Path:
     """The HTML report of a run; for a run at a URI, the checkpoints its pictures need
     are fetched first (those of the best few trials only)."""
-    from analysis.report import write_report
     from cae import rundir
+    from cae.report.page import write_report
 
     if pictures and rundir.is_uri(run_dir):
-        from analysis.run import best_trials
+        from cae.report.run import best_trials
         from cae.results import load_frames
 
         trials = load_frames(local)[0]

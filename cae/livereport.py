@@ -1,7 +1,7 @@
 """The report of a running sweep, rewritten every few minutes so it can be opened mid-run.
 
 ``LiveReport`` exports the results (``cae.results.export``) and writes the HTML report
-(``analysis.report.write_report``) without the test-sample pictures: those load the
+(``cae.report.page.write_report``) without the test-sample pictures: those load the
 dataset and the best trials' checkpoints, which is the expensive part of a report and would
 compete with the trials; ``cae sweep`` ends with the full report. It runs in a background
 thread on the driver, one write at a time, so the sweep is never held up; a run at a URI is
@@ -61,8 +61,8 @@ class LiveReport:
 
     def write(self) -> Path | None:
         """Export the results and write the report (no pictures); never raises."""
-        from analysis.report import write_report
         from cae import rundir
+        from cae.report.page import write_report
         from cae.results import export
 
         try:

@@ -25,8 +25,8 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from analysis import distortion_errors, latent_vs_error, load_run, sample_pictures  # noqa: E402
-from analysis.run import axis_labels, swept_axes  # noqa: E402
+from cae.report import distortion_errors, latent_vs_error, load_run, sample_pictures  # noqa: E402
+from cae.report.run import axis_labels, swept_axes  # noqa: E402
 
 BROWSER_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
                  "--disable-background-networking", "--hide-scrollbars"]

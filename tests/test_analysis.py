@@ -18,10 +18,10 @@ import pandas as pd
 import pytest
 import yaml
 
-from analysis import axes, figures
-from analysis.pictures import sample_pictures, trial_samples
-from analysis.report import build_report, write_report
-from analysis.run import (
+from cae.report import axes, figures
+from cae.report.page import build_report, write_report
+from cae.report.pictures import sample_pictures, trial_samples
+from cae.report.run import (
     Run,
     axis_labels,
     best_trials,
@@ -30,8 +30,8 @@ from analysis.run import (
     short_id,
     swept_axes,
 )
-from analysis.synthetic import DISTORTION_FACTORS, synthetic_run
-from analysis.table import table_frame, table_html
+from cae.report.synthetic import DISTORTION_FACTORS, synthetic_run
+from cae.report.table import table_frame, table_html
 
 REPO = Path(__file__).resolve().parents[1]
 DISTORTIONS = list(DISTORTION_FACTORS)
@@ -538,7 +538,7 @@ def test_repeats_are_drawn_as_mean_and_min_max_and_tabled(large):
 
 
 def test_best_per_latent_size_table_ranks_only_trials_trained_to_the_end(large):
-    from analysis.table import best_per_latent
+    from cae.report.table import best_per_latent
 
     t = large.trials.copy()
     fast = t["best_val_loss"].idxmin()
@@ -561,7 +561,7 @@ def test_best_per_latent_size_table_ranks_only_trials_trained_to_the_end(large):
 def test_pca_as_large_as_the_input_is_exact_and_said_so(large):
     # from 784 components on 28x28 images PCA reproduces its input: error 0, which a log
     # axis cannot draw and a ratio cannot divide by
-    from analysis.table import best_per_latent
+    from cae.report.table import best_per_latent
 
     t = large.trials.copy()
     sizes = sorted(t["latent_size"].unique())

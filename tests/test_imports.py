@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-PACKAGES = ("cae", "analysis")
+PACKAGES = ("cae", "cae.report")
 CORE = ("cae.catalog", "cae.presets", "cae.arch", "cae.config", "cae.memory", "cae.models",
         "cae.data", "cae.tasks", "cae.train", "cae.baselines")
 
@@ -16,7 +16,7 @@ def _module_imports() -> dict[str, set[str]]:
     """Every project module -> the project modules it imports (at any level of the file)."""
     graph = {}
     for pkg in PACKAGES:
-        for path in (REPO / pkg).glob("*.py"):
+        for path in (REPO / pkg.replace(".", "/")).glob("*.py"):
             name = f"{pkg}.{path.stem}" if path.stem != "__init__" else pkg
             deps = set()
             for node in ast.walk(ast.parse(path.read_text())):
@@ -27,6 +27,11 @@ def _module_imports() -> dict[str, set[str]]:
                     deps |= {f"{node.module}.{a.name}" for a in node.names}
             graph[name] = deps
     return graph
+
+
+def _path(module: str) -> Path:
+    base = REPO.joinpath(*module.split("."))
+    return base / "__init__.py" if base.is_dir() else base.with_suffix(".py")
 
 
 def _is_type_checking_only(path: Path, module: str) -> bool:
@@ -43,9 +48,8 @@ def _edges() -> dict[str, set[str]]:
     graph = _module_imports()
     edges = {}
     for mod, deps in graph.items():
-        pkg, _, stem = mod.partition(".")
-        path = REPO / pkg / f"{stem or '__init__'}.py"
-        # ``from analysis import figures`` names the submodule; the package itself only
+        path = _path(mod)
+        # ``from cae.report import figures`` names the submodule; the package itself only
         # re-exports, so it is not an edge of its own
         edges[mod] = {d for d in deps if d in graph and d != mod and d not in PACKAGES
                       and not _is_type_checking_only(path, d)}

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from analysis.report import write_report
+from cae.report.page import write_report
 
 REPO = Path(__file__).resolve().parents[1]
 CHROMIUM = next((p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome"))

@@ -16,7 +16,7 @@ import math
 import numpy as np
 import pandas as pd
 
-from analysis.run import Run
+from cae.report.run import Run
 from cae.results import _flatten
 
 DISTORTION_FACTORS = {"noise": 0.8, "rotate": 1.6, "flip": 1.3, "patch": 1.1, "brightness": 0.6}

@@ -3,28 +3,25 @@
 The page works offline: plotly.js is embedded once, in the head, and every figure is a
 ``<div>`` plus a few lines of JSON and script. It opens with a header (sweep, trials by
 status, trial-epochs and compute time, the best config), then the figures of
-``analysis.figures``, the pictures of the best trials, and a sortable table of all trials.
+``cae.report.figures``, the pictures of the best trials, and a sortable table of all trials.
 It reads whatever the run directory holds now, so it works on a finished, running or
 interrupted run.
 """
 
 from __future__ import annotations
 
-import argparse
 import html
 import math
 import os
-import sys
 from datetime import datetime
 from pathlib import Path
 
 import pandas as pd
 import plotly.graph_objects as go
 
-from analysis import axes, figures
-from analysis.run import Run, axis_labels, best_trials, load_run, short_id
-from analysis.table import SORT_JS, best_per_latent, frame_html, table_html
-from cae.config import UserError
+from cae.report import axes, figures
+from cae.report.run import Run, axis_labels, best_trials, load_run, short_id
+from cae.report.table import SORT_JS, best_per_latent, frame_html, table_html
 from cae.rundir import unfinished_mask
 
 CSS = """
@@ -179,7 +176,7 @@ def sections(run: Run, pictures: bool = True,
                     "model never learned to undo, or undoes worse than doing nothing.",
                     _fig_html(dist)))
     if pictures and run.path is not None:
-        from analysis.pictures import sample_pictures
+        from cae.report.pictures import sample_pictures
 
         out.append(("pictures", "Pictures",
                     "The best trials on their test samples: the best, median and worst sample "
@@ -229,24 +226,3 @@ def write_report(run_dir: str | Path, out: str | Path | None = None,
     tmp.write_text(page, encoding="utf-8")
     os.replace(tmp, out)
     return out
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m analysis RUN_DIR [-o FILE] [--no-pictures]``."""
-    p = argparse.ArgumentParser(prog="python -m analysis", description=__doc__)
-    p.add_argument("run_dir")
-    p.add_argument("-o", "--out", help="output file (default RUN_DIR/report.html)")
-    p.add_argument("--no-pictures", action="store_true",
-                   help="skip the sample pictures (which load the dataset and checkpoints)")
-    args = p.parse_args(argv)
-    try:
-        path = write_report(args.run_dir, args.out, pictures=not args.no_pictures)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(path)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

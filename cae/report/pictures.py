@@ -21,7 +21,7 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from analysis.run import best_trials, short_id
+from cae.report.run import best_trials, short_id
 
 PICKS = ("best", "median", "worst")
 
@@ -175,8 +175,8 @@ def sample_pictures(
     Trials whose checkpoint cannot be read (a run still writing, an interrupted one) are
     passed over; when none can be shown the figure says why.
     """
-    from analysis.figures import _empty
-    from analysis.run import task_name
+    from cae.report.figures import _empty
+    from cae.report.run import task_name
 
     title = "Test samples of the best trials"
     samples, reasons = [], []

@@ -1,6 +1,6 @@
 """Plotly figures that answer "which architecture, which latent size" from a sweep's frames:
 loss evolution, latent size versus error (with the Pareto front), error per distortion.
-What the swept axes do is in ``analysis.axes``.
+What the swept axes do is in ``cae.report.axes``.
 
 Every builder takes the ``trials`` / ``epochs`` frames of ``cae.results`` (and the spec dict
 where it needs the swept axes) and returns a ``plotly.graph_objects.Figure``; none reads
@@ -17,7 +17,7 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from analysis.run import (
+from cae.report.run import (
     best_trials,
     config_text,
     error_column,

@@ -14,8 +14,8 @@ import math
 import pandas as pd
 import plotly.graph_objects as go
 
-from analysis.figures import repeat_spread, trained_to_the_end
-from analysis.run import axis_labels, short_id, swept_axes
+from cae.report.figures import repeat_spread, trained_to_the_end
+from cae.report.run import axis_labels, short_id, swept_axes
 
 _FACTS = ("family", "params", "latent_size")
 _LOSSES = ("best_val_loss", "best_epoch", "last_val_loss", "test_loss")

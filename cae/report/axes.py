@@ -15,8 +15,8 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from analysis.figures import LOG_TICKS, METRIC_TITLES, _empty
-from analysis.run import (
+from cae.report.figures import LOG_TICKS, METRIC_TITLES, _empty
+from cae.report.run import (
     axis_kind,
     axis_labels,
     axis_numeric,
