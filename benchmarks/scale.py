@@ -262,15 +262,15 @@ def main(argv: list[str] | None = None) -> int:
     import io
     import pstats
 
-    from cae import sweep
+    from cae import dryrun, plan
     from cae.config import load_spec
 
     t0 = time.perf_counter()
     prof = cProfile.Profile()
     prof.enable()
-    checked = sweep.check_spec(load_spec(str(spec)))
+    checked = plan.check_spec(load_spec(str(spec)))
     t1 = time.perf_counter()
-    sweep.summarize(checked)
+    dryrun.summarize(checked)
     prof.disable()
     t2 = time.perf_counter()
     s = io.StringIO()

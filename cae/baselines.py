@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,10 +35,11 @@ import torch
 
 from cae.config import TrialConfig
 from cae.data import ImageData, load, split
+from cae.results import BASELINES_FILE, parquet_bytes, read_baselines  # noqa: F401
+from cae.rundir import write_file
 from cae.tasks import Task, make_task
 from cae.train import per_sample_loss
 
-BASELINES_FILE = "baselines.parquet"
 # Columns of every baselines frame; denoise adds one ``loss_<distortion>`` per distortion.
 COLUMNS = ("dataset", "task", "loss_kind", "baseline", "latent_size", "components", "split",
            "loss")
@@ -218,7 +218,7 @@ def compute_baselines(cfg: TrialConfig, data: ImageData | None,
     data = data if data is not None else load(cfg.data)
     splits = split(data, cfg.data.val_fraction, cfg.data.split_seed)
     task = make_task(cfg.task)
-    if name == "colorize":
+    if "mean_chroma" in task.references:
         return _frame(_mean_target_rows(cfg, splits, task), [])
     d = math.prod(splits.train.shape[1:])
     need = max([k for k in sizes if k < d], default=0)
@@ -227,7 +227,8 @@ def compute_baselines(cfg: TrialConfig, data: ImageData | None,
     for split_name, images, seed in (("val", splits.val, cfg.task.eval_seed),
                                      ("test", splits.test, cfg.task.eval_seed + 1)):
         prepared = task.eval_inputs(images, seed=seed)
-        for row in _score(pca, sizes, prepared, task, cfg.loss, identity=name == "denoise"):
+        for row in _score(pca, sizes, prepared, task, cfg.loss,
+                          identity="identity" in task.references):
             rows.append({"dataset": cfg.data.dataset, "task": name, "loss_kind": cfg.loss,
                          "split": split_name, **row})
     order = {"pca": 0, "identity": 1}
@@ -264,16 +265,7 @@ def _frame(rows: list[dict], group_columns: list[str]) -> pd.DataFrame:
 
 
 def write_baselines(run_dir: Path, frame: pd.DataFrame) -> Path:
-    """Write ``frame`` to ``run_dir/baselines.parquet`` (atomically: a report reading the run
+    """Write ``frame`` to ``run_dir/baselines.parquet`` (whole: a report reading the run
     meanwhile sees the old file or the new one, never half of one); returns the path."""
-    path = Path(run_dir) / BASELINES_FILE
-    tmp = path.with_name(f".{BASELINES_FILE}.{os.getpid()}.tmp")
-    frame.to_parquet(tmp, index=False)
-    os.replace(tmp, path)
-    return path
-
-
-def read_baselines(run_dir: Path) -> pd.DataFrame | None:
-    """The baselines frame of a run directory, or None when none has been written."""
-    path = Path(run_dir) / BASELINES_FILE
-    return pd.read_parquet(path) if path.is_file() else None
+    write_file(run_dir, BASELINES_FILE, parquet_bytes(frame))
+    return Path(run_dir) / BASELINES_FILE

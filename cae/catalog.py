@@ -51,6 +51,26 @@ DATASETS: dict[str, DatasetInfo] = {
 DISTORTIONS: tuple[str, ...] = ("noise", "rotate", "flip", "patch", "brightness")
 
 
+@dataclass(frozen=True)
+class TaskInfo:
+    """A task's shapes, known without torch: the image channels it needs (None: any) and
+    the model's input and output channels for an image of ``c`` channels (None: ``c``)."""
+
+    name: str
+    needs_channels: int | None = None
+    model_channels: tuple[int, int] | None = None
+
+    def channels(self, c: int) -> tuple[int, int]:
+        return self.model_channels or (c, c)
+
+
+TASKS: dict[str, TaskInfo] = {t.name: t for t in (
+    TaskInfo("reconstruct"),
+    TaskInfo("denoise"),
+    TaskInfo("colorize", needs_channels=3, model_channels=(1, 2)),  # Y in, CbCr out
+)}
+
+
 def dataset_info(name: str) -> DatasetInfo:
     """The registry entry of ``name``, or a ValueError listing the known ones."""
     if name not in DATASETS:

@@ -1,9 +1,11 @@
 """The ``cae`` command: parses arguments and calls the library.
 
 A user error (a malformed spec, an impossible architecture, a missing dataset, a path that
-is not a run directory: :class:`cae.config.UserError`) becomes one message on stderr and
-exit status 2. Anything else is a bug: a short message naming the exception and exit status
-1, with the traceback under ``--debug`` (or ``CAE_DEBUG=1``).
+is not a run directory, a full storage: :class:`cae.config.UserError`) becomes one message
+on stderr and exit status 2. ``cae sweep`` and ``cae resume`` exit with 3 when the sweep was
+stopped with trials left to run (``cae resume`` continues it). Anything else is a bug: a
+short message naming the exception and exit status 1, with the traceback under ``--debug``
+(or ``CAE_DEBUG=1``).
 """
 
 from __future__ import annotations
@@ -58,7 +60,7 @@ def _epoch_line(m: dict, max_epochs: int) -> str:
 def cmd_train(args: argparse.Namespace) -> int:
     from cae.config import load_trial
     from cae.models import describe
-    from cae.train import Diverged, resolve_device, resolve_precision, train
+    from cae.train import Diverged, resolve_device, resolve_precision, save_run, train
 
     cfg = load_trial(args.config, args.set)
     if args.data_dir:
@@ -79,24 +81,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"done: best val {result.best_val:.5f} at epoch {result.best_epoch}; stopped by "
           f"{result.stop_reason}; {test}")
     if args.out:
-        _save_run(args.out, cfg, result)
+        save_run(args.out, cfg, result)
         print(f"saved to {args.out}")
     return 0
-
-
-def _save_run(out: str, cfg, result) -> None:
-    import torch
-    import yaml
-
-    path = Path(out)
-    path.mkdir(parents=True, exist_ok=True)
-    (path / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
-    torch.save({"model": result.model.state_dict(), "best_model": result.best_state,
-                "config": cfg.model_dump(mode="json")}, path / "model.pt")
-    (path / "history.json").write_text(json.dumps(
-        {"history": result.history, "test": result.test, "best_epoch": result.best_epoch,
-         "stop_reason": result.stop_reason, "params": result.params,
-         "latent_size": result.latent_size}, indent=2))
 
 
 # ---- cae data ---------------------------------------------------------------------------
@@ -115,145 +102,47 @@ def cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
-# ---- cae sweep / resume / export ----------------------------------------------------------
+# ---- cae sweep / resume / status / export / report ------------------------------------
 
 
-def _write_report(run_dir: str, local: Path, out: str | None = None, pictures: bool = True,
-                  data_dir: str | None = None) -> Path:
-    """The HTML report of a run; for a run at a URI, the checkpoints its pictures need
-    are fetched first (those of the best few trials only)."""
-    from cae import rundir
-    from cae.report.page import write_report
+def _console(args: argparse.Namespace):
+    from cae.driver import Console
 
-    if pictures and rundir.is_uri(run_dir):
-        from cae.report.run import best_trials
-        from cae.results import load_frames
-
-        trials = load_frames(local)[0]
-        rundir.fetch_checkpoints(run_dir, best_trials(trials, 9)["trial_dir"], local)
-    return write_report(local, out, pictures=pictures, data_dir=data_dir)
-
-
-def _baselines(run_dir: str, local: Path, data_dir: str | None = None,
-               datasets: dict | None = None) -> None:
-    """Write the run's reference errors (``cae.baselines``) unless it has them; a dataset
-    that cannot be read costs the references, not the run."""
-    from cae import baselines, rundir
-    from cae.results import trial_configs
-
-    if baselines.read_baselines(local) is not None:
-        return
-    try:
-        frame = baselines.for_configs(trial_configs(local, data_dir), datasets)
-    except UserError as exc:
-        print(f"cae: no reference errors (PCA and the like) for the report: {exc}",
-              file=sys.stderr)
-        return
-    rundir.publish(run_dir, baselines.write_baselines(local, frame))
-
-
-def _finish(run_dir: str, no_report: bool, data_dir: str | None = None,
-            datasets: dict | None = None) -> None:
-    """After a sweep or a resume: export the results, summarise them, compute the reference
-    errors, write the report."""
-    import pandas as pd
-
-    from cae import rundir
-    from cae.results import export, summary
-
-    local = rundir.local_copy(run_dir)
-    made = list(export(local))
-    rundir.publish(run_dir, *made)
-    _baselines(run_dir, local, data_dir, datasets)
-    trials = pd.read_parquet(made[0])
-    swept = [k for k, (kind, _) in rundir.load_run_spec(str(local)).axes().items()
-             if kind != "fixed"]
-    print(summary(trials, run_dir, swept))
-    if not no_report:
-        try:
-            report = _write_report(run_dir, local, data_dir=data_dir)
-        except Exception as exc:  # noqa: BLE001 - the results are safe; say why no report
-            if _debug():
-                raise
-            print(f"cae: the report could not be written ({type(exc).__name__}: {exc}); the "
-                  f"results are complete: try `cae report {run_dir}`", file=sys.stderr)
-        else:
-            rundir.publish(run_dir, report)
-            shown = f"{run_dir}/{report.name}" if rundir.is_uri(run_dir) else report
-            print(f"report: {shown}")
-    print(f"run directory: {run_dir}")
+    return Console(report_every=args.report_every, no_report=args.no_report,
+                   verbose=args.verbose, dashboard=getattr(args, "dashboard", False))
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from cae import rundir, sweep
+    from cae import driver, dryrun, plan, rundir
     from cae.config import load_spec
 
     spec = load_spec(args.config, args.set)
     if args.storage:
         spec.storage = args.storage
-    attach = bool(args.address or os.environ.get("RAY_ADDRESS"))
-    budget = None if attach else sweep.local_budget(spec)
-    checked = sweep.check_spec(spec, budget)
     if args.dry_run:
-        print(sweep.summarize(checked))
+        attach = bool(args.address or os.environ.get("RAY_ADDRESS"))
+        print(dryrun.summarize(plan.check_spec(spec, None if attach else
+                                                plan.local_budget(spec))))
         return 0
-    if not attach:
-        sweep.check_local_resources(spec)
-    if sweep.record_data_dir(spec, checked, args.data_dir):
-        checked = sweep.check_spec(spec, budget)
-    datasets = sweep.load_datasets(checked)
-    storage = rundir.storage_uri(spec.storage)
-    name = args.name or rundir.run_name(spec)
-    run_dir = f"{storage.rstrip('/')}/{name}"
-    with sweep.ray_session(args.address, dashboard=args.dashboard):
-        from cae import progress
-
-        sweep.check_cluster(spec)
-        rundir.save_spec(run_dir, spec)
-        print(f"sweep {spec.name}: {checked.n_trials} trials -> {run_dir}", flush=True)
-        callback = progress.for_run(spec, checked, run_dir, args.report_every,
-                                    final_report=args.no_report, verbose=args.verbose)
-        sweep.fit(spec, datasets, name, storage, checked, [callback], verbose=args.verbose)
-    _finish(run_dir, args.no_report, datasets=datasets)
-    return 0
+    return driver.new_sweep(spec, args.name or rundir.run_name(spec), address=args.address,
+                            data_dir=args.data_dir, force=args.force, console=_console(args))
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
-    from cae import rundir, sweep
+    from cae import driver
 
-    run_dir = rundir.storage_uri(args.run_dir)
-    spec = rundir.load_run_spec(run_dir)
-    if args.data_dir:
-        sweep.record_data_dir(spec, None, args.data_dir)  # for this resume, not saved
-    checked = sweep.check_spec(spec)
-    datasets = sweep.load_datasets(checked)
-    with sweep.ray_session(args.address):
-        from cae import progress
-
-        sweep.check_cluster(spec, run_dir)
-        print(f"resuming {run_dir}", flush=True)
-        callback = progress.for_run(spec, checked, run_dir, args.report_every,
-                                    final_report=args.no_report, verbose=args.verbose)
-        sweep.resume(run_dir, spec, datasets, [callback], verbose=args.verbose)
-    _finish(run_dir, args.no_report, data_dir=args.data_dir, datasets=datasets)
-    return 0
+    return driver.resume_sweep(args.run_dir, address=args.address, data_dir=args.data_dir,
+                               force=args.force, console=_console(args))
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from cae import rundir
+    from cae.finish import finish
 
     if args.output and not Path(args.output).expanduser().resolve().parent.is_dir():
         raise UserError(f"--output {args.output}: its folder does not exist")
-    local = rundir.local_copy(args.run_dir)
-    if not args.no_pictures:  # both load the dataset
-        _baselines(args.run_dir, local, args.data_dir)
-    report = _write_report(args.run_dir, local, args.output, not args.no_pictures,
-                           data_dir=args.data_dir)
-    if args.output is None and rundir.is_uri(args.run_dir):
-        rundir.publish(args.run_dir, report)
-        print(f"report: {args.run_dir.rstrip('/')}/{report.name} (local copy: {report})")
-    else:
-        print(f"report: {report}")
+    done = finish(args.run_dir, pictures=not args.no_pictures, out=args.output,
+                  references=not args.no_pictures, data_dir=args.data_dir)
+    print(f"report: {done.report_at}")
     return 0
 
 
@@ -265,13 +154,11 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from cae import rundir
-    from cae.results import export
+    from cae.finish import finish
 
-    made = export(rundir.local_copy(args.run_dir))
-    rundir.publish(args.run_dir, *made)
+    finish(args.run_dir, report=False, references=False)
     where = args.run_dir.rstrip("/")
-    print(f"wrote {where}/{made[0].name} and {where}/{made[1].name}")
+    print(f"wrote {where}/trials.parquet and {where}/epochs.parquet")
     return 0
 
 
@@ -319,8 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dashboard", action="store_true",
                    help="local runs: start Ray's dashboard on http://127.0.0.1:8265")
     p.add_argument("--dry-run", action="store_true",
-                   help="validate every grid point, print trials, architectures and work; "
-                        "start nothing, write nothing")
+                   help="validate every grid point, print trials, architectures, memory and "
+                        "storage needed; start nothing, write nothing")
     _console_options(p)
     p.set_defaults(func=(cmd_sweep))
 
@@ -366,6 +253,9 @@ def _console_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--verbose", action="store_true",
                    help="Ray Tune's own output (a box per trial start and result, status "
                         "tables) instead of the progress bar")
+    p.add_argument("--force", action="store_true",
+                   help="take the run directory over from the driver that holds it, even if "
+                        "that driver looks alive")
 
 
 def _seconds(text: str) -> float:

@@ -15,7 +15,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from cae.arch import plan
-from cae.catalog import DATASETS, DISTORTIONS
+from cae.catalog import DATASETS, DISTORTIONS, TASKS
 from cae.presets import preset_dict
 
 DatasetName = Literal[tuple(DATASETS)]  # type: ignore[valid-type]
@@ -191,7 +191,7 @@ class TaskConfig(_Strict):
     same inputs.
     """
 
-    name: Literal["reconstruct", "denoise", "colorize"] = "reconstruct"
+    name: Literal[tuple(TASKS)] = "reconstruct"  # type: ignore[valid-type]
     distortions: list[Distortion] = Field(default_factory=lambda: list(DISTORTIONS), min_length=1)
     noise_std: float = Field(0.3, ge=0.0)
     rotation_deg: float = Field(45.0, ge=0.0, le=180.0)
@@ -226,15 +226,14 @@ class TrialConfig(_Strict):
     @model_validator(mode="after")
     def _resolve_shapes(self) -> TrialConfig:
         c, h, _ = DATASETS[self.data.dataset].shape
-        if self.task.name == "colorize":
-            if c != 3:
-                raise ValueError(
-                    f"task 'colorize' needs an RGB dataset, but '{self.data.dataset}' has "
-                    f"{c} channel(s); use cifar10"
-                )
-            want = {"in_channels": 1, "out_channels": 2, "image_size": h}
-        else:
-            want = {"in_channels": c, "out_channels": c, "image_size": h}
+        task = TASKS[self.task.name]
+        if task.needs_channels is not None and c != task.needs_channels:
+            raise ValueError(
+                f"task '{task.name}' needs {task.needs_channels}-channel images"
+                f"{' (RGB)' if task.needs_channels == 3 else ''}, but '{self.data.dataset}' "
+                f"has {c} channel(s); use cifar10 or photos")
+        cin, cout = task.channels(c)
+        want = {"in_channels": cin, "out_channels": cout, "image_size": h}
         for key, value in want.items():
             given = getattr(self.model, key)
             if given is not None and given != value:

@@ -1,9 +1,9 @@
 """The report of a running sweep, rewritten every few minutes so it can be opened mid-run.
 
-``LiveReport`` exports the results (``cae.results.export``) and writes the HTML report
-(``cae.report.page.write_report``) without the test-sample pictures: those load the
-dataset and the best trials' checkpoints, which is the expensive part of a report and would
-compete with the trials; ``cae sweep`` ends with the full report. It runs in a background
+``LiveReport`` finishes the run as it stands (``cae.finish``: the tables and the HTML
+report) without the test-sample pictures and the reference errors: those load the dataset
+and the best trials' checkpoints, which is the expensive part of a report and would compete
+with the trials; ``cae sweep`` ends with the full report. It runs in a background
 thread on the driver, one write at a time, so the sweep is never held up; a run at a URI is
 read through its local mirror and the files go back next to it (``cae.rundir``). A report
 that fails costs one line on the console, never the sweep.
@@ -60,16 +60,13 @@ class LiveReport:
             self.write()
 
     def write(self) -> Path | None:
-        """Export the results and write the report (no pictures); never raises."""
-        from cae import rundir
-        from cae.report.page import write_report
-        from cae.results import export
+        """Export the tables and write the report (no pictures, no reference errors: see
+        ``cae.finish``); never raises."""
+        from cae.finish import finish
 
         try:
-            local = rundir.local_copy(self.run_dir)
-            rundir.publish(self.run_dir, *export(local))
-            report = write_report(local, pictures=False)
-            rundir.publish(self.run_dir, report)
+            report = finish(self.run_dir, pictures=False, references=False,
+                            say=lambda text: None).report
         except Exception as exc:  # noqa: BLE001 - a report must never end the sweep
             self.say(f"cae: the live report could not be written ({type(exc).__name__}: "
                       f"{exc}); the sweep goes on")

@@ -25,8 +25,9 @@ from ray.tune.experiment import Trial
 
 from cae.config import SweepSpec
 from cae.livereport import LiveReport
-from cae.status import Progress, bucket, rate
-from cae.sweep import Checked
+from cae.outcomes import BUCKETS, bucket
+from cae.plan import Checked
+from cae.status import Progress, rate
 
 PLAIN_EVERY_S = 30.0  # a plain line this often when the output is not a terminal
 BAR_EVERY_S = 1.0  # the bar is redrawn at most this often
@@ -45,7 +46,7 @@ def _error_line(trial: Trial) -> str:
 class ProgressCallback(tune.Callback):
     """The progress bar (or plain lines) and one line per trial error; see the module
     docstring. ``total``, ``max_epochs`` and ``planned`` come from the dry run
-    (``cae.sweep.check_spec``); ``axes`` are the swept keys shown with the best trial."""
+    (``cae.plan.check_spec``); ``axes`` are the swept keys shown with the best trial."""
 
     def __init__(self, name: str, total: int, max_epochs: int, planned: int,
                  axes: list[str], stream: IO[str] | None = None, tty: bool | None = None,
@@ -79,7 +80,7 @@ class ProgressCallback(tune.Callback):
 
     def progress(self, trials: list[Trial], now: float) -> Progress:
         p = Progress(self.total, self.max_epochs, self.planned)
-        counts = dict.fromkeys(("done", "running", "paused", "pending", "errored"), 0)
+        counts = dict.fromkeys(BUCKETS, 0)
         best, best_trial = math.inf, None
         for trial in trials:
             last = trial.last_result or {}
@@ -142,6 +143,12 @@ class ProgressCallback(tune.Callback):
             self._draw(self.progress(trials, now))
         if self.live is not None:
             self.live.tick(now)
+
+    def on_trial_result(self, iteration: int, trials: list[Trial], trial: Trial,
+                        result: dict, **info) -> None:
+        if result.get("resumed_from"):  # a checkpoint skipped or a trial taken over
+            self._say(f"trial {trial.trial_id} goes on from {result['resumed_from']} "
+                      f"({self._where(trial)})")
 
     def on_trial_error(self, iteration: int, trials: list[Trial], trial: Trial,
                        **info) -> None:

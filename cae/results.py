@@ -1,43 +1,67 @@
-"""A run directory -> tidy pandas frames: ``trials`` (one row per trial) and ``epochs``.
+"""A run directory -> its tables, the interface every reader uses.
 
-Reads what Ray Tune writes (each trial's ``params.json``, ``result.json``, ``error.txt``,
-and the experiment state for statuses) plus our ``spec.yaml``, so it works on a finished,
-running or interrupted run alike, without starting Ray.
+This module is the only reader of what Ray Tune writes: each trial's ``params.json`` (its
+search-space point), ``result.json`` (one row per report), ``error.txt``, its checkpoints'
+``history.json``, and the run's state (statuses, through ``cae.runstate``); plus what
+cae writes: ``spec.yaml`` and each trial's own record of what it ran (``cae.record``). It
+works on a finished, running or interrupted run alike, without starting Ray.
+
+``export`` writes ``trials.parquet`` (one row per trial) and ``epochs.parquet`` (one row
+per trial and epoch); ``tables`` reads them back, refreshing them first when the run has
+changed since, so the report, ``cae status``, the live report and the notebook all see the
+same columns with the same types.
 """
 
 from __future__ import annotations
 
-import hashlib
+import io
 import json
 import math
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
 import pandas as pd
+import yaml
 
-from cae.config import REPEAT_KEY, UserError, apply_point
-from cae.ray_internals import EXPERIMENT_STATE, StateFormatError, read_experiment_state
-from cae.rundir import (
-    HISTORY_FILE,
-    SCHEDULER_STOPS,
-    SPEC_FILE,
-    RunDirError,
-    unfinished_mask,
-)
+from cae import outcomes, runstate
+from cae.checkpoints import newest_history
+from cae.config import REPEAT_KEY, TrialConfig, UserError, apply_point, trial_config
+from cae.ray_internals import TrialState
+from cae.record import RECORD_FILE, columns, flatten, make_record
+from cae.rundir import SPEC_FILE, RunDirError, write_file
 
-TRIALS_FILE, EPOCHS_FILE = "trials.parquet", "epochs.parquet"
+TRIALS_FILE, EPOCHS_FILE, BASELINES_FILE = "trials.parquet", "epochs.parquet", "baselines.parquet"
 EPOCH_COLUMNS = ("train_loss", "val_loss", "epoch_time_s", "time_total_s")
-# Ray Tune's bookkeeping fields that are not ours to keep per epoch.
-_RAY_FIELDS = {
+# Ray Tune's bookkeeping fields, and a trial's facts that are not per epoch.
+_NOT_PER_EPOCH = {
     "timestamp", "checkpoint_dir_name", "done", "training_iteration", "trial_id", "date",
     "time_this_iter_s", "pid", "hostname", "node_ip", "config", "time_since_restore",
-    "iterations_since_restore", "should_checkpoint",
+    "iterations_since_restore", "should_checkpoint", "params", "latent_size", "device",
+    "node_id", "stop_reason", "best_val_loss", "data_loaded", "precision", "resumed_from",
 }
-_STATIC = {"params", "latent_size", "device", "node_id", "stop_reason", "best_val_loss",
-           "data_loaded", "precision"}
 
 
-def _read_results(path: Path) -> list[dict]:
+# ---- one trial's files -------------------------------------------------------------------
+
+
+@dataclass
+class TrialFiles:
+    """What one trial directory holds."""
+
+    name: str
+    point: dict
+    record: dict | None
+    results: list[dict]  # result.json rows, in order
+    history: dict  # the newest whole checkpoint's history.json: epochs, static, final
+    error: str  # the last line of error.txt
+
+    @property
+    def trial_id(self) -> str | None:
+        return self.results[0]["trial_id"] if self.results else None
+
+
+def _json_lines(path: Path) -> list[dict]:
     rows = []
     if path.is_file():
         for line in path.read_text().splitlines():
@@ -48,180 +72,159 @@ def _read_results(path: Path) -> list[dict]:
     return rows
 
 
-def _statuses(run_dir: Path) -> dict[str, dict]:
-    """trial dir name -> {status, trial_id, num_failures} from Ray Tune's newest experiment
-    state ({} while it is being rewritten)."""
-    states = sorted(run_dir.glob(EXPERIMENT_STATE.format("*")))
-    if not states:
-        return {}
+def _json(path: Path) -> dict | None:
     try:
-        trials, _ = read_experiment_state(states[-1].read_text())
-    except StateFormatError:
-        return {}
-    return {name: {"status": t.status, "trial_id": t.trial_id, "num_failures": t.num_failures}
-            for name, t in trials.items()}
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
 
 
-def _flatten(data: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in data.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict) and value:
-            out.update(_flatten(value, f"{name}."))
-        else:
-            out[name] = json.dumps(value) if isinstance(value, (list, dict)) else value
-    return out
+def read_trial(trial_dir: Path) -> TrialFiles:
+    error = ""
+    if (trial_dir / "error.txt").is_file():
+        lines = [ln.strip() for ln in (trial_dir / "error.txt").read_text().splitlines()]
+        error = next((ln for ln in reversed(lines) if ln), "error")
+    return TrialFiles(trial_dir.name, _json(trial_dir / "params.json") or {},
+                      _json(trial_dir / RECORD_FILE), _json_lines(trial_dir / "result.json"),
+                      newest_history(trial_dir), error)
 
 
-@lru_cache(maxsize=4096)
-def _trial_facts(config_json: str) -> dict:
-    """The flat columns of one trial (cached per configuration): every setting it ran with,
-    defaults included, plus params, latent size and architecture family."""
-    from cae.arch import describe
-    from cae.config import trial_config
-
-    base, point = json.loads(config_json)
-    try:
-        cfg = trial_config(base, point)
-    except (ValueError, UserError):  # a hand-edited params.json: the settings as given
-        given = {k: v for k, v in point.items() if k != REPEAT_KEY}
-        return _flatten(apply_point(json.loads(json.dumps(base)), given))
-    m = cfg.model
-    info = describe(m)
-    convs = m.convs if isinstance(m.convs, int) else "-".join(map(str, m.convs))
-    dump = cfg.model_dump(mode="json")
-    unseeded = json.dumps({k: v for k, v in dump.items() if k != "seed"}, sort_keys=True)
-    return {
-        **_flatten(dump),
-        # trials that differ by their seed alone (repeats) share a configuration
-        "config_id": hashlib.sha1(unseeded.encode()).hexdigest()[:10],
-        "params": info["params"],
-        "latent_size": info["latent_size"],
-        "family": f"{m.bottleneck} {len(m.channels)} stages x {convs} conv",
-    }
+def merged_epochs(files: TrialFiles) -> dict[int, dict]:
+    """Epoch -> its report. A resumed trial may report an epoch again (the last wins);
+    epochs that result.json lacks come from the trial's newest checkpoint (Ray Tune rewrites
+    result.json from an older copy when a trial restarts from a checkpoint, and a driver
+    crash can leave it behind)."""
+    by_epoch = {int(r["epoch"]): r for r in files.results if "epoch" in r}
+    static = files.history.get("static", {})
+    for h in files.history.get("epochs", []):
+        by_epoch.setdefault(int(h["epoch"]), {**static, **h})
+    return dict(sorted(by_epoch.items()))
 
 
-def _error_reason(trial_dir: Path) -> str:
-    path = trial_dir / "error.txt"
-    if not path.is_file():
-        return ""
-    lines = [ln.strip() for ln in path.read_text().splitlines() if ln.strip()]
-    return lines[-1] if lines else "error"
-
-
-def _checkpoint_history(trial_dir: Path) -> dict:
-    """What the trial's newest readable checkpoint says it has done (``cae.trainable``):
-    ``epochs`` (the per-epoch metrics), ``static`` and ``final``; {} without one."""
-    for path in sorted(trial_dir.glob(f"checkpoint_*/{HISTORY_FILE}"), reverse=True):
-        try:
-            return json.loads(path.read_text())
-        except (OSError, ValueError):
-            continue  # a checkpoint being written or cut short: try the one before
-    return {}
-
-
-def load_frames(run_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """The ``trials`` and ``epochs`` frames of a run directory."""
-    import yaml
-
-    run_dir = Path(run_dir)
-    spec_path = run_dir / SPEC_FILE
-    if not spec_path.is_file():
-        raise RunDirError(f"{run_dir} is not a cae run directory (no {SPEC_FILE} in it)")
-    spec = yaml.safe_load(spec_path.read_text())
-    base = spec.get("trial", {})
-    scheduler = spec.get("scheduler", {}).get("kind", "asha")
-    statuses = _statuses(run_dir)
-    trials, epochs = [], []
-    for trial_dir in sorted(p for p in run_dir.iterdir() if (p / "params.json").is_file()):
-        point = json.loads((trial_dir / "params.json").read_text())
-        results = _read_results(trial_dir / "result.json")
-        state = statuses.get(trial_dir.name, {})
-        error = _error_reason(trial_dir)
-        status = state.get("status") or ("ERROR" if error else "UNKNOWN")
-        trial_id = results[0]["trial_id"] if results else state.get("trial_id", trial_dir.name)
-        by_epoch: dict[int, dict] = {}
-        for r in results:
-            if "epoch" in r:
-                by_epoch[int(r["epoch"])] = r  # a resumed trial may repeat an epoch: keep last
-        # epochs that result.json lost (Ray Tune rewrites it from an older copy when a trial
-        # restarts from a checkpoint, and a driver crash can leave it behind) come back from
-        # the trial's own checkpoint
-        saved = _checkpoint_history(trial_dir)
-        newest = max(by_epoch, default=0)
-        for h in saved.get("epochs", []):
-            by_epoch.setdefault(int(h["epoch"]), {**saved.get("static", {}), **h})
-        for epoch, r in sorted(by_epoch.items()):
-            row = {"trial_id": trial_id, "epoch": epoch}
-            row.update({k: v for k, v in r.items()
-                        if k not in _RAY_FIELDS and k not in _STATIC and k != "epoch"
-                        and not k.startswith("test_")})
-            row["time_total_s"] = r.get("time_total_s")
-            epochs.append(row)
-        last = results[-1] if results else {}
-        if max(by_epoch, default=0) > newest:  # the newest epochs only in the checkpoint
-            last = {**last, **by_epoch[max(by_epoch)], **(saved.get("final") or {})}
-        if error and status == "TERMINATED":
-            error = ""  # failed once (a lost node, a crash), then finished from its checkpoint
-        vals = [r["val_loss"] for r in by_epoch.values() if _finite(r.get("val_loss"))]
-        if error:
-            reason = f"error: {error}"
-        elif last.get("stop_reason"):
-            reason = last["stop_reason"]
-        elif status == "TERMINATED":
-            reason = scheduler if scheduler in SCHEDULER_STOPS else "stopped"
-        else:
-            reason = status.lower()
-        # The configuration the trial ran (its point and a variant's keys applied, defaults
-        # filled in); a variant axis also as ``variant.*`` columns, which name its values.
-        row = {"trial_id": trial_id, "repeat": int(point.get(REPEAT_KEY, 0)),
-               **_trial_facts(json.dumps([base, point], sort_keys=True)),
-               **{k: v for k, v in _flatten(point).items() if k.startswith("variant")}}
-        row.update({
-            "best_val_loss": min(vals) if vals else math.nan,
-            "best_epoch": min(by_epoch, key=lambda e: by_epoch[e].get("val_loss", math.inf))
-            if vals else 0,
-            "last_val_loss": vals[-1] if vals else math.nan,
-            "epochs": max(by_epoch) if by_epoch else 0,
-            "status": status,
-            "stop_reason": reason,
-            "wall_time_s": last.get("time_total_s", 0.0),
-            "node": f"{last.get('node_ip', '?')}/{str(last.get('node_id'))[:8]}"
-            if last.get("node_id") else None,  # where it ran last: IP / node id
-            "node_id": last.get("node_id"),
-            "hostname": last.get("hostname"),
-            "device": last.get("device"),
-            "precision": last.get("precision"),  # what autocast ran in (fp32 or bf16)
-            "data_loaded": last.get("data_loaded"),  # what the trial really trained on
-            "num_failures": state.get("num_failures", 0),
-            "trial_dir": trial_dir.name,
-        })
-        row.update({k: v for k, v in last.items() if k.startswith("test_")})
-        trials.append(row)
-    trials_df = pd.DataFrame(trials)
-    if "test_loss" not in trials_df and len(trials_df):
-        trials_df["test_loss"] = math.nan
-    epochs_df = pd.DataFrame(epochs, columns=None if epochs else ["trial_id", "epoch",
-                                                                   *EPOCH_COLUMNS])
-    return trials_df, epochs_df
+def epoch_rows(trial_id: str, by_epoch: dict[int, dict]) -> list[dict]:
+    return [{"trial_id": trial_id, "epoch": epoch,
+             **{k: v for k, v in r.items() if k not in _NOT_PER_EPOCH and k != "epoch"
+                and not k.startswith("test_")},
+             "time_total_s": r.get("time_total_s")} for epoch, r in by_epoch.items()]
 
 
 def _finite(x) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x)
 
 
-def export(run_dir: str | Path) -> tuple[Path, Path]:
-    """Write trials.parquet and epochs.parquet into the run directory.
+def _outcome(files: TrialFiles, by_epoch: dict[int, dict], state: TrialState | None,
+             scheduler: str) -> dict:
+    """Status, stop reason, losses and where and how the trial ran."""
+    last = files.results[-1] if files.results else {}
+    if by_epoch and max(by_epoch) > int(last.get("epoch", 0)):  # newest only in a checkpoint
+        last = {**last, **by_epoch[max(by_epoch)], **(files.history.get("final") or {})}
+    status = state.status if state else ("ERROR" if files.error else "UNKNOWN")
+    error = "" if status == "TERMINATED" else files.error  # failed once, then finished
+    vals = {e: r["val_loss"] for e, r in by_epoch.items() if _finite(r.get("val_loss"))}
+    return {
+        "best_val_loss": min(vals.values()) if vals else math.nan,
+        "best_epoch": min(vals, key=vals.get) if vals else 0,
+        "last_val_loss": vals[max(vals)] if vals else math.nan,
+        "epochs": max(by_epoch, default=0),
+        "status": status,
+        "stop_reason": outcomes.stop_reason(status, last.get("stop_reason"), error, scheduler),
+        "wall_time_s": last.get("time_total_s", 0.0),
+        "node": f"{last.get('node_ip', '?')}/{str(last.get('node_id'))[:8]}"
+        if last.get("node_id") else None,  # where it ran last: IP / node id
+        "node_id": last.get("node_id"),
+        "hostname": last.get("hostname"),
+        "device": last.get("device"),
+        "precision": last.get("precision"),  # what autocast ran in (fp32 or bf16)
+        "data_loaded": last.get("data_loaded"),  # what the trial really trained on
+        "num_failures": state.num_failures if state else 0,
+        "trial_dir": files.name,
+        **{k: v for k, v in last.items() if k.startswith("test_")},
+    }
 
-    Lists and mappings are JSON text (``model.channels`` "[16, 32]"). A column whose trials
-    hold values of different kinds (``model.convs`` 1 in one trial and [3, 4] in another;
-    ``padding`` 1 or "same") is all text, since a Parquet column has one type: its numbers
-    as JSON text too ("1"), so ``json.loads`` reads back every value but plain words."""
+
+@lru_cache(maxsize=4096)
+def _planned_columns(base_and_point: str) -> dict:
+    """The columns of a trial without a record: its configuration as this cae resolves it
+    from the spec (what it will run if it has not started)."""
+    base, point = json.loads(base_and_point)
+    try:
+        return columns(make_record(trial_config(base, point), point), recorded=False)
+    except (ValueError, UserError):  # a hand-edited params.json: the settings as given
+        given = {k: v for k, v in point.items() if k != REPEAT_KEY}
+        return {**flatten(apply_point(json.loads(json.dumps(base)), given)), "recorded": False}
+
+
+def trial_row(files: TrialFiles, state: TrialState | None, base: dict,
+              scheduler: str) -> dict:
+    """One row of ``trials``: the trial's configuration (from its record) and outcome."""
+    config = columns(files.record) if files.record else _planned_columns(
+        json.dumps([base, files.point], sort_keys=True))
+    trial_id = files.trial_id or (state.trial_id if state else files.name)
+    return {"trial_id": trial_id, **config,
+            **_outcome(files, merged_epochs(files), state, scheduler)}
+
+
+# ---- the run ---------------------------------------------------------------------------
+
+
+@dataclass
+class Frames:
+    """The two tables of a run, and what the reader should be told about them."""
+
+    trials: pd.DataFrame
+    epochs: pd.DataFrame
+    notes: list[str] = field(default_factory=list)
+
+
+def _spec(run_dir: Path) -> dict:
+    path = run_dir / SPEC_FILE
+    if not path.is_file():
+        raise RunDirError(f"{run_dir} is not a cae run directory (no {SPEC_FILE} in it)")
+    return yaml.safe_load(path.read_text()) or {}
+
+
+def trial_dirs(run_dir: Path) -> list[TrialFiles]:
+    """Every trial of the run, without those a later trial took over (``continues``)."""
+    found = [read_trial(p) for p in sorted(run_dir.iterdir())
+             if not p.name.startswith(".") and (p / "params.json").is_file()]
+    taken = {f.record.get("continues") for f in found if f.record}
+    return [f for f in found if f.name not in taken]
+
+
+def read_frames(run_dir: str | Path) -> Frames:
+    """The ``trials`` and ``epochs`` frames of a run directory, made from Ray's files."""
     run_dir = Path(run_dir)
-    trials, epochs = load_frames(run_dir)
-    for_parquet(trials).to_parquet(run_dir / TRIALS_FILE, index=False)
-    for_parquet(epochs).to_parquet(run_dir / EPOCHS_FILE, index=False)
-    return run_dir / TRIALS_FILE, run_dir / EPOCHS_FILE
+    spec = _spec(run_dir)
+    statuses = runstate.read_statuses(run_dir)
+    scheduler = (spec.get("scheduler") or {}).get("kind", "asha")
+    rows, epochs = [], []
+    for files in trial_dirs(run_dir):
+        row = trial_row(files, statuses.trials.get(files.name), spec.get("trial") or {},
+                        scheduler)
+        rows.append(row)
+        epochs += epoch_rows(row["trial_id"], merged_epochs(files))
+    trials = pd.DataFrame(rows)
+    if len(trials) and "test_loss" not in trials:
+        trials["test_loss"] = math.nan
+    notes = [statuses.note] if statuses.note else []
+    started = trials[trials["epochs"] > 0] if len(trials) else trials
+    legacy = int((~started["recorded"].astype(bool)).sum()) if len(started) else 0
+    if legacy:
+        notes.append(f"{legacy} trials have no record of the configuration they ran (a run "
+                     "from before cae kept one): their config columns are made from the spec "
+                     "with this cae's defaults")
+    epochs_df = pd.DataFrame(epochs, columns=None if epochs else ["trial_id", "epoch",
+                                                                   *EPOCH_COLUMNS])
+    return Frames(trials, epochs_df, notes)
+
+
+def load_frames(run_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """``(trials, epochs)`` made from Ray's files (``read_frames`` without the notes)."""
+    frames = read_frames(run_dir)
+    return frames.trials, frames.epochs
+
+
+# ---- the Parquet tables ------------------------------------------------------------------
 
 
 def _kind(value) -> str:
@@ -249,49 +252,94 @@ def for_parquet(frame: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
+def parquet_bytes(frame: pd.DataFrame) -> bytes:
+    """``frame`` (``for_parquet``) as the bytes of a Parquet file."""
+    buffer = io.BytesIO()
+    for_parquet(frame).to_parquet(buffer, index=False)
+    return buffer.getvalue()
+
+
+def read_baselines(run_dir: str | Path) -> pd.DataFrame | None:
+    """The reference errors of a run (``cae.baselines``), or None when none are written."""
+    path = Path(run_dir) / BASELINES_FILE
+    return pd.read_parquet(path) if path.is_file() else None
+
+
+def export(run_dir: str | Path) -> Frames:
+    """Write trials.parquet and epochs.parquet into the (local) run directory, each whole.
+
+    Lists and mappings are JSON text (``model.channels`` "[16, 32]"). A column whose trials
+    hold values of different kinds (``model.convs`` 1 in one trial and [3, 4] in another;
+    ``padding`` 1 or "same") is all text, since a Parquet column has one type: its numbers
+    as JSON text too ("1"), so ``json.loads`` reads back every value but plain words.
+    Returns the frames as read back from the files."""
+    run_dir = Path(run_dir)
+    frames = read_frames(run_dir)
+    data = [parquet_bytes(frames.trials), parquet_bytes(frames.epochs)]
+    for name, blob in zip((TRIALS_FILE, EPOCHS_FILE), data):
+        write_file(run_dir, name, blob)
+    return Frames(*(pd.read_parquet(io.BytesIO(b)) for b in data), frames.notes)
+
+
+def table_paths(run_dir: str | Path) -> tuple[Path, Path]:
+    return Path(run_dir) / TRIALS_FILE, Path(run_dir) / EPOCHS_FILE
+
+
+def _stale(run_dir: Path) -> bool:
+    """Whether the tables are missing or older than a file Ray or a trial wrote since."""
+    made = [p.stat().st_mtime for p in table_paths(run_dir) if p.is_file()]
+    if len(made) < 2:
+        return True
+    newest = max((p.stat().st_mtime for pattern in ("*.json", "*/result.json", "*/error.txt",
+                                                    f"*/{RECORD_FILE}", "*/checkpoint_*")
+                  for p in run_dir.glob(pattern)), default=0.0)
+    return newest > min(made)
+
+
+def tables(run_dir: str | Path, refresh: bool | None = None) -> Frames:
+    """The run's tables as they are on disk; exported first when ``refresh``, or (None)
+    when they are missing or older than what the run wrote since."""
+    run_dir = Path(run_dir)
+    if refresh or (refresh is None and _stale(run_dir)):
+        try:
+            return export(run_dir)
+        except OSError as exc:  # a run directory this user may not write, a full disk
+            frames = read_frames(run_dir)
+            data = [parquet_bytes(frames.trials), parquet_bytes(frames.epochs)]
+            note = f"the tables could not be written into {run_dir} ({exc}); read in memory"
+            return Frames(*(pd.read_parquet(io.BytesIO(b)) for b in data),
+                          [*frames.notes, note])
+    trials_path, epochs_path = table_paths(run_dir)
+    return Frames(pd.read_parquet(trials_path), pd.read_parquet(epochs_path))
+
+
 def best_trial(trials: pd.DataFrame) -> pd.Series | None:
     """The trial with the lowest best validation loss."""
     ok = trials.dropna(subset=["best_val_loss"])
     return None if ok.empty else ok.loc[ok["best_val_loss"].idxmin()]
 
 
-def trial_configs(run_dir: str | Path, data_dir: str | None = None) -> list:
-    """The validated ``TrialConfig`` of every trial of a run directory (its spec's base with
-    each trial's ``params.json``); ``data_dir`` replaces where the data is read from."""
-    import yaml
-
-    from cae.config import trial_config
-
-    run_dir = Path(run_dir)
-    base = (yaml.safe_load((run_dir / SPEC_FILE).read_text()) or {}).get("trial") or {}
+def trial_config_of(files: TrialFiles, base: dict, data_dir: str | None = None) -> TrialConfig:
+    """The validated configuration a trial ran (its record), else the one it will run;
+    ``data_dir`` replaces where the data is read from."""
+    if files.record:
+        config = dict(files.record["config"])
+    else:
+        config = trial_config(base, files.point).model_dump(mode="json")
     if data_dir:
-        base.setdefault("data", {})["data_dir"] = str(Path(data_dir).expanduser().resolve())
+        config["data"] = {**config["data"],
+                          "data_dir": str(Path(data_dir).expanduser().resolve())}
+    return TrialConfig.model_validate(config)
+
+
+def trial_configs(run_dir: str | Path, data_dir: str | None = None) -> list[TrialConfig]:
+    """The configuration of every trial of a run directory (see ``trial_config_of``)."""
+    run_dir = Path(run_dir)
+    base = _spec(run_dir).get("trial") or {}
     out = []
-    for params in sorted(run_dir.glob("*/params.json")):
+    for files in trial_dirs(run_dir):
         try:
-            out.append(trial_config(base, json.loads(params.read_text())))
+            out.append(trial_config_of(files, base, data_dir))
         except (ValueError, UserError):
             continue  # a hand-edited params.json: no config to take references from
     return out
-
-
-def summary(trials: pd.DataFrame, run_dir: str, axes: list[str] | None = None) -> str:
-    """The lines ``cae sweep`` and ``cae resume`` end with: counts, the best trial (its
-    values of the swept ``axes``), where the results are."""
-    counts = ", ".join(f"{n} {s.lower()}" for s, n in trials["status"].value_counts().items())
-    lines = [f"\ntrials: {len(trials)} ({counts}); trial-epochs: {int(trials['epochs'].sum())}"]
-    best = best_trial(trials)
-    if best is not None:
-        keys = axes or []
-        axes = {k: best[k] for k in trials.columns
-                if any(k == a or k.startswith(a + ".") for a in keys) and not pd.isna(best[k])}
-        lines.append(f"best trial {best['trial_id']}: val {best['best_val_loss']:.5f}, test "
-                     f"{best.get('test_loss', float('nan')):.5f}, params {int(best['params']):,}, "
-                     f"latent {int(best['latent_size'])}")
-        if axes:
-            lines.append("  " + ", ".join(f"{k}={v}" for k, v in axes.items()))
-    lines.append(f"results: {run_dir}/{TRIALS_FILE} and {EPOCHS_FILE}")
-    unfinished = int(unfinished_mask(trials).sum())
-    if unfinished:
-        lines.append(f"{unfinished} trials did not finish; continue with: cae resume {run_dir}")
-    return "\n".join(lines)

@@ -1,5 +1,5 @@
-"""A run directory, local or at a URI (s3://, gs://, file://): its spec, its local mirror,
-publishing files into it, and what "finished" means for its trials.
+"""A run directory, local or at a URI (s3://, gs://, file://): its spec, files written
+whole, its local mirror, and publishing files into it.
 
 A run directory holds Ray Tune's own files (experiment state, one folder per trial with
 ``params.json``, ``result.json`` and checkpoints), plus ours: the resolved ``spec.yaml``
@@ -11,29 +11,20 @@ its small files (``fetch_run``; checkpoints only for the few trials the report d
 
 from __future__ import annotations
 
+import os
 import re
+import threading
 from datetime import datetime
 from pathlib import Path
 
-import pandas as pd
 import yaml
 
+from cae.checkpoints import HISTORY_FILE
 from cae.config import SweepSpec, UserError, validate
 from cae.ray_internals import STATE_FILES
+from cae.record import RECORD_FILE
 
 SPEC_FILE = "spec.yaml"
-# Statuses of a trial that will still run (Ray Tune's names).
-NOT_FINISHED = ("RUNNING", "PENDING", "PAUSED")
-# Stop reasons a trial reports itself at its last epoch.
-OWN_ENDS = ("max_epochs", "patience")
-# Stop reasons of trials the scheduler stopped early (at a rung of successive halving).
-SCHEDULER_STOPS = ("asha", "sha")
-# In every checkpoint of a trial (beside the weights): its epochs so far and, once it has
-# ended, its final report, as JSON. Ray Tune writes a trial's result.json on the driver,
-# copies it into the run directory in the background and, when the trial restarts from a
-# checkpoint (a paused trial resumed, a run resumed), replaces it with that copy: it can
-# lack epochs that the checkpoints (written by the trial itself) have.
-HISTORY_FILE = "history.json"
 
 
 class RunDirError(UserError):
@@ -75,17 +66,31 @@ def _filesystem(run_dir: str):
 # ---- the spec ------------------------------------------------------------------------------
 
 
+def write_file(location: str | Path, name: str, data: bytes) -> None:
+    """Write ``location/name`` whole: locally to a temporary name, then renamed over it (a
+    reader never sees half a file, a crash leaves the old one); at a URI as one object (each
+    object is replaced whole). The folder is made if needed."""
+    text = str(location)
+    if is_uri(text):
+        fs, path = _filesystem(text)
+        fs.create_dir(path, recursive=True)
+        with fs.open_output_stream(f"{path.rstrip('/')}/{name}") as f:
+            f.write(data)
+        return
+    folder = Path(text)
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".{name}.{os.getpid()}.{threading.get_ident()}.tmp"
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, folder / name)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def save_spec(run_dir: str, spec: SweepSpec) -> None:
     """Write the resolved spec beside Ray Tune's files (local dirs or any pyarrow URI)."""
     text = yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)
-    if is_uri(run_dir):
-        fs, path = _filesystem(run_dir)
-        fs.create_dir(path, recursive=True)
-        with fs.open_output_stream(f"{path}/{SPEC_FILE}") as f:
-            f.write(text.encode())
-    else:
-        Path(run_dir).mkdir(parents=True, exist_ok=True)
-        (Path(run_dir) / SPEC_FILE).write_text(text)
+    write_file(run_dir, SPEC_FILE, text.encode())
 
 
 def load_run_spec(run_dir: str) -> SweepSpec:
@@ -111,27 +116,12 @@ def load_run_spec(run_dir: str) -> SweepSpec:
     return validate(SweepSpec, data, f"{run_dir}/{SPEC_FILE}")
 
 
-# ---- what is finished ------------------------------------------------------------------------
-
-
-def unfinished_mask(trials: pd.DataFrame) -> pd.Series:
-    """The trials that will still run: running, pending or paused, or whose status Ray had
-    not written yet (``UNKNOWN``) and that did not report an end of their own.
-
-    The one definition of "unfinished", used by the CLI, the report and its figures."""
-    if trials.empty or "status" not in trials:
-        return pd.Series(False, index=trials.index)
-    status = trials["status"].astype(str)
-    reason = trials.get("stop_reason", pd.Series("", index=trials.index)).astype(str)
-    return status.isin(NOT_FINISHED) | ((status == "UNKNOWN") & ~reason.isin(OWN_ENDS))
-
-
 # ---- mirrors of run directories at URIs ------------------------------------------------------
 
 _TOP_FILES = re.compile("|".join(
     [re.escape(SPEC_FILE), re.escape("baselines.parquet")]
     + [re.escape(f).replace(r"\{\}", ".*") for f in STATE_FILES]))
-_TRIAL_FILES = ("params.json", "result.json", "error.txt")
+_TRIAL_FILES = ("params.json", "result.json", "error.txt", RECORD_FILE)
 
 
 def mirror_dir(run_dir: str) -> Path:

@@ -121,6 +121,11 @@ class SyncHalvingScheduler(TrialScheduler):
         e.epoch, e.last = result[self._time_attr], result[self._metric]
         if e.epoch >= self._max_t:
             return TrialScheduler.STOP
+        while e.level < len(self.rungs) and e.epoch > self.rungs[e.level]:
+            # past a rung it was not decided at: a trial that went on from a checkpoint
+            # newer than the state this run was restored from; it went on, so it had been
+            # promoted (as on_trial_add reads a restored trial)
+            e.level, e.score = e.level + 1, None
         if self._waiting(e) and e.score is None:
             e.score = e.last
         self._decide(tune_controller, current=trial)

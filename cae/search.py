@@ -24,7 +24,7 @@ from ray import tune
 from ray.tune.search import Searcher
 
 from cae.config import REPEAT_KEY, SweepSpec
-from cae.rundir import OWN_ENDS
+from cae.outcomes import OWN_ENDS
 
 # What TPE minimises per trial: the best validation loss it reached before it ended (the
 # scheduler's metric ``val_loss`` is the latest epoch's).

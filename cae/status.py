@@ -18,21 +18,8 @@ from pathlib import Path
 import pandas as pd
 
 from cae.config import SweepSpec
-from cae.rundir import OWN_ENDS
-
-# Trial buckets, in the order they are shown.
-BUCKETS = ("done", "running", "paused", "pending", "errored")
-_BUCKET_OF = {"TERMINATED": "done", "RUNNING": "running", "PAUSED": "paused",
-              "PENDING": "pending", "ERROR": "errored"}
-
-
-def bucket(status: str, stop_reason: str = "") -> str:
-    """A trial's bucket from Ray Tune's status; a trial that reported an end of its own is
-    done whatever the status (Ray writes its state every few seconds: ``RUNNING`` or
-    ``UNKNOWN`` there may already have ended)."""
-    if stop_reason in OWN_ENDS and status != "ERROR":
-        return "done"
-    return _BUCKET_OF.get(status, "running")
+from cae.outcomes import BUCKETS, bucket, unfinished_mask
+from cae.ray_internals import EXPERIMENT_STATE, StateFormatError, read_experiment_state
 
 
 def planned_trial_epochs(spec: SweepSpec, n_trials: int, max_epochs: int,
@@ -158,13 +145,13 @@ def _newest_result_time(run_dir: Path) -> float | None:
 
 
 def _started(run_dir: Path) -> float | None:
-    """When the sweep first started (the oldest experiment state's start time)."""
-    for path in sorted(run_dir.glob("experiment_state-*.json")):
+    """When the sweep first started (the oldest readable experiment state's start time)."""
+    for path in sorted(run_dir.glob(EXPERIMENT_STATE.format("*"))):
         try:
-            start = json.loads(path.read_text()).get("stats", {}).get("start_time")
-        except (json.JSONDecodeError, OSError):
+            start = read_experiment_state(path.read_text())[1]
+        except (OSError, StateFormatError):
             continue
-        if isinstance(start, (int, float)):
+        if start is not None:
             return start
     return None
 
@@ -172,7 +159,7 @@ def _started(run_dir: Path) -> float | None:
 def _state_written(run_dir: Path) -> float | None:
     """When Ray Tune last saved the experiment state here (it does every ~10 s while the
     sweep's driver lives)."""
-    times = [p.stat().st_mtime for p in run_dir.glob("experiment_state-*.json")]
+    times = [p.stat().st_mtime for p in run_dir.glob(EXPERIMENT_STATE.format("*"))]
     return max(times) if times else None
 
 
@@ -187,6 +174,8 @@ class RunStatus:
     unfinished: int
     idle: float | None  # seconds since the newest sign of life
     axes: list[str]
+    notes: list[str] = field(default_factory=list)  # e.g. an experiment state cut short
+    driver: str | None = None  # who holds the run's lease
 
     def text(self) -> str:
         p = self.progress
@@ -202,19 +191,24 @@ class RunStatus:
             lines.append(f"unfinished trials: {self.unfinished}" + (
                 f"; continue with: cae resume {self.run_dir}"
                 if self.state == "interrupted" else ""))
+        if self.driver:
+            lines.append(f"driver: {self.driver}")
+        lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
 
 
 def run_status(run_dir: str, now: float | None = None) -> RunStatus:
     """The status of a run directory (local or at a URI), read without Ray."""
     from cae import rundir
-    from cae.results import best_trial, load_frames
-    from cae.sweep import check_spec
+    from cae.lease import read_holder, stale
+    from cae.plan import check_spec
+    from cae.results import best_trial, tables
 
     local = rundir.local_copy(run_dir)
     spec = rundir.load_run_spec(str(local))
     checked = check_spec(spec, to_run=False)
-    trials, _ = load_frames(local)
+    frames = tables(local)
+    trials = frames.trials
     axes = [k for k, (kind, _) in spec.axes().items() if kind != "fixed"]
     now = time.time() if now is None else now
     progress = Progress(checked.n_trials, checked.n_trials * checked.max_epochs,
@@ -232,7 +226,7 @@ def run_status(run_dir: str, now: float | None = None) -> RunStatus:
             progress.best_config = _config_of(best, trials, axes)
     counts["pending"] += max(0, checked.n_trials - len(trials))  # not created yet
     progress.counts = counts
-    unfinished = int(rundir.unfinished_mask(trials).sum()) + max(0, checked.n_trials
+    unfinished = int(unfinished_mask(trials).sum()) + max(0, checked.n_trials
                                                                  - len(trials))
     signs = [t for t in (_newest_result_time(local), _started(local),
                          None if rundir.is_uri(run_dir) else _state_written(local))
@@ -257,7 +251,13 @@ def run_status(run_dir: str, now: float | None = None) -> RunStatus:
     progress.elapsed = (end - start) if start is not None and end is not None else 0.0
     if state == "running" and progress.elapsed > 0:
         progress.rate = rate(progress.epochs, 0, progress.elapsed)
-    return RunStatus(run_dir, progress, state, unfinished, idle, axes)
+    holder = read_holder(run_dir)
+    if holder is not None and state == "interrupted" and not stale(holder, now):
+        state = "running"  # a driver holds it and beats: slow epochs, not an interruption
+    driver = None
+    if holder is not None:
+        driver = holder.describe(now) + (" (gone)" if stale(holder, now) else "")
+    return RunStatus(run_dir, progress, state, unfinished, idle, axes, frames.notes, driver)
 
 
 def _config_of(best: pd.Series, trials: pd.DataFrame, axes: list[str]) -> dict:

@@ -156,6 +156,10 @@ class Task:
     """Base class: turns uint8 batches into ``(input, target, group)``; see the module doc."""
 
     name = "task"
+    # The reference errors of this task (``cae.baselines``) and the titles of its pictures'
+    # columns (input, output, target).
+    references: tuple[str, ...] = ("pca",)
+    picture_titles = ("input", "output", "target")
 
     def __init__(self, cfg: TaskConfig):
         self.cfg = cfg
@@ -164,6 +168,16 @@ class Task:
     def group_names(self) -> list[str] | None:
         """Names of the per-sample groups (distortions), or None when there are none."""
         return None
+
+    def extra_errors(self, x: torch.Tensor, out: torch.Tensor,
+                     y: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per-sample errors (B,) reported beside the loss, by name (none by default)."""
+        return {}
+
+    def visible(self, x: torch.Tensor, out: torch.Tensor,
+                y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Input, output and target as a person sees them: images in [0, 1]."""
+        return x, out.float().clamp(0, 1), y
 
     def batch(
         self, images: torch.Tensor, index: torch.Tensor, generator: torch.Generator | None = None
@@ -212,6 +226,8 @@ class Denoise(Task):
     """Input = a distorted image, target = the clean one, group = the distortion's position."""
 
     name = "denoise"
+    references = ("pca", "identity")
+    picture_titles = ("distorted input", "output", "clean target")
 
     def __init__(self, cfg: TaskConfig):
         super().__init__(cfg)
@@ -241,6 +257,16 @@ class Colorize(Task):
     """Input = luma Y (B, 1, H, W), target = chroma CbCr (B, 2, H, W) of an RGB image."""
 
     name = "colorize"
+    references = ("mean_chroma",)
+    picture_titles = ("gray input", "prediction (RGB)", "truth (RGB)")
+
+    def extra_errors(self, x, out, y) -> dict[str, torch.Tensor]:
+        """The error in RGB, the space a person judges colours in (``rgb_error``)."""
+        return {"rgb_mse": self.rgb_error(x, out.float(), y)}
+
+    def visible(self, x, out, y) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The gray input, and prediction and truth re-joined with it in RGB."""
+        return x, self.to_rgb(x, out), self.to_rgb(x, y)
 
     def batch(self, images, index, generator=None) -> Batch:
         if images.shape[1] != 3:

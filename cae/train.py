@@ -10,11 +10,13 @@ device and read once per epoch, so there is no host synchronisation per step.
 from __future__ import annotations
 
 import copy
+import json
 import math
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -190,13 +192,13 @@ class Trainer:
 
     @torch.inference_mode()
     def evaluate(self, prepared: tuple) -> dict:
-        """Mean loss over a prepared split, per distortion group and (colorize) in RGB,
-        computed in fp32."""
+        """Mean loss over a prepared split, per distortion group, and the task's extra
+        errors (colorize: in RGB), computed in fp32."""
         x_all, y_all, groups = prepared
         self.model.eval()
         n = x_all.shape[0]
         sums = torch.zeros((), device=self.device, dtype=torch.float64)
-        rgb = torch.zeros((), device=self.device, dtype=torch.float64)
+        extra: dict[str, torch.Tensor] = {}
         names = self.task.group_names or []
         per_group = torch.zeros(len(names), device=self.device, dtype=torch.float64)
         counts = torch.zeros(len(names), device=self.device, dtype=torch.float64)
@@ -212,13 +214,12 @@ class Trainer:
                 g = groups[start : start + self.cfg.eval_batch_size]
                 per_group.index_add_(0, g, losses)
                 counts.index_add_(0, g, torch.ones_like(losses))
-            if self.cfg.task.name == "colorize":
-                rgb += self.task.rgb_error(x, out.float(), y).double().sum()
+            for key, errors in self.task.extra_errors(x, out, y).items():
+                extra[key] = extra.get(key, 0.0) + errors.double().sum()
         result = {"loss": float(sums) / n}
         for name, s, c in zip(names, per_group.tolist(), counts.tolist()):
             result[f"loss_{name}"] = s / c if c else math.nan
-        if self.cfg.task.name == "colorize":
-            result["rgb_mse"] = float(rgb) / n
+        result.update({key: float(total) / n for key, total in extra.items()})
         return result
 
     # ---- the run --------------------------------------------------------------------
@@ -311,3 +312,18 @@ def train(
     if evaluate_test:
         result.test = trainer.test()
     return result
+
+
+def save_run(out: str | Path, cfg: TrialConfig, result: TrainResult) -> None:
+    """``cae train --out``: the config, the last and best weights, and the history."""
+    import yaml
+
+    path = Path(out)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    torch.save({"model": result.model.state_dict(), "best_model": result.best_state,
+                "config": cfg.model_dump(mode="json")}, path / "model.pt")
+    (path / "history.json").write_text(json.dumps(
+        {"history": result.history, "test": result.test, "best_epoch": result.best_epoch,
+         "stop_reason": result.stop_reason, "params": result.params,
+         "latent_size": result.latent_size}, indent=2))

@@ -1,11 +1,18 @@
 """The Ray Tune function trainable: one trial of a sweep around ``cae.train.Trainer``.
 
-Each epoch it reports the losses to Ray Tune with a checkpoint (model, optimiser, epoch,
-early-stopping state, and the epochs so far as JSON for ``cae.results``); a restarted trial
-continues from its last checkpoint. The final epoch's report also carries the test errors
-and the stop reason, because a scheduler may end the trial right after its last report. A
-trial that diverges raises, so Ray Tune marks it as an error with that reason and the sweep
-goes on.
+When it first starts, a trial writes its record (``cae.record``: the configuration it runs,
+every default filled in) into its directory of the run; restarted, it goes on with that
+configuration. Each epoch it reports the losses to Ray Tune with a checkpoint (model,
+optimiser, epoch, early-stopping and random state, and the epochs so far as JSON for
+``cae.results``). The final epoch's report also carries the test errors and the stop
+reason, because a scheduler may end the trial right after its last report. A trial that
+diverges raises, so Ray Tune marks it as an error with that reason and the sweep goes on.
+
+A restarted trial goes on from the newest checkpoint in its directory that can be read
+whole (``cae.checkpoints``), which after a restore from an older state can be newer than
+the one Tune hands it: it then first reports that checkpoint's last epoch again, so that the
+scheduler decides on it as if nothing had happened. A trial of a rebuilt run takes over the
+directory of the earlier trial with its search-space point (``adopt``).
 """
 
 from __future__ import annotations
@@ -18,60 +25,113 @@ import ray
 import torch
 from ray import tune
 
-from cae.config import trial_config
+from cae import checkpoints, ray_internals
+from cae.config import TrialConfig, trial_config
 from cae.data import ImageData
-from cae.rundir import HISTORY_FILE
+from cae.record import RECORD_FILE, make_record
+from cae.rundir import write_file
+from cae.runstate import point_key
 from cae.train import Trainer
 
-STATE_FILE = "state.pt"
 
-
-def _load_state(checkpoint: tune.Checkpoint | None) -> dict | None:
-    if checkpoint is None:
+def _read_record(location: str) -> dict | None:
+    fs, path = checkpoints.filesystem(location)
+    try:
+        with fs.open_input_stream(f"{path}/{RECORD_FILE}") as f:
+            return json.loads(f.read())
+    except (OSError, ValueError):
         return None
-    with checkpoint.as_directory() as d:
-        return torch.load(Path(d) / STATE_FILE, weights_only=True, map_location="cpu")
 
 
-def run_trial(point: dict, base: dict, datasets: dict[str, ImageData], threads: int = 1) -> None:
+def _config(here: str, source: str, current: TrialConfig, point: dict) -> TrialConfig:
+    """The configuration this trial runs: the record of its first start (in its own
+    directory, or in the one it takes over), else ``current``, recorded now."""
+    record = _read_record(here)
+    if record is None:
+        record = _read_record(source) if source != here else None
+        record = record or make_record(current, point)
+        if source != here:
+            record["continues"] = source.rstrip("/").rsplit("/", 1)[-1]
+        write_file(here, RECORD_FILE, json.dumps(record).encode())
+    config = dict(record["config"])
+    # where the data are read from may differ on a resume (cae resume --data-dir)
+    config["data"] = {**config["data"], "data_dir": current.data.data_dir}
+    return TrialConfig.model_validate(config)
+
+
+def _ray_epoch() -> int:
+    """The last epoch of the checkpoint Tune hands this trial (0 for none)."""
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is None:
+        return 0
+    history = checkpoints.read_history(checkpoint.filesystem, checkpoint.path)
+    return checkpoints.epoch_of(history or {})
+
+
+def _report(metrics: dict, state: dict, history: dict) -> None:
+    with tempfile.TemporaryDirectory() as d:
+        torch.save(state, Path(d) / checkpoints.STATE_FILE)
+        (Path(d) / checkpoints.HISTORY_FILE).write_text(json.dumps(history, default=float))
+        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
+
+
+def run_trial(point: dict, base: dict, datasets: dict[str, ImageData], run_dir: str,
+              adopt: dict[str, str] | None = None, threads: int = 1) -> None:
     """Train one trial, reporting every epoch to Ray Tune (used with tune.with_parameters).
 
     ``datasets`` holds every dataset of the sweep by ``DataConfig.source_key``; the trial
-    takes the one its own config names."""
+    takes the one its own config names. ``run_dir`` is the run directory (a path or a URI);
+    ``adopt`` maps search-space points to directories of a rebuilt run's earlier trials."""
     torch.set_num_threads(max(1, threads))
-    cfg = trial_config(base, point)
-    key = cfg.data.source_key()
+    current = trial_config(base, point)
+    key = current.data.source_key()
     if key not in datasets:  # check_spec loads every grid value: a bug if this happens
         raise RuntimeError(f"no dataset loaded for {key}; loaded: {', '.join(datasets)}")
-    data = datasets[key]
-    state = _load_state(tune.get_checkpoint())
-    if state is not None and state.get("final"):
-        tune.report(state["final"])  # finished before an interruption: nothing to redo
-        return
-    trainer = Trainer(cfg, data)
-    if state is not None:
-        trainer.load_state_dict(state)
+    here = f"{run_dir.rstrip('/')}/{ray_internals.trial_dir_name()}"
+    source = here
+    if adopt and point_key(point) in adopt and not checkpoints.list_checkpoints(
+            *checkpoints.filesystem(here)):
+        source = f"{run_dir.rstrip('/')}/{adopt[point_key(point)]}"
+    cfg = _config(here, source, current, point)
+    found = checkpoints.load_newest(*checkpoints.filesystem(source))
+    trainer = Trainer(cfg, datasets[key])
     static = {
-        "params": sum(p.numel() for p in trainer.model.parameters()),
-        "latent_size": trainer.model.plan.latent_size,
         "device": str(trainer.device),
         "precision": trainer.precision,
-        "data_loaded": f"{data.name}: {tuple(data.train.shape)} train images",
+        "data_loaded": f"{datasets[key].name}: {tuple(datasets[key].train.shape)} train images",
         "node_id": ray.get_runtime_context().get_node_id(),
     }
+    if found is not None and found.state.get("final"):
+        # finished before an interruption: nothing to train (a trial taken over keeps the
+        # history in its own directory too)
+        if source == here:
+            tune.report(found.state["final"])
+        else:
+            _report(found.state["final"], found.state, found.history)
+        return
+    if found is not None:
+        trainer.load_state_dict(found.state)
+        if source != here or found.skipped or checkpoints.epoch_of(found.history) \
+                > _ray_epoch():
+            # Tune's view is behind (a restore from an older state, a torn checkpoint, a
+            # trial taken over): report where the trial really is, so that the scheduler
+            # decides on that epoch before any new one
+            note = {}
+            if source != here or found.skipped:
+                where = found.name if source == here else f"{found.path.rsplit('/', 2)[-2]}/" \
+                    f"{found.name}"
+                skipped = f" ({'; '.join(found.skipped)})" if found.skipped else ""
+                note = {"resumed_from": f"{where}{skipped}"}
+            _report({**trainer.history[-1], **static, **note}, found.state,
+                    {"epochs": trainer.history, "static": static, "final": None})
 
     def on_epoch(metrics: dict, state_fn) -> None:
         report = {**metrics, **static}
+        state = state_fn()  # saved before test() swaps in the best weights
         if "stop_reason" in metrics:  # the last epoch of this trial
-            state = state_fn()  # saved before test() swaps in the best weights
             report.update(trainer.test())
             state["final"] = report
-        else:
-            state = state_fn()
-        history = {"epochs": trainer.history, "static": static, "final": state.get("final")}
-        with tempfile.TemporaryDirectory() as d:
-            torch.save(state, Path(d) / STATE_FILE)
-            (Path(d) / HISTORY_FILE).write_text(json.dumps(history, default=float))
-            tune.report(report, checkpoint=tune.Checkpoint.from_directory(d))
+        _report(report, state, {"epochs": trainer.history, "static": static,
+                                "final": state.get("final")})
 
     trainer.fit(on_epoch)

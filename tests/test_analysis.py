@@ -313,6 +313,8 @@ def fake_run(tmp_path: Path, trial: dict, n_trials: int = 2) -> tuple[Path, pd.D
         model = build_model(cfg.model, seed=i)
         torch.save({"model": model.state_dict(), "best_model": None, "epoch": 1},
                    d / "checkpoint_000001" / "state.pt")
+        (d / "checkpoint_000001" / "history.json").write_text(json.dumps(
+            {"epochs": [{"epoch": 1, "val_loss": 0.1 + i}], "static": {}, "final": None}))
         rows.append({"trial_id": f"abc_{i:05d}", "trial_dir": d.name, "best_val_loss": 0.1 + i,
                      "task.name": cfg.task.name})
     return run_dir, pd.DataFrame(rows)

@@ -17,7 +17,7 @@ import yaml
 from cae.cli import main
 from cae.config import load_spec
 from cae.status import Progress, config_text, duration, planned_trial_epochs, run_status
-from cae.sweep import check_spec
+from cae.plan import check_spec
 
 REPO = Path(__file__).resolve().parents[1]
 QUICK = str(REPO / "sweeps" / "quickstart.yaml")

@@ -8,7 +8,8 @@ import pytest
 import yaml
 
 from cae.results import load_frames
-from cae.rundir import RunDirError, unfinished_mask
+from cae.outcomes import unfinished_mask
+from cae.rundir import RunDirError
 
 
 def test_unfinished_is_one_definition():
@@ -70,10 +71,10 @@ def test_export_writes_config_columns_that_mix_kinds_as_json_text(tmp_path):
         (trial / "result.json").write_text(json.dumps(
             {"trial_id": f"t{i}", "epoch": 1, "train_loss": 0.1, "val_loss": 0.2 + i,
              "stop_reason": "max_epochs", "time_total_s": 1.0}) + "\n")
-    from cae.results import export
+    from cae.results import export, table_paths
 
-    trials_file, _ = export(tmp_path)
-    back = pd.read_parquet(trials_file).set_index("trial_id")
+    export(tmp_path)
+    back = pd.read_parquet(table_paths(tmp_path)[0]).set_index("trial_id")
     assert [json.loads(v) for v in back.loc[["t0", "t1", "t2"], "model.convs"]] == [
         [3, 4], 2, [3, 4]]
     assert back.loc[["t0", "t1", "t2"], "model.padding"].tolist() == ["1", "1", "same"]

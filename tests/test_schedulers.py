@@ -373,16 +373,16 @@ def test_sha_with_shuffled_search_resumes_after_a_crash(ray_local, tmp_path, mon
 def test_the_real_trainable_pauses_and_resumes_under_stratified_sha(ray_local, tmp_path):
     from ray import tune
 
-    from cae import sweep
+    from cae import plan, sweep
     from cae.config import load_spec
 
     spec = load_spec(str(Path(__file__).parents[1] / "sweeps" / "quickstart.yaml"), [
         "trial.max_epochs=3", "trial.data.train_limit=300", "trial.patience=null",
         "space.model.latent_dim={grid: [4, 16]}", "space.model.channels=[4, 8]"])
-    checked = sweep.check_spec(spec)
+    checked = plan.check_spec(spec)
     search = shuffled_search(sweep.param_space(spec), spec.num_samples, seed=0)
     tuner = tune.Tuner(
-        sweep.wrapped_trainable(spec, sweep.load_datasets(checked)),
+        sweep.wrapped_trainable(spec, plan.load_datasets(checked), str(tmp_path / "real")),
         param_space=search.param_space,
         tune_config=tune.TuneConfig(
             metric="val_loss", mode="min", search_alg=search.search_alg,

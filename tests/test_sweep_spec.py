@@ -7,7 +7,7 @@ import yaml
 
 from cae.cli import main
 from cae.config import load_spec
-from cae.sweep import check_spec
+from cae.plan import check_spec
 
 SWEEPS = Path(__file__).resolve().parents[1] / "sweeps"
 SPECS = sorted(p for p in SWEEPS.glob("*.yaml") if p.name != "single.yaml")

@@ -17,6 +17,7 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from cae.outcomes import SCHEDULER_STOPS, stopped_early, trained_to_the_end, unfinished_mask
 from cae.report.run import (
     best_trials,
     config_text,
@@ -25,7 +26,6 @@ from cae.report.run import (
     short_id,
     swept_axes,
 )
-from cae.rundir import OWN_ENDS, SCHEDULER_STOPS, unfinished_mask
 
 LOG2_DTICK = math.log10(2)  # log axis ticks at 1, 2, 4, 8, ...
 # Loss axes: ticks at 1, 2, 5 of each decade, written out (0.02, not "2").
@@ -142,7 +142,7 @@ _STOP_STYLES = {
 
 def _stop_kinds(trials: pd.DataFrame) -> dict[str, str | None]:
     """Per trial id: how it ended (error, scheduler, patience), "running" while it is
-    unfinished (``cae.rundir.unfinished_mask``), None for a trial that ran to max_epochs."""
+    unfinished (``cae.outcomes.unfinished_mask``), None for a trial that ran to max_epochs."""
     reason = trials["stop_reason"].astype(str)
     status = trials.get("status", pd.Series("", index=trials.index)).astype(str)
     running = unfinished_mask(trials)
@@ -177,15 +177,6 @@ def _stop_markers(fig: go.Figure, trials: pd.DataFrame, epochs: pd.DataFrame) ->
             text=[short_id(t) for t in ids],
             hovertemplate=f"trial %{{text}}: {label} after epoch %{{x}}<extra></extra>"),
             row=1, col=1)
-
-
-def trained_to_the_end(trials: pd.DataFrame) -> pd.Series:
-    """Trials that ran until their own end (max_epochs or patience), neither stopped by the
-    scheduler nor unfinished nor failed: the only ones whose error says what the
-    architecture can do."""
-    if "stop_reason" not in trials:
-        return ~unfinished_mask(trials)
-    return trials["stop_reason"].astype(str).isin(OWN_ENDS) & ~unfinished_mask(trials)
 
 
 def pareto_front(trials: pd.DataFrame, metric: str = "best_val_loss") -> pd.DataFrame:
@@ -231,8 +222,7 @@ def latent_vs_error(
     families = sorted(df["family"].astype(str).unique())
     # A trial the scheduler stopped early reached its error in fewer epochs than the others:
     # drawn open, so that a short run is not read as a worse architecture.
-    early = (df["stop_reason"].astype(str).isin(SCHEDULER_STOPS) if "stop_reason" in df
-             else pd.Series(False, index=df.index))
+    early = stopped_early(df)
     epochs_run = (df["epochs"] if "epochs" in df else pd.Series(0, index=df.index)).fillna(0)
     fig = go.Figure()
     for i, fam in enumerate(families):

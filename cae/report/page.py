@@ -12,17 +12,17 @@ from __future__ import annotations
 
 import html
 import math
-import os
 from datetime import datetime
 from pathlib import Path
 
 import pandas as pd
 import plotly.graph_objects as go
 
+from cae.outcomes import trained_to_the_end, unfinished_mask
 from cae.report import axes, figures
 from cae.report.run import Run, axis_labels, best_trials, load_run, short_id
 from cae.report.table import SORT_JS, best_per_latent, frame_html, table_html
-from cae.rundir import unfinished_mask
+from cae.rundir import write_file
 
 CSS = """
 body { font-family: system-ui, -apple-system, 'Segoe UI', sans-serif; margin: 0 auto;
@@ -95,6 +95,7 @@ def header_html(run: Run) -> str:
             f'<p class="note">{unfinished} of {n} trials have not finished: the run is still '
             "going or was interrupted (<code>cae resume RUN_DIR</code> continues it). This "
             "report shows what had been reported when it was made.</p>")
+    parts += [f'<p class="note">{html.escape(note)}</p>' for note in run.notes]
     parts.append(_best_html(run))
     return "\n".join(parts)
 
@@ -105,7 +106,7 @@ def _ends_per_stratum(run: Run) -> str:
     t = run.trials
     keys = [k for k in (run.spec.get("scheduler") or {}).get("stratify") or [] if k in t]
     keys = keys or (["latent_size"] if "latent_size" in t else [])
-    done = figures.trained_to_the_end(t)
+    done = trained_to_the_end(t)
     if not keys:
         return f"{int(done.sum())} of {len(t)}"
     parts = []
@@ -208,21 +209,18 @@ def build_report(run: Run, pictures: bool = True, n_best: int = 5) -> str:
 
 
 def write_report(run_dir: str | Path, out: str | Path | None = None,
-                 pictures: bool = True, data_dir: str | None = None) -> Path:
+                 pictures: bool = True, data_dir: str | None = None,
+                 run: Run | None = None) -> Path:
     """Build the report of a run directory and write it (default ``RUN_DIR/report.html``).
 
     ``data_dir`` overrides where the pictures read the dataset (by default where the sweep
     read it, as its spec records). The file is written beside its final name and then
     renamed, so a browser reloading it never sees half a page.
     """
-    run = load_run(run_dir)
+    run = run if run is not None else load_run(run_dir)
     if data_dir:
         trial = run.spec.setdefault("trial", {})
         trial.setdefault("data", {})["data_dir"] = str(Path(data_dir).expanduser().resolve())
     out = Path(out) if out is not None else Path(run_dir) / "report.html"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    page = build_report(run, pictures=pictures)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    tmp.write_text(page, encoding="utf-8")
-    os.replace(tmp, out)
+    write_file(out.parent, out.name, build_report(run, pictures=pictures).encode("utf-8"))
     return out

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import base64
 import io
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,12 +40,6 @@ class Samples:
     mean_error: float = float("nan")  # over all the samples looked at
 
 
-def _checkpoint(trial_dir: Path) -> Path | None:
-    """The newest ``checkpoint_*/state.pt`` of a trial dir, if any."""
-    found = sorted(trial_dir.glob("checkpoint_*/state.pt"))
-    return found[-1] if found else None
-
-
 def _rgb(images) -> np.ndarray:
     """float (B, C, H, W) in [0, 1] -> uint8 (B, H, W, 3); gray is repeated to RGB."""
     import torch
@@ -68,18 +61,18 @@ def trial_samples(
     """
     import torch
 
-    from cae.config import trial_config
+    from cae.checkpoints import filesystem, load_newest
     from cae.data import load, split
     from cae.models import build_model
-    from cae.tasks import make_task, ycbcr_to_rgb
+    from cae.results import read_trial, trial_config_of
+    from cae.tasks import make_task
 
     trial_dir = Path(run_dir) / str(trial["trial_dir"])
-    ckpt = _checkpoint(trial_dir)
-    if ckpt is None:
+    found = load_newest(*filesystem(trial_dir))
+    if found is None:
         raise FileNotFoundError(f"trial {trial['trial_id']} has no checkpoint yet")
-    point = json.loads((trial_dir / "params.json").read_text())
-    cfg = trial_config(spec.get("trial") or {}, point)
-    state = torch.load(ckpt, weights_only=True, map_location="cpu")
+    cfg = trial_config_of(read_trial(trial_dir), spec.get("trial") or {})
+    state = found.state
     model = build_model(cfg.model, seed=cfg.seed)
     model.load_state_dict(state.get("best_model") or state["model"])
     model.eval()
@@ -93,13 +86,8 @@ def trial_samples(
     x, y = x[:n], y[:n]
     with torch.inference_mode():
         out = torch.cat([model(x[s:s + batch]) for s in range(0, n, batch)]).float()
-    colorize = cfg.task.name == "colorize"
-    if colorize:
-        pred_rgb = ycbcr_to_rgb(torch.cat([x, out], dim=1))  # (N, 3, H, W)
-        true_rgb = ycbcr_to_rgb(torch.cat([x, y], dim=1))
-        err = (pred_rgb - true_rgb).square().flatten(1).mean(1)
-    else:
-        err = (out.clamp(0, 1) - y).square().flatten(1).mean(1)  # what one sees
+    shown_in, shown_out, shown_target = task.visible(x, out, y)
+    err = (shown_out - shown_target).square().flatten(1).mean(1)  # what one sees
     order = torch.argsort(err)
     chosen = [int(order[0]), int(order[n // 2]), int(order[-1])]
     names = task.group_names or []
@@ -109,14 +97,9 @@ def trial_samples(
         s.index.append(i)
         s.error.append(float(err[i]))
         s.group.append(names[int(groups[i])] if names and groups is not None else "")
-        if colorize:
-            s.inputs.append(_rgb(x[i:i + 1])[0])
-            s.outputs.append(_rgb(pred_rgb[i:i + 1])[0])
-            s.targets.append(_rgb(true_rgb[i:i + 1])[0])
-        else:
-            s.inputs.append(_rgb(x[i:i + 1])[0])
-            s.outputs.append(_rgb(out[i:i + 1])[0])
-            s.targets.append(_rgb(y[i:i + 1])[0])
+        s.inputs.append(_rgb(shown_in[i:i + 1])[0])
+        s.outputs.append(_rgb(shown_out[i:i + 1])[0])
+        s.targets.append(_rgb(shown_target[i:i + 1])[0])
     return s
 
 
@@ -134,12 +117,10 @@ def png_uri(image: np.ndarray, scale: int = 1) -> str:
 
 def pictures_figure(samples: list[Samples], task: str = "reconstruct") -> go.Figure:
     """A grid: one row per (trial, pick), columns input / output / target."""
-    if task == "colorize":
-        columns = ("gray input", "prediction (RGB)", "truth (RGB)")
-    elif task == "denoise":
-        columns = ("distorted input", "output", "clean target")
-    else:
-        columns = ("input", "output", "target")
+    from cae.config import TaskConfig
+    from cae.tasks import make_task
+
+    columns = make_task(TaskConfig(name=task)).picture_titles
     rows = sum(len(s.picks) for s in samples)
     row_titles = []
     for rank, s in enumerate(samples, start=1):

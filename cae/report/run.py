@@ -33,6 +33,7 @@ class Run:
     spec: dict = field(default_factory=dict)
     path: Path | None = None
     baselines: pd.DataFrame | None = None  # cae.baselines' reference errors, if written
+    notes: list[str] = field(default_factory=list)  # what the reader should be told
 
     @property
     def name(self) -> str:
@@ -48,18 +49,20 @@ class Run:
         return task_name(self.spec, self.trials)
 
 
-def load_run(run_dir: str | Path) -> Run:
-    """Read a run directory (finished, running or interrupted) without starting Ray."""
+def load_run(run_dir: str | Path, refresh: bool | None = None, frames: Any = None) -> Run:
+    """Read a run directory (finished, running or interrupted) without starting Ray: its
+    tables (``cae.results.tables``: refreshed first when ``refresh``, or when the run wrote
+    something since they were made; or the ``frames`` just exported), its spec and its
+    reference errors."""
     import yaml
 
-    from cae.results import load_frames
+    from cae.results import read_baselines, tables
 
     run_dir = Path(run_dir)
-    trials, epochs = load_frames(run_dir)
+    frames = frames if frames is not None else tables(run_dir, refresh)
     spec = yaml.safe_load((run_dir / "spec.yaml").read_text()) or {}
-    baselines_file = run_dir / "baselines.parquet"
-    baselines = pd.read_parquet(baselines_file) if baselines_file.is_file() else None
-    return Run(trials=trials, epochs=epochs, spec=spec, path=run_dir, baselines=baselines)
+    return Run(trials=frames.trials, epochs=frames.epochs, spec=spec, path=run_dir,
+               baselines=read_baselines(run_dir), notes=frames.notes)
 
 
 def spec_axes(spec: dict) -> dict[str, tuple[str, Any]]:

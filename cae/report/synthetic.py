@@ -16,8 +16,8 @@ import math
 import numpy as np
 import pandas as pd
 
+from cae.record import flatten
 from cae.report.run import Run
-from cae.results import _flatten
 
 DISTORTION_FACTORS = {"noise": 0.8, "rotate": 1.6, "flip": 1.3, "patch": 1.1, "brightness": 0.6}
 
@@ -51,7 +51,7 @@ def synthetic_run(n_trials: int = 1000, n_epochs: int = 50, task: str = "denoise
     spec["trial"]["task"]["name"] = task
     spec["trial"]["max_epochs"] = n_epochs
     space = spec["space"]
-    base = _flatten(spec["trial"])
+    base = flatten(spec["trial"])
     trials, epochs = [], []
     for i in range(n_trials):
         point = {
@@ -94,7 +94,7 @@ def synthetic_run(n_trials: int = 1000, n_epochs: int = 50, task: str = "denoise
                 rows[f"val_loss_{name}"] = val * f
         epochs.append(pd.DataFrame(rows))
         best = int(np.argmin(val))
-        row = {"trial_id": tid, **base, **_flatten(point), "params": params,
+        row = {"trial_id": tid, **base, **flatten(point), "params": params,
                "latent_size": latent, "family": f"dense {len(ch)} stages x {convs} conv",
                "best_val_loss": float(val[best]), "best_epoch": best + 1,
                "last_val_loss": float(val[-1]), "epochs": n, "status": status,

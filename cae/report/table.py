@@ -14,7 +14,8 @@ import math
 import pandas as pd
 import plotly.graph_objects as go
 
-from cae.report.figures import repeat_spread, trained_to_the_end
+from cae.outcomes import trained_to_the_end
+from cae.report.figures import repeat_spread
 from cae.report.run import axis_labels, short_id, swept_axes
 
 _FACTS = ("family", "params", "latent_size")

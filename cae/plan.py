@@ -1,0 +1,256 @@
+"""A sweep spec checked and planned before Ray starts: every grid point validated, the
+architectures and datasets it needs, the memory per trial and the disk it will fill.
+
+``check_spec`` validates the base trial and every grid point (with the ends of random
+ranges): an impossible architecture anywhere in the grid is an error naming the field and
+the point, and nothing is started or written. The dry run prints what it finds
+(``cae.dryrun``); ``cae sweep`` refuses a sweep that cannot fit before any trial starts.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import ValidationError
+
+from cae import diskspace
+from cae.catalog import DATASETS
+from cae.config import (
+    DataConfig,
+    SweepSpec,
+    TrialConfig,
+    UserError,
+    apply_point,
+    format_validation_error,
+    stratum_of,
+)
+from cae.memory import estimate, trial_budget
+
+# More grid points than this is a typo or a spec for another tool; checking is linear.
+MAX_GRID_POINTS = 1_000_000
+
+
+class SpecError(UserError):
+    """A sweep spec that cannot run; the message names the field (and the grid point)."""
+
+
+@dataclass
+class Checked:
+    """A validated spec: trial count, and each distinct architecture with a grid point."""
+
+    spec: SweepSpec
+    n_points: int  # grid points (product of grid axes)
+    n_trials: int  # grid points x num_samples
+    models: dict[str, tuple[TrialConfig, dict]] = field(default_factory=dict)
+    datasets: dict[str, DataConfig] = field(default_factory=dict)  # source key -> config
+    max_epochs: int = 0
+    train_images: int = 0
+    memory: dict[str, int] = field(default_factory=dict)  # architecture -> bytes per trial
+    budget: tuple[int, str] | None = None  # bytes one trial may use, and of what
+    strata: dict[str, int] = field(default_factory=dict)  # stratum label -> trials
+    disk: diskspace.DiskEstimate | None = None  # what the sweep writes to its storage
+
+
+def _validation_values(kind: str, arg: Any) -> list:
+    """Values that stand for an axis when checking shapes: all of a grid or choice, the
+    ends of a range."""
+    if kind in ("grid", "choice"):
+        return list(arg)
+    if kind == "fixed":
+        return [arg]
+    if kind == "randint":
+        return [arg[0], arg[1] - 1]
+    return [arg[0], arg[1]]
+
+
+def _label(point: dict) -> str:
+    return "{" + ", ".join(f"{k}: {json.dumps(v)}" for k, v in point.items()) + "}"
+
+
+def _sizes(spec: SweepSpec) -> tuple[int, int]:
+    """(grid points, combinations to check), refusing a space too large to check."""
+    axes = spec.axes()
+    for key, (kind, _arg) in axes.items():
+        if key.startswith("data.") and kind not in ("fixed", "grid", "choice"):
+            raise SpecError(f"space.{key}: a data setting can be fixed, a grid or a choice, "
+                            f"not {kind} (each distinct dataset is loaded before the sweep)")
+    n_points = n_checks = 1
+    for kind, arg in axes.values():
+        n_points *= len(arg) if kind == "grid" else 1
+        n_checks *= len(_validation_values(kind, arg))
+    if max(n_points, n_checks) > MAX_GRID_POINTS:
+        raise SpecError(f"space: {max(n_points, n_checks):,} combinations of the axes to run or "
+                        f"check; the limit is {MAX_GRID_POINTS:,}: split the sweep")
+    return n_points, n_checks
+
+
+def _settings(spec: SweepSpec, point: dict) -> dict:
+    """The base trial with one combination of the axes applied (not yet validated)."""
+    try:
+        return apply_point(json.loads(json.dumps(spec.trial)), point)
+    except UserError as exc:
+        raise SpecError(f"space.{exc}") from None
+
+
+def _validate(data: dict, where: str) -> TrialConfig:
+    try:
+        return TrialConfig.model_validate(data)
+    except ValidationError as exc:
+        msg = format_validation_error(exc).removeprefix("invalid config: ")
+        raise SpecError(f"{msg} ({where})") from None
+
+
+def _add(checked: Checked, cfg: TrialConfig, point: dict, where: str) -> None:
+    """Count one distinct configuration in: its dataset, architecture, memory and size."""
+    checked.datasets.setdefault(cfg.data.source_key(), cfg.data)
+    arch = json.dumps(cfg.model.model_dump(mode="json"), sort_keys=True)
+    checked.models.setdefault(arch, (cfg, point))
+    need = estimate(cfg)
+    checked.memory[arch] = max(checked.memory.get(arch, 0), need.total)
+    budget = checked.budget
+    if budget is not None and need.total > budget[0]:
+        raise SpecError(
+            f"{where}: a trial needs about {need.total / 2**20:,.0f} MiB ({need}) but may "
+            f"use {budget[0] / 2**20:,.0f} MiB ({budget[1]}); lower batch_size, the "
+            "model's size or data.train_limit, or give each trial more resources")
+    checked.max_epochs = max(checked.max_epochs, cfg.max_epochs)
+    size = DATASETS[cfg.data.dataset].train_size
+    if cfg.data.train_limit:
+        size = min(size, cfg.data.train_limit)
+    checked.train_images = max(checked.train_images, int(size * (1 - cfg.data.val_fraction)))
+
+
+def _check_scheduler(spec: SweepSpec, checked: Checked, to_run: bool) -> None:
+    sched = spec.scheduler
+    if sched.kind != "fifo" and sched.max_t is not None and sched.max_t < checked.max_epochs:
+        raise SpecError(
+            f"scheduler.max_t ({sched.max_t}) is below trial max_epochs ({checked.max_epochs}); "
+            "the scheduler would cut every trial before its test evaluation: raise max_t or "
+            "lower max_epochs")
+    if to_run:
+        check_search(spec)
+    if sched.kind == "sha" and spec.max_concurrent is not None:
+        raise SpecError("max_concurrent: not with scheduler.kind 'sha' (Ray counts the trials "
+                        "paused at a rung as running, so the sweep could wait forever); limit "
+                        "concurrency through resources.cpu / resources.gpu instead")
+
+
+def check_spec(spec: SweepSpec, budget: tuple[int, str] | None = None,
+               to_run: bool = True) -> Checked:
+    """Validate the base trial and every grid point (with the ends of random ranges).
+
+    ``budget`` (bytes, and of what: see ``cae.memory.trial_budget``) refuses a grid point
+    whose trial would not fit its share of the device. ``to_run=False`` reads a run's spec
+    without running it here (``cae status``): its searcher's package need not be
+    installed."""
+    n_points, n_checks = _sizes(spec)
+    checked = Checked(spec, n_points, n_points * spec.num_samples, budget=budget)
+    axes = spec.axes()
+    keys = list(axes)
+    seen: dict[str, TrialConfig] = {}
+    counts: Counter[str] = Counter()
+    for combo in itertools.product(*(_validation_values(*axes[k]) for k in keys)):
+        point = dict(zip(keys, combo))
+        data = _settings(spec, point)
+        key = json.dumps(data, sort_keys=True)
+        counts[key] += 1
+        if key not in seen:  # one validation per distinct configuration
+            where = f"at grid point {_label(point)}" if point else "in the base trial"
+            seen[key] = _validate(data, where)
+            _add(checked, seen[key], point, where)
+    _check_scheduler(spec, checked, to_run)
+    checked.strata = strata(spec)
+    # each combination stands for an equal share of the trials
+    checked.disk = diskspace.estimate(
+        [(seen[k], n * checked.n_trials / n_checks) for k, n in counts.items()])
+    return checked
+
+
+def check_search(spec: SweepSpec) -> None:
+    """``search: {kind: optuna}`` needs Optuna (an extra): refuse before Ray starts."""
+    if spec.search.kind != "optuna":
+        return
+    from importlib import metadata
+
+    try:
+        version = metadata.version("optuna")
+    except metadata.PackageNotFoundError:
+        version = None
+    parts = [int(x) if x.isdigit() else 0 for x in (version or "0.0").split(".")[:2]]
+    if version is None or parts < [3, 4]:
+        found = "it is not installed" if version is None else f"found {version}"
+        raise SpecError(f"search.kind: 'optuna' needs the optuna package >= 3.4 ({found}); "
+                        "install it with pip install 'cae-sweep[optuna]'")
+
+
+def strata(spec: SweepSpec) -> dict[str, int]:
+    """Each stratum of ``scheduler.stratify`` (its values, as a label) -> its trials."""
+    keys = spec.scheduler.stratify
+    if not keys or spec.scheduler.kind == "fifo":
+        return {}
+    axes = {k: v for k, v in spec.axes().items() if v[0] == "grid"}
+    names = list(axes)
+    out: dict[str, int] = {}
+    for combo in itertools.product(*(axes[k][1] for k in names)):
+        values = stratum_of(dict(zip(names, combo)), keys)  # as the scheduler groups them
+        label = ", ".join(f"{k}={v}" for k, v in zip(keys, values))
+        out[label] = out.get(label, 0) + spec.num_samples
+    return out
+
+
+def local_budget(spec: SweepSpec) -> tuple[int, str] | None:
+    """What one trial of ``spec`` may use on this machine (see ``cae.memory.trial_budget``)."""
+    return trial_budget(spec.resources.cpu, spec.resources.gpu)
+
+
+def check_local_resources(spec: SweepSpec) -> None:
+    """Refuse GPUs per trial that this machine does not have (local runs only)."""
+    if spec.resources.gpu > 0:
+        import torch
+
+        have = torch.cuda.device_count()
+        if spec.resources.gpu > max(have, 0) or have == 0:
+            raise SpecError(
+                f"resources.gpu: {spec.resources.gpu:g} GPU per trial asked for, but this machine "
+                f"has {have}; set resources.gpu: 0 or run on a cluster with GPUs (--address)"
+            )
+    if spec.resources.cpu > (os.cpu_count() or 1):
+        raise SpecError(
+            f"resources.cpu: {spec.resources.cpu:g} CPUs per trial asked for, but this machine "
+            f"has {os.cpu_count()}"
+        )
+
+
+# ---- data ------------------------------------------------------------------------------
+
+
+def record_data_dir(spec: SweepSpec, checked: Checked | None, data_dir: str | None) -> bool:
+    """Write where the sweep's datasets live into ``spec.trial`` (so the run directory's
+    spec says it, and ``cae report`` and ``cae resume`` read the same files): ``data_dir``,
+    else the default root (``$CAE_DATA_DIR`` or the cache). Nothing is recorded for a sweep
+    on the embedded sample alone. Returns whether the spec changed."""
+    from cae.data import data_root
+
+    names = {json.loads(k)[0] for k in checked.datasets} if checked else {"?"}
+    if not data_dir and names <= {"sample"}:
+        return False
+    data = spec.trial.setdefault("data", {})
+    if not isinstance(data, dict):
+        raise SpecError("trial.data must be a mapping")
+    if data.get("data_dir") and not data_dir:
+        return False
+    data["data_dir"] = str(data_root(data_dir).resolve())
+    return True
+
+
+def load_datasets(checked: Checked) -> dict:
+    """Every distinct dataset of the sweep, loaded once on the driver (source key ->
+    ``ImageData``); trials receive them through Ray's object store."""
+    from cae.data import load
+
+    return {key: load(cfg) for key, cfg in checked.datasets.items()}
