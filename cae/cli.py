@@ -11,7 +11,6 @@ short message naming the exception and exit status 1, with the traceback under `
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -22,83 +21,32 @@ from cae.config import UserError, format_validation_error
 EXIT_USAGE, EXIT_BUG = 2, 1
 
 
-# ---- cae models -------------------------------------------------------------------------
+# ---- cae models / train / data -----------------------------------------------------------
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from cae.models import PRESETS, describe, get_preset
+    from cae.models import presets_table
 
-    rows = []
-    for name in PRESETS:
-        cfg = get_preset(name)
-        info = describe(cfg)
-        rows.append({"name": name, "bottleneck": cfg.bottleneck, **info})
-    if args.json:
-        print(json.dumps(rows, indent=2))
-        return 0
-    print(f"{'name':24} {'input':>10} {'bottleneck':>10} {'params':>10} {'latent':>8}")
-    for r in rows:
-        shape = "x".join(str(s) for s in r["input_shape"])
-        print(f"{r['name']:24} {shape:>10} {r['bottleneck']:>10} {r['params']:>10,} "
-              f"{r['latent_size']:>8}")
+    print(presets_table(as_json=args.json))
     return 0
-
-
-# ---- cae train --------------------------------------------------------------------------
-
-
-def _epoch_line(m: dict, max_epochs: int) -> str:
-    extra = "  ".join(
-        f"{k[4:]} {v:.4f}" for k, v in m.items() if k.startswith("val_") and k != "val_loss"
-        and k != "best_val_loss"
-    )
-    return (f"epoch {m['epoch']:>3}/{max_epochs}  train {m['train_loss']:.5f}  "
-            f"val {m['val_loss']:.5f}  {m['epoch_time_s']:.1f}s"
-            + (f"  [{extra}]" if extra else ""))
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     from cae.config import load_trial
-    from cae.models import describe
-    from cae.train import Diverged, resolve_device, resolve_precision, save_run, train
+    from cae.train import train_and_print
 
     cfg = load_trial(args.config, args.set)
     if args.data_dir:
         cfg.data.data_dir = args.data_dir
-    info = describe(cfg.model)
-    device = resolve_device(cfg.device)
-    precision = resolve_precision(cfg.precision, device)
-    print(f"model {cfg.model.preset or 'custom'}: {info['params']:,} params, latent "
-          f"{info['latent_size']} {info['latent_shape']}; task {cfg.task.name} on "
-          f"{cfg.data.dataset}; device {device}, {precision}", flush=True)
-    try:
-        result = train(cfg, on_epoch=lambda m, _s: print(_epoch_line(m, cfg.max_epochs),
-                                                          flush=True))
-    except Diverged as exc:
-        print(f"cae: trial diverged: {exc}", file=sys.stderr)
-        return 1
-    test = "  ".join(f"{k} {v:.5f}" for k, v in result.test.items())
-    print(f"done: best val {result.best_val:.5f} at epoch {result.best_epoch}; stopped by "
-          f"{result.stop_reason}; {test}")
-    if args.out:
-        save_run(args.out, cfg, result)
-        print(f"saved to {args.out}")
-    return 0
-
-
-# ---- cae data ---------------------------------------------------------------------------
+    return train_and_print(cfg, args.out)
 
 
 def cmd_data(args: argparse.Namespace) -> int:
     from cae.config import DataConfig
-    from cae.data import data_root, load
+    from cae.data import describe
 
-    cfg = DataConfig(dataset=args.dataset, data_dir=args.data_dir, download=not args.no_download)
-    data = load(cfg)
-    where = {"sample": "inside the package", "photos": "scikit-image's bundled photographs"}.get(
-        args.dataset, str(data_root(args.data_dir)))
-    print(f"{args.dataset}: train {tuple(data.train.shape)}, test {tuple(data.test.shape)} "
-          f"uint8, from {where}")
+    print(describe(DataConfig(dataset=args.dataset, data_dir=args.data_dir,
+                              download=not args.no_download)))
     return 0
 
 
@@ -117,6 +65,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from cae.config import load_spec
 
     spec = load_spec(args.config, args.set)
+    if args.smoke:
+        spec = plan.smoke(spec)
     if args.storage:
         spec.storage = args.storage
     if args.dry_run:
@@ -205,6 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", help="dataset root (default: $CAE_DATA_DIR or a cache dir)")
     p.add_argument("--dashboard", action="store_true",
                    help="local runs: start Ray's dashboard on http://127.0.0.1:8265")
+    p.add_argument("--smoke", action="store_true",
+                   help="a smoke run of the spec: two trials, one epoch, a few hundred images "
+                        "(checks an install end to end in about a minute)")
     p.add_argument("--dry-run", action="store_true",
                    help="validate every grid point, print trials, architectures, memory and "
                         "storage needed; start nothing, write nothing")

@@ -113,3 +113,21 @@ def build_model(cfg: ModelConfig, seed: int = 0) -> CAE:
 def count_params(model: nn.Module) -> int:
     """Trainable parameters (batchnorm running statistics are buffers, not counted)."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def presets_table(as_json: bool = False) -> str:
+    """``cae models``: every named preset with its input, bottleneck, params and latent."""
+    import json
+
+    rows = []
+    for name in PRESETS:
+        cfg = get_preset(name)
+        rows.append({"name": name, "bottleneck": cfg.bottleneck, **describe(cfg)})
+    if as_json:
+        return json.dumps(rows, indent=2)
+    lines = [f"{'name':24} {'input':>10} {'bottleneck':>10} {'params':>10} {'latent':>8}"]
+    for r in rows:
+        shape = "x".join(str(s) for s in r["input_shape"])
+        lines.append(f"{r['name']:24} {shape:>10} {r['bottleneck']:>10} {r['params']:>10,} "
+                     f"{r['latent_size']:>8}")
+    return "\n".join(lines)

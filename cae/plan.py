@@ -226,6 +226,29 @@ def check_local_resources(spec: SweepSpec) -> None:
         )
 
 
+def smoke(spec: SweepSpec) -> SweepSpec:
+    """The spec cut down to a smoke run (``cae sweep --smoke``): two trials (the first two
+    values of its first grid axis with two, the first of the others), one epoch, a few
+    hundred images, every trial to its end; everything else (model, task, report) as the
+    spec says, so a broken install fails in a minute."""
+    data = spec.model_dump(mode="json")
+    space, split = {}, False
+    for key, (kind, arg) in spec.axes().items():
+        if kind == "grid":
+            space[key] = {"grid": arg[:2] if not split and len(arg) >= 2 else arg[:1]}
+            split = split or len(arg) >= 2
+        else:
+            space[key] = data["space"][key]
+    trial = json.loads(json.dumps(data["trial"]))
+    trial.setdefault("data", {}).update(train_limit=300, test_limit=200)
+    trial.update(max_epochs=1)
+    data.update(name=f"{spec.name}-smoke", space=space, trial=trial, num_samples=1,
+                scheduler={"kind": "fifo"})
+    if data["search"]["kind"] == "optuna":
+        data["search"] = {"kind": "grid"}
+    return SweepSpec.model_validate(data)
+
+
 # ---- data ------------------------------------------------------------------------------
 
 

@@ -19,7 +19,7 @@ import pandas as pd
 
 from cae.config import SweepSpec
 from cae.outcomes import BUCKETS, bucket, unfinished_mask
-from cae.ray_internals import EXPERIMENT_STATE, StateFormatError, read_experiment_state
+from cae.ray_internals import EXPERIMENT_STATE
 
 
 def planned_trial_epochs(spec: SweepSpec, n_trials: int, max_epochs: int,
@@ -144,18 +144,6 @@ def _newest_result_time(run_dir: Path) -> float | None:
     return newest
 
 
-def _started(run_dir: Path) -> float | None:
-    """When the sweep first started (the oldest readable experiment state's start time)."""
-    for path in sorted(run_dir.glob(EXPERIMENT_STATE.format("*"))):
-        try:
-            start = read_experiment_state(path.read_text())[1]
-        except (OSError, StateFormatError):
-            continue
-        if start is not None:
-            return start
-    return None
-
-
 def _state_written(run_dir: Path) -> float | None:
     """When Ray Tune last saved the experiment state here (it does every ~10 s while the
     sweep's driver lives)."""
@@ -197,20 +185,10 @@ class RunStatus:
         return "\n".join(lines)
 
 
-def run_status(run_dir: str, now: float | None = None) -> RunStatus:
-    """The status of a run directory (local or at a URI), read without Ray."""
-    from cae import rundir
-    from cae.lease import read_holder, stale
-    from cae.plan import check_spec
-    from cae.results import best_trial, tables
+def _progress(spec: SweepSpec, checked, trials: pd.DataFrame, axes: list[str]) -> Progress:
+    """Trials by bucket, trial-epochs and the best so far, from the run's tables."""
+    from cae.results import best_trial
 
-    local = rundir.local_copy(run_dir)
-    spec = rundir.load_run_spec(str(local))
-    checked = check_spec(spec, to_run=False)
-    frames = tables(local)
-    trials = frames.trials
-    axes = [k for k, (kind, _) in spec.axes().items() if kind != "fixed"]
-    now = time.time() if now is None else now
     progress = Progress(checked.n_trials, checked.n_trials * checked.max_epochs,
                         planned_trial_epochs(spec, checked.n_trials, checked.max_epochs,
                                              checked.strata))
@@ -226,37 +204,45 @@ def run_status(run_dir: str, now: float | None = None) -> RunStatus:
             progress.best_config = _config_of(best, trials, axes)
     counts["pending"] += max(0, checked.n_trials - len(trials))  # not created yet
     progress.counts = counts
-    unfinished = int(unfinished_mask(trials).sum()) + max(0, checked.n_trials
-                                                                 - len(trials))
-    signs = [t for t in (_newest_result_time(local), _started(local),
+    return progress
+
+
+def run_status(run_dir: str, now: float | None = None) -> RunStatus:
+    """The status of a run directory (local or at a URI), read without Ray. It is running
+    while a driver holds its lease and keeps the heartbeat (``cae.lease``), finished when
+    every trial is, and interrupted otherwise."""
+    from cae import rundir
+    from cae.lease import read_holder, stale
+    from cae.plan import check_spec
+    from cae.results import tables
+    from cae.runstate import read_statuses
+
+    local = rundir.local_copy(run_dir)
+    spec = rundir.load_run_spec(str(local))
+    checked = check_spec(spec, to_run=False)
+    frames = tables(local)
+    trials = frames.trials
+    axes = [k for k, (kind, _) in spec.axes().items() if kind != "fixed"]
+    now = time.time() if now is None else now
+    progress = _progress(spec, checked, trials, axes)
+    unfinished = int(unfinished_mask(trials).sum()) + max(0, checked.n_trials - len(trials))
+    start = read_statuses(local).start
+    signs = [t for t in (_newest_result_time(local), start,
                          None if rundir.is_uri(run_dir) else _state_written(local))
              if t is not None]
     newest = max(signs) if signs else None
-    idle = None if newest is None else max(0.0, now - newest)
-    epoch_s = 0.0
-    if not trials.empty and "wall_time_s" in trials:
-        per = trials["wall_time_s"] / trials["epochs"].where(trials["epochs"] > 0)
-        epoch_s = float(per.max()) if per.notna().any() else 0.0
-    # Alive: a result or a state save within a few epochs (Tune saves its state every ~10 s
-    # locally; at a URI it is synced every few minutes).
-    patience = max(300.0 if rundir.is_uri(run_dir) else 60.0, 3 * epoch_s)
+    holder = read_holder(run_dir)
     if progress.finished or (unfinished == 0 and len(trials) >= checked.n_trials):
         state = "finished"
-    elif idle is not None and idle < patience:
-        state = "running"
-    else:
-        state = "interrupted"
-    start = _started(local)
+    else:  # a driver that holds the lease and keeps its heartbeat is running it
+        state = "running" if holder is not None and not stale(holder, now) else "interrupted"
     end = now if state == "running" else newest
     progress.elapsed = (end - start) if start is not None and end is not None else 0.0
     if state == "running" and progress.elapsed > 0:
         progress.rate = rate(progress.epochs, 0, progress.elapsed)
-    holder = read_holder(run_dir)
-    if holder is not None and state == "interrupted" and not stale(holder, now):
-        state = "running"  # a driver holds it and beats: slow epochs, not an interruption
-    driver = None
-    if holder is not None:
-        driver = holder.describe(now) + (" (gone)" if stale(holder, now) else "")
+    driver = None if holder is None else (
+        holder.describe(now) + (" (gone)" if stale(holder, now) else ""))
+    idle = None if newest is None else max(0.0, now - newest)
     return RunStatus(run_dir, progress, state, unfinished, idle, axes, frames.notes, driver)
 
 

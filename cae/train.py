@@ -327,3 +327,39 @@ def save_run(out: str | Path, cfg: TrialConfig, result: TrainResult) -> None:
         {"history": result.history, "test": result.test, "best_epoch": result.best_epoch,
          "stop_reason": result.stop_reason, "params": result.params,
          "latent_size": result.latent_size}, indent=2))
+
+
+def _epoch_line(m: dict, max_epochs: int) -> str:
+    extra = "  ".join(f"{k[4:]} {v:.4f}" for k, v in m.items()
+                      if k.startswith("val_") and k not in ("val_loss", "best_val_loss"))
+    return (f"epoch {m['epoch']:>3}/{max_epochs}  train {m['train_loss']:.5f}  "
+            f"val {m['val_loss']:.5f}  {m['epoch_time_s']:.1f}s"
+            + (f"  [{extra}]" if extra else ""))
+
+
+def train_and_print(cfg: TrialConfig, out: str | None = None) -> int:
+    """``cae train``: one trial without Ray, a line per epoch, saved to ``out`` if given;
+    returns the exit status (1 if the trial diverged)."""
+    import sys
+
+    from cae.arch import describe
+
+    info = describe(cfg.model)
+    device = resolve_device(cfg.device)
+    print(f"model {cfg.model.preset or 'custom'}: {info['params']:,} params, latent "
+          f"{info['latent_size']} {info['latent_shape']}; task {cfg.task.name} on "
+          f"{cfg.data.dataset}; device {device}, {resolve_precision(cfg.precision, device)}",
+          flush=True)
+    try:
+        result = train(cfg, on_epoch=lambda m, _s: print(_epoch_line(m, cfg.max_epochs),
+                                                          flush=True))
+    except Diverged as exc:
+        print(f"cae: trial diverged: {exc}", file=sys.stderr)
+        return 1
+    test = "  ".join(f"{k} {v:.5f}" for k, v in result.test.items())
+    print(f"done: best val {result.best_val:.5f} at epoch {result.best_epoch}; stopped by "
+          f"{result.stop_reason}; {test}")
+    if out:
+        save_run(out, cfg, result)
+        print(f"saved to {out}")
+    return 0

@@ -1,5 +1,6 @@
-"""The data flow is one way: no import cycles between modules, the core never imports Ray,
-and the library never imports its command line."""
+"""The data flow is one way (design.md): no import cycles between modules, no module
+imports one of a later layer, the core never imports Ray, and the library never imports its
+command line."""
 
 import ast
 from pathlib import Path
@@ -88,3 +89,52 @@ def test_the_library_never_imports_the_cli():
     for mod, deps in _module_imports().items():
         if mod != "cae.cli":
             assert "cae.cli" not in deps, mod
+
+
+# The layers of design.md's data flow, first to last: a module imports only from its own
+# layer and the ones before it. Every module of the package has a place here.
+LAYERS = (
+    ("spec", ("cae.catalog", "cae.presets", "cae.arch", "cae.config", "cae.memory",
+              "cae.diskspace", "cae.record", "cae.outcomes", "cae.ray_internals")),
+    ("core", ("cae.models", "cae.data", "cae.tasks", "cae.train")),
+    ("plan and run directory", ("cae.plan", "cae.dryrun", "cae.rundir", "cae.checkpoints",
+                                "cae.runstate", "cae.lease")),
+    ("results", ("cae.results",)),
+    ("readers", ("cae.baselines", "cae.report", "cae.finish", "cae.status")),
+    ("ray", ("cae.schedulers", "cae.search", "cae.trainable", "cae.sweep", "cae.cluster",
+             "cae.progress", "cae.livereport", "cae.guard")),
+    ("driver", ("cae.driver",)),
+    ("command line", ("cae.cli", "cae")),
+)
+
+
+def _layer(module: str) -> int:
+    for i, (_, members) in enumerate(LAYERS):
+        if any(module == m or module.startswith(m + ".") for m in members if m != "cae"):
+            return i
+    if module == "cae":
+        return len(LAYERS) - 1
+    raise KeyError(module)
+
+
+def test_every_module_has_a_layer():
+    missing = [m for m in _module_imports() if not _safe_layer(m)]
+    assert not missing, f"place these in LAYERS: {missing}"
+
+
+def _safe_layer(module: str) -> bool:
+    try:
+        _layer(module)
+    except KeyError:
+        return False
+    return True
+
+
+def test_no_module_imports_a_later_layer():
+    upward = []
+    for mod, deps in _edges().items():
+        for dep in deps:
+            if _safe_layer(mod) and _safe_layer(dep) and _layer(dep) > _layer(mod):
+                upward.append(f"{mod} ({LAYERS[_layer(mod)][0]}) imports {dep} "
+                              f"({LAYERS[_layer(dep)][0]})")
+    assert not upward, "\n".join(upward)

@@ -5,6 +5,7 @@ import io
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -16,8 +17,8 @@ import yaml
 
 from cae.cli import main
 from cae.config import load_spec
-from cae.status import Progress, config_text, duration, planned_trial_epochs, run_status
 from cae.plan import check_spec
+from cae.status import Progress, config_text, duration, planned_trial_epochs, run_status
 
 REPO = Path(__file__).resolve().parents[1]
 QUICK = str(REPO / "sweeps" / "quickstart.yaml")
@@ -149,7 +150,17 @@ def _fake_run(root: Path, statuses: list[tuple[str, int]], ago: float = 10.0) ->
                                        "trial_id": f"t{i}"}), json.dumps({"num_failures": 0})])
     (root / "experiment_state-2026-01-01_00-00-00.json").write_text(json.dumps(
         {"trial_data": trial_data, "stats": {"start_time": now - 100}}))
+    _hold(root, os.getpid())  # a live driver holds it (cae.lease)
     return root
+
+
+def _hold(root: Path, pid: int) -> None:
+    from cae.lease import LEASE_FILE
+
+    now = time.time()
+    (root / LEASE_FILE).write_text(json.dumps(
+        {"host": socket.gethostname(), "pid": pid, "started": now - 100, "heartbeat": now,
+         "command": "cae sweep fake.yaml", "token": "t"}))
 
 
 def test_status_of_a_run_directory_running_interrupted_finished(tmp_path, capsys):
@@ -160,8 +171,12 @@ def test_status_of_a_run_directory_running_interrupted_finished(tmp_path, capsys
     assert "trials: 1/3 done, 1 running, 1 pending" in text
     assert "trial-epochs: 4 of at most 9" in text
     assert "best val 0.16667 (lr=0.001)" in text
-    later = run_status(str(run), now=time.time() + 3600)
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    _hold(run, int(gone.stdout))  # its driver was killed
+    later = run_status(str(run))
     assert later.state == "interrupted" and f"cae resume {run}" in later.text()
+    assert "(gone)" in later.text()
     done = _fake_run(tmp_path / "d", [("TERMINATED", 3)] * 3)
     assert main(["status", str(done)]) == 0
     out = capsys.readouterr().out
