@@ -181,11 +181,8 @@ class Unflatten:
 Layer = Conv | Linear | BatchNorm | Activation | Dropout | Pool | Upsample | Flatten | Unflatten
 
 
-def layers(cfg: ModelConfig, seed: int = 0) -> tuple[list[Layer], list[Layer]]:
-    """The encoder's and decoder's layers, the one description of the architecture:
-    ``CAE`` instantiates it and ``param_count`` sums it without building."""
-    p_ = plan(cfg)
-    rng = random.Random(seed)
+def _encoder(cfg: ModelConfig, rng: random.Random) -> tuple[list[Layer], int]:
+    """The encoder's stages (and the latent conv), and the channels they end with."""
     enc: list[Layer] = []
     chans = cfg.in_channels
     for i, (ch, n, pool) in enumerate(zip(cfg.channels, cfg.stage_convs, cfg.stage_pools)):
@@ -209,30 +206,40 @@ def layers(cfg: ModelConfig, seed: int = 0) -> tuple[list[Layer], list[Layer]]:
         p = _pad(cfg.latent_padding if cfg.latent_padding is not None else cfg.padding, k, "")
         enc += [Conv(chans, cfg.latent_channels, k, 1, p), Activation()]
         chans = cfg.latent_channels
-    fc, fh, fw = p_.feature_shape
+    return enc, chans
+
+
+def _dense(cfg: ModelConfig, feature: tuple[int, int, int]) -> tuple[list[Layer], list[Layer]]:
+    """A dense bottleneck: flatten, the dense stack, ``latent_dim``; then the mirror back
+    to a feature map of ``reshape_channels`` (else the encoder's channels)."""
+    fc, fh, fw = feature
+    enc: list[Layer] = [Flatten()]  # (B, C*H*W)
+    widths = [fc * fh * fw, *cfg.dense]
+    for a, b in pairwise(widths):
+        enc += [Linear(a, b), Activation()]
+        if cfg.dense_dropout:
+            enc.append(Dropout(cfg.dense_dropout, "dense"))
+    enc.append(Linear(widths[-1], cfg.latent_dim))  # (B, latent_dim)
+    rc = cfg.reshape_channels or fc
+    back = [cfg.latent_dim, *reversed(cfg.dense)]
+    if back[-1] != rc * fh * fw:
+        back.append(rc * fh * fw)
+    pairs = list(pairwise(back))
     dec: list[Layer] = []
-    if cfg.bottleneck == "dense":
-        widths = [fc * fh * fw, *cfg.dense]
-        enc.append(Flatten())  # (B, C*H*W)
-        for a, b in pairwise(widths):
-            enc += [Linear(a, b), Activation()]
-            if cfg.dense_dropout:
-                enc.append(Dropout(cfg.dense_dropout, "dense"))
-        enc.append(Linear(widths[-1], cfg.latent_dim))  # (B, latent_dim)
-        rc = cfg.reshape_channels or fc
-        back = [cfg.latent_dim, *reversed(cfg.dense)]
-        if back[-1] != rc * fh * fw:
-            back.append(rc * fh * fw)
-        pairs = list(pairwise(back))
-        for pos, (a, b) in enumerate(pairs):
-            dec += [Linear(a, b), Activation()]
-            if cfg.dense_dropout and pos < len(pairs) - 1:  # none before the reshape
-                dec.append(Dropout(cfg.dense_dropout, "dense"))
-        dec.append(Unflatten((rc, fh, fw)))  # (B, rc, H, W)
-        chans = rc
+    for pos, (a, b) in enumerate(pairs):
+        dec += [Linear(a, b), Activation()]
+        if cfg.dense_dropout and pos < len(pairs) - 1:  # none before the reshape
+            dec.append(Dropout(cfg.dense_dropout, "dense"))
+    dec.append(Unflatten((rc, fh, fw)))  # (B, rc, H, W)
+    return enc, dec
+
+
+def _decoder(cfg: ModelConfig, p_: Plan, chans: int, size: int) -> list[Layer]:
+    """The encoder's stages mirrored: batchnorm, upsample back to each stage's input size,
+    its convs; then the output conv."""
     kd = cfg.decoder_k
     transpose = cfg.decoder == "conv_transpose"
-    size = fh
+    dec: list[Layer] = []
     for i in reversed(range(len(cfg.channels))):
         if cfg.batchnorm:
             dec.append(BatchNorm(chans))
@@ -253,7 +260,20 @@ def layers(cfg: ModelConfig, seed: int = 0) -> tuple[list[Layer], list[Layer]]:
         if cfg.edge_dropout:
             dec.append(Dropout(cfg.edge_dropout, "edge"))
         dec += [Conv(chans, cfg.out_channels, kd, 1, kd // 2, transpose), Activation(output=True)]
-    return enc, dec
+    return dec
+
+
+def layers(cfg: ModelConfig, seed: int = 0) -> tuple[list[Layer], list[Layer]]:
+    """The encoder's and decoder's layers, the one description of the architecture:
+    ``CAE`` instantiates it and ``param_count`` sums it without building."""
+    p_ = plan(cfg)
+    enc, chans = _encoder(cfg, random.Random(seed))
+    dec: list[Layer] = []
+    if cfg.bottleneck == "dense":
+        to_latent, from_latent = _dense(cfg, p_.feature_shape)
+        enc, dec = enc + to_latent, from_latent
+        chans = cfg.reshape_channels or p_.feature_shape[0]
+    return enc, dec + _decoder(cfg, p_, chans, p_.feature_shape[1])
 
 
 def param_count(cfg: ModelConfig) -> int:

@@ -83,9 +83,24 @@ def loss_evolution(
                         subplot_titles=("validation loss", "training loss"))
     best = best_trials(trials, n_best)
     best_ids = [str(t) for t in best["trial_id"]]
-    rest = epochs[~epochs["trial_id"].astype(str).isin(best_ids)]
-    n_rest = rest["trial_id"].nunique()
-    panels = [(1, "val_loss"), (2, "train_loss")]
+    _grey_curves(fig, epochs[~epochs["trial_id"].astype(str).isin(best_ids)], max_individual)
+    _best_curves(fig, epochs, best)
+    _stop_markers(fig, trials, epochs)
+    fig.update_yaxes(type="log", title_text="loss (log)", row=1, col=1, **LOG_TICKS)
+    fig.update_yaxes(type="log", row=1, col=2, **LOG_TICKS)
+    fig.update_xaxes(title_text="epoch", tickformat="d", rangemode="tozero")
+    fig.update_layout(title=title, height=520, hovermode="closest",
+                      legend=dict(groupclick="togglegroup", itemsizing="constant"))
+    return fig
+
+
+_PANELS = ((1, "val_loss"), (2, "train_loss"))
+
+
+def _grey_curves(fig: go.Figure, rest: pd.DataFrame, max_individual: int) -> None:
+    """The trials that are not among the best: thin grey lines, one legend entry each up to
+    ``max_individual`` of them, else one merged trace per panel."""
+    n_rest, panels = rest["trial_id"].nunique(), _PANELS
     if n_rest and n_rest <= max_individual:
         for tid, curve in rest.groupby("trial_id", sort=True):
             for col, metric in panels:
@@ -106,6 +121,10 @@ def loss_evolution(
                 text=[short_id(i) for i in ids] if col == 1 else None,
                 hovertemplate=("trial %{text}<br>" if col == 1 else "") +
                               "epoch %{x}<br>%{y:.4g}<extra></extra>"), row=1, col=col)
+
+
+def _best_curves(fig: go.Figure, epochs: pd.DataFrame, best: pd.DataFrame) -> None:
+    """The best trials' curves, coloured and named by rank."""
     by_trial = dict(tuple(epochs.groupby(epochs["trial_id"].astype(str))))
     for rank, (_, row) in enumerate(best.iterrows(), start=1):
         tid = str(row["trial_id"])
@@ -114,7 +133,7 @@ def loss_evolution(
             continue
         curve = curve.sort_values("epoch")
         color = BEST_COLORS[(rank - 1) % len(BEST_COLORS)]
-        for col, metric in panels:
+        for col, metric in _PANELS:
             fig.add_trace(go.Scatter(
                 x=curve["epoch"].to_numpy("float32"), y=_positive(curve[metric]),
                 mode="lines+markers", line=dict(color=color, width=2.5), marker=dict(size=5),
@@ -122,13 +141,6 @@ def loss_evolution(
                 legendgroup=f"t{tid}", showlegend=col == 1,
                 hovertemplate=f"#{rank} trial {short_id(tid)}<br>epoch %{{x}}<br>%{{y:.4g}}"
                               "<extra></extra>"), row=1, col=col)
-    _stop_markers(fig, trials, epochs)
-    fig.update_yaxes(type="log", title_text="loss (log)", row=1, col=1, **LOG_TICKS)
-    fig.update_yaxes(type="log", row=1, col=2, **LOG_TICKS)
-    fig.update_xaxes(title_text="epoch", tickformat="d", rangemode="tozero")
-    fig.update_layout(title=title, height=520, hovermode="closest",
-                      legend=dict(groupclick="togglegroup", itemsizing="constant"))
-    return fig
 
 
 _STOP_STYLES = {
@@ -216,15 +228,41 @@ def latent_vs_error(
                 & (pd.to_numeric(trials["latent_size"], errors="coerce") > 0)]
     if df.empty:
         return _empty(title, f"no trial has a {name} yet")
-    axes = swept_axes(spec or {}, trials)
-    text = config_text(df, axes)
     colors = family_colors(trials)
     families = sorted(df["family"].astype(str).unique())
-    # A trial the scheduler stopped early reached its error in fewer epochs than the others:
-    # drawn open, so that a short run is not read as a worse architecture.
+    fig = go.Figure()
+    early = _family_points(fig, df, metric, name, config_text(df, swept_axes(spec or {}, trials)),
+                           colors, families)
+    if early.any():
+        fig.add_trace(go.Scatter(  # a legend entry only
+            x=[None], y=[None], mode="markers", name=f"open: stopped early "
+            f"({int(early.sum())})", marker=dict(symbol="circle-open", size=10, color="#555555",
+                                                 line=dict(width=2)), hoverinfo="skip"))
+    _repeat_bars(fig, df, metric, name, colors, families)
+    _baseline_lines(fig, baselines, metric, df)
+    front = pareto_front(df, metric)
+    fig.add_trace(go.Scatter(
+        x=front["latent_size"].astype("float32").to_numpy(),
+        y=front[metric].astype("float32").to_numpy(), mode="lines+markers",
+        line=dict(color="black", width=1.5, shape="hv", dash="dot"),
+        marker=dict(symbol="diamond-open", size=14, color="black", line=dict(width=2)),
+        name="Pareto front", text=front["trial_id"].map(short_id),
+        hovertemplate=f"Pareto: trial %{{text}}<br>latent %{{x}}<br>{name} %{{y:.4g}}"
+                      "<extra></extra>"))
+    fig.update_xaxes(type="log", dtick=LOG2_DTICK, title_text="latent size (log2 scale)")
+    fig.update_yaxes(type="log", title_text=f"{name} (log)", **LOG_TICKS)
+    fig.update_layout(title=title, height=520, legend_title_text="family",
+                      hovermode="closest")
+    return fig
+
+
+def _family_points(fig: go.Figure, df: pd.DataFrame, metric: str, name: str,
+                   text: pd.Series, colors: dict, families: list[str]) -> pd.Series:
+    """One trace of points per family (dodged sideways); returns which trials the scheduler
+    stopped early: they reached their error in fewer epochs than the others, so they are
+    drawn open, that a short run is not read as a worse architecture."""
     early = stopped_early(df)
     epochs_run = (df["epochs"] if "epochs" in df else pd.Series(0, index=df.index)).fillna(0)
-    fig = go.Figure()
     for i, fam in enumerate(families):
         sub = df[df["family"].astype(str) == fam]
         offset = (i - (len(families) - 1) / 2) * 0.06 if len(families) > 1 else 0.0
@@ -249,27 +287,7 @@ def latent_vs_error(
             hovertemplate=("trial %{customdata[0]}<br>latent size %{customdata[1]}<br>"
                            f"{name} %{{y:.4g}} after %{{customdata[2]}} epochs"
                            f"%{{customdata[3]}}<br>%{{text}}<extra>{fam}</extra>")))
-    if early.any():
-        fig.add_trace(go.Scatter(  # a legend entry only
-            x=[None], y=[None], mode="markers", name=f"open: stopped early "
-            f"({int(early.sum())})", marker=dict(symbol="circle-open", size=10, color="#555555",
-                                                 line=dict(width=2)), hoverinfo="skip"))
-    _repeat_bars(fig, df, metric, name, colors, families)
-    _baseline_lines(fig, baselines, metric, df)
-    front = pareto_front(df, metric)
-    fig.add_trace(go.Scatter(
-        x=front["latent_size"].astype("float32").to_numpy(),
-        y=front[metric].astype("float32").to_numpy(), mode="lines+markers",
-        line=dict(color="black", width=1.5, shape="hv", dash="dot"),
-        marker=dict(symbol="diamond-open", size=14, color="black", line=dict(width=2)),
-        name="Pareto front", text=front["trial_id"].map(short_id),
-        hovertemplate=f"Pareto: trial %{{text}}<br>latent %{{x}}<br>{name} %{{y:.4g}}"
-                      "<extra></extra>"))
-    fig.update_xaxes(type="log", dtick=LOG2_DTICK, title_text="latent size (log2 scale)")
-    fig.update_yaxes(type="log", title_text=f"{name} (log)", **LOG_TICKS)
-    fig.update_layout(title=title, height=520, legend_title_text="family",
-                      hovermode="closest")
-    return fig
+    return early
 
 
 def repeat_spread(trials: pd.DataFrame, metric: str) -> pd.DataFrame:
@@ -378,6 +396,31 @@ def _identity_per_distortion(baselines: pd.DataFrame | None, split: str,
     return values if np.isfinite(values).all() else None
 
 
+def _per_distortion(trials: pd.DataFrame, epochs: pd.DataFrame | None,
+                    n_best: int) -> tuple[pd.DataFrame, list[str], str]:
+    """The best trials with one ``test_loss_<distortion>`` column per distortion, the
+    distortions, and which split the errors are from: the test errors of trials that have
+    them, else each trial's validation errors at its best epoch."""
+    test_cols = [c for c in trials.columns if c.startswith("test_loss_")]
+    names = [c.removeprefix("test_loss_") for c in test_cols]
+    ranked = trials.iloc[0:0]
+    if test_cols:
+        ranked = best_trials(trials.dropna(subset=test_cols, how="all"), n_best)
+    if not ranked.empty or epochs is None or epochs.empty:
+        return ranked, names, "test"
+    val_cols = [c for c in epochs.columns if c.startswith("val_loss_")]
+    if not val_cols:
+        return trials.iloc[0:0], [], "test"
+    ranked = best_trials(trials, n_best)
+    at_best = epochs.merge(ranked[["trial_id", "best_epoch"]],
+                           left_on=["trial_id", "epoch"], right_on=["trial_id", "best_epoch"])
+    ranked = ranked.drop(columns=[c for c in ranked if c.startswith("test_loss_")]).merge(
+        at_best[["trial_id", *val_cols]].rename(
+            columns={c: "test_loss_" + c.removeprefix("val_loss_") for c in val_cols}),
+        on="trial_id")
+    return ranked, [c.removeprefix("val_loss_") for c in val_cols], "validation (best epoch)"
+
+
 def distortion_errors(
     trials: pd.DataFrame, epochs: pd.DataFrame | None = None, n_best: int = 5,
     baselines: pd.DataFrame | None = None,
@@ -391,26 +434,7 @@ def distortion_errors(
     errors of trials that have them, else each trial's validation errors at its best epoch.
     None when there are no per-distortion errors (any task but denoise).
     """
-    test_cols = [c for c in trials.columns if c.startswith("test_loss_")]
-    names = [c.removeprefix("test_loss_") for c in test_cols]
-    source = "test"
-    ranked = trials.iloc[0:0]
-    if test_cols:
-        has = trials.dropna(subset=test_cols, how="all")
-        ranked = best_trials(has, n_best)
-    if ranked.empty and epochs is not None and not epochs.empty:
-        val_cols = [c for c in epochs.columns if c.startswith("val_loss_")]
-        names = [c.removeprefix("val_loss_") for c in val_cols]
-        if not val_cols:
-            return None
-        ranked = best_trials(trials, n_best)
-        at_best = epochs.merge(ranked[["trial_id", "best_epoch"]],
-                               left_on=["trial_id", "epoch"], right_on=["trial_id", "best_epoch"])
-        ranked = ranked.drop(columns=[c for c in ranked if c.startswith("test_loss_")]).merge(
-            at_best[["trial_id", *val_cols]].rename(
-                columns={c: "test_loss_" + c.removeprefix("val_loss_") for c in val_cols}),
-            on="trial_id")
-        source = "validation (best epoch)"
+    ranked, names, source = _per_distortion(trials, epochs, n_best)
     if ranked.empty or not names:
         return None
     identity = _identity_per_distortion(baselines, "test" if source == "test" else "val", names)

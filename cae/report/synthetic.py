@@ -39,6 +39,34 @@ SPEC = {
 }
 
 
+def _point(rng: np.random.Generator, space: dict) -> dict:
+    """A random point of the synthetic sweep's space."""
+    return {
+        "model.latent_dim": int(rng.choice(space["model.latent_dim"]["grid"])),
+        "model.channels": space["model.channels"]["grid"][rng.integers(4)],
+        "model.convs": int(rng.integers(1, 5)),
+        "lr": float(10 ** rng.uniform(-4, -2)),
+        "batch_size": int(rng.choice([32, 128, 512])),
+        "variant": space["variant"]["grid"][rng.integers(3)],
+    }
+
+
+def _ending(rng: np.random.Generator, n_epochs: int, stop_early: bool) -> tuple[str, str, int]:
+    """(status, stop reason, epochs run) of one synthetic trial."""
+    u = rng.random() if stop_early else 1.0
+    if u < 0.02:
+        n = int(rng.integers(1, min(10, n_epochs) + 1))
+        return "ERROR", f"error: Diverged: val loss became nan at epoch {n}", n
+    if u < 0.03:
+        return "RUNNING", "running", int(rng.integers(1, n_epochs + 1))
+    if u < 0.18:
+        return "TERMINATED", "patience", int(rng.integers(max(1, n_epochs // 3), n_epochs + 1))
+    if u < 0.5 and n_epochs > 1:  # ASHA's rungs (grace 1, reduction factor 3)
+        rungs = [r for r in (1, 3, 9, 27) if r < n_epochs]
+        return "TERMINATED", "asha", int(rng.choice(rungs))
+    return "TERMINATED", "max_epochs", n_epochs
+
+
 def synthetic_run(n_trials: int = 1000, n_epochs: int = 50, task: str = "denoise",
                   seed: int = 0, stop_early: bool = True) -> Run:
     """A made-up sweep of ``n_trials`` x up to ``n_epochs`` (see the module doc).
@@ -54,31 +82,13 @@ def synthetic_run(n_trials: int = 1000, n_epochs: int = 50, task: str = "denoise
     base = flatten(spec["trial"])
     trials, epochs = [], []
     for i in range(n_trials):
-        point = {
-            "model.latent_dim": int(rng.choice(space["model.latent_dim"]["grid"])),
-            "model.channels": space["model.channels"]["grid"][rng.integers(4)],
-            "model.convs": int(rng.integers(1, 5)),
-            "lr": float(10 ** rng.uniform(-4, -2)),
-            "batch_size": int(rng.choice([32, 128, 512])),
-            "variant": space["variant"]["grid"][rng.integers(3)],
-        }
+        point = _point(rng, space)
         latent, ch, convs = point["model.latent_dim"], point["model.channels"], point["model.convs"]
         err = (0.012 + 0.05 / latent ** 0.6) * (1 - 0.07 * (convs - 1))
         err *= 1 + 0.6 * (math.log10(point["lr"]) + 2.7) ** 2
         err *= math.exp(rng.normal(0, 0.12))
         tau = rng.uniform(2, 9)
-        u = rng.random() if stop_early else 1.0
-        status, reason, n = "TERMINATED", "max_epochs", n_epochs
-        if u < 0.02:
-            status, n = "ERROR", int(rng.integers(1, min(10, n_epochs) + 1))
-            reason = f"error: Diverged: val loss became nan at epoch {n}"
-        elif u < 0.03:
-            status, reason, n = "RUNNING", "running", int(rng.integers(1, n_epochs + 1))
-        elif u < 0.18:
-            reason, n = "patience", int(rng.integers(max(1, n_epochs // 3), n_epochs + 1))
-        elif u < 0.5 and n_epochs > 1:  # ASHA's rungs (grace 1, reduction factor 3)
-            rungs = [r for r in (1, 3, 9, 27) if r < n_epochs]
-            reason, n = "asha", int(rng.choice(rungs))
+        status, reason, n = _ending(rng, n_epochs, stop_early)
         ep = np.arange(1, n + 1)
         val = err * (1 + 3 * np.exp(-(ep - 1) / tau)) * np.exp(rng.normal(0, 0.02, n))
         train = val * 0.96 * np.exp(rng.normal(0, 0.02, n))
