@@ -19,6 +19,7 @@ import ast
 import json
 import os
 import signal
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cache
 from importlib import metadata, util
@@ -43,6 +44,19 @@ PRINT_TRIAL_ERRORS_ENV = "TUNE_PRINT_ALL_TRIAL_ERRORS"
 MAX_PENDING_ENV = "TUNE_MAX_PENDING_TRIALS_PG"
 # Tune warns when experiment-state snapshots come within seconds of each other.
 SYNC_WARNING_ENV = "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S"
+# Ray prints the traceback of every failed task whose result nobody fetched ("1" turns it
+# off; cae prints one line per failed trial instead).
+UNHANDLED_ERRORS_ENV = "RAY_IGNORE_UNHANDLED_ERRORS"
+# What Tune logs that cae says itself, in a quiet console (logger -> its messages' starts):
+# the interruption (cae's last lines say how to resume: ``cae resume``, not Tuner.restore),
+# result rows Ray could not copy back (cae takes them from the checkpoints), and a state
+# snapshot lost to a full disk (cae stops the sweep with one line).
+TUNE_SAID_BY_CAE = {
+    "ray.tune.tune": ("Stop signal received", "Trials did not complete",
+                      "Experiment has been interrupted", "Training has been interrupted"),
+    "ray.tune.logger.logger": ("Remote file not found",),
+    "ray.tune.execution.experiment_state": ("Saving experiment state to storage",),
+}
 
 # The files Tune keeps a run's state in, at the top of the run directory ({} is the
 # session's timestamp); ``experiment_state`` is the one ``Tuner.restore`` reads.
@@ -98,6 +112,12 @@ def _mentions(module: str, text: str) -> bool:
     return any(isinstance(n, ast.Constant) and n.value == text for n in ast.walk(_tree(module)))
 
 
+def _says(module: str, start: str) -> bool:
+    """Whether a string in the module (an f-string's text included) starts with ``start``."""
+    return any(isinstance(n, ast.Constant) and isinstance(n.value, str)
+               and n.value.startswith(start) for n in ast.walk(_tree(module)))
+
+
 def _sets_attribute(module: str, cls: str, attribute: str) -> bool:
     return any(isinstance(n, ast.Attribute) and n.attr == attribute
                and isinstance(n.ctx, ast.Store) for n in ast.walk(_class(module, cls)))
@@ -138,6 +158,9 @@ CHECKS: tuple[tuple[str, Any], ...] = (
     (MAX_PENDING_ENV, lambda: _mentions(CONTROLLER, MAX_PENDING_ENV)),
     (SYNC_WARNING_ENV,
      lambda: _mentions("ray.tune.execution.experiment_state", SYNC_WARNING_ENV)),
+    (UNHANDLED_ERRORS_ENV, lambda: _mentions("ray._private.worker", UNHANDLED_ERRORS_ENV)),
+    *((f"{logger} logs {start!r}", lambda m=logger, s=start: _says(m, s))
+      for logger, starts in TUNE_SAID_BY_CAE.items() for start in starts),
     ("tune.fit stops gracefully on SIGUSR1",
      lambda: any(isinstance(n, ast.Attribute) and n.attr == "SIGUSR1"
                  for n in ast.walk(_tree("ray.tune.tune")))),
@@ -223,6 +246,41 @@ def read_experiment_state(text: str) -> tuple[dict[str, TrialState], float | Non
     except (ValueError, KeyError, TypeError) as exc:
         raise StateFormatError(f"{type(exc).__name__}: {exc}") from None
     return trials, float(start) if isinstance(start, (int, float)) else None
+
+
+class _SaidByCae:
+    """Drops the records of ``TUNE_SAID_BY_CAE`` (a state snapshot's failure only when the
+    disk is full: other storage failures still show)."""
+
+    def __init__(self, starts: tuple[str, ...]):
+        self.starts = starts
+
+    def filter(self, record) -> bool:
+        message = str(record.msg)
+        if not message.startswith(self.starts):
+            return True
+        if message.startswith("Saving experiment state"):
+            from cae.diskspace import is_full_error
+
+            exc = record.exc_info[1] if record.exc_info else None
+            return not (exc is not None and is_full_error(exc))
+        return False
+
+
+@contextmanager
+def quiet_tune_logs():
+    """For the length of a block, Tune's log lines that cae says itself are left out."""
+    import logging
+
+    added = [(logging.getLogger(name), _SaidByCae(starts))
+             for name, starts in TUNE_SAID_BY_CAE.items()]
+    for logger, f in added:
+        logger.addFilter(f)
+    try:
+        yield
+    finally:
+        for logger, f in added:
+            logger.removeFilter(f)
 
 
 def request_graceful_stop() -> None:

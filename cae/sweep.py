@@ -74,13 +74,17 @@ def run_config(spec: SweepSpec, name: str, storage: str, callbacks: Sequence = (
 
 @contextmanager
 def console(verbose: bool):
-    """Ray Tune's console output for one ``fit``. Quiet (not ``verbose``), Ray 2.60 still
-    prints a configuration box and result paths at ``verbose=0`` with its new output engine
-    (``RAY_AIR_NEW_OUTPUT``; its older one prints nothing at 0), and logs each trial failure
-    with its traceback (``TUNE_PRINT_ALL_TRIAL_ERRORS``); both are read when the run starts,
-    and a callback prints one line per error instead."""
-    quiet = {ray_internals.NEW_OUTPUT_ENV: "0", ray_internals.PRINT_TRIAL_ERRORS_ENV: "0"}
-    with environ({} if verbose else quiet):
+    """Ray Tune's console output for one ``fit``. Quiet (not ``verbose``): Ray 2.60 still
+    prints a configuration box and result paths at ``verbose=0`` with its new output engine,
+    logs each trial failure with its traceback, prints the traceback of failed tasks nobody
+    fetched, and logs an interruption with Tuner.restore as the way back; cae's callbacks
+    say each of these in a line (``cae.ray_internals`` names what is turned off)."""
+    if verbose:
+        yield
+        return
+    quiet = {ray_internals.NEW_OUTPUT_ENV: "0", ray_internals.PRINT_TRIAL_ERRORS_ENV: "0",
+             ray_internals.UNHANDLED_ERRORS_ENV: "1"}
+    with environ(quiet), ray_internals.quiet_tune_logs():
         yield
 
 
