@@ -10,6 +10,7 @@ bad grid point fails here, before any training starts.
 from __future__ import annotations
 
 import json
+import math
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -297,8 +298,11 @@ def stratum_of(config: dict, keys: list[str] | tuple[str, ...]) -> tuple:
 
 
 # A point's ``repeat`` (0, 1, ... num_samples - 1 over a grid) shifts the trial's seed by
-# this stride, so repeats of one configuration differ by seed and nothing else.
-REPEAT_KEY, REPEAT_SEED_STRIDE = "repeat", 1_000_003
+# this stride, so repeats of one configuration differ by seed and nothing else; a trial's
+# shuffling of epoch e is seeded with ``seed * SEED_STRIDE + e`` (a stream that resumes
+# exactly and differs between seeds).
+SEED_STRIDE = 1_000_003
+REPEAT_KEY, REPEAT_SEED_STRIDE = "repeat", SEED_STRIDE
 
 
 def trial_config(base: dict, point: dict[str, Any]) -> TrialConfig:
@@ -372,6 +376,16 @@ def load_trial(path: str, overrides: list[str] | None = None) -> TrialConfig:
 # Sweeps
 
 AXIS_KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
+
+
+def rungs(grace_period: int, reduction_factor: float, max_t: int) -> list[int]:
+    """The epochs at which successive halving decides: ``grace_period * rf^k`` (rounded
+    up, each once) below ``max_t``."""
+    out, k = [], 0
+    while (r := math.ceil(grace_period * reduction_factor**k - 1e-9)) < max_t:
+        out += [] if r in out else [r]
+        k += 1
+    return out
 
 
 class SchedulerConfig(_Strict):

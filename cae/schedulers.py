@@ -23,7 +23,7 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 from ray.tune.search import Searcher
 from ray.tune.search.variant_generator import generate_variants
 
-from cae.config import REPEAT_KEY, stratum_of  # noqa: F401 (re-exported)
+from cae.config import REPEAT_KEY, rungs, stratum_of  # noqa: F401 (re-exported)
 from cae.ray_internals import mark_for_experiment_state
 
 
@@ -78,11 +78,7 @@ class SyncHalvingScheduler(TrialScheduler):
             raise ValueError("sha needs 1 <= grace_period <= max_t and reduction_factor > 1")
         self._time_attr, self._metric, self._mode = time_attr, metric, mode
         self._max_t, self._rf = max_t, reduction_factor
-        self.rungs: list[int] = []  # epochs
-        k = 0
-        while (r := math.ceil(grace_period * reduction_factor**k - 1e-9)) < max_t:
-            self.rungs += [] if r in self.rungs else [r]
-            k += 1
+        self.rungs = rungs(grace_period, reduction_factor, max_t)  # epochs
         self._entries: dict[str, _Entry] = {}
         self._num_stopped = 0
         self._deciding = False

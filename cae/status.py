@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from cae.config import SweepSpec
+from cae.config import SweepSpec, rungs
 from cae.outcomes import BUCKETS, bucket, unfinished_mask
 from cae.ray_internals import EXPERIMENT_STATE
 
@@ -32,18 +32,16 @@ def planned_trial_epochs(spec: SweepSpec, n_trials: int, max_epochs: int,
     if s.kind == "fifo":
         return n_trials * max_epochs
     horizon = min(s.max_t or max_epochs, max_epochs)
-    rungs, k = [], 0
-    while (r := math.ceil(s.grace_period * s.reduction_factor**k - 1e-9)) < horizon:
-        rungs += [] if r in rungs else [r]
-        k += 1
+    rung_epochs = rungs(s.grace_period, s.reduction_factor, horizon)
     total = 0
     for n in (strata or {"": n_trials}).values():
         reached, previous = n, 0
-        for k, rung in enumerate(rungs):
+        for k, rung in enumerate(rung_epochs):
             reached = n if k == 0 else max(1, math.ceil(n / s.reduction_factor**k))
             total += reached * (rung - previous)
             previous = rung
-        last = max(1, math.ceil(n / s.reduction_factor**len(rungs))) if rungs else n
+        last = max(1, math.ceil(n / s.reduction_factor**len(rung_epochs))) if rung_epochs \
+            else n
         total += min(last, reached) * (horizon - previous)
     return total
 

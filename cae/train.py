@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from cae.config import TrialConfig
+from cae.config import SEED_STRIDE, TrialConfig
 from cae.data import ImageData, load, split, to_device
 from cae.models import CAE, build_model, count_params
 from cae.tasks import make_task
@@ -174,7 +174,7 @@ class Trainer:
         model.train()
         train = self.splits.train
         n = train.shape[0]
-        self.gen.manual_seed(cfg.seed * 1_000_003 + self.epoch)  # resumable sequence
+        self.gen.manual_seed(cfg.seed * SEED_STRIDE + self.epoch)  # resumable sequence
         perm = torch.randperm(n, generator=self.gen, device=self.device)
         total = torch.zeros((), device=self.device)
         for start in range(0, n, cfg.batch_size):
