@@ -124,6 +124,17 @@ def _sets_attribute(module: str, cls: str, attribute: str) -> bool:
 
 
 CONTROLLER = "ray.tune.execution.tune_controller"
+
+
+def _status_read_after_on_trial_add() -> bool:
+    """In ``TuneController.add_trial``, the scheduler's ``on_trial_add`` comes before the
+    trial is filed under its status (``status_str_map[trial.status]``)."""
+    for node in _class(CONTROLLER, "TuneController").body:
+        if isinstance(node, ast.FunctionDef) and node.name == "add_trial":
+            text = ast.unparse(node)
+            add, filed = text.find("on_trial_add"), text.find("status_str_map[trial.status]")
+            return 0 <= add < filed
+    return False
 # (what cae relies on, check) for every private name above and below.
 CHECKS: tuple[tuple[str, Any], ...] = (
     ("TuneController._mark_trial_to_checkpoint(self, trial)",
@@ -161,6 +172,8 @@ CHECKS: tuple[tuple[str, Any], ...] = (
     (UNHANDLED_ERRORS_ENV, lambda: _mentions("ray._private.worker", UNHANDLED_ERRORS_ENV)),
     *((f"{logger} logs {start!r}", lambda m=logger, s=start: _says(m, s))
       for logger, starts in TUNE_SAID_BY_CAE.items() for start in starts),
+    ("TuneController.add_trial files a trial by its status after on_trial_add",
+     lambda: _status_read_after_on_trial_add()),
     ("tune.fit stops gracefully on SIGUSR1",
      lambda: any(isinstance(n, ast.Attribute) and n.attr == "SIGUSR1"
                  for n in ast.walk(_tree("ray.tune.tune")))),
@@ -206,6 +219,18 @@ def mark_for_experiment_state(controller: Any, trial: Any) -> None:
     ``controller`` is what Tune hands a scheduler (a wrapper around the TuneController)."""
     inner = getattr(controller, "_tune_controller", controller)
     inner._mark_trial_to_checkpoint(trial)
+
+
+def keep_paused(trial: Any) -> None:
+    """From a scheduler's ``on_trial_add``: file a restored trial as PAUSED, not PENDING.
+
+    ``Tuner.restore`` re-adds every unfinished trial as PENDING, and Tune starts PENDING
+    trials without asking the scheduler; a trial that was paused at an undecided rung would
+    train on past it. Tune files the trial under its status right after ``on_trial_add``,
+    so setting it there keeps it paused until the scheduler chooses it."""
+    from ray.tune.experiment import Trial
+
+    trial.set_status(Trial.PAUSED)
 
 
 def restored_run_config(tuner: Any) -> Any:

@@ -24,7 +24,7 @@ from ray.tune.search import Searcher
 from ray.tune.search.variant_generator import generate_variants
 
 from cae.config import REPEAT_KEY, rungs, stratum_of  # noqa: F401 (re-exported)
-from cae.ray_internals import mark_for_experiment_state
+from cae.ray_internals import keep_paused, mark_for_experiment_state
 
 
 def _agree(self, metric: str | None, mode: str | None, **spec) -> bool:
@@ -104,11 +104,13 @@ class SyncHalvingScheduler(TrialScheduler):
             return
         e = self._entries[trial.trial_id] = _Entry(trial)
         last = trial.last_result or {}
+        e.ended = trial.status in (Trial.TERMINATED, Trial.ERROR)
         if self._time_attr in last and self._metric in last:  # restored: rebuild the state
             e.epoch, e.last = last[self._time_attr], last[self._metric]
             e.level = sum(r < e.epoch for r in self.rungs)  # continued past = promoted
             e.score = e.last if self._waiting(e) else None
-        e.ended = trial.status in (Trial.TERMINATED, Trial.ERROR)
+            if self._waiting(e) and trial.status == Trial.PENDING:
+                keep_paused(trial)  # else Tune would start it past its undecided rung
 
     def on_trial_result(self, tune_controller, trial: Trial, result: dict) -> str:
         e = self._entries[trial.trial_id]

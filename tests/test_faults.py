@@ -222,9 +222,13 @@ def test_a_full_disk_stops_the_sweep_and_resume_finishes_it(small_disk, undistur
     proc = _start(_spec_file(small_disk.parent), small_disk, "f")
     _wait_for(lambda: _epochs_reported(run_dir) >= 2, "two reported epochs")
     filler = small_disk / "filler"
-    with open(filler, "wb") as f:  # leave 64 KiB: the next checkpoints cannot be written
-        free = shutil.disk_usage(small_disk).free
-        f.write(b"\0" * max(0, free - 64 * 1024))
+    with open(filler, "wb") as f:  # leave under 64 KiB: the next checkpoints cannot be written
+        try:
+            while shutil.disk_usage(small_disk).free > 64 * 1024:
+                f.write(b"\0" * min(2**20, shutil.disk_usage(small_disk).free - 32 * 1024))
+                f.flush()
+        except OSError:
+            pass  # the sweep wrote meanwhile: the disk is full all the same
     out, err = proc.communicate(timeout=600)
     assert proc.returncode == 2, (out, err)
     last = err.strip().splitlines()[-1]

@@ -7,8 +7,8 @@ import pandas as pd
 import pytest
 import yaml
 
-from cae.results import load_frames
 from cae.outcomes import unfinished_mask
+from cae.results import load_frames
 from cae.rundir import RunDirError
 
 

@@ -6,6 +6,7 @@ The Ray runs use a tiny deterministic trainable: its loss is ``quality + offset(
 
 import json
 import random
+import types
 import sys
 import tempfile
 from pathlib import Path
@@ -410,3 +411,22 @@ def test_the_real_trainable_pauses_and_resumes_under_stratified_sha(ray_local, t
         assert winner["val_loss"].iloc[0] < loser["val_loss"].iloc[0]
         assert runs["stop_reason"].tolist() == ["sha", "max_epochs"]
         assert runs["test_loss"].isna().tolist() == [True, False]
+
+def test_a_restored_trial_waiting_at_a_rung_stays_paused_until_chosen():
+    """Tuner.restore re-adds a trial paused at an undecided rung as PENDING, and Tune starts
+    PENDING trials without asking the scheduler: SHA files it as PAUSED again, so it does not
+    train past the rung before the rung is decided."""
+    from ray.tune.experiment import Trial
+
+    sched = make_scheduler("sha", ["model.latent_dim"], max_t=6, grace_period=1,
+                           reduction_factor=2)
+    ctrl = _Controller(sched)
+    waiting = Trial("fn", config={"model.latent_dim": 4, "q": 1}, trial_id="w", stub=True)
+    waiting.run_metadata.last_result = {"epoch": 1, "val_loss": 0.5}
+    behind = Trial("fn", config={"model.latent_dim": 4, "q": 2}, trial_id="b", stub=True)
+    ctrl.search_alg = types.SimpleNamespace(is_finished=lambda: True)
+    for trial in (waiting, behind):
+        sched.on_trial_add(ctrl, trial)
+    ctrl.get_trials = lambda: [waiting, behind]
+    assert waiting.status == Trial.PAUSED and behind.status == Trial.PENDING
+    assert sched.choose_trial_to_run(ctrl) is behind  # not the one waiting at rung 1
