@@ -3,12 +3,12 @@
 Ray's fake multi-node provider (``fake_multinode``) plays the cloud: it starts each worker
 node as Ray processes on this machine when the autoscaler asks for one, and ends them when
 it removes the node. The cluster is cluster.yaml's shape: a CPU-only head and one GPU worker
-type with (logical) GPUs, min 0, max 2, here with an idle timeout of 15 seconds (at 6 a
-node added while the trials start can be removed as idle before one is placed on it, and
-added again). A sweep of
-``{cpu: 1, gpu: 0.25}`` trials is submitted to the head alone: its pending trials make the
-autoscaler add the GPU workers, every trial finishes (on the CPU: no CUDA device is behind
-a logical GPU, and ``device`` says so), and the workers are removed once idle.
+type with (logical) GPUs, min 0, max 2, here with an idle timeout of 15 seconds (at 6, a
+node added while the trials start could be removed as idle before a trial was placed on it,
+and then added again). A sweep of ``{cpu: 1, gpu: 0.25}`` trials is submitted to the head
+alone: its pending trials make the autoscaler add the GPU workers, every trial finishes (on
+the CPU: no CUDA device is behind a logical GPU, and ``device`` says so), and the workers
+are removed once idle.
 
 ``ray.cluster_utils.AutoscalingCluster`` would do this, but its ``start()`` and
 ``shutdown()`` run ``ray stop --force``, which ends every Ray process on the machine, other
