@@ -68,6 +68,65 @@ def test_script_passes_bash_n_and_shellcheck():
     assert res.returncode == 0, res.stdout + res.stderr
 
 
+# ---- SIGTERM to the command itself --------------------------------------------------------------
+
+
+def test_sigterm_inside_a_fit_goes_to_tunes_stop_handler_once():
+    """The first SIGTERM of a fit calls the SIGUSR1 handler installed inside it (Tune's);
+    a second one, and any SIGTERM after the fit, reach the handler from before."""
+    from cae.signals import sigterm_stops_tune
+
+    seen = []
+    before_term = signal.signal(signal.SIGTERM, lambda s, f: seen.append("previous"))
+    before_usr1 = signal.getsignal(signal.SIGUSR1)
+    try:
+        with sigterm_stops_tune():
+            signal.signal(signal.SIGUSR1, lambda s, f: seen.append(f"tune {s}"))  # the fit's
+            os.kill(os.getpid(), signal.SIGTERM)
+            assert seen == [f"tune {int(signal.SIGUSR1)}"]
+            os.kill(os.getpid(), signal.SIGTERM)  # a second one: as before
+            assert seen[1:] == ["previous"]
+        os.kill(os.getpid(), signal.SIGTERM)  # after the fit: as before
+        assert seen[2:] == ["previous"]
+        with sigterm_stops_tune():  # Tune's handler of the earlier fit is no fit's now
+            os.kill(os.getpid(), signal.SIGTERM)
+        assert seen[3:] == ["previous"]
+    finally:
+        signal.signal(signal.SIGTERM, before_term)
+        signal.signal(signal.SIGUSR1, before_usr1)
+
+
+@pytest.mark.slow
+def test_sigterm_stops_a_local_sweep_that_resume_finishes(tmp_path):
+    """`cae sweep` (Ray in-process) sent SIGTERM mid-way, as `ray job stop`, `kill` or a
+    container stop do: exit status 3, the state saved; `cae resume` runs the rest (exit 0),
+    each trial going on from its last registered epoch."""
+    cmd = [sys.executable, "-m", "cae.cli", "sweep", "sweeps/quickstart.yaml", "--storage",
+           str(tmp_path), "--name", "term", *SHORT,
+           "--set", "space.model.latent_dim={grid: [4, 16]}"]  # 4 trials, 1 CPU each
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    run = tmp_path / "term"
+    with open(tmp_path / "sweep.log", "w") as log:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.time() + 300
+    while _epochs_reported(run) < 3:
+        assert proc.poll() is None, (tmp_path / "sweep.log").read_text()[-3000:]
+        assert time.time() < deadline, "the sweep made no progress"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(120) == 3, (tmp_path / "sweep.log").read_text()[-3000:]
+    registered = _registered(run)
+    assert 0 < sum(registered.values()) < 4 * N_EPOCHS
+    res = subprocess.run([sys.executable, "-m", "cae.cli", "resume", str(run), "--no-report"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
+    trials = pd.read_parquet(run / "trials.parquet")
+    assert len(trials) == 4 and set(trials["status"]) == {"TERMINATED"}
+    for path in run.glob("*/result.json"):
+        epochs = [json.loads(line)["epoch"] for line in path.read_text().splitlines()]
+        assert epochs == list(range(1, N_EPOCHS + 1)), (path.parent.name, epochs)
+
+
 # ---- a Slurm of our own ---------------------------------------------------------------------
 
 
@@ -422,6 +481,9 @@ def test_a_chain_of_jobs_resumes_to_the_epochs_of_an_uninterrupted_run(slurm, re
           f"{state1['JobState']}, exit {state1['ExitCode']}, {time.time() - start:.0f} s")
     assert state1["ExitCode"] == "3:0", log1[-4000:]
     assert "sweep stopped:" in log1 and "Stop signal received" in log1
+    status = subprocess.run([str(BIN / "cae"), "status", str(run)], env=slurm.env,
+                            capture_output=True, text=True, timeout=120, check=False)
+    assert status.returncode == 0 and "unfinished trials:" in status.stdout, status
     registered, on_disk = _registered(run), _on_disk(run)
     stopped = pd.read_parquet(run / "epochs.parquet")
     assert 0 < len(stopped) < N_TRIALS * N_EPOCHS
