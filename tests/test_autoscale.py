@@ -51,7 +51,7 @@ WORKER = {"CPU": 4, "GPU": 1, "object_store_memory": 200 * 2**20}  # four 0.25-G
 MAX_WORKERS = 2
 SWEEP = ["sweep", "sweeps/quickstart.yaml", "--no-report", "--set", "resources.gpu=0.25",
          "--set", "resources.cpu=1", "--set", "space.model.convs=1",
-         "--set", "trial.max_epochs=3", "--set", "trial.data.train_limit=1024",
+         "--set", "trial.max_epochs=2", "--set", "trial.data.train_limit=1024",
          "--set", "scheduler.kind=fifo", "--set", "trial.patience=null"]
 N_TRIALS = 8
 

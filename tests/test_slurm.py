@@ -218,6 +218,8 @@ class Slurm:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(10)
+        for job in self.jobs:  # Ray's logs of each job, which the script leaves for a look
+            shutil.rmtree(f"/tmp/ray-{job}", ignore_errors=True)
 
 
 SLURM_CONF = """\
