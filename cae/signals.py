@@ -5,8 +5,9 @@ the experiment state is written one last time, and every trial keeps the checkpo
 last finished epoch, so ``cae resume`` goes on from there. SIGTERM it leaves alone, and
 SIGTERM is what a batch system sends when a job reaches its time limit (Slurm, with SIGKILL
 ``KillWait`` seconds later), what ``scancel`` sends, and what a container runtime sends on
-stop. ``sigterm_stops_tune`` hands the first SIGTERM of a fit to Tune's own SIGUSR1 handler;
-a second SIGTERM does what SIGTERM did before (Ray's driver exits).
+stop. ``sigterm_stops_tune`` turns the first SIGTERM of a fit into SIGUSR1 for Tune's own
+handler (``ray_internals.request_graceful_stop``); a second SIGTERM does what SIGTERM did
+before (Ray's driver exits).
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import os
 import signal
 from collections.abc import Iterator
 from contextlib import contextmanager
+
+from cae import ray_internals
 
 
 @contextmanager
@@ -35,7 +38,7 @@ def sigterm_stops_tune() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)  # a second SIGTERM: as before
         tune_stop = signal.getsignal(signal.SIGUSR1)
         if callable(tune_stop) and tune_stop is not usr1_before:
-            tune_stop(signal.SIGUSR1, frame)
+            ray_internals.request_graceful_stop()  # SIGUSR1 to this process
         elif callable(previous):
             previous(signum, frame)
         else:
