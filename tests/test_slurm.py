@@ -13,7 +13,8 @@ script's port blocks keep their Ray nodes apart as they keep two jobs apart on o
   the job outlives it;
 - a chain: the same sweep stopped by USR1 to the batch shell (what `--signal=B:USR1@120`
   sends before the time limit) exits 3, a job queued with --dependency=afterany runs
-  `cae resume` to the end (exit 0), and a third resume of the finished run exits 0 at once.
+  `cae resume` to the end (exit 0), and a third job resuming the finished run exits 0 at
+  once, without starting Ray.
   Every epoch of every trial has the validation loss of the uninterrupted run; an epoch
   that a trial finished after the stop, before Ray Tune registered its checkpoint, is the
   only one trained again.
@@ -482,7 +483,7 @@ def test_a_chain_of_jobs_resumes_to_the_epochs_of_an_uninterrupted_run(slurm, re
     print(f"\njob 1 (cae sweep, USR1 after {_epochs_reported(run)} epoch reports): "
           f"{state1['JobState']}, exit {state1['ExitCode']}, {time.time() - start:.0f} s")
     assert state1["ExitCode"] == "3:0", log1[-4000:]
-    assert "sweep stopped:" in log1 and "Stop signal received" in log1
+    assert "did not finish; continue with: cae resume" in log1, log1[-4000:]
     status = subprocess.run([str(BIN / "cae"), "status", str(run)], env=slurm.env,
                             capture_output=True, text=True, timeout=120, check=False)
     assert status.returncode == 0 and "unfinished trials:" in status.stdout, status
@@ -502,7 +503,9 @@ def test_a_chain_of_jobs_resumes_to_the_epochs_of_an_uninterrupted_run(slurm, re
     state3, log3 = _finish(slurm, third, logs[2])
     print(f"job 3 (cae resume of the finished run): exit {state3['ExitCode']}, "
           f"{time.time() - t3:.0f} s")
-    assert state3["ExitCode"] == "0:0" and "every trial has finished already" in log3, log3
+    assert state3["ExitCode"] == "0:0", log3
+    assert "every trial of the run has finished; nothing to resume" in log3, log3
+    assert "Ray" not in log3, log3  # no cluster started for it
 
     # every epoch once, with the uninterrupted run's losses
     trials = pd.read_parquet(run / "trials.parquet")
