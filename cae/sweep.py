@@ -15,6 +15,7 @@ from cae import ray_internals
 from cae.config import SweepSpec
 from cae.diskspace import CHECKPOINTS_KEPT
 from cae.plan import Checked
+from cae.signals import sigterm_stops_tune
 
 METRIC, MODE = "val_loss", "min"
 
@@ -159,8 +160,9 @@ def ray_session(address: str | None, dashboard: bool = False):
 
 def fit(spec: SweepSpec, datasets: dict, run_dir: str, checked: Checked,
         callbacks: Sequence = (), verbose: bool = False, adopt: dict[str, str] | None = None):
-    """Run the sweep into ``run_dir`` (storage/name) to the end; returns Ray Tune's
-    ResultGrid. ``adopt``: see ``wrapped_trainable``."""
+    """Run the sweep into ``run_dir`` (storage/name) to the end, or until SIGINT, SIGUSR1 or
+    SIGTERM stops it (state saved, resumable); returns Ray Tune's ResultGrid. ``adopt``: see
+    ``wrapped_trainable``."""
     from ray import tune
 
     from cae.search import make_searcher
@@ -178,7 +180,7 @@ def fit(spec: SweepSpec, datasets: dict, run_dir: str, checked: Checked,
         ),
         run_config=run_config(spec, name, storage, callbacks, verbose),
     )
-    with console(verbose), environ(pending_trials(spec)):
+    with console(verbose), environ(pending_trials(spec)), sigterm_stops_tune():
         return tuner.fit()
 
 
@@ -196,7 +198,7 @@ def resume(run_dir: str, spec: SweepSpec, datasets: dict, callbacks: Sequence = 
     # console settings replace it (Tuner.restore takes no run config of its own).
     restored = ray_internals.restored_run_config(tuner)
     restored.callbacks, restored.verbose = list(callbacks), 1 if verbose else 0
-    with console(verbose), environ(pending_trials(spec)):
+    with console(verbose), environ(pending_trials(spec)), sigterm_stops_tune():
         return tuner.fit()
 
 
