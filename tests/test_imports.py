@@ -102,7 +102,7 @@ LAYERS = (
     ("results", ("cae.results",)),
     ("readers", ("cae.baselines", "cae.report", "cae.finish", "cae.status")),
     ("ray", ("cae.schedulers", "cae.search", "cae.trainable", "cae.sweep", "cae.cluster",
-             "cae.progress", "cae.livereport", "cae.guard")),
+             "cae.progress", "cae.livereport", "cae.guard", "cae.signals")),
     ("driver", ("cae.driver",)),
     ("command line", ("cae.cli", "cae")),
 )
