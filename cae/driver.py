@@ -90,6 +90,9 @@ def resume_sweep(run_dir: str, *, address: str | None = None, data_dir: str | No
     if data_dir:
         plan.record_data_dir(spec, None, data_dir)  # for this resume, not saved
     checked = plan.check_spec(spec)
+    console = console or Console()
+    if _finished(run_dir):  # every trial has ended: nothing to start, no data to load
+        return _end(run_dir, checked.n_trials, console, data_dir, None)
     datasets = plan.load_datasets(checked)
 
     def start(callbacks: list) -> None:
@@ -105,9 +108,15 @@ def resume_sweep(run_dir: str, *, address: str | None = None, data_dir: str | No
             sweep.resume(run_dir, spec, datasets, callbacks, verbose=console.verbose,
                          adopt=adopt)
 
-    console = console or Console()
     return _drive(run_dir, spec, checked, start, address, force, console,
                   data_dir=data_dir, datasets=datasets)
+
+
+def _finished(run_dir: str) -> bool:
+    """Whether every trial of the run has ended (``cae status`` says finished)."""
+    from cae.status import run_status
+
+    return run_status(run_dir).state == "finished"
 
 
 def _repair(run_dir: str) -> tuple[dict[str, str], bool]:
