@@ -6,9 +6,9 @@ The Ray runs use a tiny deterministic trainable: its loss is ``quality + offset(
 
 import json
 import random
-import types
 import sys
 import tempfile
+import types
 from pathlib import Path
 
 import pytest
