@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from cae.arch import plan
 from cae.catalog import DATASETS, DISTORTIONS, TASKS
+from cae.errors import UserError  # also imported from here by most modules
 from cae.presets import preset_dict
 
 DatasetName = Literal[tuple(DATASETS)]  # type: ignore[valid-type]
@@ -26,11 +27,6 @@ Distortion = Literal[DISTORTIONS]  # type: ignore[valid-type]
 # enough that checking a grid point is instant and a typo (convs: 1000000000) is refused.
 MAX_STAGES, MAX_CONVS, MAX_CHANNELS, MAX_KERNEL = 16, 64, 4096, 64
 MAX_DENSE_LAYERS, MAX_WIDTH = 32, 1 << 20
-
-
-class UserError(Exception):
-    """An error in what the user asked for (a spec, a path, a dataset, a run directory):
-    the CLI prints its message as one line and exits with status 2."""
 
 
 def format_validation_error(exc: ValidationError, source: str = "") -> str:
