@@ -185,7 +185,7 @@ def _mean_target_rows(cfg: TrialConfig, splits, task: Task) -> list[dict]:
         losses = sum(float(per_sample_loss(cfg.loss, mean.expand_as(y), y).double().sum())
                      for y in (y_all[s : s + _CHUNK].cpu()
                                for s in range(0, y_all.shape[0], _CHUNK)))
-        rows.append({"dataset": cfg.data.dataset, "task": cfg.task.name, "loss_kind": cfg.loss,
+        rows.append({"dataset": cfg.data.label(), "task": cfg.task.name, "loss_kind": cfg.loss,
                      "baseline": "mean_chroma", "latent_size": math.nan,
                      "components": math.nan, "split": split_name,
                      "loss": losses / y_all.shape[0]})
@@ -229,7 +229,7 @@ def compute_baselines(cfg: TrialConfig, data: ImageData | None,
         prepared = task.eval_inputs(images, seed=seed)
         for row in _score(pca, sizes, prepared, task, cfg.loss,
                           identity="identity" in task.references):
-            rows.append({"dataset": cfg.data.dataset, "task": name, "loss_kind": cfg.loss,
+            rows.append({"dataset": cfg.data.label(), "task": name, "loss_kind": cfg.loss,
                          "split": split_name, **row})
     order = {"pca": 0, "identity": 1}
     rows.sort(key=lambda r: (order[r["baseline"]], r["split"] != "val",

@@ -16,7 +16,8 @@ class DatasetInfo:
 
     ``torchvision`` is the class name in ``torchvision.datasets`` (None for the datasets
     that need no data root: the embedded sample and the photo tiles); ``folder`` is where
-    that class keeps its files under the data root.
+    that class keeps its files under the data root. A user's folder or array file gets one
+    too, built from what was found in its files (``cae.userdata.dataset_info``).
     """
 
     name: str
@@ -46,6 +47,11 @@ DATASETS: dict[str, DatasetInfo] = {
         DatasetInfo("photos", (3, 32, 32), 6061, 690),
     )
 }
+
+# Datasets the user brings (``cae.userdata``): every image under a folder, or the images of
+# a NumPy array file. Their shapes and sizes are found once, on the driver, and recorded in
+# the run's spec; no registry entry can know them.
+USER_DATASETS: tuple[str, ...] = ("folder", "arrays")
 
 # The distortions of the denoise task, in the order used for ``index % len`` assignment.
 DISTORTIONS: tuple[str, ...] = ("noise", "rotate", "flip", "patch", "brightness")

@@ -16,17 +16,18 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from cae.arch import plan
-from cae.catalog import DATASETS, DISTORTIONS, TASKS
+from cae.catalog import DATASETS, DISTORTIONS, TASKS, USER_DATASETS, DatasetInfo, TaskInfo
 from cae.errors import UserError  # also imported from here by most modules
 from cae.presets import preset_dict
 
-DatasetName = Literal[tuple(DATASETS)]  # type: ignore[valid-type]
+DatasetName = Literal[tuple(DATASETS) + USER_DATASETS]  # type: ignore[valid-type]
 Distortion = Literal[DISTORTIONS]  # type: ignore[valid-type]
 
 # Upper bounds of the model space: far beyond any useful CAE of these image sizes, low
 # enough that checking a grid point is instant and a typo (convs: 1000000000) is refused.
 MAX_STAGES, MAX_CONVS, MAX_CHANNELS, MAX_KERNEL = 16, 64, 4096, 64
 MAX_DENSE_LAYERS, MAX_WIDTH = 32, 1 << 20
+MAX_IMAGE_SIZE = 4096
 
 
 def format_validation_error(exc: ValidationError, source: str = "") -> str:
@@ -162,8 +163,41 @@ class ModelConfig(_Strict):
         return self.decoder_kernel if self.decoder_kernel is not None else self.kernel
 
 
+class DataFacts(_Strict):
+    """What a user's folder or array file holds, found once on the driver (``cae.userdata``)
+    and recorded in a run's spec beside the settings that read it, so that a trial validates
+    its config on any node without the files (and ``cae status`` and ``cae report`` later).
+    ``images`` is how many were read from ``path``, ``test_images`` from ``test_path``;
+    ``skipped`` names the unreadable files left out (``skip_unreadable``)."""
+
+    dataset: str
+    path: str
+    test_path: str | None = None
+    image_size: int | list[int] | None = None
+    channels: int | None = None
+    layout: str = "auto"
+    skip_unreadable: bool = False
+    shape: list[int] = Field(min_length=3, max_length=3)  # (C, H, W) after conversion
+    images: int = Field(ge=0)
+    test_images: int | None = Field(None, ge=0)
+    grayscale: bool | None = None  # every source image grayscale (None: not looked at yet)
+    skipped: list[str] = Field(default_factory=list)
+    test_skipped: list[str] = Field(default_factory=list)
+    fingerprint: str = ""  # of the files as read (paths, sizes, modification times)
+
+
 class DataConfig(_Strict):
-    """Which images, where they live, and how they are split."""
+    """Which images, where they live, and how they are split.
+
+    ``dataset: folder`` reads every image under ``path`` (any depth), ``dataset: arrays`` a
+    .npy/.npz file (see ``cae.userdata``): ``channels`` (1 or 3; default 1 if every image
+    is grayscale, else 3) and ``image_size`` (a number or [height, width]; a centred
+    resize-and-crop keeping the aspect ratio) say what they become; ``test_path`` holds the
+    test images, else ``test_fraction`` of them is held out (before the validation split);
+    ``layout`` says how an array's axes are laid out (``auto``, ``nhw``, ``nhwc``,
+    ``nchw``); ``skip_unreadable`` leaves out files that cannot be read instead of refusing
+    them. ``path`` and ``test_path`` are made absolute. ``facts`` is filled in by a sweep.
+    """
 
     dataset: DatasetName = "sample"
     data_dir: str | None = None
@@ -172,11 +206,77 @@ class DataConfig(_Strict):
     split_seed: int = 0
     train_limit: int | None = Field(None, ge=2)
     test_limit: int | None = Field(None, ge=1)
+    path: str | None = None
+    test_path: str | None = None
+    test_fraction: float = Field(0.1, gt=0.0, lt=1.0)
+    image_size: int | list[int] | None = None
+    channels: Literal[1, 3] | None = None
+    layout: Literal["auto", "nhw", "nhwc", "nchw"] = "auto"
+    skip_unreadable: bool = False
+    facts: list[DataFacts] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _check_user_data(self) -> DataConfig:
+        if self.dataset not in USER_DATASETS:
+            given = [k for k in ("path", "test_path", "image_size", "channels")
+                     if getattr(self, k) is not None]
+            if given:
+                raise ValueError(f"data.{given[0]} is read for dataset "
+                                 f"{' or '.join(USER_DATASETS)}, not {self.dataset!r}")
+            return self
+        if not self.path:
+            raise ValueError(f"dataset {self.dataset!r} needs data.path (the "
+                             f"{'folder of images' if self.dataset == 'folder' else 'array file'})")
+        size = self.image_size
+        if size is not None and not (
+                (isinstance(size, int) and 1 <= size <= MAX_IMAGE_SIZE)
+                or (isinstance(size, list) and len(size) == 2
+                    and all(1 <= v <= MAX_IMAGE_SIZE for v in size))):
+            raise ValueError(f"data.image_size must be a number or [height, width], each 1 to "
+                             f"{MAX_IMAGE_SIZE} (got {size!r})")
+        self.path = absolute_path(self.path)
+        self.test_path = absolute_path(self.test_path) if self.test_path else None
+        return self
 
     def source_key(self) -> str:
         """What decides which images are loaded (not how they are split): trials with the
         same key share one copy of the dataset."""
-        return json.dumps([self.dataset, self.data_dir, self.train_limit, self.test_limit])
+        key = [self.dataset, self.data_dir, self.train_limit, self.test_limit]
+        if self.dataset in USER_DATASETS:
+            key += [self.path, self.test_path, self.test_fraction, self.image_size,
+                    self.channels, self.layout, self.skip_unreadable]
+        return json.dumps(key)
+
+    def info(self) -> DatasetInfo:
+        """The images' shape (C, H, W) and split sizes (before the limits): the registry's
+        entry, or what a user's folder or array file was found to hold. Every module that
+        needs these facts asks here."""
+        if self.dataset in DATASETS:
+            return DATASETS[self.dataset]
+        from cae.userdata import dataset_info
+
+        return dataset_info(self)
+
+    def label(self) -> str:
+        """The dataset's name in tables and figures: the registry name, or
+        ``folder:NAME`` / ``arrays:FILE`` for a user's data."""
+        if self.dataset in DATASETS:
+            return self.dataset
+        return f"{self.dataset}:{_basename(self.path)}"
+
+
+def absolute_path(path: str) -> str:
+    """A user's path as DataConfig keeps it: ``~`` expanded, made absolute (not resolved:
+    the same text on every node, whether the file exists there or not)."""
+    import os
+
+    return os.path.abspath(os.path.expanduser(path))
+
+
+def _basename(path: str) -> str:
+    import os
+
+    return os.path.basename(path.rstrip("/")) or path
 
 
 class TaskConfig(_Strict):
@@ -222,27 +322,66 @@ class TrialConfig(_Strict):
 
     @model_validator(mode="after")
     def _resolve_shapes(self) -> TrialConfig:
-        c, h, _ = DATASETS[self.data.dataset].shape
+        info = self.data.info()  # a user's data: recorded facts, else its files' headers
+        c, h, w = info.shape
+        name = info.name
+        if h != w:
+            raise ValueError(f"dataset '{name}' has {w}x{h} images (width x height), and the "
+                             f"models take square ones: set data.image_size to one number "
+                             f"(a centred crop), e.g. {min(h, w)}")
         task = TASKS[self.task.name]
-        if task.needs_channels is not None and c != task.needs_channels:
-            raise ValueError(
-                f"task '{task.name}' needs {task.needs_channels}-channel images"
-                f"{' (RGB)' if task.needs_channels == 3 else ''}, but '{self.data.dataset}' "
-                f"has {c} channel(s); use cifar10 or photos")
+        _check_channels(self.data, task, c, name)
         cin, cout = task.channels(c)
         want = {"in_channels": cin, "out_channels": cout, "image_size": h}
         for key, value in want.items():
             given = getattr(self.model, key)
             if given is not None and given != value:
                 raise ValueError(
-                    f"model.{key} is {given} but dataset '{self.data.dataset}' with task "
+                    f"model.{key} is {given} but dataset '{name}' with task "
                     f"'{self.task.name}' needs {value}"
                 )
             setattr(self.model, key, value)
         if self.loss == "bce" and self.model.output_activation != "sigmoid":
             raise ValueError("loss 'bce' needs model.output_activation 'sigmoid'")
+        if self.data.dataset in USER_DATASETS:
+            _check_enough(self, info)
         plan(self.model)  # raises ValueError naming the impossible layer
         return self
+
+
+def _check_channels(data: DataConfig, task: TaskInfo, channels: int, name: str) -> None:
+    """A task that needs RGB images (colorize learns chroma from luma) gets RGB images that
+    hold colour."""
+    if task.needs_channels is None:
+        return
+    user = data.dataset in USER_DATASETS
+    if channels != task.needs_channels:
+        hint = ("set data.channels: 3 only if the images are in colour" if user
+                else "use cifar10 or photos")
+        raise ValueError(
+            f"task '{task.name}' needs {task.needs_channels}-channel images"
+            f"{' (RGB)' if task.needs_channels == 3 else ''}, but '{name}' has {channels} "
+            f"channel(s); {hint}")
+    if user and task.needs_channels == 3:
+        from cae.userdata import facts
+
+        if facts(data).get("grayscale"):
+            raise ValueError(f"task '{task.name}' needs images in colour, but every image of "
+                             f"'{name}' ({data.path}) is grayscale: converted to RGB they hold "
+                             "no colour to learn")
+
+
+def _check_enough(cfg: TrialConfig, info: DatasetInfo) -> None:
+    """A user's dataset must fill one batch after the validation split, and test on one."""
+    n = min(info.train_size, cfg.data.train_limit or info.train_size)
+    n_val = max(1, round(n * cfg.data.val_fraction))
+    if n - n_val < cfg.batch_size:
+        raise ValueError(
+            f"dataset '{info.name}' has {n:,} training images ({cfg.data.path}), "
+            f"{n - n_val:,} after the validation split ({cfg.data.val_fraction:g}): fewer than "
+            f"one batch ({cfg.batch_size}); add images or lower batch_size")
+    if info.test_size < 1:
+        raise ValueError(f"dataset '{info.name}' has no test images ({cfg.data.test_path})")
 
 
 def set_dotted(data: dict, key: str, value: Any) -> None:

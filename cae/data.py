@@ -7,7 +7,8 @@ once: torchvision's dataset classes find, download and md5-check the files, and 
 
 ``sample`` is a class-balanced subset of the real Fashion-MNIST shipped inside the package
 (``cae/sample/fashion_mnist_sample.npz``, built by ``scripts/make_sample.py``), so the
-quickstart and the tests need no network. ``photos`` cuts 32x32 RGB tiles from the colour
+quickstart and the tests need no network. A user's own images (``dataset: folder`` or
+``arrays``) are read by ``cae.userdata``. ``photos`` cuts 32x32 RGB tiles from the colour
 photographs bundled with scikit-image (the ``photos`` extra), so colorization can be tried
 on real RGB images offline. Anything that cannot be found or downloaded
 becomes :class:`DatasetUnavailable`, whose message says where to put which files.
@@ -15,7 +16,6 @@ becomes :class:`DatasetUnavailable`, whose message says where to put which files
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -24,25 +24,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from cae.catalog import DATASETS
+from cae import userdata
+from cae.catalog import DATASETS, USER_DATASETS
 from cae.config import DataConfig, UserError
+from cae.userdata import data_root  # decided there; imported from here too
 
 SAMPLE_FILE = "fashion_mnist_sample.npz"
 
 
 class DatasetUnavailable(UserError, RuntimeError):
     """A dataset is neither on disk nor downloadable; the message says how to provide it."""
-
-
-def data_root(data_dir: str | None = None) -> Path:
-    """Where datasets live: ``data_dir``, else ``$CAE_DATA_DIR``, else the user cache dir."""
-    if data_dir:
-        return Path(data_dir).expanduser()
-    if os.environ.get("CAE_DATA_DIR"):
-        return Path(os.environ["CAE_DATA_DIR"]).expanduser()
-    import platformdirs
-
-    return Path(platformdirs.user_cache_dir("cae-sweep")) / "data"
 
 
 @dataclass
@@ -75,9 +66,13 @@ def load(cfg: DataConfig) -> ImageData:
 
     ``train_limit`` / ``test_limit`` keep the first N images of each split; the official
     files are already in random order, so the first N are a fair subset. The returned
-    tensors are shared by every caller of the cache: treat them as read-only.
+    tensors are shared by every caller of the cache: treat them as read-only. A user's
+    folder or array file (``cae.userdata``) is checked against its files on every call
+    and read again when they have changed.
     """
     name = cfg.dataset
+    if name in USER_DATASETS:
+        return _limit(_load_user(cfg), cfg.train_limit, cfg.test_limit)
     embedded = name in DATASETS and DATASETS[name].torchvision is None
     root = None if embedded else data_root(cfg.data_dir)
     key = (name, str(root) if root else None, cfg.train_limit, cfg.test_limit)
@@ -97,6 +92,14 @@ def load(cfg: DataConfig) -> ImageData:
 def clear_cache() -> None:
     """Forget every loaded dataset (tests use this to load the same name from new roots)."""
     _CACHE.clear()
+    userdata.forget()
+
+
+def _load_user(cfg: DataConfig) -> ImageData:
+    """A user's folder or array file as uint8 tensors sharing the arrays read (no copy)."""
+    train, test, _ = userdata.load(cfg)
+    return ImageData(name=cfg.label(), train=torch.from_numpy(train),
+                     test=torch.from_numpy(test))
 
 
 def _limit(data: ImageData, train_limit: int | None, test_limit: int | None) -> ImageData:

@@ -24,7 +24,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from cae import arch
-from cae.catalog import DATASETS
 
 if TYPE_CHECKING:
     from cae.config import ModelConfig, TrialConfig
@@ -89,7 +88,7 @@ def estimate(cfg: TrialConfig) -> MemoryEstimate:
     out_px = m.out_channels * m.image_size**2
     per_sample = 2 * 4 * layer_outputs(m) + 4 * (in_px + out_px)
     batch = max(cfg.batch_size * per_sample, cfg.eval_batch_size * per_sample // 2)
-    info = DATASETS[cfg.data.dataset]
+    info = cfg.data.info()  # the registry's, or what a user's files were found to hold
     n_train = min(info.train_size, cfg.data.train_limit or info.train_size)
     n_test = min(info.test_size, cfg.data.test_limit or info.test_size)
     n_val = max(1, round(n_train * cfg.data.val_fraction))
