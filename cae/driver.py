@@ -69,6 +69,8 @@ def new_sweep(spec: SweepSpec, name: str, *, address: str | None = None,
                             f"{run_dir}`, or give another --name")
         check_room(run_dir, checked.disk)
     datasets = plan.load_datasets(checked)
+    if plan.record_data_facts(spec, checked):  # a user's images: what was read, exactly
+        checked = plan.check_spec(spec, budget)
 
     def start(callbacks: list) -> None:
         from cae import sweep

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 
+from cae.config import DataConfig
 from cae.plan import Checked
 
 
@@ -42,9 +43,9 @@ def summarize(checked: Checked) -> str:
                      label or cfg.model.preset or "base"))
     for params, latent, mem, label in sorted(rows, key=lambda r: (r[1], r[0])):
         lines.append(f"  {params:>10,} {latent:>7} {mem / 2**20:>5,.0f} MiB  {label}")
-    if len(checked.datasets) > 1:
-        names = sorted({json.loads(k)[0] for k in checked.datasets})
-        lines.append(f"datasets: {len(checked.datasets)} loaded once each ({', '.join(names)})")
+    lines.append(f"datasets: {len(checked.datasets)}"
+                 + (", each loaded once" if len(checked.datasets) > 1 else ""))
+    lines += [f"  {dataset_line(cfg)}" for cfg in checked.datasets.values()]
     if checked.budget is not None:
         lines.append(f"memory per trial: at most {max(checked.memory.values()) / 2**20:,.0f} MiB "
                      f"of the {checked.budget[0] / 2**20:,.0f} MiB a trial may use here "
@@ -66,3 +67,21 @@ def summarize(checked: Checked) -> str:
     if checked.disk is not None:
         lines.append(f"storage: about {checked.disk} written to {spec.storage}")
     return "\n".join(lines)
+
+
+def dataset_line(cfg: DataConfig) -> str:
+    """One dataset of the dry run: where from, how many images, their shape, and (a user's
+    folder) whether its decoded images are cached."""
+    from cae.catalog import USER_DATASETS
+
+    if cfg.dataset in USER_DATASETS:
+        from cae.userdata import describe
+
+        return describe(cfg)
+    info = cfg.info()
+    n_train = min(info.train_size, cfg.train_limit or info.train_size)
+    n_test = min(info.test_size, cfg.test_limit or info.test_size)
+    where = ("inside the package" if cfg.dataset == "sample" else "scikit-image's photographs"
+             if cfg.dataset == "photos" else "torchvision")
+    return (f"{cfg.dataset}: {n_train:,} training + {n_test:,} test images, "
+            f"{'x'.join(map(str, info.shape))} uint8, {where}")

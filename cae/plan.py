@@ -19,7 +19,6 @@ from typing import Any
 from pydantic import ValidationError
 
 from cae import diskspace
-from cae.catalog import DATASETS
 from cae.config import (
     DataConfig,
     SweepSpec,
@@ -119,7 +118,7 @@ def _add(checked: Checked, cfg: TrialConfig, point: dict, where: str) -> None:
             f"use {budget[0] / 2**20:,.0f} MiB ({budget[1]}); lower batch_size, the "
             "model's size or data.train_limit, or give each trial more resources")
     checked.max_epochs = max(checked.max_epochs, cfg.max_epochs)
-    size = DATASETS[cfg.data.dataset].train_size
+    size = cfg.data.info().train_size  # the registry's, or what a user's files hold
     if cfg.data.train_limit:
         size = min(size, cfg.data.train_limit)
     checked.train_images = max(checked.train_images, int(size * (1 - cfg.data.val_fraction)))
@@ -269,6 +268,59 @@ def record_data_dir(spec: SweepSpec, checked: Checked | None, data_dir: str | No
         return False
     data["data_dir"] = str(data_root(data_dir).resolve())
     return True
+
+
+def record_data_facts(spec: SweepSpec, checked: Checked) -> bool:
+    """Write into ``spec.trial`` what each user dataset (``cae.userdata``) was found to hold
+    once loaded (shape, counts, skipped files), and its paths made absolute (in the space's
+    values too), so that trials validate their configs on any node without the files, and
+    the run's spec says what was read. Call after :func:`load_datasets`. Returns whether the
+    spec changed (then check it again: the exact facts can refuse what the headers could
+    not, such as colorize on images that all turned out grayscale)."""
+    from cae.catalog import USER_DATASETS
+    from cae.userdata import loaded_facts
+
+    users = [cfg for cfg in checked.datasets.values() if cfg.dataset in USER_DATASETS]
+    if not users:
+        return False
+    _absolute_data_paths(spec)
+    data = spec.trial.setdefault("data", {})
+    if not isinstance(data, dict):
+        raise SpecError("trial.data must be a mapping")
+    data["facts"] = [loaded_facts(cfg) for cfg in users]
+    return True
+
+
+def _absolute_data_paths(spec: SweepSpec) -> None:
+    """``data.path`` and ``data.test_path`` as absolute paths wherever the spec sets them
+    (the base trial, an axis, a variant), as ``DataConfig`` itself reads them here."""
+    from cae.config import AXIS_KINDS, absolute_path
+
+    keys = ("data.path", "data.test_path")
+
+    def fix(value: Any) -> Any:
+        return absolute_path(value) if isinstance(value, str) else value
+
+    def fix_axis(value: Any, each) -> Any:
+        kind = next(iter(value)) if isinstance(value, dict) and len(value) == 1 else None
+        if kind in AXIS_KINDS and isinstance(value[kind], list):
+            return {kind: [each(v) for v in value[kind]]}
+        return each(value)
+
+    def fix_variant(mapping: Any) -> Any:
+        if not isinstance(mapping, dict):
+            return mapping
+        return {k: fix(v) if k in keys else v for k, v in mapping.items()}
+
+    data = spec.trial.get("data")
+    for key in ("path", "test_path"):
+        if isinstance(data, dict) and data.get(key):
+            data[key] = fix(data[key])
+    for axis, value in list(spec.space.items()):
+        if axis in keys:
+            spec.space[axis] = fix_axis(value, fix)
+        elif axis.startswith("variant"):
+            spec.space[axis] = fix_axis(value, fix_variant)
 
 
 def load_datasets(checked: Checked) -> dict:
