@@ -15,7 +15,7 @@ import os
 import sys
 from pathlib import Path
 
-from cae.catalog import DATASETS
+from cae.catalog import DATASETS, USER_DATASETS
 from cae.config import UserError, format_validation_error
 
 EXIT_USAGE, EXIT_BUG = 2, 1
@@ -42,11 +42,14 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_data(args: argparse.Namespace) -> int:
-    from cae.config import DataConfig
+    from cae.config import DataConfig, parse_overrides, validate
     from cae.data import describe
 
-    print(describe(DataConfig(dataset=args.dataset, data_dir=args.data_dir,
-                              download=not args.no_download)))
+    fields = {"dataset": args.dataset, "data_dir": args.data_dir,
+              "download": not args.no_download, "path": args.path}
+    fields.update(parse_overrides(args.set))
+    print(describe(validate(DataConfig, {k: v for k, v in fields.items() if v is not None},
+                            "cae data")))
     return 0
 
 
@@ -112,6 +115,30 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- cae export-models / encode -----------------------------------------------------------
+
+
+def cmd_export_models(args: argparse.Namespace) -> int:
+    from cae.export import export_models
+
+    for path in export_models(args.run_dir, args.output, args.best_per, args.trial):
+        print(f"wrote {path}/ (encoder.pt2, decoder.pt2, weights.pt, config.json, card.md)")
+    return 0
+
+
+def cmd_encode(args: argparse.Namespace) -> int:
+    from cae.config import parse_overrides
+    from cae.export import encode
+
+    trial = args.trial
+    if trial not in (None, "best") and "=" in trial:  # a filter: latent_size=8
+        trial = parse_overrides([trial])
+    out, n = encode(args.source, args.images, args.output, trial or "best",
+                    skip_unreadable=args.skip_unreadable)
+    print(f"wrote {out}: latents of {n:,} images")
+    return 0
+
+
 # ---- parser -----------------------------------------------------------------------------
 
 
@@ -130,16 +157,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a setting, dotted keys allowed (model.latent_dim=8)")
     p.add_argument("--data-dir", help="dataset root (default: $CAE_DATA_DIR or a cache dir)")
     p.add_argument("--out", help="directory to save the trained model and its history")
+    _refresh_option(p)
     p.set_defaults(func=(cmd_train))
 
     p = sub.add_parser("models", help="list the named model presets")
     p.add_argument("--json", action="store_true", help="print a JSON list")
     p.set_defaults(func=(cmd_models))
 
-    p = sub.add_parser("data", help="fetch or check a dataset and print its size")
-    p.add_argument("dataset", choices=list(DATASETS))
+    p = sub.add_parser("data", help="fetch or check a dataset (or read your own images) and "
+                                    "print its size")
+    p.add_argument("dataset", choices=[*DATASETS, *USER_DATASETS])
     p.add_argument("--data-dir", help="dataset root (default: $CAE_DATA_DIR or a cache dir)")
     p.add_argument("--no-download", action="store_true", help="only look on disk")
+    p.add_argument("--path", help="folder or arrays: the folder of images or the array file")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="another data setting: image_size=28, channels=1, test_path=DIR, ...")
+    _refresh_option(p)
     p.set_defaults(func=(cmd_data))
 
     p = sub.add_parser("sweep", help="run a sweep spec on Ray Tune (local or on a cluster)")
@@ -162,6 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="validate every grid point, print trials, architectures, memory and "
                         "storage needed; start nothing, write nothing")
     _console_options(p)
+    _refresh_option(p)
     p.set_defaults(func=(cmd_sweep))
 
     p = sub.add_parser("resume", help="continue an interrupted sweep")
@@ -170,6 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", help="dataset root (default: where the sweep read its data, "
                                       "as recorded in the run)")
     _console_options(p)
+    _refresh_option(p)
     p.set_defaults(func=(cmd_resume))
 
     p = sub.add_parser("status", help="how far a run is (running, finished or interrupted): "
@@ -191,8 +226,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-pictures", action="store_true",
                    help="leave out the test-sample pictures and, if the run has none yet, the "
                         "reference errors (no dataset or checkpoints loaded)")
+    _refresh_option(p)
     p.set_defaults(func=(cmd_report))
+
+    p = sub.add_parser("export-models", help="write trained models of a run: torch.export "
+                                             "programs, weights, config and a card per trial")
+    p.add_argument("run_dir", help="the run directory of the sweep (a path, s3:// or gs://)")
+    p.add_argument("-o", "--output", required=True, help="folder to write OUT/<trial_id>/ into")
+    p.add_argument("--best-per", metavar="COLUMN",
+                   help="the best trial trained to the end at each value of a trials.parquet "
+                        "column (latent_size, model.channels, ...)")
+    p.add_argument("--trial", nargs="+", metavar="ID", help="these trials (default: the best)")
+    p.set_defaults(func=(cmd_export_models))
+
+    p = sub.add_parser("encode", help="turn a folder or array file of images into latents")
+    p.add_argument("source", help="a model folder written by export-models, or a run directory")
+    p.add_argument("--images", required=True, help="a folder of images or a .npy/.npz file")
+    p.add_argument("-o", "--output", required=True, help="the .npz file to write")
+    p.add_argument("--trial", help="with a run directory: 'best' (default), a trial id, or "
+                                   "COLUMN=VALUE (the best trained to the end with it)")
+    p.add_argument("--skip-unreadable", action="store_true",
+                   help="leave out image files that cannot be read (default: refuse them)")
+    _refresh_option(p)
+    p.set_defaults(func=(cmd_encode))
     return parser
+
+
+def _refresh_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--refresh-data", action="store_true",
+                   help="decode your own images (dataset folder) again instead of reading "
+                        "the cache of their decoded pixels, and rewrite the cache")
 
 
 def _console_options(p: argparse.ArgumentParser) -> None:
@@ -231,6 +294,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.debug:
         os.environ["CAE_DEBUG"] = "1"
+    if getattr(args, "refresh_data", False):
+        from cae.userdata import refresh_cache
+
+        refresh_cache()
     try:
         return args.func(args)
     except UserError as exc:

@@ -248,6 +248,8 @@ def _unavailable_message(name: str, root: Path, download: bool, exc: BaseExcepti
 def describe(cfg: DataConfig) -> str:
     """``cae data``: the dataset's splits and where they were read from."""
     data = load(cfg)
+    if cfg.dataset in USER_DATASETS:  # decoded and cached by now
+        return userdata.describe(cfg)
     where = {"sample": "inside the package", "photos": "scikit-image's bundled photographs"}.get(
         cfg.dataset, str(data_root(cfg.data_dir)))
     return (f"{cfg.dataset}: train {tuple(data.train.shape)}, test {tuple(data.test.shape)} "
