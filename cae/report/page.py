@@ -23,6 +23,7 @@ from cae.report import axes, figures
 from cae.report.run import Run, axis_labels, best_trials, load_run, short_id
 from cae.report.table import SORT_JS, best_per_latent, frame_html, table_html
 from cae.rundir import write_file
+from cae.userdata import skipped_note
 
 CSS = """
 body { font-family: system-ui, -apple-system, 'Segoe UI', sans-serif; margin: 0 auto;
@@ -68,7 +69,8 @@ def header_html(run: Run) -> str:
     """Sweep name, trials by status, trial-epochs, compute time, the best config."""
     t, spec = run.trials, run.spec
     trial = spec.get("trial") or {}
-    dataset = (trial.get("data") or {}).get("dataset", "?")
+    data = trial.get("data") or {}
+    dataset = f"{data.get('dataset', '?')}" + (f" ({data['path']})" if data.get("path") else "")
     sched = (spec.get("scheduler") or {}).get("kind", "asha")
     parts = [f"<h1>Sweep {html.escape(str(spec.get('name', run.name)))}</h1>",
              f'<p class="sub">run <code>{html.escape(str(run.path or run.name))}</code>; task '
@@ -89,6 +91,9 @@ def header_html(run: Run) -> str:
     if n:
         facts.append(_fact("trained to the end", _ends_per_stratum(run)))
     parts.append(f'<div class="facts">{"".join(facts)}</div>')
+    skipped = skipped_note(data)  # a user's folder: the unreadable files left out
+    if skipped:
+        parts.append(f'<p class="note">{html.escape(skipped)}</p>')
     unfinished = int(unfinished_mask(t).sum()) if n else 0
     if unfinished or n == 0:
         parts.append(
