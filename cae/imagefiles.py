@@ -332,9 +332,11 @@ def convert_array(a: np.ndarray, layout: str, target: tuple[int, int, int], wher
         if block.dtype != np.uint8:
             lo, hi = float(np.min(block)), float(np.max(block))
             if not (0.0 <= lo and hi <= 1.0):  # NaN fails too
+                held = ("NaN" if math.isnan(lo) or math.isnan(hi)
+                        else f"values from {lo:g} to {hi:g}")
                 raise DataError(f"{where}: float images must lie in [0, 1], and images "
-                                f"{s:,}..{s + len(block) - 1:,} hold values from {lo:g} to "
-                                f"{hi:g}; scale them (or store uint8 in [0, 255])")
+                                f"{s:,}..{s + len(block) - 1:,} hold {held}; scale them (or "
+                                "store uint8 in [0, 255])")
             block = np.rint(block * 255.0).astype(np.uint8)
         out[s:s + len(block)] = _fit_block(_channels(block, c), h, w)
     return out

@@ -236,6 +236,7 @@ def refresh_cache() -> None:
     """From now on in this process, the first load of each user dataset decodes its files
     again and rewrites the cache (``--refresh-data``)."""
     _REFRESH["on"] = True
+    _REFRESH["done"] = set()
 
 
 def forget() -> None:
@@ -263,6 +264,7 @@ def read(want: Want, cache_root: Path) -> Images:
         hit = _decode_folder(want, main, test, key)
         _write_cache(cache_root, want, hit)
         _REFRESH["done"].add(key)
+        _PROBED.clear()  # what was probed before says "not cached"
     _LOADED[key] = hit
     return hit
 
@@ -558,8 +560,12 @@ def _array_shape(want: Want, path: str, where: str) -> tuple[int, int, int, int,
                         "or floats in [0, 1]")
     layout = imagefiles.array_layout(tuple(shape), want.layout, f"{where} {path}")
     n, *rest = shape
-    c, h, w = {"nhw": (1, *rest), "nhwc": (rest[2], rest[0], rest[1]), "nchw": tuple(rest)}[
-        layout]
+    if layout == "nhw":
+        c, h, w = 1, *rest
+    elif layout == "nhwc":
+        h, w, c = rest
+    else:
+        c, h, w = rest
     if c not in (1, 3):
         raise DataError(f"{where}: {path} has {c} channels ({layout}); images have 1 "
                         "(grayscale) or 3 (RGB)")
