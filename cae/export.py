@@ -23,16 +23,17 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
 import torch
 from torch import nn
 
-from cae import rundir
 from cae.config import TrialConfig, UserError
 from cae.models import CAE, build_model, count_params
+
+if TYPE_CHECKING:  # pandas and the run directories are read only when a run is
+    import pandas as pd
 
 WEIGHTS, CONFIG, CARD = "weights.pt", "config.json", "card.md"
 ENCODER, DECODER = "encoder.pt2", "decoder.pt2"
@@ -47,6 +48,7 @@ def trial_config(local: Path, trial: pd.Series) -> TrialConfig:
     the run's spec with the trial's own ``params.json`` applied)."""
     import yaml
 
+    from cae import rundir
     from cae.config import trial_config as build
 
     base = (yaml.safe_load((local / rundir.SPEC_FILE).read_text()) or {}).get("trial") or {}
@@ -57,6 +59,9 @@ def trial_config(local: Path, trial: pd.Series) -> TrialConfig:
 def read_trials(run_dir: str) -> tuple[pd.DataFrame, Path]:
     """A run's ``trials.parquet`` and a local copy of the run (its mirror for a URI). A run
     without the table yet (still running) is read from Ray Tune's files."""
+    import pandas as pd
+
+    from cae import rundir
     from cae.results import TRIALS_FILE, load_frames
 
     local = rundir.local_copy(run_dir)
@@ -77,6 +82,10 @@ def read_trials(run_dir: str) -> tuple[pd.DataFrame, Path]:
 
 def trained_to_the_end(trials: pd.DataFrame) -> pd.Series:
     """Trials that ended by themselves (max_epochs or patience) and hold a validation loss."""
+    import pandas as pd
+
+    from cae import rundir
+
     ended = trials["stop_reason"].astype(str).isin(rundir.OWN_ENDS)
     has_loss = pd.to_numeric(trials["best_val_loss"], errors="coerce").notna()
     return ended & ~rundir.unfinished_mask(trials) & has_loss
@@ -84,6 +93,8 @@ def trained_to_the_end(trials: pd.DataFrame) -> pd.Series:
 
 def select(trials: pd.DataFrame, trial: str | dict = "best") -> pd.Series:
     """One row of ``trials``: see the module doc."""
+    import pandas as pd
+
     if isinstance(trial, str) and trial != "best":
         return _by_id(trials, trial)
     wanted = trial if isinstance(trial, dict) else {}
@@ -102,6 +113,8 @@ def select(trials: pd.DataFrame, trial: str | dict = "best") -> pd.Series:
 
 
 def _matches(column: pd.Series, value: Any) -> pd.Series:
+    import pandas as pd
+
     if isinstance(value, (list, dict)):
         return column.astype(str) == json.dumps(value)
     if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -141,6 +154,8 @@ def select_many(trials: pd.DataFrame, best_per: str | None = None,
 def best_weights(run_dir: str, local: Path, trial: pd.Series) -> dict:
     """The best epoch's state dict from the trial's newest checkpoint (fetched first from
     a run at a URI)."""
+    from cae import rundir
+
     name = str(trial["trial_dir"])
     if rundir.is_uri(run_dir):
         rundir.fetch_checkpoints(run_dir, [name], local)
@@ -154,6 +169,8 @@ def best_weights(run_dir: str, local: Path, trial: pd.Series) -> dict:
 def load_model(run_dir: str, trial: str | dict = "best") -> tuple[CAE, TrialConfig]:
     """The model of one trial of a run (local or s3://, gs://, file://) with its best
     epoch's weights, on the CPU, in eval mode, and the config it ran with."""
+    from cae import rundir
+
     run_dir = rundir.storage_uri(str(run_dir))
     trials, local = read_trials(run_dir)
     row = select(trials, trial)
@@ -221,6 +238,8 @@ def programs(model: CAE) -> tuple[Any, Any]:
 def export_models(run_dir: str, out: str | Path, best_per: str | None = None,
                   trials: list[str] | None = None) -> list[Path]:
     """Write the chosen trials' models into ``out/<trial_id>/`` (see the module doc)."""
+    from cae import rundir
+
     run_dir = rundir.storage_uri(str(run_dir))
     table, local = read_trials(run_dir)
     baselines = _baselines(local)
@@ -260,6 +279,8 @@ def pca_at(baselines: pd.DataFrame | None, cfg: TrialConfig, latent: int, split:
 def card(model: CAE, cfg: TrialConfig, row: pd.Series, run_dir: str,
          baselines: pd.DataFrame | None) -> str:
     """``card.md``: what the model is, how good, where it came from, how to use it."""
+    import pandas as pd
+
     latent = int(model.plan.latent_size)
     c, h, w = cfg.data.info().shape
     shape_in = f"{cfg.model.in_channels}x{h}x{w}"
@@ -359,7 +380,7 @@ def encode(source: str, images: str, out: str | Path, trial: str | dict = "best"
     ``paths`` to the .npz ``out``. Returns it and the number of images."""
     if not Path(images).exists():
         raise UserError(f"--images {images} does not exist")
-    exported = not rundir.is_uri(source) and (Path(source) / CONFIG).is_file()
+    exported = "://" not in source and (Path(source) / CONFIG).is_file()  # not a run's URI
     model, cfg = load_exported(source) if exported else load_model(source, trial)
     array, paths = read_images(cfg, images, skip_unreadable)
     latents = encode_array(model, cfg, array)

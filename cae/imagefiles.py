@@ -23,6 +23,8 @@ from cae.errors import UserError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 ARRAY_SUFFIXES = (".npy", ".npz")
+FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".bmp": "BMP", ".tif": "TIFF",
+           ".tiff": "TIFF", ".webp": "WEBP"}  # tried first: Pillow need not try every plugin
 GRAY_MODES = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16L", "I;16B", "I;16N", "F"})
 PARALLEL_FROM = 256  # files; fewer are decoded in this process (no pool to start)
 
@@ -63,22 +65,23 @@ class Workers:
                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE)
                       for _ in range(n)]
 
-    def map(self, fn: Callable, chunks: list[tuple[int, list]], *args) -> Iterator[tuple[int, Any]]:
-        """(offset, ``fn(chunk, *args)``) for every (offset, chunk), in the order they finish;
+    def map(self, fn: Callable, starts: list[int], chunk: Callable[[int], list], *args
+            ) -> Iterator[tuple[int, Any]]:
+        """(start, ``fn(chunk(start), *args)``) for every start, in the order they finish;
         what a worker that died left undone is not yielded (the caller does it)."""
         import pickle
         import selectors
 
-        todo, busy = list(chunks), {}
+        todo, busy = list(starts)[::-1], {}
         sel = selectors.DefaultSelector()
 
         def feed(proc) -> None:
             if not todo:
                 return
-            offset, chunk = todo.pop()
-            pickle.dump((fn.__name__, chunk, args), proc.stdin, protocol=5)
+            start = todo.pop()
+            pickle.dump((fn.__name__, chunk(start), args), proc.stdin, protocol=5)
             proc.stdin.flush()
-            busy[proc] = offset
+            busy[proc] = start
 
         for proc in self.procs:
             try:
@@ -132,19 +135,23 @@ def pool(n_files: int) -> Iterator[Workers | None]:
         procs.close()
 
 
-def run_chunks(pool: Workers | None, fn: Callable, paths: list[str], *args
+def run_chunks(pool: Workers | None, fn: Callable, n: int, item: Callable[[int], Any], *args
                ) -> Iterator[tuple[int, Any]]:
-    """``fn(chunk, *args)`` over chunks of ``paths``: (offset of the chunk, its result), in
-    the order they finish; what the workers could not do (one died) is done here."""
-    n = len(paths)
+    """``fn([item(k) for k in chunk], *args)`` over chunks of ``range(n)``: (start of the
+    chunk, its result), in the order they finish; what the workers could not do (one died)
+    is done here. Items are made when their chunk is sent, not all at once."""
     size = max(16, min(512, math.ceil(n / (8 * max(1, workers())))))
-    todo = {s: paths[s:s + size] for s in range(0, n, size)}
+    todo = dict.fromkeys(range(0, n, size))
+
+    def chunk(start: int) -> list:
+        return [item(k) for k in range(start, min(start + size, n))]
+
     if pool is not None:
-        for s, result in pool.map(fn, list(todo.items())[::-1], *args):
+        for s, result in pool.map(fn, list(todo), chunk, *args):
             del todo[s]
             yield s, result
-    for s, chunk in todo.items():
-        yield s, fn(chunk, *args)
+    for s in list(todo):
+        yield s, fn(chunk(s), *args)
 
 
 def _is_gray(im: Any) -> bool:
@@ -165,14 +172,26 @@ def _why(exc: BaseException) -> str:
     return text[0] if text else type(exc).__name__
 
 
-def headers(paths: list[str]) -> list:
-    """Per file (width, height, grayscale) from its header alone, or why it cannot be read."""
+def open_image(path: str) -> Any:
+    """``PIL.Image.open``, trying the format the file's suffix names first (a file named
+    for another format is still recognised)."""
     from PIL import Image
 
+    fmt = FORMATS.get(os.path.splitext(path)[1].lower())
+    if fmt is not None:
+        try:
+            return Image.open(path, formats=[fmt])
+        except Image.UnidentifiedImageError:
+            pass
+    return Image.open(path)
+
+
+def headers(paths: list[str]) -> list:
+    """Per file (width, height, grayscale) from its header alone, or why it cannot be read."""
     out: list = []
     for p in paths:
         try:
-            with Image.open(p) as im:
+            with open_image(p) as im:
                 out.append((im.width, im.height, _is_gray(im)))
         except Exception as exc:  # noqa: BLE001 - whatever a decoder raises, the file is bad
             out.append(_why(exc))
@@ -187,7 +206,7 @@ def decode_image(path: str, shape: tuple[int, int, int], fit: bool) -> tuple[np.
     from PIL import Image, ImageOps
 
     c, h, w = shape
-    with Image.open(path) as im:
+    with open_image(path) as im:
         gray = _is_gray(im)
         mode = "L" if c == 1 else "RGB"
         if fit and im.format == "JPEG":

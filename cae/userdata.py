@@ -29,26 +29,20 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import time
-from collections import Counter
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from cae import imagefiles
+from cae import imagefiles, imagefolder
 from cae.catalog import DatasetInfo
 from cae.imagefiles import DataError
+from cae.imagefolder import DECODE_VERSION, TEST_SEED, Images, say
 
 if TYPE_CHECKING:
     from cae.config import DataConfig
 
-TEST_SEED = 1729  # the order of a dataset's images: which are held out for testing
-DECODE_VERSION = 1  # part of every cache key: bump when decoding changes
-MAX_NAMED = 5  # unreadable files named in a message
 __all__ = ["DataError", "Images", "Want", "data_root", "dataset_info", "describe", "facts",
            "load", "probe", "read", "refresh_cache"]
 
@@ -62,11 +56,6 @@ def data_root(data_dir: str | None = None) -> Path:
     import platformdirs
 
     return Path(platformdirs.user_cache_dir("cae-sweep")) / "data"
-
-
-def say(line: str) -> None:
-    """One line about what the data loading did (decoded, or read from the cache)."""
-    print(line, flush=True)
 
 
 # ---- what is asked for ----------------------------------------------------------------
@@ -187,45 +176,18 @@ def probe(want: Want, cache_root: Path, refresh: bool = False) -> dict:
     """Facts of ``want`` from its headers or the cache's record (see the module doc)."""
     if want.kind == "arrays":
         return _probe_arrays(want)
-    main = _scan_checked(want.path, "data.path")
-    test = _scan_checked(want.test_path, "data.test_path") if want.test_path else None
-    key = _folder_key(want, main, test)
-    meta = None if refresh else _read_meta(cache_root, want, key)
-    if meta is not None:
-        return {k: meta[k] for k in ("shape", "images", "test_images", "grayscale", "skipped",
-                                     "test_skipped")} | {"cached": True, "fingerprint": key}
-    if want.size is not None and want.channels is not None:  # nothing to look at yet
-        shape, gray, bad = [want.channels, *want.size], None, {}
-    else:
-        heads = _headers_of(want, main, test, key)
-        shape, gray = _resolve(want, heads, main, test)
-        bad = {i: h for i, h in enumerate(heads) if isinstance(h, str)}
-        _refuse_unreadable(want, bad, main, test)
-    n_main = len(main) - sum(1 for i in bad if i < len(main))
-    n_test = None if test is None else len(test) - (len(bad) - (len(main) - n_main))
-    names = _names(main, test)
-    return {"shape": list(shape), "images": n_main, "test_images": n_test, "grayscale": gray,
-            "skipped": [names[i] for i in bad if i < len(main)],
-            "test_skipped": [names[i] for i in bad if i >= len(main)],
-            "cached": False, "fingerprint": key}
+    main, test = _listings(want)
+    key = imagefolder.key_of(want, main, test)
+    return imagefolder.probe(want, main, test, key, cache_root, refresh)
+
+
+def _listings(want: Want) -> tuple[imagefolder.Listing, imagefolder.Listing | None]:
+    main = imagefolder.listing(want.path, "data.path")
+    return main, (imagefolder.listing(want.test_path, "data.test_path") if want.test_path
+                  else None)
 
 
 # ---- loading ----------------------------------------------------------------------------
-
-
-@dataclass
-class Images:
-    """A user dataset as read: its images in their kept order, and (folders) their paths."""
-
-    images: np.ndarray  # (N, C, H, W) uint8
-    test: np.ndarray | None  # from test_path
-    paths: list[str] | None = None  # relative to the folder, one per image
-    test_paths: list[str] | None = None
-    skipped: list[str] = field(default_factory=list)
-    test_skipped: list[str] = field(default_factory=list)
-    grayscale: bool = False
-    key: str = ""
-    cached: bool = False
 
 
 _LOADED: dict[str, Images] = {}  # in-process: cache key -> images (read-only)
@@ -243,7 +205,7 @@ def forget() -> None:
     """Forget what this process found and loaded (``cae.data.clear_cache``)."""
     _PROBED.clear()
     _LOADED.clear()
-    _HEADERS.clear()
+    imagefolder.forget()
 
 
 def read(want: Want, cache_root: Path) -> Images:
@@ -253,16 +215,15 @@ def read(want: Want, cache_root: Path) -> Images:
         if key not in _LOADED:
             _LOADED[key] = _read_arrays(want)
         return _LOADED[key]
-    main = _scan_checked(want.path, "data.path")
-    test = _scan_checked(want.test_path, "data.test_path") if want.test_path else None
-    key = _folder_key(want, main, test)
+    main, test = _listings(want)
+    key = imagefolder.key_of(want, main, test)
     refresh = _REFRESH["on"] and key not in _REFRESH["done"]
     if not refresh and key in _LOADED:
         return _LOADED[key]
-    hit = None if refresh else _read_cache(cache_root, want, key)
+    hit = None if refresh else imagefolder.read_cache(cache_root, want, main, test, key)
     if hit is None:
-        hit = _decode_folder(want, main, test, key)
-        _write_cache(cache_root, want, hit)
+        hit = imagefolder.decode(want, main, test, key)
+        imagefolder.write_cache(cache_root, want, hit)
         _REFRESH["done"].add(key)
         _PROBED.clear()  # what was probed before says "not cached"
     _LOADED[key] = hit
@@ -307,245 +268,6 @@ def facts_of(cfg: DataConfig, got: Images) -> dict:
             "test_images": None if got.test is None else len(got.test),
             "grayscale": got.grayscale, "skipped": got.skipped,
             "test_skipped": got.test_skipped, "fingerprint": got.key}
-
-
-# ---- folders: listing, keys, the cache ---------------------------------------------------
-
-
-def _scan_checked(path: str, where: str) -> list[tuple[str, int, int]]:
-    p = Path(path)
-    if not p.exists():
-        raise DataError(f"{where}: {path} does not exist")
-    if not p.is_dir():
-        raise DataError(f"{where}: {path} is a file, and dataset 'folder' reads a folder of "
-                        "images (for a .npy or .npz file use dataset: arrays)")
-    files = scan(p)
-    if not files:
-        kinds = ", ".join(s.lstrip(".").upper() for s in imagefiles.IMAGE_SUFFIXES)
-        raise DataError(f"{where}: {path} holds no image files ({kinds}) at any depth")
-    return files
-
-
-def scan(root: Path) -> list[tuple[str, int, int]]:
-    """Every image file under ``root``: (path relative to root, size, mtime in ns), sorted
-    by path; hidden files and folders are left out."""
-    out, stack = [], [(str(root), "")]
-    while stack:
-        folder, rel = stack.pop()
-        try:
-            entries = list(os.scandir(folder))
-        except OSError as exc:
-            raise DataError(f"{folder}: cannot be listed ({exc.strerror})") from None
-        for e in entries:
-            if e.name.startswith("."):
-                continue
-            if e.is_dir():
-                stack.append((e.path, f"{rel}{e.name}/"))
-            elif e.name.lower().endswith(imagefiles.IMAGE_SUFFIXES) and e.is_file():
-                st = e.stat()
-                out.append((rel + e.name, st.st_size, st.st_mtime_ns))
-    out.sort()
-    return out
-
-
-def _folder_key(want: Want, main: list, test: list | None) -> str:
-    """Changes whenever a file is added, removed, resized or touched, or a setting changes."""
-    text = json.dumps([DECODE_VERSION, want.path, want.test_path, want.size, want.channels,
-                       want.skip_unreadable, main, test])
-    return hashlib.sha256(text.encode()).hexdigest()[:24]
-
-
-def _slot(cache_root: Path, want: Want) -> Path:
-    """One cache entry per folder and settings: a new decode replaces the old one."""
-    text = json.dumps([want.path, want.test_path, want.size, want.channels,
-                       want.skip_unreadable])
-    return cache_root / "decoded" / hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def _read_meta(cache_root: Path, want: Want, key: str) -> dict | None:
-    try:
-        meta = json.loads(_slot(cache_root, want).with_suffix(".json").read_text())
-    except (OSError, ValueError):
-        return None
-    return meta if meta.get("key") == key else None
-
-
-def _read_cache(cache_root: Path, want: Want, key: str) -> Images | None:
-    meta = _read_meta(cache_root, want, key)
-    if meta is None:
-        return None
-    slot = _slot(cache_root, want)
-    try:
-        images = np.load(slot.with_suffix(".npy"))
-        test = np.load(slot.with_suffix(".test.npy")) if want.test_path else None
-    except (OSError, ValueError):
-        return None
-    if list(images.shape) != [meta["images"], *meta["shape"]]:
-        return None
-    say(f"data: {len(images) + (0 if test is None else len(test)):,} images of {want.path} "
-        f"from the cache (decoded {meta['created']}; --refresh-data decodes them again)")
-    return Images(images, test, meta["paths"], meta["test_paths"], meta["skipped"],
-                  meta["test_skipped"], meta["grayscale"], key, cached=True)
-
-
-def _write_cache(cache_root: Path, want: Want, got: Images) -> None:
-    slot = _slot(cache_root, want)
-    meta = {"key": got.key, "path": want.path, "test_path": want.test_path,
-            "shape": list(got.images.shape[1:]), "images": len(got.images),
-            "test_images": None if got.test is None else len(got.test),
-            "grayscale": got.grayscale, "skipped": got.skipped,
-            "test_skipped": got.test_skipped, "paths": got.paths, "test_paths": got.test_paths,
-            "created": time.strftime("%Y-%m-%d %H:%M")}
-    try:
-        slot.parent.mkdir(parents=True, exist_ok=True)
-        for suffix, array in ((".npy", got.images), (".test.npy", got.test)):
-            if array is not None:
-                _write_whole(slot.with_suffix(suffix), lambda f, a=array: np.save(f, a))
-        _write_whole(slot.with_suffix(".json"), lambda f: f.write(json.dumps(meta).encode()))
-    except OSError as exc:
-        say(f"data: the decoded images could not be cached in {slot.parent} ({exc.strerror}); "
-            "the next run decodes them again")
-
-
-def _write_whole(path: Path, write: Callable) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        write(f)
-    os.replace(tmp, path)
-
-
-def _names(main: list, test: list | None) -> list[str]:
-    return [f[0] for f in main] + [f"test:{f[0]}" for f in test or []]
-
-
-# ---- folders: decoding on every core -----------------------------------------------------
-
-_HEADERS: dict[str, list] = {}  # cache key -> per file (width, height, gray) or a reason
-
-
-
-def _full_paths(want: Want, main: list, test: list | None) -> list[str]:
-    return ([os.path.join(want.path, f[0]) for f in main]
-            + [os.path.join(want.test_path, f[0]) for f in test or []])
-
-
-def _headers_of(want: Want, main: list, test: list | None, key: str, pool: Any = None) -> list:
-    if key not in _HEADERS:
-        paths = _full_paths(want, main, test)
-        heads: list = [None] * len(paths)
-        with imagefiles.pool(len(paths)) if pool is None else _same(pool) as p:
-            for s, part in imagefiles.run_chunks(p, imagefiles.headers, paths):
-                heads[s:s + len(part)] = part
-        _HEADERS[key] = heads
-    return _HEADERS[key]
-
-
-@contextmanager
-def _same(pool: Any) -> Iterator[Any]:
-    yield pool
-
-
-def _resolve(want: Want, heads: list, main: list, test: list | None) -> tuple[list[int], bool]:
-    """(C, H, W) and whether every image is grayscale, from the readable files' headers."""
-    good = [h for h in heads if not isinstance(h, str)]
-    if not good:
-        raise DataError(f"data.path: none of the {len(heads):,} image files under "
-                        f"{want.path} can be read: {_examples(want, heads, main, test)}")
-    gray = all(h[2] for h in good)
-    channels = want.channels or (1 if gray else 3)
-    if want.size is not None:
-        return [channels, *want.size], gray
-    sizes = Counter((h[1], h[0]) for h in good)
-    if len(sizes) > 1:
-        names = _names(main, test)
-        first = {}
-        for i, h in enumerate(heads):
-            if not isinstance(h, str):
-                first.setdefault((h[1], h[0]), names[i])
-        listed = ", ".join(f"{w}x{h} ({n:,}, e.g. {first[(h, w)]})"
-                           for (h, w), n in sizes.most_common(3))
-        raise DataError(f"data.image_size: the images under {want.path} differ in size "
-                        f"({len(sizes)} sizes, width x height: {listed}); set data.image_size "
-                        "(a number, or [height, width]) to bring them to one size, a centred "
-                        "resize-and-crop that keeps the aspect ratio")
-    (h, w), _ = sizes.most_common(1)[0]
-    return [channels, h, w], gray
-
-
-def _examples(want: Want, bad: dict | list, main: list, test: list | None) -> str:
-    names = _names(main, test)
-    items = bad.items() if isinstance(bad, dict) else [
-        (i, h) for i, h in enumerate(bad) if isinstance(h, str)]
-    items = list(items)
-    shown = ", ".join(f"{names[i]} ({why})" for i, why in items[:MAX_NAMED])
-    return shown + (f" and {len(items) - MAX_NAMED} more" if len(items) > MAX_NAMED else "")
-
-
-def _refuse_unreadable(want: Want, bad: dict, main: list, test: list | None) -> None:
-    if bad and not want.skip_unreadable:
-        raise DataError(
-            f"data.path: {len(bad):,} of the {len(main) + len(test or []):,} image files under "
-            f"{want.path}{' and ' + want.test_path if test else ''} cannot be read: "
-            f"{_examples(want, bad, main, test)}; remove or fix them, or set "
-            "data.skip_unreadable: true to leave them out")
-
-
-def _decode_folder(want: Want, main: list, test: list | None, key: str) -> Images:
-    """Decode every readable file once, on every core, each straight into its row."""
-    paths = _full_paths(want, main, test)
-    t0 = time.perf_counter()
-    with imagefiles.pool(len(paths)) as pool:
-        bad: dict[int, str] = {}
-        if want.size is None or want.channels is None:
-            heads = _headers_of(want, main, test, key, pool)
-            shape, gray = _resolve(want, heads, main, test)
-            bad = {i: h for i, h in enumerate(heads) if isinstance(h, str)}
-            _refuse_unreadable(want, bad, main, test)
-        else:
-            shape, gray = [want.channels, *want.size], True
-        parts = [(0, len(main))] + ([(len(main), len(paths))] if test else [])
-        orders = [_order(lo, hi, bad) for lo, hi in parts]  # file indices, row by row
-        outs = [np.empty((len(order), *shape), dtype=np.uint8) for order in orders]
-        part_of, row_of = np.zeros(len(paths), np.int64), np.zeros(len(paths), np.int64)
-        for k, order in enumerate(orders):
-            part_of[order], row_of[order] = k, np.arange(len(order))
-        todo = [i for i in range(len(paths)) if i not in bad]
-        for s, (block, status) in imagefiles.run_chunks(
-                pool, imagefiles.decode_many, [paths[i] for i in todo], tuple(shape),
-                want.size is not None):
-            for j, st in enumerate(status):
-                i = todo[s + j]
-                if isinstance(st, str):
-                    bad[i] = st
-                else:
-                    outs[part_of[i]][row_of[i]] = block[j]
-                    gray = gray and st
-        cores = imagefiles.workers() if pool is not None else 1
-    _refuse_unreadable(want, bad, main, test)
-    kept = [_without(out, order, bad) for out, order in zip(outs, orders)]
-    n = sum(len(out) for out, _ in kept)
-    dt = time.perf_counter() - t0
-    say(f"data: decoded {n:,} images of {want.path} in {dt:.1f} s on {cores} core(s) "
-        f"({n / dt:,.0f} images/s); cached for the next run")
-    names = _names(main, test)
-    (images, order), (test_images, test_order) = kept[0], (kept[1] if test else (None, None))
-    return Images(images, test_images, [names[i] for i in order],
-                  None if test is None else [names[i].removeprefix("test:") for i in test_order],
-                  [names[i] for i in sorted(bad) if i < len(main)],
-                  [names[i] for i in sorted(bad) if i >= len(main)], gray, key)
-
-
-def _order(lo: int, hi: int, bad: dict) -> np.ndarray:
-    """Files ``lo..hi-1`` (one folder) in their kept order: shuffled with TEST_SEED, the
-    unreadable ones left out."""
-    order = lo + np.random.default_rng(TEST_SEED).permutation(hi - lo)
-    return order[np.array([i not in bad for i in order], dtype=bool)] if bad else order
-
-
-def _without(out: np.ndarray, order: np.ndarray, bad: dict) -> tuple[np.ndarray, np.ndarray]:
-    """The rows of files found unreadable while decoding, taken out (a copy only then)."""
-    keep = np.array([i not in bad for i in order], dtype=bool)
-    return (out, order) if keep.all() else (out[keep], order[keep])
 
 
 # ---- array files ------------------------------------------------------------------------
