@@ -36,10 +36,12 @@ def test_notebook_runs_on_a_real_sweep(small_run, monkeypatch, task):
     outs = outputs(nb)
     assert not [o for o in outs if o.output_type == "error"]
     figs = [o for o in outs if PLOTLY in o.get("data", {})]
-    # loss, latent, axes, parallel, pictures, table; plus per distortion for denoise
-    assert len(figs) == (7 if task == "denoise" else 6)
+    # loss, latent, axes, parallel, pictures, table, the best model's latents; plus per
+    # distortion for denoise
+    assert len(figs) == (8 if task == "denoise" else 7)
     titles = [o["data"][PLOTLY]["layout"]["title"]["text"] for o in figs]
     assert titles[0].startswith("Loss evolution") and titles[1].startswith("Latent size")
+    assert titles[-1].startswith("Test latents of the best model")
     text = "".join(o.get("text", "") for o in outs if o.output_type == "stream")
     assert f"{run_dir}: 8 trials" in text
     frames = [o for o in outs if "text/html" in o.get("data", {})]
