@@ -7,15 +7,16 @@ grayscale, 3: RGB; default 1 when every image is grayscale, else 3) and to ``ima
 size), and keeps them as uint8 ``(N, C, H, W)`` like every other dataset.
 ``data: {dataset: arrays, path: FILE}`` reads a ``.npy`` or ``.npz`` file (its ``images``
 array, or its only one): uint8 in [0, 255] or floats in [0, 1], laid out as
-:func:`array_layout` says.
+``cae.imagefiles.array_layout`` says.
 
 Only the driver of a sweep reads these files. What a model must know of them (their shape,
 how many there are) is found cheaply first by :func:`probe` (the cache's record, else the
 image or array headers, never the pixels) and recorded in the run's spec
 (``DataConfig.facts``), so a trial validates its config on any node without the files, and
-so do ``cae status`` and ``cae report`` later. Decoding a folder is paid once: the decoded
-arrays are cached in the data directory (``decoded/``, keyed by every file's path, size and
-modification time and by the settings), and the first decode runs on every core.
+so do ``cae status`` and ``cae report`` later. Decoding a folder is paid once
+(``cae.imagefolder``): the decoded arrays are cached in the data directory (``decoded/``,
+keyed by every file's path, size and modification time and by the settings), and the
+first decode runs on every core (``cae.imagefiles``, which reads single files).
 
 The test split is ``test_path`` (another folder or file), else ``test_fraction`` of the
 images held out before the validation split. A folder's images are kept in an order
