@@ -460,6 +460,29 @@ def test_a_trial_validates_from_the_recorded_facts_without_the_files(tmp_path, m
         load(cfg.data)  # the pixels themselves need the files
 
 
+def test_relative_paths_in_the_space_are_recorded_absolute(tmp_path, monkeypatch):
+    """Trials resolve their config on other nodes, in other folders: every data path the
+    spec sets (base, grid, choice, variant) is written down absolute before they start."""
+    from cae.config import SweepSpec
+    from cae.sweep import _absolute_data_paths
+
+    monkeypatch.chdir(tmp_path)
+    spec = SweepSpec.model_validate({
+        "trial": {"data": {"dataset": "folder", "path": "a", "test_path": "~/t"}},
+        "space": {"data.path": {"grid": ["a", "b/c"]}, "data.test_path": "t2",
+                  "variant": {"grid": [{"data.path": "d", "lr": 0.1}, {"lr": 0.2}]},
+                  "variant2": {"data.path": "e"}}})
+    _absolute_data_paths(spec)
+    home = os.path.expanduser("~")
+    assert spec.trial["data"] == {"dataset": "folder", "path": str(tmp_path / "a"),
+                                  "test_path": f"{home}/t"}
+    assert spec.space["data.path"] == {"grid": [str(tmp_path / "a"), str(tmp_path / "b/c")]}
+    assert spec.space["data.test_path"] == str(tmp_path / "t2")
+    assert spec.space["variant"]["grid"] == [{"data.path": str(tmp_path / "d"), "lr": 0.1},
+                                             {"lr": 0.2}]
+    assert spec.space["variant2"] == {"data.path": str(tmp_path / "e")}
+
+
 # ---- end to end (Ray) ----------------------------------------------------------------------
 
 
