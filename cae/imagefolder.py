@@ -94,26 +94,30 @@ def listing(path: str, where: str) -> Listing:
 
 def scan(root: str) -> Listing:
     """Every image file under ``root`` at any depth, sorted by relative path; hidden files
-    and folders are left out."""
-    found, stack = [], [(root, "")]
+    and folders are left out. Sizes and times go straight into compact arrays: a listing of
+    60,000 files holds their names and 16 bytes each, nothing more."""
+    from array import array
+
+    names, stats, stack = [], array("q"), [(root, "")]
     while stack:
         folder, rel = stack.pop()
         try:
-            entries = list(os.scandir(folder))
+            entries = os.scandir(folder)
         except OSError as exc:
             raise DataError(f"{folder}: cannot be listed ({exc.strerror})") from None
-        for e in entries:
-            if e.name.startswith("."):
-                continue
-            if e.is_dir():
-                stack.append((e.path, f"{rel}{e.name}/"))
-            elif e.name.lower().endswith(imagefiles.IMAGE_SUFFIXES) and e.is_file():
-                st = e.stat()
-                found.append((rel + e.name, st.st_size, st.st_mtime_ns))
-    found.sort()
-    names = [f[0] for f in found]
-    stats = np.array([f[1:] for f in found], dtype=np.int64).reshape(-1, 2)
-    return Listing(root, names, stats)
+        with entries:
+            for e in entries:
+                if e.name.startswith("."):
+                    continue
+                if e.is_dir():
+                    stack.append((e.path, f"{rel}{e.name}/"))
+                elif e.name.lower().endswith(imagefiles.IMAGE_SUFFIXES) and e.is_file():
+                    st = e.stat()
+                    names.append(rel + e.name)
+                    stats.extend((st.st_size, st.st_mtime_ns))
+    order = sorted(range(len(names)), key=names.__getitem__)
+    table = np.frombuffer(stats, dtype=np.int64).reshape(-1, 2)[order]
+    return Listing(root, [names[i] for i in order], table)
 
 
 def key_of(want: Want, main: Listing, test: Listing | None) -> str:
