@@ -44,37 +44,25 @@ MAX_BATCH = 1 << 20  # the largest batch the exported programs accept
 
 
 def trial_config(local: Path, trial: pd.Series) -> TrialConfig:
-    """The config one trial ran with (the one place that says where it comes from: for now
-    the run's spec with the trial's own ``params.json`` applied)."""
+    """The config one trial ran with: its own record (``trial.json``, written when it
+    started), else its point applied to the run's spec (``cae.results.trial_config_of``)."""
     import yaml
 
     from cae import rundir
-    from cae.config import trial_config as build
+    from cae.results import read_trial, trial_config_of
 
     base = (yaml.safe_load((local / rundir.SPEC_FILE).read_text()) or {}).get("trial") or {}
-    point = json.loads((local / str(trial["trial_dir"]) / "params.json").read_text())
-    return build(base, point)
+    return trial_config_of(read_trial(local / str(trial["trial_dir"])), base)
 
 
 def read_trials(run_dir: str) -> tuple[pd.DataFrame, Path]:
-    """A run's ``trials.parquet`` and a local copy of the run (its mirror for a URI). A run
-    without the table yet (still running) is read from Ray Tune's files."""
-    import pandas as pd
-
+    """A run's ``trials`` table (``trials.parquet``, brought up to date if the run wrote
+    since) and a local copy of the run (its mirror for a URI)."""
     from cae import rundir
-    from cae.results import TRIALS_FILE, load_frames
+    from cae.results import tables
 
     local = rundir.local_copy(run_dir)
-    table = local / TRIALS_FILE
-    if rundir.is_uri(run_dir):
-        import pyarrow.fs as pafs
-
-        fs, root = pafs.FileSystem.from_uri(run_dir)
-        path = f"{root.rstrip('/')}/{TRIALS_FILE}"
-        if fs.get_file_info(path).type == pafs.FileType.File:
-            with fs.open_input_stream(path) as f:
-                table.write_bytes(f.read())
-    trials = pd.read_parquet(table) if table.is_file() else load_frames(local)[0]
+    trials = tables(local).trials
     if trials.empty:
         raise UserError(f"{run_dir}: no trials yet")
     return trials, local
@@ -84,11 +72,10 @@ def trained_to_the_end(trials: pd.DataFrame) -> pd.Series:
     """Trials that ended by themselves (max_epochs or patience) and hold a validation loss."""
     import pandas as pd
 
-    from cae import rundir
+    from cae import outcomes
 
-    ended = trials["stop_reason"].astype(str).isin(rundir.OWN_ENDS)
     has_loss = pd.to_numeric(trials["best_val_loss"], errors="coerce").notna()
-    return ended & ~rundir.unfinished_mask(trials) & has_loss
+    return outcomes.trained_to_the_end(trials) & has_loss
 
 
 def select(trials: pd.DataFrame, trial: str | dict = "best") -> pd.Series:
@@ -151,19 +138,16 @@ def select_many(trials: pd.DataFrame, best_per: str | None = None,
 # ---- the model ----------------------------------------------------------------------------
 
 
-def best_weights(run_dir: str, local: Path, trial: pd.Series) -> dict:
-    """The best epoch's state dict from the trial's newest checkpoint (fetched first from
-    a run at a URI)."""
-    from cae import rundir
+def best_weights(run_dir: str, trial: pd.Series) -> dict:
+    """The best epoch's state dict from the trial's newest whole checkpoint (read where the
+    run is: a local path or a URI)."""
+    from cae import checkpoints
 
-    name = str(trial["trial_dir"])
-    if rundir.is_uri(run_dir):
-        rundir.fetch_checkpoints(run_dir, [name], local)
-    found = sorted((local / name).glob("checkpoint_*/state.pt"))
-    if not found:
-        raise UserError(f"trial {trial['trial_id']} of {run_dir} has no checkpoint")
-    state = torch.load(found[-1], weights_only=True, map_location="cpu")
-    return state.get("best_model") or state["model"]
+    fs, path = checkpoints.filesystem(f"{run_dir.rstrip('/')}/{trial['trial_dir']}")
+    found = checkpoints.load_newest(fs, path)
+    if found is None:
+        raise UserError(f"trial {trial['trial_id']} of {run_dir} has no readable checkpoint")
+    return found.state.get("best_model") or found.state["model"]
 
 
 def load_model(run_dir: str, trial: str | dict = "best") -> tuple[CAE, TrialConfig]:
@@ -180,7 +164,7 @@ def load_model(run_dir: str, trial: str | dict = "best") -> tuple[CAE, TrialConf
 def _model(run_dir: str, local: Path, row: pd.Series) -> tuple[CAE, TrialConfig]:
     cfg = trial_config(local, row)
     model = build_model(cfg.model, seed=cfg.seed)
-    model.load_state_dict(best_weights(run_dir, local, row))
+    model.load_state_dict(best_weights(run_dir, row))
     return model.eval(), cfg
 
 
@@ -259,7 +243,7 @@ def export_models(run_dir: str, out: str | Path, best_per: str | None = None,
 
 
 def _baselines(local: Path) -> pd.DataFrame | None:
-    from cae.baselines import read_baselines
+    from cae.results import read_baselines
 
     return read_baselines(local)
 

@@ -45,7 +45,8 @@ def test_select_picks_the_best_trained_to_the_end():
     assert select(t, {"model.channels": [8, 16]})["trial_id"] == "e_00003"
     assert select(t, "00002")["trial_id"] == "e_00002"  # an id's number, or the id, or dir
     assert select(t, "t1")["trial_id"] == "e_00001"
-    running = _trials(status=["TERMINATED", "TERMINATED", "TERMINATED", "RUNNING"])
+    running = _trials(status=["TERMINATED", "TERMINATED", "TERMINATED", "RUNNING"],
+                      stop_reason=["max_epochs", "sha", "patience", "running"])
     assert select(running)["trial_id"] == "e_00002"
     with pytest.raises(UserError, match="no trial trained to its end with latent_size=16"):
         select(t, {"latent_size": 16})
@@ -131,7 +132,7 @@ def test_load_model_gives_the_best_epochs_weights(run):
     eight, _ = load_model(str(run[0]), {"latent_size": 8})
     assert eight.plan.latent_size == 8
     assert torch.equal(eight.state_dict()["decoder.0.weight"],
-                       best_weights(str(run[0]), run[0], select(trials, {"latent_size": 8}))[
+                       best_weights(str(run[0]), select(trials, {"latent_size": 8}))[
                            "decoder.0.weight"])
 
 

@@ -331,7 +331,7 @@ def _bad_arrays(tmp_path: Path, kind: str) -> Path:
     ("not_an_image", r"1 of the 31 image files under .* cannot be read: class0/broken.png "
                      r"\(not an image\).*skip_unreadable"),
     ("mixed_sizes", "differ in size"),
-    ("colorize_gray", "colorize' needs RGB images.*1 channel"),
+    ("colorize_gray", r"colorize' needs 3-channel images \(RGB\).*1 channel"),
     ("colorize_forced_rgb", "every image of .* is grayscale"),
     ("too_few", "27 after the validation split.*fewer than one batch"),
     ("arrays_rank", "10 x 28; images are N x H x W"),
@@ -429,7 +429,7 @@ def test_a_trial_validates_from_the_recorded_facts_without_the_files(tmp_path, m
 
     from cae.config import SweepSpec
     from cae.memory import estimate
-    from cae.sweep import check_spec, record_data_facts
+    from cae.plan import check_spec, record_data_facts
 
     root = gray_folder(tmp_path / "g", 50)
     (root / "class0" / "broken.png").write_text("not a PNG")
@@ -464,7 +464,7 @@ def test_relative_paths_in_the_space_are_recorded_absolute(tmp_path, monkeypatch
     """Trials resolve their config on other nodes, in other folders: every data path the
     spec sets (base, grid, choice, variant) is written down absolute before they start."""
     from cae.config import SweepSpec
-    from cae.sweep import _absolute_data_paths
+    from cae.plan import _absolute_data_paths
 
     monkeypatch.chdir(tmp_path)
     spec = SweepSpec.model_validate({
