@@ -340,10 +340,11 @@ def read_images(cfg: TrialConfig, path: str, skip_unreadable: bool = False
     want = Want(kind, absolute_path(path), None, (size, size), cfg.data.info().shape[0],
                 cfg.data.layout if cfg.data.dataset == "arrays" else "auto", skip_unreadable)
     got = read(want, data_root())
-    if got.paths is None:
+    paths = got.paths  # one list (a property: made on each access)
+    if paths is None:
         return got.images, None
-    order = np.argsort(np.asarray(got.paths, dtype=object), kind="stable")
-    return got.images[order], [got.paths[i] for i in order]
+    order = np.argsort(np.asarray(paths, dtype=object), kind="stable")
+    return got.images[order], [paths[i] for i in order]
 
 
 @torch.inference_mode()
