@@ -140,7 +140,7 @@ def run_chunks(pool: Workers | None, fn: Callable, n: int, item: Callable[[int],
     """``fn([item(k) for k in chunk], *args)`` over chunks of ``range(n)``: (start of the
     chunk, its result), in the order they finish; what the workers could not do (one died)
     is done here. Items are made when their chunk is sent, not all at once."""
-    size = max(16, min(512, math.ceil(n / (8 * max(1, workers())))))
+    size = max(16, min(256, math.ceil(n / (8 * max(1, workers())))))
     todo = dict.fromkeys(range(0, n, size))
 
     def chunk(start: int) -> list:

@@ -44,11 +44,14 @@ class Listing:
     """The image files under a folder: relative paths (sorted) and (size, mtime in ns)."""
 
     root: str
-    names: list[str]
+    names: np.ndarray  # (N,) bytes (the file system's encoding), sorted
     stats: np.ndarray  # (N, 2) int64
 
     def __len__(self) -> int:
         return len(self.names)
+
+    def name(self, i: int) -> str:
+        return os.fsdecode(self.names[i])
 
 
 @dataclass
@@ -58,9 +61,9 @@ class Images:
 
     images: np.ndarray  # (N, C, H, W) uint8
     test: np.ndarray | None  # from test_path
-    names: list[str] | None = None
+    names: np.ndarray | None = None  # a folder's Listing.names
     order: np.ndarray | None = None
-    test_names: list[str] | None = None
+    test_names: np.ndarray | None = None
     test_order: np.ndarray | None = None
     skipped: list[str] = field(default_factory=list)
     test_skipped: list[str] = field(default_factory=list)
@@ -71,7 +74,7 @@ class Images:
     @property
     def paths(self) -> list[str] | None:
         """The relative path of each image (a folder's), row by row."""
-        return None if self.order is None else [self.names[i] for i in self.order]
+        return None if self.order is None else [os.fsdecode(n) for n in self.names[self.order]]
 
 
 # ---- listing and keys ------------------------------------------------------------------------
@@ -86,7 +89,7 @@ def listing(path: str, where: str) -> Listing:
         raise DataError(f"{where}: {path} is a file, and dataset 'folder' reads a folder of "
                         "images (for a .npy or .npz file use dataset: arrays)")
     found = scan(path)
-    if not found.names:
+    if len(found) == 0:
         kinds = ", ".join(s.lstrip(".").upper() for s in imagefiles.IMAGE_SUFFIXES)
         raise DataError(f"{where}: {path} holds no image files ({kinds}) at any depth")
     return found
@@ -95,7 +98,8 @@ def listing(path: str, where: str) -> Listing:
 def scan(root: str) -> Listing:
     """Every image file under ``root`` at any depth, sorted by relative path; hidden files
     and folders are left out. Sizes and times go straight into compact arrays: a listing of
-    60,000 files holds their names and 16 bytes each, nothing more."""
+    60,000 files holds their names (as bytes, in one array) and 16 bytes each, nothing
+    more."""
     from array import array
 
     names, stats, stack = [], array("q"), [(root, "")]
@@ -113,11 +117,13 @@ def scan(root: str) -> Listing:
                     stack.append((e.path, f"{rel}{e.name}/"))
                 elif e.name.lower().endswith(imagefiles.IMAGE_SUFFIXES) and e.is_file():
                     st = e.stat()
-                    names.append(rel + e.name)
+                    names.append(os.fsencode(rel + e.name))
                     stats.extend((st.st_size, st.st_mtime_ns))
-    order = sorted(range(len(names)), key=names.__getitem__)
+    raw = np.array(names, dtype=bytes) if names else np.zeros(0, dtype="S1")
+    del names
+    order = np.argsort(raw, kind="stable")  # bytes order: UTF-8 sorts as the characters do
     table = np.frombuffer(stats, dtype=np.int64).reshape(-1, 2)[order]
-    return Listing(root, [names[i] for i in order], table)
+    return Listing(root, raw[order], table)
 
 
 def key_of(want: Want, main: Listing, test: Listing | None) -> str:
@@ -126,7 +132,7 @@ def key_of(want: Want, main: Listing, test: Listing | None) -> str:
                                    want.channels, want.skip_unreadable]).encode())
     for part in (main, test):
         if part is not None:
-            h.update("\0".join(part.names).encode() + b"\1")
+            h.update(part.names.dtype.str.encode() + part.names.tobytes() + b"\1")
             h.update(part.stats.tobytes())
     return h.hexdigest()[:24]
 
@@ -140,12 +146,12 @@ class _Files:
         self.n = self.n_main + (len(test) if test else 0)
 
     def name(self, i: int) -> str:
-        return self.main.names[i] if i < self.n_main else (
-            f"test:{self.test.names[i - self.n_main]}")
+        return self.main.name(i) if i < self.n_main else (
+            f"test:{self.test.name(i - self.n_main)}")
 
     def path(self, i: int) -> str:
         part, j = (self.main, i) if i < self.n_main else (self.test, i - self.n_main)
-        return os.path.join(part.root, part.names[j])
+        return os.path.join(part.root, part.name(j))
 
     def examples(self, bad: dict[int, str]) -> str:
         items = sorted(bad.items())
