@@ -38,7 +38,8 @@ _NOT_PER_EPOCH = {
     "timestamp", "checkpoint_dir_name", "done", "training_iteration", "trial_id", "date",
     "time_this_iter_s", "pid", "hostname", "node_ip", "config", "time_since_restore",
     "iterations_since_restore", "should_checkpoint", "params", "latent_size", "device",
-    "node_id", "stop_reason", "best_val_loss", "data_loaded", "precision", "resumed_from",
+    "node_id", "stop_reason", "best_val_loss", "best_epoch", "data_loaded", "precision",
+    "resumed_from",
 }
 
 
@@ -121,9 +122,12 @@ def _outcome(files: TrialFiles, by_epoch: dict[int, dict], state: TrialState | N
     status = state.status if state else ("ERROR" if files.error else "UNKNOWN")
     error = "" if status == "TERMINATED" else files.error  # failed once, then finished
     vals = {e: r["val_loss"] for e, r in by_epoch.items() if _finite(r.get("val_loss"))}
+    # the trainer's own best (an improvement must beat min_delta; the best weights, the test
+    # errors and load_model follow it), else the lowest validation loss reported
+    own = _finite(last.get("best_val_loss")) and last.get("best_epoch") in vals
     return {
-        "best_val_loss": min(vals.values()) if vals else math.nan,
-        "best_epoch": min(vals, key=vals.get) if vals else 0,
+        "best_val_loss": last["best_val_loss"] if own else min(vals.values(), default=math.nan),
+        "best_epoch": int(last["best_epoch"]) if own else min(vals, key=vals.get, default=0),
         "last_val_loss": vals[max(vals)] if vals else math.nan,
         "epochs": max(by_epoch, default=0),
         "status": status,

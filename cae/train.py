@@ -250,7 +250,8 @@ class Trainer:
                 "train_loss": train_loss,
                 "val_loss": val["loss"],
                 **{f"val_{k}": v for k, v in val.items() if k != "loss"},
-                "best_val_loss": self.best_val,
+                "best_val_loss": self.best_val,  # by the rule the best weights follow
+                "best_epoch": self.best_epoch,
                 "epoch_time_s": time.perf_counter() - t0,
             }
             stop = None

@@ -79,3 +79,20 @@ def test_export_writes_config_columns_that_mix_kinds_as_json_text(tmp_path):
         [3, 4], 2, [3, 4]]
     assert back.loc[["t0", "t1", "t2"], "model.padding"].tolist() == ["1", "1", "same"]
     assert back["model.kernel"].tolist() == [3, 3, 3]  # one kind: as it is
+
+
+def test_the_best_epoch_is_the_trainers_own_under_min_delta(tmp_path):
+    """With min_delta a lower validation loss that does not beat the best by that much is no
+    improvement: the best weights (and test errors) stay at the earlier epoch, and so do the
+    table's best_val_loss and best_epoch."""
+    run = _run_dir(tmp_path, None)
+    rows = [{"trial_id": "a_00000", "epoch": 1, "train_loss": 0.3, "val_loss": 0.30,
+             "best_val_loss": 0.30, "best_epoch": 1, "time_total_s": 1.0},
+            {"trial_id": "a_00000", "epoch": 2, "train_loss": 0.2, "val_loss": 0.29,
+             "best_val_loss": 0.30, "best_epoch": 1, "time_total_s": 2.0,
+             "stop_reason": "max_epochs"}]
+    (next(run.glob("run_trial_*")) / "result.json").write_text(
+        "".join(json.dumps(r) + "\n" for r in rows))
+    row = load_frames(run)[0].iloc[0]
+    assert row["best_val_loss"] == 0.30 and row["best_epoch"] == 1
+    assert row["last_val_loss"] == 0.29
