@@ -361,8 +361,13 @@ def encode_array(model: CAE, cfg: TrialConfig, images: np.ndarray, batch: int = 
 def encode(source: str, images: str, out: str | Path, trial: str | dict = "best",
            skip_unreadable: bool = False) -> tuple[Path, int]:
     """``cae encode``: latents of a folder or array file by an exported model (a directory
-    of :func:`export_models`) or a run's trial; writes ``latents`` and, for a folder,
-    ``paths`` to the .npz ``out``. Returns it and the number of images."""
+    of :func:`export_models`) or a run's trial (``trial``: an id, "best", a filter, or a
+    filter as text, ``COLUMN=VALUE``); writes ``latents`` and, for a folder, ``paths`` to
+    the .npz ``out``. Returns it and the number of images."""
+    if isinstance(trial, str) and trial != "best" and "=" in trial:  # latent_size=8
+        from cae.config import parse_overrides
+
+        trial = parse_overrides([trial])
     if not Path(images).exists():
         raise UserError(f"--images {images} does not exist")
     exported = "://" not in source and (Path(source) / CONFIG).is_file()  # not a run's URI

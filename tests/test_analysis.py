@@ -480,9 +480,9 @@ def test_report_on_a_run_still_going(recon_run, tmp_path):
 
 @pytest.mark.slow
 def test_finished_sweep_prints_the_report_path(recon_run, capsys):
-    from cae.cli import _finish
+    from cae.cli import main
 
-    _finish(str(recon_run), no_report=False)
+    assert main(["resume", str(recon_run)]) == 0  # finished: only the end of the run again
     out = capsys.readouterr().out
     assert f"report: {recon_run / 'report.html'}" in out
 

@@ -106,7 +106,7 @@ LAYERS = (
     ("ray", ("cae.schedulers", "cae.search", "cae.trainable", "cae.sweep", "cae.cluster",
              "cae.progress", "cae.livereport", "cae.guard", "cae.signals")),
     ("driver", ("cae.driver",)),
-    ("command line", ("cae.cli", "cae")),
+    ("command line", ("cae.cli", "cae.arguments", "cae")),
 )
 
 
