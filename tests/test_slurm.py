@@ -15,9 +15,9 @@ script's port blocks keep their Ray nodes apart as they keep two jobs apart on o
   sends before the time limit) exits 3, a job queued with --dependency=afterany runs
   `cae resume` to the end (exit 0), and a third job resuming the finished run exits 0 at
   once, without starting Ray.
-  Every epoch of every trial has the validation loss of the uninterrupted run; an epoch
-  that a trial finished after the stop, before Ray Tune registered its checkpoint, is the
-  only one trained again.
+  Every epoch of every trial has the validation loss of the uninterrupted run, and each is
+  reported once; an epoch that a trial finished after the stop, before Ray Tune registered
+  its checkpoint, is where the next job goes on from.
 
 Overrides, to keep it to a few minutes: 8 trials (convs 1; the quickstart's latent sizes
 and channels), 4 epochs each on 1,024 images, and FIFO without patience, so that every
@@ -518,12 +518,12 @@ def test_a_chain_of_jobs_resumes_to_the_epochs_of_an_uninterrupted_run(slurm, re
     pd.testing.assert_series_equal(chain["val_loss"], whole["val_loss"], rtol=1e-5)
     pd.testing.assert_series_equal(chain["train_loss"], whole["train_loss"], rtol=1e-5)
     # what job 1 trained: its registered epochs are kept as they were; an epoch finished
-    # after the stop but not registered is trained again by job 2, at most one per trial
-    again = {t: on_disk[t] - registered.get(t, 0) for t in on_disk}
+    # after the stop but not registered (at most one per trial) is where job 2 goes on from
+    late = {t: on_disk[t] - registered.get(t, 0) for t in on_disk}
     print(f"job 1: {sum(registered.values())} epochs registered, "
-          f"{sum(again.values())} finished after the stop and trained again by job 2 "
-          f"({', '.join(f'{t}: {n}' for t, n in sorted(again.items()) if n)})")
-    assert all(0 <= n <= 1 for n in again.values()), again
+          f"{sum(late.values())} finished after the stop, not registered, gone on from by job 2 "
+          f"({', '.join(f'{t}: {n}' for t, n in sorted(late.items()) if n)})")
+    assert all(0 <= n <= 1 for n in late.values()), late
     for trial_id, epochs in stopped.groupby("trial_id"):
         kept = chain.loc[trials.set_index("trial_id").loc[trial_id, "config_id"]]
         for row in epochs.itertuples():
