@@ -99,14 +99,14 @@ def _check(rc: int, err: str, text: str) -> None:
         assert err.startswith("cae: error:"), err
 
 
-@settings(max_examples=150, deadline=5000, suppress_health_check=[HealthCheck.too_slow,
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                                   HealthCheck.function_scoped_fixture])
 @given(text=mutated_specs())
 def test_mutated_shipped_specs_exit_0_or_2(tmp_path, text):
     _check(*_dry_run(tmp_path, text), text)
 
 
-@settings(max_examples=40, deadline=5000,
+@settings(max_examples=40, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(text=BROKEN_YAML)
 def test_broken_yaml_exits_2(tmp_path, text):
