@@ -13,7 +13,14 @@ import json
 import math
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from cae.arch import plan
 from cae.catalog import DATASETS, DISTORTIONS, TASKS, USER_DATASETS, DatasetInfo, TaskInfo
@@ -318,7 +325,16 @@ class TrialConfig(_Strict):
     # elsewhere (see cae.train.resolve_precision). Weights, optimiser state, the loss and
     # every reported error stay fp32.
     precision: Literal["auto", "fp32", "bf16"] = "auto"
-    compile: bool = False
+    # ``torch.compile`` of the model: ``none`` (eager), ``default``, or ``reduce-overhead``
+    # (CUDA graphs on a GPU); ``true``/``false`` of older specs mean default/none.
+    compile: Literal["none", "default", "reduce-overhead"] = "none"
+
+    @field_validator("compile", mode="before")
+    @classmethod
+    def _compile_from_bool(cls, value: Any) -> Any:
+        if isinstance(value, bool):
+            return "default" if value else "none"
+        return value
 
     @model_validator(mode="after")
     def _resolve_shapes(self) -> TrialConfig:

@@ -77,8 +77,10 @@ def resolve_device(name: str) -> torch.device:
 
 
 def per_sample_loss(kind: str, out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Loss of each sample, (B,), averaged over its pixels; computed in float32."""
-    out, target = out.float(), target.float()
+    """Loss of each sample, (B,), averaged over its pixels; computed in float32 (in float64
+    for a float64 model, as the exactness tests run)."""
+    dtype = torch.promote_types(out.dtype, torch.float32)
+    out, target = out.to(dtype), target.to(dtype)
     if kind == "mse":
         loss = F.mse_loss(out, target, reduction="none")
     elif kind == "l1":
@@ -88,11 +90,33 @@ def per_sample_loss(kind: str, out: torch.Tensor, target: torch.Tensor) -> torch
     return loss.flatten(1).mean(1)
 
 
-class Trainer:
-    """Holds the model, optimiser, data and task of one run; ``fit`` runs the epochs."""
+def compiler(mode: str) -> Callable[[torch.nn.Module], torch.nn.Module]:
+    """What ``compile: none | default | reduce-overhead`` does to a module: nothing, or
+    ``torch.compile`` in that mode with static shapes (``reduce-overhead`` records CUDA
+    graphs: one per batch shape, so a run has at most two per pass, the full batches and
+    the last one)."""
+    if mode == "none":
+        return lambda m: m
+    return lambda m: torch.compile(m, mode=mode, dynamic=False)
 
-    def __init__(self, cfg: TrialConfig, data: ImageData | None = None):
+
+def mark_step(mode: str, device: torch.device) -> None:
+    """Tell CUDA graphs a new step begins, so the previous step's outputs may be reused."""
+    if mode == "reduce-overhead" and device.type == "cuda":
+        torch.compiler.cudagraph_mark_step_begin()
+
+
+class Trainer:
+    """Holds the model, optimiser, data and task of one run; ``fit`` runs the epochs.
+
+    ``batch_seed`` (default: the trial's seed) seeds the order of the training batches and
+    their random distortions; a fused pack's members see the batches of their pack's
+    ``batch_seed`` (``cae.fused``), and a plain run given the same one sees the same."""
+
+    def __init__(self, cfg: TrialConfig, data: ImageData | None = None,
+                 batch_seed: int | None = None):
         self.cfg = cfg
+        self.batch_seed = cfg.seed if batch_seed is None else batch_seed
         self.device = resolve_device(cfg.device)
         self.precision = resolve_precision(cfg.precision, self.device)
         torch.manual_seed(cfg.seed)
@@ -104,9 +128,10 @@ class Trainer:
         self.cuda = self.device.type == "cuda"
         # channels_last is faster for these small convs on CUDA and on the CPU (oneDNN) alike.
         self.model = self.model.to(memory_format=torch.channels_last)
+        self.dtype = next(self.model.parameters()).dtype  # float64 only in exactness tests
         # Encoder and decoder are compiled separately so the latent stays reachable for
         # the activity penalty.
-        wrap = torch.compile if cfg.compile else (lambda m: m)
+        wrap = compiler(cfg.compile)
         self.enc, self.dec = wrap(self.model.encoder), wrap(self.model.decoder)
         self.opt = torch.optim.Adam(
             self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay
@@ -165,21 +190,21 @@ class Trainer:
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return nullcontext()
 
-    @staticmethod
-    def _inputs(x: torch.Tensor) -> torch.Tensor:
-        return x.contiguous(memory_format=torch.channels_last)
+    def _inputs(self, x: torch.Tensor) -> torch.Tensor:
+        return x.to(dtype=self.dtype, memory_format=torch.channels_last)
 
     def train_epoch(self) -> float:
         cfg, model = self.cfg, self.model
         model.train()
         train = self.splits.train
         n = train.shape[0]
-        self.gen.manual_seed(cfg.seed * SEED_STRIDE + self.epoch)  # resumable sequence
+        self.gen.manual_seed(self.batch_seed * SEED_STRIDE + self.epoch)  # resumable sequence
         perm = torch.randperm(n, generator=self.gen, device=self.device)
         total = torch.zeros((), device=self.device)
         for start in range(0, n, cfg.batch_size):
             idx = perm[start : start + cfg.batch_size]
             x, y, _ = self.task.batch(train[idx], idx, self.gen)
+            mark_step(cfg.compile, self.device)
             with self._autocast():
                 z = self.enc(self._inputs(x))
                 out = self.dec(z)
@@ -207,6 +232,7 @@ class Trainer:
             y = y_all[start : start + self.cfg.eval_batch_size]
             # in fp32 whatever the training precision: every trial's (and the baselines')
             # errors are measured alike, and bf16 rounding does not move the ranking
+            mark_step(self.cfg.compile, self.device)
             out = self.dec(self.enc(self._inputs(x)))
             losses = per_sample_loss(self.cfg.loss, out, y).double()
             sums += losses.sum()
