@@ -52,8 +52,8 @@ class MaskedDropout(nn.Module):
         self.step.add_(1)
         index = torch.arange(x.numel(), device=x.device).view(x.shape)
         bits = _mix32(_mix32((index + key) & _M32) ^ key) >> 8  # 24 random bits
-        keep = (bits.to(x.dtype) * 2.0**-24 >= self.rate).to(x.dtype)
-        return x * keep / (1 - self.rate.to(x.dtype))
+        keep = bits.to(torch.float32) * 2.0**-24 >= self.rate  # exact in float32
+        return x * (keep / (1 - self.rate)).to(x.dtype)
 
 
 def use_masked_dropout(model: CAE, seed: int) -> CAE:

@@ -97,6 +97,13 @@ def compiler(mode: str) -> Callable[[torch.nn.Module], torch.nn.Module]:
     the last one)."""
     if mode == "none":
         return lambda m: m
+    import torch._dynamo
+
+    # a fused pack compiles once per stack width and batch shape (cae.fused): more than
+    # dynamo's default 8 variants of one function, after which it would silently run eager
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 64))
     return lambda m: torch.compile(m, mode=mode, dynamic=False)
 
 

@@ -59,8 +59,8 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def _assert_close_states(got: dict, want: dict, tol: float = TOL) -> None:
     assert list(got) == list(want)  # the same keys, in the same order
-    for key in want:
-        assert _rel(got[key], want[key]) <= tol, key
+    for key, value in want.items():
+        assert _rel(got[key], value) <= tol, key
 
 
 def test_pack_reproduces_separate_runs(float64):
@@ -176,12 +176,17 @@ def _roundtrip(state: dict) -> io.BytesIO:
     return buf
 
 
-@pytest.mark.parametrize("compile_", ["none", "default"])
-def test_pack_killed_and_resumed_equals_uninterrupted(compile_):
+@pytest.mark.parametrize("compile_", ["none", pytest.param("default", marks=pytest.mark.slow)])
+def test_pack_killed_and_resumed_equals_uninterrupted(compile_, monkeypatch):
     """Killed after epoch 2 (one member already gone), resumed from the saved pack state:
-    every later epoch, weight and stop equal the uninterrupted pack's."""
+    every later epoch, weight and stop equal the uninterrupted pack's. Compiled, the stack
+    is traced by dynamo and AOTAutograd (``aot_eager``: inductor's code generation would take
+    minutes on two cores; what it generates is checked on a GPU by benchmarks/gpu.py)."""
     if compile_ != "none":
-        pytest.importorskip("torch._dynamo")
+        import cae.fused
+
+        monkeypatch.setattr(cae.fused, "compiler", lambda mode: lambda m: torch.compile(
+            m, backend="aot_eager", dynamic=False))
     cfgs = [_cfg(seed=0, max_epochs=4, compile=compile_, model_dropout=0.2),
             _cfg(seed=1, max_epochs=4, lr=0.002, compile=compile_, model_dropout=0.2),
             _cfg(seed=2, max_epochs=4, patience=1, min_delta=10.0, compile=compile_,
@@ -274,3 +279,28 @@ def test_compile_modes_and_old_booleans():
     assert TrialConfig.model_validate({"compile": "reduce-overhead"}).compile == "reduce-overhead"
     with pytest.raises(UserError, match="compile"):
         validate(TrialConfig, {"compile": "max-autotune"})
+
+
+@pytest.mark.slow
+def test_gpu_benchmark_smoke_runs_every_case(tmp_path):
+    """benchmarks/gpu.py --smoke: every case of the device script runs (on the CPU, tiny)."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "gpu-smoke.json"
+    proc = subprocess.run([sys.executable, "benchmarks/gpu.py", "--smoke", "--out", str(out)],
+                          check=False, cwd=root, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    cases = result["cases"]
+    assert list(cases) == ["a_check", "b_one_per_gpu", "e_packs", "c_eighth_gpu",
+                           "f_datapath", "d_graphs"]
+    assert {c["status"] for c in cases.values()} == {"ok"}, cases
+    assert cases["a_check"]["passed"]
+    assert [(r["members"], r["compile"], r["status"]) for r in cases["e_packs"]["packs"]] == [
+        (2, "none", "ok"), (4, "none", "ok"), (2, "reduce-overhead", "ok")]
+    assert cases["b_one_per_gpu"]["done"] == cases["c_eighth_gpu"]["done"] == 4
+    assert result["trials_per_hour_speedup"] > 0 and result["goals"] is None
