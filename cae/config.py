@@ -595,6 +595,20 @@ class SearchConfig(_Strict):
         return max(2, min(10, num_samples // 3))
 
 
+class FuseConfig(_Strict):
+    """Trials that differ only in what leaves tensor shapes alone (seed, learning rate,
+    weight decay, dropout rates, penalties, loss; see ``cae.packs``) train together as one
+    fused pack of up to ``max_members``, one Ray Tune trial per pack (``cae.fused``).
+
+    ``fuse: auto`` turns it on only for trials on a GPU (``resources.gpu`` > 0 or
+    ``device: cuda``): on a CPU a pack runs slower than its members one by one
+    (docs/performance.md). The first version supports ``scheduler.kind: fifo`` and grid
+    search only; members stop by their own patience or max_epochs."""
+
+    max_members: int = Field(32, ge=1, le=4096)
+    auto: bool = False
+
+
 class SweepSpec(_Strict):
     """A sweep: a base trial, the axes to search over, the scheduler, resources, storage.
 
@@ -619,6 +633,30 @@ class SweepSpec(_Strict):
     max_concurrent: int | None = Field(None, ge=1)
     max_failures: int = Field(1, ge=0)
     storage: str = "runs"
+    fuse: FuseConfig | None = None  # absent: every trial on its own
+
+    @field_validator("fuse", mode="before")
+    @classmethod
+    def _fuse_auto(cls, value: Any) -> Any:
+        return {"auto": True} if value == "auto" else value
+
+    def fusion(self) -> int | None:
+        """The most members per fused pack, or None when trials run on their own."""
+        if self.fuse is None:
+            return None
+        device = self.trial.get("device", "auto") if isinstance(self.trial, dict) else "auto"
+        on_gpu = device == "cuda" or (device == "auto" and self.resources.gpu > 0)
+        return self.fuse.max_members if on_gpu or not self.fuse.auto else None
+
+    @model_validator(mode="after")
+    def _check_fusion(self) -> SweepSpec:
+        if self.fusion() and (self.scheduler.kind != "fifo" or self.search.kind != "grid"):
+            used = (f"scheduler.kind '{self.scheduler.kind}'" if self.scheduler.kind != "fifo"
+                    else f"search.kind '{self.search.kind}'")
+            raise ValueError(f"fuse: fused packs support scheduler.kind 'fifo' with grid search "
+                             f"only (members stop by patience or max_epochs), not {used}; "
+                             "set scheduler.kind: fifo or remove fuse")
+        return self
 
     @model_validator(mode="after")
     def _check_axes(self) -> SweepSpec:

@@ -297,7 +297,6 @@ class Pack:
                     continue
                 m = metrics[i] = self._member_epoch(self.members[i], row, train[row], val[row])
                 m["epoch_time_s"] = elapsed
-                m["pack_members"] = len(self.live())
                 if "stop_reason" in m:
                     leaving.append(i)
             if self.evaluate_test:

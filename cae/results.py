@@ -24,7 +24,7 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from cae import outcomes, runstate
+from cae import outcomes, packfiles, runstate
 from cae.checkpoints import newest_history
 from cae.config import REPEAT_KEY, TrialConfig, UserError, apply_point, trial_config
 from cae.ray_internals import TrialState
@@ -62,6 +62,12 @@ class TrialFiles:
         return self.results[0]["trial_id"] if self.results else None
 
 
+def _member(files: TrialFiles, point: dict) -> TrialFiles:
+    """A fused pack's member, its point from the pack's when it has not started."""
+    files.point = files.point or point
+    return files
+
+
 def _json_lines(path: Path) -> list[dict]:
     rows = []
     if path.is_file():
@@ -80,12 +86,13 @@ def _json(path: Path) -> dict | None:
         return None
 
 
-def read_trial(trial_dir: Path) -> TrialFiles:
+def read_trial(trial_dir: Path, name: str | None = None) -> TrialFiles:
+    """A trial directory's files; ``name`` (default: the folder's) is its path in the run."""
     error = ""
     if (trial_dir / "error.txt").is_file():
         lines = [ln.strip() for ln in (trial_dir / "error.txt").read_text().splitlines()]
         error = next((ln for ln in reversed(lines) if ln), "error")
-    return TrialFiles(trial_dir.name, _json(trial_dir / "params.json") or {},
+    return TrialFiles(name or trial_dir.name, _json(trial_dir / "params.json") or {},
                       _json(trial_dir / RECORD_FILE), _json_lines(trial_dir / "result.json"),
                       newest_history(trial_dir), error)
 
@@ -188,9 +195,15 @@ def _spec(run_dir: Path) -> dict:
 
 
 def trial_dirs(run_dir: Path) -> list[TrialFiles]:
-    """Every trial of the run, without those a later trial took over (``continues``)."""
-    found = [read_trial(p) for p in sorted(run_dir.iterdir())
-             if not p.name.startswith(".") and (p / "params.json").is_file()]
+    """Every trial of the run, without those a later trial took over (``continues``); a
+    fused pack's members each as a trial (``cae.packfiles``)."""
+    found = []
+    for p in sorted(run_dir.iterdir()):
+        if p.name.startswith(".") or not (p / "params.json").is_file():
+            continue
+        members = packfiles.members(p)
+        found += [read_trial(p)] if not members else [
+            _member(read_trial(m, f"{p.name}/{m.name}"), point) for m, point in members]
     taken = {f.record.get("continues") for f in found if f.record}
     return [f for f in found if f.name not in taken]
 
@@ -203,8 +216,15 @@ def read_frames(run_dir: str | Path) -> Frames:
     scheduler = (spec.get("scheduler") or {}).get("kind", "asha")
     rows, epochs = [], []
     for files in trial_dirs(run_dir):
-        row = trial_row(files, statuses.trials.get(files.name), spec.get("trial") or {},
-                        scheduler)
+        state = statuses.trials.get(files.name)
+        if "/" in files.name:  # a fused pack's member: its own end, else its pack's status
+            pack = files.name.split("/", 1)[0]
+            state, error = packfiles.member_state(files.name, files.history,
+                                                  statuses.trials.get(pack))
+            if state.status == "ERROR" and not error:  # the pack failed before it ended
+                error = read_trial(run_dir / pack).error
+            files.error = error
+        row = trial_row(files, state, spec.get("trial") or {}, scheduler)
         rows.append(row)
         epochs += epoch_rows(row["trial_id"], merged_epochs(files))
     trials = pd.DataFrame(rows)

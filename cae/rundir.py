@@ -157,12 +157,14 @@ def _fetch_run(run_dir: str, dest: Path | None) -> Path:
         if info.type != pafs.FileType.File:
             continue
         rel = info.path[len(root):].lstrip("/").split("/")
+        if len(rel) > 2 and rel[1].startswith("member_"):  # a fused pack's member: a trial
+            rel = [f"{rel[0]}/{rel[1]}", *rel[2:]]
         wanted = ((len(rel) == 1 and _TOP_FILES.fullmatch(rel[0]))
                   or (len(rel) == 2 and rel[1] in _TRIAL_FILES)
                   or (len(rel) == 3 and rel[1].startswith("checkpoint_")
                       and rel[2] == HISTORY_FILE))
         if wanted:
-            target = dest.joinpath(*rel)
+            target = dest.joinpath(*"/".join(rel).split("/"))
             target.parent.mkdir(parents=True, exist_ok=True)
             with fs.open_input_stream(info.path) as src:
                 target.write_bytes(src.read())

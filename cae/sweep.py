@@ -168,9 +168,17 @@ def fit(spec: SweepSpec, datasets: dict, run_dir: str, checked: Checked,
     from cae.search import make_searcher
 
     storage, name = run_dir.rstrip("/").rsplit("/", 1)
-    searcher, n_trials = make_searcher(spec, param_space(spec))
+    if spec.fusion():  # one Tune trial per fused pack (cae.packtrial)
+        from cae.packs import pack_searcher
+        from cae.packtrial import wrapped_pack_trainable
+
+        searcher, n_trials = pack_searcher(spec, param_space(spec), checked.budget)
+        trainable = wrapped_pack_trainable(spec, datasets, run_dir, adopt)
+    else:
+        searcher, n_trials = make_searcher(spec, param_space(spec))
+        trainable = wrapped_trainable(spec, datasets, run_dir, adopt)
     tuner = tune.Tuner(
-        wrapped_trainable(spec, datasets, run_dir, adopt),
+        trainable,
         param_space={},
         tune_config=tune.TuneConfig(
             metric=METRIC, mode=MODE, scheduler=scheduler(spec, checked.max_epochs),
@@ -191,7 +199,11 @@ def resume(run_dir: str, spec: SweepSpec, datasets: dict, callbacks: Sequence = 
     the state Tune saved with the experiment. ``adopt``: see ``wrapped_trainable``."""
     from ray import tune
 
-    tuner = tune.Tuner.restore(run_dir, trainable=wrapped_trainable(spec, datasets, run_dir,
+    if spec.fusion():
+        from cae.packtrial import wrapped_pack_trainable as wrapped_trainable_
+    else:
+        wrapped_trainable_ = wrapped_trainable
+    tuner = tune.Tuner.restore(run_dir, trainable=wrapped_trainable_(spec, datasets, run_dir,
                                                                      adopt),
                                resume_unfinished=True, resume_errored=False)
     # The run config comes back from the run's tuner.pkl as the sweep began; this resume's

@@ -1,0 +1,162 @@
+"""Fused sweeps on Ray Tune: the sweep's trials grouped into packs, one Tune trial per pack.
+
+With ``fuse`` on (``SweepSpec.fusion``), the trials are the same as without it (the same
+points, repeats and random draws, in the same shuffled order: ``trial_points``), grouped
+into packs of up to ``max_members`` trials that may fuse (``cae.packs``). Each pack is one
+Tune trial with the sweep's resources (``run_pack``, around ``cae.fused.Pack``); its config
+is ``{"pack": [point, ...]}``. Every epoch it writes each member's checkpoint into the
+member's own folder of the pack's directory (``cae.packfiles``: the tables read a member
+as a trial), then reports the pack's epoch to Tune with the pack's checkpoint, from which a
+restarted pack goes on exactly. Members stop by their own patience or max_epochs; the
+scheduler is FIFO (``SweepSpec`` refuses the others with fusion).
+
+Why one Tune trial per pack rather than one per member: the members must share one process
+and one batch stream, and a Tune trial is a process; Tune's view of a member would have to
+be made up. The member tables, checkpoints and report are each member's own.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import tempfile
+from pathlib import Path
+
+import ray
+import torch
+from ray import tune
+
+from cae import checkpoints, packfiles, ray_internals
+from cae.config import SweepSpec, TrialConfig, trial_config
+from cae.data import ImageData
+from cae.diskspace import CHECKPOINTS_KEPT
+from cae.fused import Pack
+from cae.record import RECORD_FILE, make_record
+from cae.rundir import write_file
+from cae.runstate import point_key
+
+# ---- one pack as a Tune trial ---------------------------------------------------------------
+
+
+def wrapped_pack_trainable(spec: SweepSpec, datasets: dict, run_dir: str,
+                           adopt: dict[str, str] | None = None):
+    """``run_pack`` with the sweep's data, run directory and resources (one pack each)."""
+    fn = tune.with_parameters(run_pack, base=spec.trial, datasets=datasets, run_dir=run_dir,
+                              adopt=adopt or {}, threads=max(1, int(spec.resources.cpu)))
+    return tune.with_resources(fn, {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu})
+
+
+def _read_record(folder: str) -> dict | None:
+    fs, path = checkpoints.filesystem(folder)
+    try:
+        with fs.open_input_stream(f"{path}/{RECORD_FILE}") as f:
+            return json.loads(f.read())
+    except (OSError, ValueError):
+        return None
+
+
+def _member_config(folder: str, source: str, current: TrialConfig, point: dict,
+                   fused: dict) -> TrialConfig:
+    """A member's configuration: the record of its first start (in its folder, or in the
+    one of the pack it takes over), else ``current``, recorded now with its point and
+    ``fused`` (its pack, the pack's size and batch seed); as ``cae.trainable`` does for a
+    trial."""
+    record = _read_record(folder)
+    if record is None:
+        record = (_read_record(source) if source != folder else None) or make_record(
+            current, point)
+        if source != folder:  # the tables then leave the member taken over out
+            record["continues"] = "/".join(source.rstrip("/").rsplit("/", 2)[-2:])
+        record["fused"] = fused
+        write_file(folder, "params.json", json.dumps(point).encode())
+        write_file(folder, RECORD_FILE, json.dumps(record).encode())
+    config = dict(record["config"])
+    config["data"] = {**config["data"], "data_dir": current.data.data_dir}
+    return TrialConfig.model_validate(config)
+
+
+def _save_member(folder: str, epoch: int, state: dict, history: dict) -> None:
+    """A member's checkpoint, as a trial's (``cae.checkpoints``), the newest few kept."""
+    name = f"{checkpoints.PREFIX}{epoch:06d}"
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    write_file(f"{folder}/{name}", checkpoints.STATE_FILE, buffer.getvalue())
+    write_file(f"{folder}/{name}", checkpoints.HISTORY_FILE,
+               json.dumps(history, default=float).encode())
+    fs, path = checkpoints.filesystem(folder)
+    for old in checkpoints.list_checkpoints(fs, path)[CHECKPOINTS_KEPT:]:
+        fs.delete_dir(old)
+
+
+def _report(metrics: dict, state: dict, history: dict) -> None:
+    with tempfile.TemporaryDirectory() as d:
+        torch.save(state, Path(d) / checkpoints.STATE_FILE)
+        (Path(d) / checkpoints.HISTORY_FILE).write_text(json.dumps(history, default=float))
+        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
+
+
+def run_pack(config: dict, base: dict, datasets: dict[str, ImageData], run_dir: str,
+             adopt: dict[str, str] | None = None, threads: int = 1) -> None:
+    """Train one fused pack, its members reporting as trials (see the module doc)."""
+    torch.set_num_threads(max(1, threads))
+    points = config[packfiles.PACK_KEY]
+    here = f"{run_dir.rstrip('/')}/{ray_internals.trial_dir_name()}"
+    source = here
+    if adopt and point_key(config) in adopt and not checkpoints.list_checkpoints(
+            *checkpoints.filesystem(here)):
+        source = f"{run_dir.rstrip('/')}/{adopt[point_key(config)]}"
+    folders = [f"{here}/{packfiles.member_name(i)}" for i in range(len(points))]
+    current = [trial_config(base, p) for p in points]
+    fused = {"pack": here.rstrip("/").rsplit("/", 1)[-1], "members": len(points),
+             "batch_seed": current[0].seed}  # cae.fused.Pack's default
+    cfgs = [_member_config(f, f"{source}/{packfiles.member_name(i)}", c, p, fused)
+            for i, (f, c, p) in enumerate(zip(folders, current, points))]
+    key = cfgs[0].data.source_key()
+    pack = Pack(cfgs, datasets[key])
+    found = checkpoints.load_newest(*checkpoints.filesystem(source))
+    if found is not None:
+        if found.state.get("final"):
+            tune.report(found.state["final"])  # every member had stopped: nothing to train
+            return
+        pack.load_state_dict(found.state)
+    pack_id = tune.get_context().get_trial_id()
+    static = {
+        "device": str(pack.device), "precision": pack.precision,
+        "data_loaded": f"{datasets[key].name}: {tuple(datasets[key].train.shape)} train images",
+        "node_id": ray.get_runtime_context().get_node_id(),
+    }
+    summary = list((found.history.get("epochs") if found else None) or [])
+
+    def on_epoch(metrics: dict[int, dict], state_fn) -> None:
+        for i, m in metrics.items():
+            member = pack.members[i]
+            before = member.history[-2]["time_total_s"] if len(member.history) > 1 else 0.0
+            m["time_total_s"] = before + m["epoch_time_s"]
+            if "stop_reason" in m:
+                member.final = {**m, **static, **member.test,
+                                **({"error": member.error} if member.error else {})}
+            mine = {**static, "trial_id": f"{pack_id}_{i:02d}"}
+            state = pack.member_state(i)
+            _save_member(folders[i], pack.epoch, state,
+                         {"epochs": member.history, "static": mine, "final": member.final})
+        report = _pack_report(pack, metrics)
+        summary.append(report)
+        state = state_fn()
+        if not any(not pack.members[i].stop_reason for i in pack.live()):
+            state["final"] = report  # every member has stopped
+        _report({**report, **static}, state,
+                 {"epochs": summary, "static": static, "final": state.get("final")})
+
+    pack.fit(on_epoch)
+
+
+def _pack_report(pack: Pack, metrics: dict[int, dict]) -> dict:
+    """What Tune sees of a pack's epoch: its members' best losses (FIFO reads nothing)."""
+    vals = [m["val_loss"] for m in metrics.values()]
+    finite = [v for v in vals if math.isfinite(v)]
+    return {"epoch": pack.epoch, "val_loss": min(finite, default=float("nan")),
+            "best_val_loss": min((pack.members[i].best_val for i in metrics),
+                                 default=float("nan")),
+            "pack_members": len(metrics),
+            "members_stopped": sum(1 for m in pack.members if m.stop_reason)}
