@@ -1,0 +1,164 @@
+"""Fused sweeps through ``cae sweep``: one Ray Tune trial per pack, one table row per member,
+real small Ray runs on the embedded sample (the slow tier)."""
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+from cae.cli import main
+from cae.config import SweepSpec, TrialConfig
+
+SPEC = {
+    "name": "fused",
+    "trial": {"data": {"dataset": "sample", "train_limit": 400},
+              "model": {"channels": [4, 8], "bottleneck": "dense", "dense": [32],
+                        "latent_dim": 8},
+              "batch_size": 64, "max_epochs": 2, "patience": None, "device": "cpu"},
+    "space": {"lr": {"grid": [0.002, 0.01]}, "model.latent_dim": {"grid": [4, 8]}},
+    "num_samples": 2,
+    "scheduler": {"kind": "fifo"},
+    "fuse": {"max_members": 4},
+    "max_failures": 0,
+}
+
+
+def _write(tmp_path: Path, **changes) -> Path:
+    spec = json.loads(json.dumps(SPEC))
+    for key, value in changes.items():
+        node, *path = key.split(".")
+        target = spec
+        for part in [node, *path][:-1]:
+            target = target.setdefault(part, {})
+        if value is None:
+            target.pop([node, *path][-1], None)
+        else:
+            target[[node, *path][-1]] = value
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def test_dry_run_lists_the_packs_and_their_memory(tmp_path, capsys):
+    assert main(["sweep", str(_write(tmp_path)), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "fused packs: 2 (up to 4 members each) for 8 trials" in out
+    rows = [ln for ln in out.splitlines() if ln.strip().startswith("4 ") and "MiB" in ln]
+    assert len(rows) == 2 and {"model.latent_dim=4" in r for r in rows} == {True, False}
+
+
+@pytest.mark.parametrize("change", [{"scheduler.kind": "asha"}, {"scheduler.kind": "sha"},
+                                    {"search.kind": "optuna", "space.lr": {"uniform": [0.001,
+                                                                                      0.01]}}])
+def test_fusion_with_halving_or_optuna_is_refused_in_one_line(tmp_path, capsys, change):
+    assert main(["sweep", str(_write(tmp_path, **change)), "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "fuse: fused packs support scheduler.kind 'fifo'" in err
+
+
+def test_fuse_auto_fuses_gpu_trials_only():
+    base = {"fuse": "auto", "scheduler": {"kind": "fifo"}}
+    assert SweepSpec.model_validate(base).fusion() is None  # CPU trials: each on its own
+    assert SweepSpec.model_validate({**base, "resources": {"gpu": 0.25}}).fusion() == 32
+    assert SweepSpec.model_validate({**base, "trial": {"device": "cuda"}}).fusion() == 32
+    # auto on a CPU sweep leaves the scheduler free
+    assert SweepSpec.model_validate({"fuse": "auto", "scheduler": {"kind": "sha"}}).fuse.auto
+    assert SweepSpec.model_validate({"fuse": {"max_members": 8},
+                                     "scheduler": {"kind": "fifo"}}).fusion() == 8
+
+
+def _tables(run_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    return (pd.read_parquet(run_dir / "trials.parquet"),
+            pd.read_parquet(run_dir / "epochs.parquet"))
+
+
+@pytest.mark.slow
+def test_a_fused_sweep_has_a_row_per_member_like_an_unfused_one(tmp_path):
+    spec = _write(tmp_path)
+    assert main(["sweep", str(spec), "--storage", str(tmp_path), "--name", "f",
+                 "--no-report"]) == 0
+    assert main(["sweep", str(spec), "--storage", str(tmp_path), "--name", "u",
+                 "--no-report", "--set", "fuse=null"]) == 0
+    fused, fused_epochs = _tables(tmp_path / "f")
+    alone, alone_epochs = _tables(tmp_path / "u")
+    assert len(fused) == len(alone) == 8 and len(fused_epochs) == len(alone_epochs) == 16
+    assert list(fused.columns) == list(alone.columns)
+    assert list(fused_epochs.columns) == list(alone_epochs.columns)
+    key = ["lr", "model.latent_dim", "seed"]
+    fused, alone = fused.sort_values(key).reset_index(drop=True), \
+        alone.sort_values(key).reset_index(drop=True)
+    config = [c for c in alone.columns if c.startswith(("model.", "data.", "task.", "lr",
+                                                        "seed", "max_epochs", "config_id"))]
+    pd.testing.assert_frame_equal(fused[config], alone[config])
+    assert set(fused["status"]) == {"TERMINATED"} and set(fused["stop_reason"]) == {"max_epochs"}
+    assert fused["test_loss"].notna().all() and fused["trial_id"].is_unique
+    assert fused["trial_dir"].str.contains("/member_").all()
+    assert fused_epochs.groupby("trial_id")["epoch"].apply(list).map(lambda e: e == [1, 2]).all()
+    # a member whose seed is its pack's batch seed saw its unfused twin's batches
+    for i, row in fused.iterrows():
+        record = json.loads((tmp_path / "f" / row["trial_dir"] / "trial.json").read_text())
+        if record["fused"]["batch_seed"] == row["seed"]:
+            assert row["best_val_loss"] == pytest.approx(alone.loc[i, "best_val_loss"],
+                                                         rel=1e-4)
+    # the report's pictures rebuild a member from its own checkpoint
+    from cae.report.pictures import trial_samples
+
+    samples = trial_samples(tmp_path / "f", fused.iloc[0], yaml.safe_load(spec.read_text()),
+                            max_samples=100)
+    assert samples.trial_id == fused.iloc[0]["trial_id"] and samples.mean_error > 0
+
+
+@pytest.mark.slow
+def test_a_crashed_pack_goes_on_exactly_from_its_checkpoint(tmp_path):
+    """The pack's worker is killed after epoch 2 of 4; Tune retries it from its checkpoint,
+    and every member's losses equal those of the same pack trained here without a break."""
+    path = _write(tmp_path, **{"trial.max_epochs": 4, "space": {"lr": {"grid": [0.002,
+                                                                              0.01]}},
+                               "max_failures": 2})
+    run_dir = tmp_path / "c"
+    killed = {}
+
+    def kill_after_epoch_2():
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            for result in run_dir.glob("run_pack_*/result.json"):
+                lines = result.read_text().splitlines()
+                if len(lines) >= 2:
+                    last = json.loads(lines[-1])
+                    killed.update(epoch=last["epoch"], pid=last["pid"])
+                    os.kill(last["pid"], signal.SIGKILL)
+                    return
+            time.sleep(0.1)
+
+    killer = threading.Thread(target=kill_after_epoch_2)
+    killer.start()
+    assert main(["sweep", str(path), "--storage", str(tmp_path), "--name", "c",
+                 "--no-report"]) == 0
+    killer.join()
+    assert killed and killed["epoch"] < 4, "the pack should have been killed mid-way"
+    trials, epochs = _tables(run_dir)
+    assert len(trials) == 4 and set(trials["num_failures"]) == {1}
+    assert (epochs.groupby("trial_id")["epoch"].apply(list) == [[1, 2, 3, 4]] * 4).all()
+
+    from cae.data import load
+    from cae.fused import Pack
+
+    pack_dir = next(run_dir.glob("run_pack_*"))
+    members = sorted(pack_dir.glob("member_*"))
+    cfgs = [TrialConfig.model_validate(json.loads((m / "trial.json").read_text())["config"])
+            for m in members]
+    torch.set_num_threads(1)  # as the trial ran (resources.cpu: 1)
+    pack = Pack(cfgs, load(cfgs[0].data))
+    pack.fit()
+    for member, folder in zip(pack.members, members):
+        rows = epochs[epochs["trial_id"] == trials.set_index("trial_dir").loc[
+            f"{pack_dir.name}/{folder.name}", "trial_id"]].sort_values("epoch")
+        assert rows["val_loss"].tolist() == pytest.approx(
+            [h["val_loss"] for h in member.history], rel=1e-6)
