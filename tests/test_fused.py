@@ -107,6 +107,7 @@ def test_pack_reproduces_separate_runs(float64):
             assert member.test[key] == pytest.approx(test[key], rel=TOL)
 
 
+@pytest.mark.slow
 def test_different_losses_and_penalties_in_one_pack(float64):
     """Per-member loss and edge penalty; the activity penalty (``CAE.penalty`` computes it
     in float32, so its separate run rounds there) to a float32 tolerance."""
@@ -121,6 +122,7 @@ def test_different_losses_and_penalties_in_one_pack(float64):
             assert got["val_loss"] == pytest.approx(want["val_loss"], rel=tol)
 
 
+@pytest.mark.slow
 def test_denoise_groups_and_colorize_rgb_match(float64):
     for task, dataset in (("denoise", "sample"), ("colorize", "photos")):
         kw = {"task": {"name": task}, "max_epochs": 1}
@@ -221,6 +223,7 @@ def test_pack_killed_and_resumed_equals_uninterrupted(compile_, monkeypatch):
     assert torch.equal(whole.stack.flat, resumed.stack.flat)
 
 
+@pytest.mark.slow
 def test_a_diverging_member_leaves_and_the_others_go_on():
     cfgs = [_cfg(seed=0), _cfg(seed=1), _cfg(seed=2)]
     data = load(cfgs[0].data)
