@@ -51,7 +51,7 @@ NO_GPU = "gpu.py needs a CUDA GPU (or --smoke to run its cases on the CPU)"
 BASE_MODEL = {"channels": [4, 8], "bottleneck": "dense", "dense": [64], "latent_dim": 8}
 # seconds per case: (needed to start, budget)
 BUDGETS = {"a_check": (10, 30), "b_one_per_gpu": (20, 45), "e_packs": (20, 160),
-           "c_eighth_gpu": (30, 75), "f_datapath": (20, 60), "d_graphs": (30, 90)}
+           "c_eighth_gpu": (30, 75), "f_datapath": (20, 60), "d_graphs": (30, 150)}
 ORDER = ["a_check", "b_one_per_gpu", "e_packs", "c_eighth_gpu", "f_datapath", "d_graphs"]
 
 
@@ -141,6 +141,19 @@ class Run:
         self.cases: dict = {}
         self.busy = Busy()
         self.out = args.out or common.results_path("gpu", False, "smoke" if args.smoke else None)
+        # a case that hangs (a compilation, a driver) must not cost the results so far
+        watchdog = threading.Timer(args.budget + 90, self._overrun)
+        watchdog.daemon = True
+        watchdog.start()
+
+    def _overrun(self) -> None:
+        late = self.args.budget + 90
+        self.cases["watchdog"] = {"status": "error", "error": f"still running {late:.0f} s after "
+                                  "the start: stopped; the cases above are what finished"}
+        with suppress(Exception):
+            self.write()
+        print("gpu.py: out of time, results written", file=sys.stderr, flush=True)
+        os._exit(3)
 
     def left(self) -> float:
         return self.t_end - time.time()

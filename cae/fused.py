@@ -154,6 +154,9 @@ class Pack:
         self.opt.lr, self.opt.weight_decay = per(lambda c: c.lr), per(lambda c: c.weight_decay)
         self.coef = {name: per(lambda c, n=name: getattr(c.model, n)).to(self.dtype)
                      for name in ("activity_l1", "activity_l2", "edge_l2")}
+        # which penalties any member has, known on the host: no device sync per step
+        self.penalties = {name: any(getattr(self.members[s].cfg.model, name)
+                                    for s in slots if s is not None) for name in self.coef}
 
     def live(self) -> list[int]:
         """Indices of the members still training."""
@@ -203,12 +206,12 @@ class Pack:
         dtype = torch.promote_types(z.dtype, torch.float32)
         flat = z.flatten(2).to(dtype)
         total = flat.new_zeros(flat.shape[0])
-        c = self.coef
-        if bool((c["activity_l1"] != 0).any()):
+        c, on = self.coef, self.penalties
+        if on["activity_l1"]:
             total = total + c["activity_l1"] * flat.abs().sum(2).mean(1)
-        if bool((c["activity_l2"] != 0).any()):
+        if on["activity_l2"]:
             total = total + c["activity_l2"] * flat.pow(2).sum(2).mean(1)
-        if bool((c["edge_l2"] != 0).any()):
+        if on["edge_l2"]:
             views = self.layout.views(self.stack.flat)
             sq = sum(views[n].pow(2).flatten(1).sum(1) for n in self.edge_names)
             total = total + c["edge_l2"] * sq
@@ -267,13 +270,15 @@ class Pack:
                 err = self.task.rgb_error(xs, out.flatten(0, 1).float(), ys)
                 rgb += err.double().view(k, -1).sum(1)
         results = []
-        for r in range(sums.shape[0]):
-            result = {"loss": float(sums[r]) / n}
+        sums, rgb = sums.tolist(), rgb.tolist()  # the one host sync of the evaluation
+        per_group, counts = per_group.tolist(), counts.tolist()
+        for r in range(len(sums)):
+            result = {"loss": sums[r] / n}
             for j, name in enumerate(names):
-                c = float(counts[r, j])
-                result[f"loss_{name}"] = float(per_group[r, j]) / c if c else math.nan
+                c = counts[r][j]
+                result[f"loss_{name}"] = per_group[r][j] / c if c else math.nan
             if self.cfg.task.name == "colorize":
-                result["rgb_mse"] = float(rgb[r]) / n
+                result["rgb_mse"] = rgb[r] / n
             results.append(result)
         return results
 
