@@ -66,8 +66,8 @@ def main(argv: list[str] | None = None) -> int:
             t.train_epoch()
         pack_s, sep_s = [], []
         for r in range(rounds):
-            sides = [("pack", lambda: pack.train_epoch()),
-                     ("separate", lambda: [t.train_epoch() for t in separate])]
+            sides = [("pack", pack.train_epoch),
+                     ("separate", lambda ts=separate: [t.train_epoch() for t in ts])]
             for name, fn in sides if r % 2 == 0 else sides[::-1]:
                 (pack_s if name == "pack" else sep_s).append(_timed(fn))
         n = pack.splits.train.shape[0]
