@@ -73,8 +73,13 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         spec.storage = args.storage
     if args.dry_run:
         attach = bool(args.address or os.environ.get("RAY_ADDRESS"))
-        print(dryrun.summarize(plan.check_spec(spec, None if attach else
-                                                plan.local_budget(spec))))
+        checked = plan.check_spec(spec, None if attach else plan.local_budget(spec))
+        print(dryrun.summarize(checked))
+        if spec.fusion():  # the packs come from the trials Ray's grid search makes
+            from cae.packplan import describe
+            from cae.sweep import param_space
+
+            print("\n".join(describe(spec, param_space(spec), checked.budget)))
         return 0
     return driver.new_sweep(spec, args.name or rundir.run_name(spec), address=args.address,
                             data_dir=args.data_dir, force=args.force, console=_console(args))

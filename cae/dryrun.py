@@ -66,11 +66,6 @@ def summarize(checked: Checked) -> str:
     lines.append(f"resources per trial: {spec.resources.cpu:g} cpu, {spec.resources.gpu:g} gpu")
     if checked.disk is not None:
         lines.append(f"storage: about {checked.disk} written to {spec.storage}")
-    if spec.fusion():
-        from cae.packs import describe
-        from cae.sweep import param_space
-
-        lines += describe(spec, param_space(spec))
     return "\n".join(lines)
 
 

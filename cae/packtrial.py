@@ -1,7 +1,7 @@
 """Fused sweeps on Ray Tune: the sweep's trials grouped into packs, one Tune trial per pack.
 
 With ``fuse`` on (``SweepSpec.fusion``), the trials are the same as without it (the same
-points, repeats and random draws, in the same shuffled order: ``trial_points``), grouped
+points, repeats and random draws, in the same shuffled order: ``cae.packplan``), grouped
 into packs of up to ``max_members`` trials that may fuse (``cae.packs``). Each pack is one
 Tune trial with the sweep's resources (``run_pack``, around ``cae.fused.Pack``); its config
 is ``{"pack": [point, ...]}``. Every epoch it writes each member's checkpoint into the

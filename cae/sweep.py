@@ -169,7 +169,7 @@ def fit(spec: SweepSpec, datasets: dict, run_dir: str, checked: Checked,
 
     storage, name = run_dir.rstrip("/").rsplit("/", 1)
     if spec.fusion():  # one Tune trial per fused pack (cae.packtrial)
-        from cae.packs import pack_searcher
+        from cae.packplan import pack_searcher
         from cae.packtrial import wrapped_pack_trainable
 
         searcher, n_trials = pack_searcher(spec, param_space(spec), checked.budget)

@@ -10,7 +10,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("cae", "cae.report")
 CORE = ("cae.catalog", "cae.presets", "cae.arch", "cae.config", "cae.memory", "cae.models",
-        "cae.data", "cae.tasks", "cae.train", "cae.baselines")
+        "cae.data", "cae.tasks", "cae.train", "cae.baselines", "cae.packs", "cae.stacked",
+        "cae.fused")
 
 
 def _module_imports() -> dict[str, set[str]]:
@@ -97,14 +98,17 @@ LAYERS = (
     ("spec", ("cae.errors", "cae.catalog", "cae.presets", "cae.arch", "cae.config",
               "cae.memory", "cae.diskspace", "cae.record", "cae.outcomes", "cae.ray_internals",
               # a user's images: their shapes are part of validating a config (torch-free)
-              "cae.userdata", "cae.imagefolder", "cae.imagefiles")),
-    ("core", ("cae.models", "cae.data", "cae.tasks", "cae.train")),
+              "cae.userdata", "cae.imagefolder", "cae.imagefiles",
+              # which trials fuse, and a pack's memory (torch-free)
+              "cae.packs")),
+    ("core", ("cae.models", "cae.data", "cae.tasks", "cae.train", "cae.stacked", "cae.fused")),
     ("plan and run directory", ("cae.plan", "cae.dryrun", "cae.rundir", "cae.checkpoints",
-                                "cae.runstate", "cae.lease")),
+                                "cae.runstate", "cae.lease", "cae.packfiles")),
     ("results", ("cae.results",)),
     ("readers", ("cae.baselines", "cae.report", "cae.finish", "cae.status", "cae.export")),
     ("ray", ("cae.schedulers", "cae.search", "cae.trainable", "cae.sweep", "cae.cluster",
-             "cae.progress", "cae.livereport", "cae.guard", "cae.signals")),
+             "cae.progress", "cae.livereport", "cae.guard", "cae.signals", "cae.packplan",
+             "cae.packtrial")),
     ("driver", ("cae.driver",)),
     ("command line", ("cae.cli", "cae.arguments", "cae")),
 )
