@@ -263,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     import pstats
 
     from cae import dryrun, plan
-    from cae.config import load_spec
+    from cae.spec import load_spec
 
     t0 = time.perf_counter()
     prof = cProfile.Profile()

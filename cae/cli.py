@@ -64,7 +64,7 @@ def _console(args: argparse.Namespace):
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     from cae import driver, dryrun, plan, rundir
-    from cae.config import load_spec
+    from cae.spec import load_spec
 
     spec = load_spec(args.config, args.set)
     if args.smoke:

@@ -21,10 +21,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cae import plan, rundir, runstate
-from cae.config import SweepSpec, UserError
+from cae.config import UserError
 from cae.diskspace import StorageFull, check_room, free_bytes, mib
 from cae.lease import Holder, Lease
 from cae.outcomes import unfinished_mask
+from cae.spec import SweepSpec
 
 EXIT_DONE, EXIT_INTERRUPTED = 0, 3
 

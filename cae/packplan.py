@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import json
 
-from cae.config import SweepSpec, TrialConfig, trial_config
+from cae.config import TrialConfig, trial_config
 from cae.packfiles import PACK_KEY
 from cae.packs import FUSABLE, pack_memory, plan_packs
 from cae.plan import SpecError
+from cae.spec import SweepSpec
 
 
 def trial_points(spec: SweepSpec, space: dict) -> list[dict]:

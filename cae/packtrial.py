@@ -28,13 +28,14 @@ import torch
 from ray import tune
 
 from cae import checkpoints, packfiles, ray_internals
-from cae.config import SweepSpec, TrialConfig, trial_config
+from cae.config import TrialConfig, trial_config
 from cae.data import ImageData
 from cae.diskspace import CHECKPOINTS_KEPT
 from cae.fused import Pack
 from cae.record import RECORD_FILE, make_record
 from cae.rundir import write_file
 from cae.runstate import point_key
+from cae.spec import SweepSpec
 
 # ---- one pack as a Tune trial ---------------------------------------------------------------
 

@@ -19,16 +19,9 @@ from typing import Any
 from pydantic import ValidationError
 
 from cae import diskspace
-from cae.config import (
-    DataConfig,
-    SweepSpec,
-    TrialConfig,
-    UserError,
-    apply_point,
-    format_validation_error,
-    stratum_of,
-)
+from cae.config import DataConfig, TrialConfig, UserError, apply_point, format_validation_error
 from cae.memory import estimate, trial_budget
+from cae.spec import SweepSpec, stratum_of
 
 # More grid points than this is a typo or a spec for another tool; checking is linear.
 MAX_GRID_POINTS = 1_000_000
@@ -294,7 +287,8 @@ def record_data_facts(spec: SweepSpec, checked: Checked) -> bool:
 def _absolute_data_paths(spec: SweepSpec) -> None:
     """``data.path`` and ``data.test_path`` as absolute paths wherever the spec sets them
     (the base trial, an axis, a variant), as ``DataConfig`` itself reads them here."""
-    from cae.config import AXIS_KINDS, absolute_path
+    from cae.config import absolute_path
+    from cae.spec import AXIS_KINDS
 
     keys = ("data.path", "data.test_path")
 

@@ -23,10 +23,10 @@ from typing import IO
 from ray import tune
 from ray.tune.experiment import Trial
 
-from cae.config import SweepSpec
 from cae.livereport import LiveReport
 from cae.outcomes import BUCKETS, bucket
 from cae.plan import Checked
+from cae.spec import SweepSpec
 from cae.status import Progress, rate
 
 PLAIN_EVERY_S = 30.0  # a plain line this often when the output is not a terminal

@@ -20,9 +20,10 @@ from pathlib import Path
 import yaml
 
 from cae.checkpoints import HISTORY_FILE
-from cae.config import SweepSpec, UserError, validate
+from cae.config import UserError, validate
 from cae.ray_internals import STATE_FILES
 from cae.record import RECORD_FILE
+from cae.spec import SweepSpec
 
 SPEC_FILE = "spec.yaml"
 

@@ -23,8 +23,9 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 from ray.tune.search import Searcher
 from ray.tune.search.variant_generator import generate_variants
 
-from cae.config import REPEAT_KEY, rungs, stratum_of  # noqa: F401 (re-exported)
+from cae.config import REPEAT_KEY
 from cae.ray_internals import keep_paused, mark_for_experiment_state
+from cae.spec import rungs, stratum_of  # noqa: F401 (re-exported)
 
 
 def _agree(self, metric: str | None, mode: str | None, **spec) -> bool:

@@ -23,8 +23,9 @@ import numpy as np
 from ray import tune
 from ray.tune.search import Searcher
 
-from cae.config import REPEAT_KEY, SweepSpec
+from cae.config import REPEAT_KEY
 from cae.outcomes import OWN_ENDS
+from cae.spec import SweepSpec
 
 # What TPE minimises per trial: the best validation loss it reached before it ended (the
 # scheduler's metric ``val_loss`` is the latest epoch's).

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from cae.config import SweepSpec, rungs
 from cae.outcomes import BUCKETS, bucket, unfinished_mask
 from cae.ray_internals import EXPERIMENT_STATE
+from cae.spec import SweepSpec, rungs
 
 
 def planned_trial_epochs(spec: SweepSpec, n_trials: int, max_epochs: int,

@@ -12,10 +12,10 @@ from collections.abc import Sequence
 from contextlib import contextmanager
 
 from cae import ray_internals
-from cae.config import SweepSpec
 from cae.diskspace import CHECKPOINTS_KEPT
 from cae.plan import Checked
 from cae.signals import sigterm_stops_tune
+from cae.spec import SweepSpec
 
 METRIC, MODE = "val_loss", "min"
 

@@ -156,8 +156,8 @@ def test_job_submission_to_a_local_cluster():
     `ray job submit --working-dir . -- cae sweep ...`; the job succeeds, the run directory
     is complete, and the Ray processes this test started are gone after it."""
     pytest.importorskip("aiohttp", reason="the Ray job server and `ray job` need ray[default]")
-    from cae.config import load_spec
     from cae.plan import check_spec
+    from cae.spec import load_spec
 
     small = ["--set", "trial.max_epochs=2", "--set", "trial.data.train_limit=512"]
     n_trials = check_spec(load_spec(str(ROOT / SPEC), small[1::2])).n_trials

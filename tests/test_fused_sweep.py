@@ -14,7 +14,8 @@ import torch
 import yaml
 
 from cae.cli import main
-from cae.config import SweepSpec, TrialConfig
+from cae.config import TrialConfig
+from cae.spec import SweepSpec
 
 SPEC = {
     "name": "fused",

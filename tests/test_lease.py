@@ -12,9 +12,9 @@ import time
 import pytest
 
 from cae.cli import main
-from cae.config import load_spec
 from cae.lease import LEASE_FILE, STALE_S, Holder, Lease, LeaseHeld, read_holder
 from cae.rundir import save_spec
+from cae.spec import load_spec
 
 
 def _write_holder(run_dir, **changes):

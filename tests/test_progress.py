@@ -16,8 +16,8 @@ import pytest
 import yaml
 
 from cae.cli import main
-from cae.config import load_spec
 from cae.plan import check_spec
+from cae.spec import load_spec
 from cae.status import Progress, config_text, duration, planned_trial_epochs, run_status
 
 REPO = Path(__file__).resolve().parents[1]

@@ -375,7 +375,7 @@ def test_the_real_trainable_pauses_and_resumes_under_stratified_sha(ray_local, t
     from ray import tune
 
     from cae import plan, sweep
-    from cae.config import load_spec
+    from cae.spec import load_spec
 
     spec = load_spec(str(Path(__file__).parents[1] / "sweeps" / "quickstart.yaml"), [
         "trial.max_epochs=3", "trial.data.train_limit=300", "trial.patience=null",

@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from cae.cli import main
-from cae.config import load_spec
+from cae.spec import load_spec
 
 pytest.importorskip("optuna")
 

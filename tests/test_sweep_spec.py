@@ -6,8 +6,8 @@ import pytest
 import yaml
 
 from cae.cli import main
-from cae.config import load_spec
 from cae.plan import check_spec
+from cae.spec import load_spec
 
 SWEEPS = Path(__file__).resolve().parents[1] / "sweeps"
 SPECS = sorted(p for p in SWEEPS.glob("*.yaml") if p.name != "single.yaml")

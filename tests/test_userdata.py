@@ -427,9 +427,9 @@ def test_a_trial_validates_from_the_recorded_facts_without_the_files(tmp_path, m
     validate their configs from the facts the sweep recorded in its spec."""
     import shutil
 
-    from cae.config import SweepSpec
     from cae.memory import estimate
     from cae.plan import check_spec, record_data_facts
+    from cae.spec import SweepSpec
 
     root = gray_folder(tmp_path / "g", 50)
     (root / "class0" / "broken.png").write_text("not a PNG")
@@ -463,8 +463,8 @@ def test_a_trial_validates_from_the_recorded_facts_without_the_files(tmp_path, m
 def test_relative_paths_in_the_space_are_recorded_absolute(tmp_path, monkeypatch):
     """Trials resolve their config on other nodes, in other folders: every data path the
     spec sets (base, grid, choice, variant) is written down absolute before they start."""
-    from cae.config import SweepSpec
     from cae.plan import _absolute_data_paths
+    from cae.spec import SweepSpec
 
     monkeypatch.chdir(tmp_path)
     spec = SweepSpec.model_validate({

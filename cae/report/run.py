@@ -66,9 +66,9 @@ def load_run(run_dir: str | Path, refresh: bool | None = None, frames: Any = Non
 
 
 def spec_axes(spec: dict) -> dict[str, tuple[str, Any]]:
-    """The spec's axes as ``cae.config.SweepSpec.axes`` reads them: key -> (kind, argument),
+    """The spec's axes as ``cae.spec.SweepSpec.axes`` reads them: key -> (kind, argument),
     kind one of grid, choice, uniform, loguniform, randint or fixed."""
-    from cae.config import SweepSpec
+    from cae.spec import SweepSpec
 
     return SweepSpec.model_validate(spec).axes() if spec else {}
 
