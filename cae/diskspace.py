@@ -70,11 +70,13 @@ def checkpoint_bytes(cfg: TrialConfig) -> int:
     return 16 * params + 4 * tensors * TENSOR_OVERHEAD_BYTES + 512 * cfg.max_epochs
 
 
-def estimate(configs: list[tuple[TrialConfig, int]]) -> DiskEstimate:
-    """What a sweep writes, for each distinct configuration and its number of trials."""
+def estimate(configs: list[tuple[TrialConfig, int]], fused: bool = False) -> DiskEstimate:
+    """What a sweep writes, for each distinct configuration and its number of trials; a
+    ``fused`` sweep keeps each pack's stacked state beside its members' own checkpoints."""
     checkpoints = logs = run = 0
+    copies = CHECKPOINTS_KEPT * (2 if fused else 1)
     for cfg, n in configs:
-        checkpoints += n * CHECKPOINTS_KEPT * checkpoint_bytes(cfg)
+        checkpoints += n * copies * checkpoint_bytes(cfg)
         logs += n * (LOG_BYTES_PER_EPOCH * cfg.max_epochs + TRIAL_FILES_BYTES)
         run += n * 2 * STATE_BYTES_PER_TRIAL
     return DiskEstimate(checkpoints, logs, run + REPORT_BYTES)

@@ -95,7 +95,7 @@ class CAE(nn.Module):
         sample, averaged over the batch, as Keras does) and L2 on the first and last conv."""
         cfg = self.cfg
         total = z.new_zeros(())
-        flat = z.flatten(1).float()
+        flat = z.flatten(1).to(torch.promote_types(z.dtype, torch.float32))  # fp64 stays
         if cfg.activity_l1:
             total = total + cfg.activity_l1 * flat.abs().sum(1).mean()
         if cfg.activity_l2:

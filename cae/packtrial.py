@@ -160,4 +160,5 @@ def _pack_report(pack: Pack, metrics: dict[int, dict]) -> dict:
             "best_val_loss": min((pack.members[i].best_val for i in metrics),
                                  default=float("nan")),
             "pack_members": len(metrics),
-            "members_stopped": sum(1 for m in pack.members if m.stop_reason)}
+            "members_stopped": sum(1 for m in pack.members if m.stop_reason),
+            "member_epochs": sum(len(m.history) for m in pack.members)}  # for the progress bar

@@ -159,7 +159,8 @@ def check_spec(spec: SweepSpec, budget: tuple[int, str] | None = None,
     checked.strata = strata(spec)
     # each combination stands for an equal share of the trials
     checked.disk = diskspace.estimate(
-        [(seen[k], n * checked.n_trials / n_checks) for k, n in counts.items()])
+        [(seen[k], n * checked.n_trials / n_checks) for k, n in counts.items()],
+        fused=spec.fusion() is not None)
     return checked
 
 

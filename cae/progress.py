@@ -25,6 +25,7 @@ from ray.tune.experiment import Trial
 
 from cae.livereport import LiveReport
 from cae.outcomes import BUCKETS, bucket
+from cae.packfiles import PACK_KEY
 from cae.plan import Checked
 from cae.spec import SweepSpec
 from cae.status import Progress, rate
@@ -81,18 +82,25 @@ class ProgressCallback(tune.Callback):
     def progress(self, trials: list[Trial], now: float) -> Progress:
         p = Progress(self.total, self.max_epochs, self.planned)
         counts = dict.fromkeys(BUCKETS, 0)
-        best, best_trial = math.inf, None
+        best, best_trial, created = math.inf, None, 0
         for trial in trials:
             last = trial.last_result or {}
-            counts[bucket(trial.status, str(last.get("stop_reason", "")))] += 1
-            p.epochs += int(last.get("epoch", 0) or 0)
+            # a fused pack (cae.packtrial) is one Tune trial for several of the sweep's
+            members = len(trial.config.get(PACK_KEY) or ()) or 1
+            created += members
+            kind = bucket(trial.status, str(last.get("stop_reason", "")))
+            stopped = int(last.get("members_stopped", 0)) if kind in ("running", "paused") else 0
+            counts["done"] += stopped
+            counts[kind] += members - stopped
+            p.epochs += int(last.get("member_epochs", last.get("epoch", 0)) or 0)
             value = last.get("best_val_loss")
             if isinstance(value, (int, float)) and math.isfinite(value) and value < best:
                 best, best_trial = value, trial
-        counts["pending"] += max(0, self.total - len(trials))  # not created by the search yet
+        counts["pending"] += max(0, self.total - created)  # not created by the search yet
         p.counts = counts
         if best_trial is not None:
-            p.best, p.best_config = best, dict(best_trial.config)
+            p.best = best
+            p.best_config = {} if PACK_KEY in best_trial.config else dict(best_trial.config)
         if self._epochs_at_start is None:
             self._epochs_at_start = p.epochs  # a resumed sweep: the rate is this session's
         p.elapsed = now - self._start
