@@ -95,6 +95,8 @@ def resume_sweep(run_dir: str, *, address: str | None = None, data_dir: str | No
     checked = plan.check_spec(spec)
     console = console or Console()
     if _finished(run_dir):  # every trial has ended: nothing to start, no data to load
+        print(f"resuming {run_dir}: every trial of the run has finished; nothing to resume",
+              flush=True)
         return _end(run_dir, checked.n_trials, console, data_dir, None)
     datasets = plan.load_datasets(checked)
 

@@ -105,6 +105,7 @@ class Lease:
                          uuid.uuid4().hex)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._made: Path | None = None
 
     # ---- taking it ------------------------------------------------------------------
 
@@ -136,6 +137,8 @@ class Lease:
             held = read_holder(self.run_dir)
             return held is not None and held.token == self.me.token
         folder = Path(self.run_dir)
+        if not folder.exists():
+            self._made = folder  # given back with the lease if nothing else was written
         folder.mkdir(parents=True, exist_ok=True)
         tmp = folder / f".{LEASE_FILE}.{self.me.token}"
         tmp.write_bytes(self._payload())
@@ -195,6 +198,11 @@ class Lease:
                 self._remove(holder)
             except OSError:
                 pass  # a later driver sees a dead process and takes it over
+        if self._made is not None:
+            try:
+                self._made.rmdir()  # a sweep refused before it wrote anything
+            except OSError:
+                pass
 
     def __enter__(self) -> Lease:
         self.acquire()

@@ -39,7 +39,7 @@ _NOT_PER_EPOCH = {
     "time_this_iter_s", "pid", "hostname", "node_ip", "config", "time_since_restore",
     "iterations_since_restore", "should_checkpoint", "params", "latent_size", "device",
     "node_id", "stop_reason", "best_val_loss", "best_epoch", "data_loaded", "precision",
-    "resumed_from",
+    "resumed_from", "reported_again",
 }
 
 

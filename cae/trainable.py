@@ -122,8 +122,8 @@ def run_trial(point: dict, base: dict, datasets: dict[str, ImageData], run_dir: 
                     f"{found.name}"
                 skipped = f" ({'; '.join(found.skipped)})" if found.skipped else ""
                 note = {"resumed_from": f"{where}{skipped}"}
-            _report({**trainer.history[-1], **static, **note}, found.state,
-                    {"epochs": trainer.history, "static": static, "final": None})
+            _report({**trainer.history[-1], **static, **note, "reported_again": True},
+                    found.state, {"epochs": trainer.history, "static": static, "final": None})
 
     def on_epoch(metrics: dict, state_fn) -> None:
         report = {**metrics, **static}

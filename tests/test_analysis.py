@@ -467,6 +467,7 @@ def test_report_on_a_run_still_going(recon_run, tmp_path):
     shutil.copytree(recon_run, run_dir)
     for p in run_dir.glob("experiment_state-*.json"):
         p.unlink()
+    shutil.rmtree(run_dir / ".cae-state", ignore_errors=True)  # nor cae's copy of it
     trial_dirs = sorted(p for p in run_dir.iterdir() if (p / "params.json").is_file())
     for d in trial_dirs[:4]:
         for ckpt in d.glob("checkpoint_*"):

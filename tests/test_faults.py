@@ -133,35 +133,37 @@ def test_a_killed_driver_and_a_torn_state_lose_nothing(tmp_path, undisturbed, ca
 
 
 def test_a_torn_newest_checkpoint_falls_back_to_the_one_before(tmp_path, undisturbed, capsys):
+    """A stratum's winner (which runs to the end, so it certainly goes on after the resume)
+    is caught with two checkpoints; its newest is cut short."""
     run_dir = tmp_path / "t"
+    winners = {(lat, convs) for (lat, convs, epoch) in undisturbed if epoch == 6}
     proc = _start(_spec_file(tmp_path), tmp_path, "t")
 
-    def two_checkpoints_of_an_unfinished_trial():
+    def winner_with_two_checkpoints() -> Path | None:
         for d in run_dir.glob("run_trial_*"):
-            kept = sorted(d.glob("checkpoint_*/state.pt"))
-            final = any(json.loads(h.read_text()).get("final")
-                        for h in d.glob("checkpoint_*/history.json"))
-            if len(kept) >= 2 and not final:
-                return True
-        return False
+            record = d / "trial.json"
+            if not record.is_file():
+                continue
+            model = json.loads(record.read_text())["config"]["model"]
+            histories = [json.loads(h.read_text()) for h in d.glob("checkpoint_*/history.json")]
+            if (model["latent_dim"], model["convs"]) in winners and len(histories) >= 2 \
+                    and not any(h.get("final") for h in histories):
+                return d
+        return None
 
-    _wait_for(two_checkpoints_of_an_unfinished_trial, "an unfinished trial with 2 checkpoints")
+    _wait_for(lambda: winner_with_two_checkpoints() is not None,
+              "a winner with two checkpoints", timeout=600)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    torn = None
-    for d in run_dir.glob("run_trial_*"):
-        histories = [json.loads(h.read_text()) for h in d.glob("checkpoint_*/history.json")]
-        if len(histories) >= 2 and not any(h.get("final") for h in histories):
-            newest = max(d.glob("checkpoint_*"), key=lambda c: len(json.loads(
-                (c / "history.json").read_text())["epochs"]))
-            data = (newest / "state.pt").read_bytes()
-            (newest / "state.pt").write_bytes(data[: len(data) // 3])
-            torn = newest.name
-            break
-    assert torn, "no unfinished trial with two checkpoints"
+    trial = winner_with_two_checkpoints()
+    assert trial is not None
+    newest = max(trial.glob("checkpoint_*"),
+                 key=lambda c: len(json.loads((c / "history.json").read_text())["epochs"]))
+    data = (newest / "state.pt").read_bytes()
+    (newest / "state.pt").write_bytes(data[: len(data) // 3])
     rc, said = _resume(run_dir, capsys)
     assert rc == 0, said
-    assert f"{torn}: state.pt unreadable" in said, said
+    assert f"{newest.name}: state.pt unreadable" in said, said
     _check_whole(run_dir, undisturbed)
 
 
