@@ -109,6 +109,17 @@ def merged_epochs(files: TrialFiles) -> dict[int, dict]:
     return dict(sorted(by_epoch.items()))
 
 
+def counted_epochs(by_epoch: dict[int, dict]) -> dict[int, dict]:
+    """A trial's epochs that count for its answer: an epoch trained ahead of a rung not
+    decided yet (``speculative`` set by ``cae.schedulers``' work ahead) counts only when a
+    later (or the same, reported again) epoch without the flag shows that the trial was
+    promoted at that rung; a trial stopped there keeps its epochs up to the rung."""
+    confirmed = max((e for e, r in by_epoch.items() if _absent(r.get("speculative"))),
+                    default=0)
+    return {e: r for e, r in by_epoch.items()
+            if _absent(r.get("speculative")) or e <= confirmed}
+
+
 def epoch_rows(trial_id: str, by_epoch: dict[int, dict]) -> list[dict]:
     return [{"trial_id": trial_id, "epoch": epoch,
              **{k: v for k, v in r.items() if k not in _NOT_PER_EPOCH and k != "epoch"
@@ -126,6 +137,11 @@ def _outcome(files: TrialFiles, by_epoch: dict[int, dict], state: TrialState | N
     last = files.results[-1] if files.results else {}
     if by_epoch and max(by_epoch) > int(last.get("epoch", 0)):  # newest only in a checkpoint
         last = {**last, **by_epoch[max(by_epoch)], **(files.history.get("final") or {})}
+    trained = max(by_epoch, default=0)
+    by_epoch = counted_epochs(by_epoch)  # the answer leaves out unconfirmed work ahead
+    if max(by_epoch, default=0) < trained:  # stopped at a rung it had trained past:
+        last = {k: v for k, v in last.items()  # its own end and test do not count
+                if k != "stop_reason" and not k.startswith("test_")}
     status = state.status if state else ("ERROR" if files.error else "UNKNOWN")
     error = "" if status == "TERMINATED" else files.error  # failed once, then finished
     vals = {e: r["val_loss"] for e, r in by_epoch.items() if _finite(r.get("val_loss"))}
@@ -137,6 +153,7 @@ def _outcome(files: TrialFiles, by_epoch: dict[int, dict], state: TrialState | N
         "best_epoch": int(last["best_epoch"]) if own else min(vals, key=vals.get, default=0),
         "last_val_loss": vals[max(vals)] if vals else math.nan,
         "epochs": max(by_epoch, default=0),
+        "speculative_epochs": trained - max(by_epoch, default=0),
         "status": status,
         "stop_reason": outcomes.stop_reason(status, last.get("stop_reason"), error, scheduler),
         "wall_time_s": last.get("time_total_s", 0.0),
