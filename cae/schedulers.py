@@ -318,12 +318,15 @@ class SyncHalvingScheduler(TrialScheduler):
             e.score = e.last
             self._version[e.level] += 1
         self._decide(tune_controller, current=trial)
+        if e.level < len(self.rungs) and e.epoch > self.rungs[e.level] and e.score is not None:
+            # past a rung it was not promoted through: waiting there, or stopped there while
+            # training ahead (Ray can still deliver the epoch it was training): this epoch
+            # does not count unless a promotion at the rung confirms it
+            self._marks[trial.trial_id] = (self.rungs[e.level], e.score)
         if e.ended:
             return TrialScheduler.STOP
         if not self._waiting(e):
             return TrialScheduler.CONTINUE
-        if e.epoch > self.rungs[e.level]:
-            self._marks[trial.trial_id] = (self.rungs[e.level], e.score)
         if (self.work_ahead and e.epoch < self._limit(e) and "stop_reason" not in result
                 and self._place(e) < self._slots(e.level)):
             return TrialScheduler.CONTINUE  # trains ahead (see the class docstring)
@@ -384,7 +387,6 @@ class SyncHalvingScheduler(TrialScheduler):
                         losers.append(e.trial)
                 self._num_stopped += len(losers)
                 for trial in losers:
-                    self._marks.pop(trial.trial_id, None)
                     if trial is not current and trial.status not in (Trial.TERMINATED, Trial.ERROR):
                         tune_controller.stop_trial(trial)  # PAUSED, RUNNING, saving, PENDING
                         mark_for_experiment_state(tune_controller, trial)

@@ -212,7 +212,7 @@ class _AheadController(_Controller):
 
     def __init__(self, scheduler):
         super().__init__(scheduler)
-        self.trials, self.running = [], []
+        self.trials, self.running, self.inflight, self.current = [], [], [], None
 
     def get_trials(self):
         return self.trials
@@ -222,6 +222,8 @@ class _AheadController(_Controller):
             self.scheduler.on_trial_complete(self, trial, dict(trial.last_result))
             if trial in self.running:  # else it was pausing
                 self.running.remove(trial)
+                if trial is not self.current:  # stopped mid-epoch by another's result: Ray
+                    self.inflight.append(trial)  # may still deliver the epoch it trained
         elif trial.status in ("PENDING", "PAUSED"):
             self.scheduler.on_trial_remove(self, trial)
         trial.status = "TERMINATED"
@@ -261,6 +263,14 @@ def _simulate_ahead(points: list[dict], seed: int, work_ahead: bool, slots: int,
                 t := sched.choose_trial_to_run(ctrl)):
             t.status = "RUNNING"
             ctrl.running.append(t)
+        if ctrl.inflight and rng.random() < 0.5:  # a stopped trial's last epoch arrives
+            t = ctrl.inflight.pop()
+            epoch = t.rows[-1]["epoch"] + 1 if t.rows else 1
+            result = {"epoch": epoch, "val_loss": _loss(t.config, epoch)}
+            sched.on_trial_result(ctrl, t, dict(result))
+            marks.on_trial_result(0, trials, t, result)
+            t.rows.append(result)
+            continue
         if not ctrl.running and not pausing:
             break
         if not ctrl.running:
@@ -275,7 +285,9 @@ def _simulate_ahead(points: list[dict], seed: int, work_ahead: bool, slots: int,
         result = {"epoch": epoch, "val_loss": _loss(t.config, epoch)}
         if epoch == own_end and own_end < MAX_T:
             result["stop_reason"] = "patience"
+        ctrl.current = t
         decision = sched.on_trial_result(ctrl, t, dict(result))
+        ctrl.current = None
         marks.on_trial_result(0, trials, t, result)
         t.last_result = result
         t.rows.append(result)
@@ -283,7 +295,9 @@ def _simulate_ahead(points: list[dict], seed: int, work_ahead: bool, slots: int,
         if t.status != "RUNNING":  # stopped while the scheduler decided
             continue
         if decision == "STOP" or (decision == "CONTINUE" and "stop_reason" in result):
+            ctrl.current = t  # stopped on its own result: nothing more in flight
             ctrl.stop_trial(t)
+            ctrl.current = None
         elif decision == "PAUSE":
             ctrl.running.remove(t)
             pausing.append(t)
