@@ -46,7 +46,7 @@ def load_trace(name: str) -> dict:
 
 
 def _spec(spec: dict):
-    from cae.config import SweepSpec
+    from cae.spec import SweepSpec
 
     return SweepSpec.model_validate(spec)
 

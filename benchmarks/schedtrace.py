@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import yaml
 
-    from cae.config import load_spec
+    from cae.spec import load_spec
 
     tmp = common.tempdir("schedtrace")
     if args.sweep == "quickstart":

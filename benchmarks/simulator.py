@@ -29,7 +29,7 @@ from ray.tune.experiment import Trial
 from ray.tune.schedulers import TrialScheduler
 from ray.tune.search import Searcher
 
-from cae.config import SweepSpec, stratum_of
+from cae.spec import SweepSpec, stratum_of
 from cae.sweep import METRIC, MODE
 
 

@@ -193,7 +193,7 @@ def test_the_simulator_counts_a_trial_as_the_results_do():
 def test_a_real_sweep_is_replayed_with_the_same_decisions(tmp_path):
     import schedtrace
 
-    from cae.config import load_spec
+    from cae.spec import load_spec
 
     spec = load_spec(str(REPO / "sweeps" / "quickstart.yaml"), [
         "trial.max_epochs=4", "trial.data.train_limit=600", "trial.patience=null",
