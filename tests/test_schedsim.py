@@ -155,6 +155,9 @@ def test_epochs_trained_ahead_and_not_promoted_leave_best_pareto_and_table(tmp_p
         + [{"epoch": 9, "val_loss": 0.21, "stop_reason": "max_epochs", "test_loss": 0.2}],
         "8-2": [{"epoch": 1, "val_loss": 0.5}, {"epoch": 2, "val_loss": 0.45,
                                                  "speculative": 1}],
+        # trained ahead of rung 1 and stopped there, its flags lost (Ray rewrote its
+        # result.json from an older copy; the checkpoint's history has no flags)
+        "4-3": [{"epoch": 1, "val_loss": 0.6}, {"epoch": 2, "val_loss": 0.05}],
     }
     run = _write_run(tmp_path, trials)
     frame, epochs = load_frames(run)
@@ -164,12 +167,14 @@ def test_epochs_trained_ahead_and_not_promoted_leave_best_pareto_and_table(tmp_p
     assert by.loc["4-1", "epochs"] == 3 and by.loc["4-1", "speculative_epochs"] == 5
     assert by.loc["4-1", "stop_reason"] == "sha" and math.isnan(by.loc["4-1", "test_loss"])
     assert by.loc["8-2", "best_val_loss"] == 0.5 and by.loc["8-2", "epochs"] == 1
+    assert by.loc["4-3", "best_val_loss"] == 0.6 and by.loc["4-3", "epochs"] == 1
+    assert by.loc["4-3", "speculative_epochs"] == 1 and by.loc["4-3", "stop_reason"] == "sha"
     # the winner: everything counts
     assert by.loc["4-2", "best_val_loss"] == pytest.approx(0.22)
     assert by.loc["4-2", "epochs"] == 9 and by.loc["4-2", "speculative_epochs"] == 0
     # every epoch stays in the epochs frame, flagged
     assert len(epochs[epochs["trial_id"] == "4-1"]) == 8
-    assert epochs["speculative"].notna().sum() == 2 + 5 + 1
+    assert epochs["speculative"].notna().sum() == 2 + 5 + 1 and len(epochs) == 9 + 8 + 9 + 2 + 2
     # the Pareto front and the best-per-latent table see the rung's value, not the 0.01
     front = pareto_front(frame)
     assert "4-1" not in set(front["trial_id"]) and front["best_val_loss"].min() > 0.2
