@@ -30,6 +30,7 @@ from cae.config import REPEAT_KEY, TrialConfig, UserError, apply_point, trial_co
 from cae.ray_internals import TrialState
 from cae.record import RECORD_FILE, columns, flatten, make_record
 from cae.rundir import SPEC_FILE, RunDirError, write_file
+from cae.spec import rungs
 
 TRIALS_FILE, EPOCHS_FILE, BASELINES_FILE = "trials.parquet", "epochs.parquet", "baselines.parquet"
 EPOCH_COLUMNS = ("train_loss", "val_loss", "epoch_time_s", "time_total_s")
@@ -109,6 +110,17 @@ def merged_epochs(files: TrialFiles) -> dict[int, dict]:
     return dict(sorted(by_epoch.items()))
 
 
+def counted_epochs(by_epoch: dict[int, dict]) -> dict[int, dict]:
+    """A trial's epochs that count for its answer: an epoch trained ahead of a rung not
+    decided yet (``speculative`` set by ``cae.schedulers``' work ahead) counts only when a
+    later (or the same, reported again) epoch without the flag shows that the trial was
+    promoted at that rung; a trial stopped there keeps its epochs up to the rung."""
+    confirmed = max((e for e, r in by_epoch.items() if _absent(r.get("speculative"))),
+                    default=0)
+    return {e: r for e, r in by_epoch.items()
+            if _absent(r.get("speculative")) or e <= confirmed}
+
+
 def epoch_rows(trial_id: str, by_epoch: dict[int, dict]) -> list[dict]:
     return [{"trial_id": trial_id, "epoch": epoch,
              **{k: v for k, v in r.items() if k not in _NOT_PER_EPOCH and k != "epoch"
@@ -120,14 +132,33 @@ def _finite(x) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x)
 
 
+def _rung_cap(by_epoch: dict[int, dict], halving: tuple[int, float]) -> dict[int, dict]:
+    """The epochs up to the last rung a trial stopped by synchronous halving reached: a
+    trial trains ahead of an undecided rung at most to the epoch before the next, so any
+    epoch past that rung is one it lost there (its flags may be lost with Ray's rewritten
+    result.json, the checkpoint's history having none)."""
+    trained = max(by_epoch, default=0)
+    below = [r for r in rungs(*halving, trained + 1) if r <= trained]
+    return {e: r for e, r in by_epoch.items() if e <= below[-1]} if below else by_epoch
+
+
 def _outcome(files: TrialFiles, by_epoch: dict[int, dict], state: TrialState | None,
-             scheduler: str) -> dict:
-    """Status, stop reason, losses and where and how the trial ran."""
+             scheduler: str, halving: tuple[int, float] | None = None) -> dict:
+    """Status, stop reason, losses and where and how the trial ran; ``halving``: (grace
+    period, reduction factor) of a ``sha`` sweep that works ahead."""
     last = files.results[-1] if files.results else {}
     if by_epoch and max(by_epoch) > int(last.get("epoch", 0)):  # newest only in a checkpoint
         last = {**last, **by_epoch[max(by_epoch)], **(files.history.get("final") or {})}
+    trained = max(by_epoch, default=0)
+    by_epoch = counted_epochs(by_epoch)  # the answer leaves out unconfirmed work ahead
+    if max(by_epoch, default=0) < trained:  # stopped at a rung it had trained past:
+        last = {k: v for k, v in last.items()  # its own end and test do not count
+                if k != "stop_reason" and not k.startswith("test_")}
     status = state.status if state else ("ERROR" if files.error else "UNKNOWN")
     error = "" if status == "TERMINATED" else files.error  # failed once, then finished
+    reason = outcomes.stop_reason(status, last.get("stop_reason"), error, scheduler)
+    if halving and reason == "sha":
+        by_epoch = _rung_cap(by_epoch, halving)
     vals = {e: r["val_loss"] for e, r in by_epoch.items() if _finite(r.get("val_loss"))}
     # the trainer's own best (an improvement must beat min_delta; the best weights, the test
     # errors and load_model follow it), else the lowest validation loss reported
@@ -137,8 +168,9 @@ def _outcome(files: TrialFiles, by_epoch: dict[int, dict], state: TrialState | N
         "best_epoch": int(last["best_epoch"]) if own else min(vals, key=vals.get, default=0),
         "last_val_loss": vals[max(vals)] if vals else math.nan,
         "epochs": max(by_epoch, default=0),
+        "speculative_epochs": trained - max(by_epoch, default=0),
         "status": status,
-        "stop_reason": outcomes.stop_reason(status, last.get("stop_reason"), error, scheduler),
+        "stop_reason": reason,
         "wall_time_s": last.get("time_total_s", 0.0),
         "node": f"{last.get('node_ip', '?')}/{str(last.get('node_id'))[:8]}"
         if last.get("node_id") else None,  # where it ran last: IP / node id
@@ -166,13 +198,13 @@ def _planned_columns(base_and_point: str) -> dict:
 
 
 def trial_row(files: TrialFiles, state: TrialState | None, base: dict,
-              scheduler: str) -> dict:
+              scheduler: str, halving: tuple[int, float] | None = None) -> dict:
     """One row of ``trials``: the trial's configuration (from its record) and outcome."""
     config = columns(files.record) if files.record else _planned_columns(
         json.dumps([base, files.point], sort_keys=True))
     trial_id = files.trial_id or (state.trial_id if state else files.name)
     return {"trial_id": trial_id, **config,
-            **_outcome(files, merged_epochs(files), state, scheduler)}
+            **_outcome(files, merged_epochs(files), state, scheduler, halving)}
 
 
 # ---- the run ---------------------------------------------------------------------------
@@ -213,7 +245,10 @@ def read_frames(run_dir: str | Path) -> Frames:
     run_dir = Path(run_dir)
     spec = _spec(run_dir)
     statuses = runstate.read_statuses(run_dir)
-    scheduler = (spec.get("scheduler") or {}).get("kind", "asha")
+    sched = spec.get("scheduler") or {}
+    scheduler = sched.get("kind", "asha")
+    halving = (sched.get("grace_period", 1), sched.get("reduction_factor", 3.0)) if (
+        scheduler == "sha" and sched.get("work_ahead", True)) else None
     rows, epochs = [], []
     for files in trial_dirs(run_dir):
         state = statuses.trials.get(files.name)
@@ -224,7 +259,7 @@ def read_frames(run_dir: str | Path) -> Frames:
             if state.status == "ERROR" and not error:  # the pack failed before it ended
                 error = read_trial(run_dir / pack).error
             files.error = error
-        row = trial_row(files, state, spec.get("trial") or {}, scheduler)
+        row = trial_row(files, state, spec.get("trial") or {}, scheduler, halving)
         rows.append(row)
         epochs += epoch_rows(row["trial_id"], merged_epochs(files))
     trials = pd.DataFrame(rows)

@@ -62,7 +62,9 @@ class SchedulerConfig(_Strict):
     trial (of the stratum) has reached it, paused ones resuming from their checkpoints, so
     the outcome does not depend on trial order. ``stratify`` (grid axes of ``space``) runs
     the halving separately per combination of their values, so that each stratum's best (the
-    best model at each latent size, say) is trained to the end.
+    best model at each latent size, say) is trained to the end. ``work_ahead`` (``sha``
+    only) keeps workers busy while a rung waits for its last trials, without changing a
+    decision (``cae.schedulers.SyncHalvingScheduler``).
     """
 
     kind: Literal["asha", "sha", "fifo"] = "asha"
@@ -70,6 +72,7 @@ class SchedulerConfig(_Strict):
     max_t: int | None = Field(None, ge=1, le=100_000)
     grace_period: int = Field(1, ge=1, le=100_000)
     reduction_factor: float = Field(3.0, gt=1.0, le=1000.0)
+    work_ahead: bool = True
 
 
 class ResourcesConfig(_Strict):

@@ -41,7 +41,7 @@ def scheduler(spec: SweepSpec, max_epochs: int):
     s = spec.scheduler
     return make_scheduler(s.kind, s.stratify, max_t=s.max_t or max_epochs,
                           grace_period=s.grace_period, reduction_factor=s.reduction_factor,
-                          metric=METRIC, mode=MODE)
+                          metric=METRIC, mode=MODE, work_ahead=s.work_ahead)
 
 
 def wrapped_trainable(spec: SweepSpec, datasets: dict, run_dir: str,
@@ -165,6 +165,7 @@ def fit(spec: SweepSpec, datasets: dict, run_dir: str, checked: Checked,
     ``wrapped_trainable``."""
     from ray import tune
 
+    from cae.schedulers import speculation_marks
     from cae.search import make_searcher
 
     storage, name = run_dir.rstrip("/").rsplit("/", 1)
@@ -177,11 +178,15 @@ def fit(spec: SweepSpec, datasets: dict, run_dir: str, checked: Checked,
     else:
         searcher, n_trials = make_searcher(spec, param_space(spec))
         trainable = wrapped_trainable(spec, datasets, run_dir, adopt)
+    sched = scheduler(spec, checked.max_epochs)
+    # the scheduler's marks on results trained ahead of a rung (saved with the tuner, so a
+    # resume keeps the pair)
+    callbacks = [*callbacks, speculation_marks(sched)]
     tuner = tune.Tuner(
         trainable,
         param_space={},
         tune_config=tune.TuneConfig(
-            metric=METRIC, mode=MODE, scheduler=scheduler(spec, checked.max_epochs),
+            metric=METRIC, mode=MODE, scheduler=sched,
             search_alg=searcher, num_samples=n_trials,
             max_concurrent_trials=spec.max_concurrent,
             reuse_actors=True,  # skip a process start and the torch import per trial
@@ -208,8 +213,11 @@ def resume(run_dir: str, spec: SweepSpec, datasets: dict, callbacks: Sequence = 
                                resume_unfinished=True, resume_errored=False)
     # The run config comes back from the run's tuner.pkl as the sweep began; this resume's
     # console settings replace it (Tuner.restore takes no run config of its own).
+    from cae.schedulers import SpeculationMarks
+
     restored = ray_internals.restored_run_config(tuner)
-    restored.callbacks, restored.verbose = list(callbacks), 1 if verbose else 0
+    marks = [c for c in restored.callbacks or [] if isinstance(c, SpeculationMarks)]
+    restored.callbacks, restored.verbose = marks + list(callbacks), 1 if verbose else 0
     with console(verbose), environ(pending_trials(spec)), sigterm_stops_tune():
         return tuner.fit()
 

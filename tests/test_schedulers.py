@@ -119,6 +119,9 @@ class _Trial:
     def __init__(self, config: dict, trial_id: str):
         self.config, self.trial_id, self.status, self.last_result = config, trial_id, "PENDING", {}
 
+    def set_status(self, status: str) -> None:  # as Tune's Trial (ray_internals.keep_paused)
+        self.status = status
+
 
 class _Controller:
     def __init__(self, scheduler):
@@ -201,6 +204,167 @@ def test_sha_ties_are_broken_by_config_not_by_trial_id():
         assert alive == ["a", "b"]  # ceil(4 / 3) = 2, the first two by config
 
 
+# ---- work ahead: the same decisions as SHA, under any arrival order --------------------
+
+
+class _AheadController(_Controller):
+    """A controller that can also stop or pause a running trial (work ahead needs both)."""
+
+    def __init__(self, scheduler):
+        super().__init__(scheduler)
+        self.trials, self.running, self.inflight, self.current = [], [], [], None
+
+    def get_trials(self):
+        return self.trials
+
+    def stop_trial(self, trial):
+        if trial.status == "RUNNING":
+            self.scheduler.on_trial_complete(self, trial, dict(trial.last_result))
+            if trial in self.running:  # else it was pausing
+                self.running.remove(trial)
+                if trial is not self.current:  # stopped mid-epoch by another's result: Ray
+                    self.inflight.append(trial)  # may still deliver the epoch it trained
+        elif trial.status in ("PENDING", "PAUSED"):
+            self.scheduler.on_trial_remove(self, trial)
+        trial.status = "TERMINATED"
+
+
+def _simulate_ahead(points: list[dict], seed: int, work_ahead: bool, slots: int,
+                    trials: list | None = None, state: dict | None = None,
+                    crash_after: int | None = None):
+    """Like ``_simulate``, with work ahead possible: trials added in a random order get
+    random turns on ``slots`` workers; (0.1, 4) ends itself (patience) after 2 epochs.
+    Every result goes through the speculation callback, as in a sweep. Returns {(quality,
+    latent, x): rows reported}. ``crash_after``: stop after that many results and return the
+    trials (for a restore)."""
+    from cae.schedulers import speculation_marks
+
+    rng = random.Random(seed)
+    sched = make_scheduler("sha", ["model.latent_dim"], max_t=MAX_T, grace_period=1,
+                           reduction_factor=3, work_ahead=work_ahead)
+    marks = speculation_marks(sched)
+    ctrl = _AheadController(sched)
+    if trials is None:
+        points = rng.sample(points, len(points))
+        trials = [_Trial(p, f"id{rng.randrange(10**6):06d}") for p in points]
+        for t in trials:
+            t.rows = []
+    ctrl.trials = trials
+    for t in trials:
+        sched.on_trial_add(ctrl, t)
+    ctrl.running = [t for t in trials if t.status == "RUNNING"]
+    pausing = []  # Ray keeps a pausing trial RUNNING until its checkpoint is saved
+    results = 0
+    while True:
+        while pausing and (not ctrl.running or rng.random() < 0.5):
+            t = pausing.pop(rng.randrange(len(pausing)))
+            t.status = "PAUSED" if t.status == "RUNNING" else t.status
+        while len(ctrl.running) + len(pausing) < slots and (
+                t := sched.choose_trial_to_run(ctrl)):
+            t.status = "RUNNING"
+            ctrl.running.append(t)
+        if ctrl.inflight and rng.random() < 0.5:  # a stopped trial's last epoch arrives
+            t = ctrl.inflight.pop()
+            epoch = t.rows[-1]["epoch"] + 1 if t.rows else 1
+            result = {"epoch": epoch, "val_loss": _loss(t.config, epoch)}
+            sched.on_trial_result(ctrl, t, dict(result))
+            marks.on_trial_result(0, trials, t, result)
+            t.rows.append(result)
+            continue
+        if not ctrl.running and not pausing:
+            break
+        if not ctrl.running:
+            continue
+        if crash_after is not None and results >= crash_after:
+            return trials
+        t = rng.choice(ctrl.running)
+        done = t.rows[-1]["epoch"] if t.rows else 0
+        name = (t.config["quality"], t.config["model.latent_dim"])
+        own_end = 2 if name == (0.1, 4) else MAX_T
+        epoch = min(done + 1, own_end)  # after its end: its final result reported again
+        result = {"epoch": epoch, "val_loss": _loss(t.config, epoch)}
+        if epoch == own_end and own_end < MAX_T:
+            result["stop_reason"] = "patience"
+        ctrl.current = t
+        decision = sched.on_trial_result(ctrl, t, dict(result))
+        ctrl.current = None
+        marks.on_trial_result(0, trials, t, result)
+        t.last_result = result
+        t.rows.append(result)
+        results += 1
+        if t.status != "RUNNING":  # stopped while the scheduler decided
+            continue
+        if decision == "STOP" or (decision == "CONTINUE" and "stop_reason" in result):
+            ctrl.current = t  # stopped on its own result: nothing more in flight
+            ctrl.stop_trial(t)
+            ctrl.current = None
+        elif decision == "PAUSE":
+            ctrl.running.remove(t)
+            pausing.append(t)
+    assert all(t.status == "TERMINATED" for t in trials)
+    if crash_after is not None:
+        return trials
+    return {(t.config["quality"], t.config["model.latent_dim"], t.config["x"]): t.rows
+            for t in trials}
+
+
+def _answer(rows: list[dict]) -> tuple[int, float]:
+    """The epochs that count and the best of them (``cae.results.counted_epochs``)."""
+    from cae.results import counted_epochs
+
+    counted = counted_epochs({r["epoch"]: r for r in rows})
+    return max(counted), min(r["val_loss"] for r in counted.values())
+
+
+POINTS = [{"quality": q, "model.latent_dim": lat, "x": x}
+          for q in QUALITIES for lat in LATENTS for x in (0, 1)]  # 16 trials, 8 per stratum
+
+
+def test_work_ahead_decides_as_sha_under_any_arrival_order():
+    sha = {k: _answer(v) for k, v in _simulate_ahead(POINTS, 0, False, 2).items()}
+    ahead_epochs = []
+    for seed in range(40):
+        for slots in (2, 3, 5, 8):
+            got = _simulate_ahead(POINTS, seed, True, slots)
+            assert {k: _answer(v) for k, v in got.items()} == sha, (seed, slots)
+            ahead_epochs.append(sum(len({r["epoch"] for r in rows}) for rows in got.values()))
+    # it did work ahead (trained epochs that did not count) somewhere
+    assert max(ahead_epochs) > sum(e for e, _ in sha.values())
+
+
+def test_a_trial_trained_ahead_and_not_promoted_keeps_only_its_epochs_to_the_rung():
+    from cae.results import counted_epochs
+
+    flagged = []
+    for seed in range(40):
+        for key, rows in _simulate_ahead(POINTS, seed, True, 8).items():
+            ahead = [r for r in rows if r.get("speculative") is not None]
+            counted = counted_epochs({r["epoch"]: r for r in rows})
+            if ahead and max(r["epoch"] for r in rows) > max(counted):  # lost at its rung
+                rung = ahead[-1]["speculative"]
+                assert max(counted) == rung and all(e <= rung for e in counted)
+                assert ahead[-1]["speculative_rung_value"] == _loss(
+                    {"quality": key[0], "model.latent_dim": key[1]}, rung)
+                flagged.append(key)
+    assert flagged  # the case happened
+
+
+def test_work_ahead_resumes_from_trials_last_results():
+    """Tune does not save schedulers: a restored sweep's scheduler is rebuilt from each
+    trial's last result, also in the middle of working ahead."""
+    sha = {k: _answer(v) for k, v in _simulate_ahead(POINTS, 0, False, 2).items()}
+    restored_ahead = 0
+    for seed in range(20):
+        for crash_after in (10, 25, 40):
+            trials = _simulate_ahead(POINTS, seed, True, 8, crash_after=crash_after)
+            restored_ahead += sum(t.last_result.get("speculative") is not None for t in trials)
+            for t in trials:  # as Tuner.restore leaves them: running ones start again
+                t.status = "PENDING" if t.status == "RUNNING" else t.status
+            got = _simulate_ahead(POINTS, seed + 100, True, 8, trials=trials)
+            assert {k: _answer(v) for k, v in got.items()} == sha, (seed, crash_after)
+    assert restored_ahead  # some trials were restored while trained ahead
+
+
 # ---- real Ray Tune runs -----------------------------------------------------------------
 
 
@@ -247,11 +411,14 @@ def ray_local():
 
 
 def _fit(tmp_path, name, kind, stratify, seed=None, quality_order=QUALITIES,
-         latent_first=False, max_concurrent=None, max_failures=0, **kw):
+         latent_first=False, max_concurrent=None, max_failures=0, work_ahead=False,
+         counted=False, **kw):
     from ray import tune
 
+    from cae.schedulers import speculation_marks
+
     scheduler = make_scheduler(kind, stratify, max_t=MAX_T, grace_period=1,
-                               reduction_factor=3)
+                               reduction_factor=3, work_ahead=work_ahead)
     space, search = _space(quality_order, latent_first), {}
     if seed is not None:
         s = shuffled_search(space, 1, seed)
@@ -263,12 +430,32 @@ def _fit(tmp_path, name, kind, stratify, seed=None, quality_order=QUALITIES,
                                     reuse_actors=True, max_concurrent_trials=max_concurrent,
                                     **search),
         run_config=tune.RunConfig(name=name, storage_path=str(tmp_path), verbose=0,
+                                  callbacks=[speculation_marks(scheduler)],
                                   failure_config=tune.FailureConfig(
                                       max_failures=max_failures,
                                       fail_fast="raise" if "crash_marker" in kw and not
                                       max_failures else False)),
     )
-    return _epochs(tuner.fit())
+    results = tuner.fit()
+    return _counted(results) if counted else _epochs(results)
+
+
+def _counted(results) -> dict:
+    """{(quality, latent): epochs that count}, as ``cae.results`` counts them (epochs
+    trained ahead of a rung the trial then lost there do not)."""
+    import pandas as pd
+
+    from cae.results import counted_epochs
+
+    _epochs(results)  # no epoch trained twice
+    out = {}
+    for r in results:
+        df = r.metrics_dataframe
+        flags = df["speculative"] if "speculative" in df else [None] * len(df)
+        rows = {int(e): {"speculative": None if pd.isna(f) else f}
+                for e, f in zip(df["epoch"], flags)}
+        out[(r.config["quality"], r.config["model.latent_dim"])] = max(counted_epochs(rows))
+    return out
 
 
 def _epochs(results) -> dict:
@@ -297,6 +484,38 @@ def test_stratified_sha_in_two_shuffled_start_orders(ray_local, tmp_path):
     b = _fit(tmp_path, "sha-seed1", "sha", ["model.latent_dim"], seed=1)
     assert a == b == SHA_STRATIFIED
     assert sum(a.values()) == 28 < len(a) * MAX_T  # FIFO: 72 epochs
+
+
+@pytest.mark.slow
+def test_stratified_sha_working_ahead_decides_as_sha(ray_local, tmp_path):
+    a = _fit(tmp_path, "ahead-seed0", "sha", ["model.latent_dim"], seed=0, work_ahead=True,
+             counted=True)
+    b = _fit(tmp_path, "ahead-seed1", "sha", ["model.latent_dim"], seed=1, work_ahead=True,
+             counted=True)
+    assert a == b == SHA_STRATIFIED
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:fail_fast='raise' detected")
+def test_working_ahead_resumes_after_a_crash(ray_local, tmp_path, monkeypatch):
+    from ray import tune
+
+    from cae.schedulers import SpeculationMarks
+
+    monkeypatch.setenv("TUNE_GLOBAL_CHECKPOINT_S", "0")  # save the experiment every step
+    marker = tmp_path / "crash-marker"
+    # the first trial to train a 2nd epoch: with 2 workers, while its stratum's rung 1
+    # still waits for trials, i.e. trained ahead
+    marker.write_text(json.dumps({"epoch": 2, "point": None}))
+    with pytest.raises(Exception, match="the driver goes down"):
+        _fit(tmp_path, "crash", "sha", ["model.latent_dim"], seed=0, work_ahead=True,
+             crash_marker=str(marker))
+    tuner = tune.Tuner.restore(str(tmp_path / "crash"), trainable=tune.with_parameters(
+        toy_trainable, crash_marker=str(marker)), resume_unfinished=True, resume_errored=True)
+    config = tuner._local_tuner.get_run_config()
+    assert any(isinstance(c, SpeculationMarks) for c in config.callbacks)  # kept, as resume
+    results = tuner.fit()
+    assert len(results) == 8 and _counted(results) == SHA_STRATIFIED
 
 
 @pytest.mark.slow
