@@ -64,7 +64,7 @@ class SchedulerConfig(_Strict):
     the halving separately per combination of their values, so that each stratum's best (the
     best model at each latent size, say) is trained to the end. ``work_ahead`` (``sha``
     only) keeps workers busy while a rung waits for its last trials, without changing a
-    decision (``cae.schedulers.SyncHalvingScheduler``).
+    decision (``cae.halving.SyncHalvingScheduler``).
     """
 
     kind: Literal["asha", "sha", "fifo"] = "asha"

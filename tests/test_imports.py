@@ -106,9 +106,9 @@ LAYERS = (
                                 "cae.runstate", "cae.lease", "cae.packfiles")),
     ("results", ("cae.results",)),
     ("readers", ("cae.baselines", "cae.report", "cae.finish", "cae.status", "cae.export")),
-    ("ray", ("cae.schedulers", "cae.search", "cae.trainable", "cae.sweep", "cae.cluster",
-             "cae.progress", "cae.livereport", "cae.guard", "cae.signals", "cae.packplan",
-             "cae.packtrial")),
+    ("ray", ("cae.halving", "cae.schedulers", "cae.search", "cae.trainable", "cae.sweep",
+             "cae.cluster", "cae.progress", "cae.livereport", "cae.guard", "cae.signals",
+             "cae.packplan", "cae.packtrial")),
     ("driver", ("cae.driver",)),
     ("command line", ("cae.cli", "cae.arguments", "cae")),
 )

@@ -13,8 +13,8 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-import schedsim
-import simulator as sim
+import schedsim  # noqa: E402 (from benchmarks/, put on the path above)
+import simulator as sim  # noqa: E402
 
 # ---- replays of recorded real runs (benchmarks/results/schedtrace-*.json) ---------------
 
