@@ -22,10 +22,10 @@ from cae.cli import main
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
 # 4 trials (latent 4 / 16 x convs 1 / 2), successive halving per latent size, 6 epochs of
-# 1,800 images: about 20 s of training on two cores, long enough to be hit mid-way.
+# 3,600 images: long enough to be hit mid-way on two idle cores.
 SPEC = {
     "name": "faults",
-    "trial": {"data": {"dataset": "sample", "train_limit": 2000},
+    "trial": {"data": {"dataset": "sample", "train_limit": 4000},
               "model": {"channels": [4, 8], "dense": [32], "latent_dim": 8},
               "max_epochs": 6, "patience": None},
     "space": {"model.latent_dim": {"grid": [4, 16]}, "model.convs": {"grid": [1, 2]}},
@@ -85,6 +85,27 @@ def _start(spec: Path, storage: Path, name: str) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
+def _kill_driver(proc: subprocess.Popen) -> None:
+    """SIGKILL the driver and every process it started (Ray's, its trials' workers), as a
+    crash of its machine would: a worker left alive would go on writing checkpoints."""
+    import psutil
+
+    try:
+        family = [proc.pid, *(c.pid for c in psutil.Process(proc.pid).children(recursive=True))]
+    except psutil.NoSuchProcess:
+        family = [proc.pid]
+    for pid in family:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
 def _wait_for(check, what: str, timeout: float = 300) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -112,8 +133,7 @@ def test_a_killed_driver_and_a_torn_state_lose_nothing(tmp_path, undisturbed, ca
     run_dir = tmp_path / "k"
     proc = _start(_spec_file(tmp_path), tmp_path, "k")
     _wait_for(lambda: _epochs_reported(run_dir) >= 6, "six reported epochs")
-    os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray it started, as in a crash
-    proc.wait()
+    _kill_driver(proc)  # the driver and the Ray it started, as in a crash
     state = max(run_dir.glob("experiment_state-*.json"))
     text = state.read_text()
     state.write_text(text[: len(text) // 2])  # cut short, as a full disk leaves it
@@ -153,8 +173,7 @@ def test_a_torn_newest_checkpoint_falls_back_to_the_one_before(tmp_path, undistu
 
     _wait_for(lambda: winner_with_two_checkpoints() is not None,
               "a winner with two checkpoints", timeout=600)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    _kill_driver(proc)
     trial = winner_with_two_checkpoints()
     assert trial is not None
     newest = max(trial.glob("checkpoint_*"),
@@ -172,7 +191,7 @@ def test_trial_processes_killed_at_random_lose_nothing(tmp_path, undisturbed):
     proc = _start(_spec_file(tmp_path), tmp_path, "c")
     rng, kills = random.Random(0), 0
     while proc.poll() is None and kills < 6:
-        time.sleep(rng.uniform(2, 5))
+        time.sleep(rng.uniform(1, 3))
         pids = set()
         for result in run_dir.glob("*/result.json"):
             lines = result.read_text().splitlines()
