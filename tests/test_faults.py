@@ -187,11 +187,15 @@ def test_a_torn_newest_checkpoint_falls_back_to_the_one_before(tmp_path, undistu
 
 
 def test_trial_processes_killed_at_random_lose_nothing(tmp_path, undisturbed):
+    """A running trial's worker is SIGKILLed after every third epoch reported (a random one
+    of those running), three times; Tune retries each from its last checkpoint."""
     run_dir = tmp_path / "c"
     proc = _start(_spec_file(tmp_path), tmp_path, "c")
-    rng, kills = random.Random(0), 0
-    while proc.poll() is None and kills < 6:
-        time.sleep(rng.uniform(1, 3))
+    rng, kills, next_at = random.Random(0), 0, 2
+    while proc.poll() is None and kills < 3:
+        time.sleep(0.1)
+        if _epochs_reported(run_dir) < next_at:
+            continue
         pids = set()
         for result in run_dir.glob("*/result.json"):
             lines = result.read_text().splitlines()
@@ -201,6 +205,7 @@ def test_trial_processes_killed_at_random_lose_nothing(tmp_path, undisturbed):
             try:
                 os.kill(pid, signal.SIGKILL)
                 kills += 1
+                next_at = _epochs_reported(run_dir) + 3
             except ProcessLookupError:
                 pass
     out, err = proc.communicate(timeout=600)
