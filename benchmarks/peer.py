@@ -222,13 +222,57 @@ def summarize(runs: dict, n: int, epochs: int, precision: tuple[str, str] | None
     return figures
 
 
+def default_vs_sha(rounds: int, quick: bool) -> int:
+    """Our default scheduler against plain SHA on the peer grid, sides alternating, the
+    median wall of each and their ratio; the same answer checked in every round."""
+    started, info = common.now(), common.machine()
+    epochs, n = (2, 2000) if quick else (9, 7000)
+    tmp = common.tempdir("peer")
+    data = common.writable_data_copy("FashionMNIST", tmp)
+    if data is None:
+        print("peer.py needs ../shared/data (Fashion-MNIST)", file=sys.stderr)
+        return 2
+    import torchvision
+
+    torchvision.datasets.FashionMNIST(str(data), train=True, download=True)  # extract once
+    sides = {"default": {"kind": "sha", "stratify": ["model.latent_dim"]},
+             "sha": {"kind": "sha", "stratify": ["model.latent_dim"], "work_ahead": False}}
+    runs: dict[str, list] = {"default": [], "sha": []}
+    out = common.results_path("peer-default-vs-sha", quick)
+    for r in range(rounds):
+        for side in (("default", "sha") if r % 2 == 0 else ("sha", "default")):
+            print(f"round {r + 1}: ours {side} ...", flush=True)
+            spec = grid_spec(str(data), n, epochs, sides[side], "auto")
+            runs[side].append(run_ours(spec, tmp, f"{side}-{r}"))
+            walls = {k: [x["wall_s"] for x in v] for k, v in runs.items()}
+            figures = {
+                "walls_s": walls,
+                "answers_equal": all(per_latent(a) == per_latent(b)
+                                     for a, b in zip(runs["default"], runs["sha"])),
+                "default_vs_sha_wall": (round(common.median(walls["default"])
+                                              / common.median(walls["sha"]), 3)
+                                        if walls["default"] and walls["sha"] else None),
+                "trial_epochs": {k: [x["trial_epochs"] for x in v] for k, v in runs.items()},
+            }
+            common.write_results(out, "peer-default-vs-sha", info, figures, started)
+    shutil.rmtree(tmp, ignore_errors=True)
+    print(json.dumps(figures, indent=1))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="2 epochs on 2,000 images")
     p.add_argument("--precision-check", action="store_true",
                    help="also our FIFO sweep in the other precision: per-trial best val "
                         "loss of bf16 against fp32")
+    p.add_argument("--default-vs-sha", type=int, metavar="ROUNDS", default=0,
+                   help="only our default (sha with work_ahead) and plain sha, alternating "
+                        "for ROUNDS rounds: is the default ever slower (peer-default-vs-sha"
+                        ".json)")
     args = p.parse_args(argv)
+    if args.default_vs_sha:
+        return default_vs_sha(args.default_vs_sha, args.quick)
     started, info = common.now(), common.machine()
     epochs, n = (2, 2000) if args.quick else (9, 7000)
     tmp = common.tempdir("peer")
