@@ -20,8 +20,6 @@ from __future__ import annotations
 import io
 import json
 import math
-import tempfile
-from pathlib import Path
 
 import ray
 import torch
@@ -36,6 +34,7 @@ from cae.record import RECORD_FILE, make_record
 from cae.rundir import write_file
 from cae.runstate import point_key
 from cae.spec import SweepSpec
+from cae.trainable import report_epoch
 
 # ---- one pack as a Tune trial ---------------------------------------------------------------
 
@@ -90,13 +89,6 @@ def _save_member(folder: str, epoch: int, state: dict, history: dict) -> None:
         fs.delete_dir(old)
 
 
-def _report(metrics: dict, state: dict, history: dict) -> None:
-    with tempfile.TemporaryDirectory() as d:
-        torch.save(state, Path(d) / checkpoints.STATE_FILE)
-        (Path(d) / checkpoints.HISTORY_FILE).write_text(json.dumps(history, default=float))
-        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
-
-
 def run_pack(config: dict, base: dict, datasets: dict[str, ImageData], run_dir: str,
              adopt: dict[str, str] | None = None, threads: int = 1) -> None:
     """Train one fused pack, its members reporting as trials (see the module doc)."""
@@ -146,7 +138,7 @@ def run_pack(config: dict, base: dict, datasets: dict[str, ImageData], run_dir: 
         state = state_fn()
         if not any(not pack.members[i].stop_reason for i in pack.live()):
             state["final"] = report  # every member has stopped
-        _report({**report, **static}, state,
+        report_epoch({**report, **static}, state,
                  {"epochs": summary, "static": static, "final": state.get("final")})
 
     pack.fit(on_epoch)

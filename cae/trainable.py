@@ -68,7 +68,9 @@ def _ray_epoch() -> int:
     return checkpoints.epoch_of(history or {})
 
 
-def _report(metrics: dict, state: dict, history: dict) -> None:
+def report_epoch(metrics: dict, state: dict, history: dict) -> None:
+    """Report ``metrics`` to Tune with a checkpoint of the weights and the trial's history
+    (its epochs, kept beside state.pt since result.json can lose rows on a restart)."""
     with tempfile.TemporaryDirectory() as d:
         torch.save(state, Path(d) / checkpoints.STATE_FILE)
         (Path(d) / checkpoints.HISTORY_FILE).write_text(json.dumps(history, default=float))
@@ -107,7 +109,7 @@ def run_trial(point: dict, base: dict, datasets: dict[str, ImageData], run_dir: 
         if source == here:
             tune.report(found.state["final"])
         else:
-            _report(found.state["final"], found.state, found.history)
+            report_epoch(found.state["final"], found.state, found.history)
         return
     if found is not None:
         trainer.load_state_dict(found.state)
@@ -122,7 +124,7 @@ def run_trial(point: dict, base: dict, datasets: dict[str, ImageData], run_dir: 
                     f"{found.name}"
                 skipped = f" ({'; '.join(found.skipped)})" if found.skipped else ""
                 note = {"resumed_from": f"{where}{skipped}"}
-            _report({**trainer.history[-1], **static, **note, "reported_again": True},
+            report_epoch({**trainer.history[-1], **static, **note, "reported_again": True},
                     found.state, {"epochs": trainer.history, "static": static, "final": None})
 
     def on_epoch(metrics: dict, state_fn) -> None:
@@ -131,7 +133,7 @@ def run_trial(point: dict, base: dict, datasets: dict[str, ImageData], run_dir: 
         if "stop_reason" in metrics:  # the last epoch of this trial
             report.update(trainer.test())
             state["final"] = report
-        _report(report, state, {"epochs": trainer.history, "static": static,
+        report_epoch(report, state, {"epochs": trainer.history, "static": static,
                                 "final": state.get("final")})
 
     trainer.fit(on_epoch)

@@ -41,6 +41,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from helpers import processes_naming
 
 pytestmark = pytest.mark.slow
 
@@ -137,19 +138,6 @@ def _config(gcs_address: str) -> dict:
     }
 
 
-def _processes_naming(marker: str) -> list[int]:
-    import psutil
-
-    pids = []
-    for proc in psutil.process_iter():
-        try:
-            if marker in " ".join(proc.cmdline()):
-                pids.append(proc.pid)
-        except (psutil.Error, OSError):
-            continue
-    return pids
-
-
 def _session(temp: Path, timeout: float = 60) -> str:
     """The head's Ray session name (in every command line of this cluster's processes)."""
     deadline = time.time() + timeout
@@ -170,7 +158,7 @@ def _stop(head: subprocess.Popen, session: str | None) -> list[int]:
         except subprocess.TimeoutExpired:
             os.killpg(head.pid, signal.SIGKILL)
             head.wait(10)
-    left = _processes_naming(session) if session else []
+    left = processes_naming(session) if session else []
     for pid in left:  # ours by construction: they name this cluster's session
         try:
             os.kill(pid, signal.SIGKILL)
@@ -291,6 +279,6 @@ def test_pending_gpu_trials_add_workers_that_are_removed_when_idle(bystander, tm
     print("autoscaler: " + "; ".join(decisions))
 
     # only this cluster's processes were ended: the other Ray still answers
-    assert not _processes_naming(session), "processes of the test's cluster are left"
+    assert not processes_naming(session), "processes of the test's cluster are left"
     print(f"killed by session after the head stopped: {len(killed)} processes")
     assert _ping(bystander, 12) == "PONG 144"

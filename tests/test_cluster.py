@@ -33,6 +33,7 @@ from urllib.request import Request, urlopen
 
 import pandas as pd
 import pytest
+from helpers import processes_naming
 
 pytestmark = pytest.mark.slow
 
@@ -94,20 +95,6 @@ def _results(run_dir: Path) -> dict[str, list[dict]]:
         if rows:
             out[rows[0]["trial_id"]] = rows
     return out
-
-
-def _our_processes(marker: str) -> list[int]:
-    """Pids of processes whose command line names ``marker`` (a temp dir of this test)."""
-    import psutil
-
-    pids = []
-    for proc in psutil.process_iter():
-        try:
-            if marker in " ".join(proc.cmdline()):
-                pids.append(proc.pid)
-        except (psutil.Error, OSError):
-            continue
-    return pids
 
 
 def _spawn(cmd: list[str], log: Path, **kwargs) -> subprocess.Popen:
@@ -206,7 +193,7 @@ def test_job_submission_to_a_local_cluster():
     finally:
         _stop_group(head)
         time.sleep(1)
-        left = _our_processes(str(tmp))
+        left = processes_naming(str(tmp))
         for pid in left:  # ours by construction: they name this test's temp dir
             try:
                 os.kill(pid, signal.SIGKILL)

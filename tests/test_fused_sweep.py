@@ -2,16 +2,14 @@
 real small Ray runs on the embedded sample (the slow tier)."""
 
 import json
-import os
-import signal
 import threading
-import time
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import torch
 import yaml
+from helpers import kill_first_after
 
 from cae.cli import main
 from cae.config import TrialConfig
@@ -126,19 +124,8 @@ def test_a_crashed_pack_goes_on_exactly_from_its_checkpoint(tmp_path):
     run_dir = tmp_path / "c"
     killed = {}
 
-    def kill_after_epoch_2():
-        deadline = time.time() + 300
-        while time.time() < deadline:
-            for result in run_dir.glob("run_pack_*/result.json"):
-                lines = result.read_text().splitlines()
-                if len(lines) >= 2:
-                    last = json.loads(lines[-1])
-                    killed.update(epoch=last["epoch"], pid=last["pid"])
-                    os.kill(last["pid"], signal.SIGKILL)
-                    return
-            time.sleep(0.1)
-
-    killer = threading.Thread(target=kill_after_epoch_2)
+    killer = threading.Thread(target=kill_first_after,
+                              args=(run_dir, "run_pack_*", killed))
     killer.start()
     assert main(["sweep", str(path), "--storage", str(tmp_path), "--name", "c",
                  "--no-report"]) == 0

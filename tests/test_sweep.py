@@ -11,6 +11,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
+from helpers import kill_first_after
 
 from cae.cli import main
 
@@ -205,19 +206,8 @@ def test_a_crashed_trial_is_retried_from_its_checkpoint(tmp_path):
     run_dir = tmp_path / "c"
     killed = {}
 
-    def kill_when_at_epoch_2():
-        deadline = time.time() + 240
-        while time.time() < deadline:
-            for result in run_dir.glob("run_trial_*/result.json"):
-                lines = result.read_text().splitlines()
-                if len(lines) >= 2:
-                    last = json.loads(lines[-1])
-                    killed.update(epoch=last["epoch"], pid=last["pid"])
-                    os.kill(last["pid"], signal.SIGKILL)
-                    return
-            time.sleep(0.2)
-
-    killer = threading.Thread(target=kill_when_at_epoch_2)
+    killer = threading.Thread(target=kill_first_after,
+                              args=(run_dir, "run_trial_*", killed, 2, 240))
     killer.start()
     assert main(["sweep", str(path), "--storage", str(tmp_path), "--name", "c",
                  "--no-report"]) == 0
