@@ -263,9 +263,24 @@ def _decoder(cfg: ModelConfig, p_: Plan, chans: int, size: int) -> list[Layer]:
     return dec
 
 
+_LAYERS_CACHE: dict[tuple[str, int], tuple[tuple[Layer, ...], tuple[Layer, ...]]] = {}
+
+
 def layers(cfg: ModelConfig, seed: int = 0) -> tuple[list[Layer], list[Layer]]:
     """The encoder's and decoder's layers, the one description of the architecture:
-    ``CAE`` instantiates it and ``param_count`` sums it without building."""
+    ``CAE`` instantiates it and ``param_count`` sums it without building. Remembered per
+    architecture (the layers are frozen): a 10,000-point dry run asks each several times."""
+    key = (cfg.model_dump_json(), seed)
+    if key not in _LAYERS_CACHE:
+        if len(_LAYERS_CACHE) >= 4096:
+            _LAYERS_CACHE.clear()
+        enc, dec = _layers(cfg, seed)
+        _LAYERS_CACHE[key] = (tuple(enc), tuple(dec))
+    enc_t, dec_t = _LAYERS_CACHE[key]
+    return list(enc_t), list(dec_t)
+
+
+def _layers(cfg: ModelConfig, seed: int) -> tuple[list[Layer], list[Layer]]:
     p_ = plan(cfg)
     enc, chans = _encoder(cfg, random.Random(seed))
     dec: list[Layer] = []

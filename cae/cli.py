@@ -63,7 +63,7 @@ def _console(args: argparse.Namespace):
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from cae import driver, dryrun, plan, rundir
+    from cae import dryrun, plan
     from cae.spec import load_spec
 
     spec = load_spec(args.config, args.set)
@@ -81,6 +81,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
             print("\n".join(describe(spec, param_space(spec), checked.budget)))
         return 0
+    from cae import driver, rundir  # not for a dry run: they import pandas and check Ray
+
     return driver.new_sweep(spec, args.name or rundir.run_name(spec), address=args.address,
                             data_dir=args.data_dir, force=args.force, console=_console(args))
 
