@@ -150,3 +150,21 @@ def test_every_layer_kind_builds_and_an_unknown_one_is_refused():
     model = build_model(get_preset("study_b_model12"))
     with pytest.raises(TypeError, match="no module for layer"):
         CAE._module(model, ("conv", 1, 2, 3, 1, 1))
+
+
+def test_layers_are_remembered_per_architecture_and_never_shared():
+    """The dry run asks each architecture's layers many times: the remembered answer must
+    follow every field of the config (and the seed), and a caller's list is its own."""
+    from cae import arch
+
+    shape = {"in_channels": 1, "out_channels": 1, "image_size": 28}
+    a = ModelConfig(channels=[8, 16], latent_dim=8, **shape)
+    enc, dec = arch.layers(a)
+    enc.clear()
+    assert arch.layers(a)[0], "a caller emptied the remembered encoder"
+    b = ModelConfig(channels=[8, 16], latent_dim=9, **shape)
+    assert arch.param_count(b) != arch.param_count(a)
+    assert arch.param_count(b) == count_params(build_model(b))
+    a.latent_dim = 16  # the same object changed after a first call
+    assert arch.param_count(a) == count_params(build_model(ModelConfig(channels=[8, 16], **shape,
+                                                                       latent_dim=16)))
