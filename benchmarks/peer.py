@@ -222,19 +222,28 @@ def summarize(runs: dict, n: int, epochs: int, precision: tuple[str, str] | None
     return figures
 
 
+def _data():
+    """A temp dir and a writable, extracted copy of Fashion-MNIST in it (None, with a
+    line on stderr, without ../shared/data)."""
+    tmp = common.tempdir("peer")
+    data = common.writable_data_copy("FashionMNIST", tmp)
+    if data is None:
+        print("peer.py needs ../shared/data (Fashion-MNIST)", file=sys.stderr)
+        return tmp, None
+    import torchvision
+
+    torchvision.datasets.FashionMNIST(str(data), train=True, download=True)  # extract once
+    return tmp, data
+
+
 def default_vs_sha(rounds: int, quick: bool) -> int:
     """Our default scheduler against plain SHA on the peer grid, sides alternating, the
     median wall of each and their ratio; the same answer checked in every round."""
     started, info = common.now(), common.machine()
     epochs, n = (2, 2000) if quick else (9, 7000)
-    tmp = common.tempdir("peer")
-    data = common.writable_data_copy("FashionMNIST", tmp)
+    tmp, data = _data()
     if data is None:
-        print("peer.py needs ../shared/data (Fashion-MNIST)", file=sys.stderr)
         return 2
-    import torchvision
-
-    torchvision.datasets.FashionMNIST(str(data), train=True, download=True)  # extract once
     sides = {"default": {"kind": "sha", "stratify": ["model.latent_dim"]},
              "sha": {"kind": "sha", "stratify": ["model.latent_dim"], "work_ahead": False}}
     runs: dict[str, list] = {"default": [], "sha": []}
@@ -275,14 +284,9 @@ def main(argv: list[str] | None = None) -> int:
         return default_vs_sha(args.default_vs_sha, args.quick)
     started, info = common.now(), common.machine()
     epochs, n = (2, 2000) if args.quick else (9, 7000)
-    tmp = common.tempdir("peer")
-    data = common.writable_data_copy("FashionMNIST", tmp)
+    tmp, data = _data()
     if data is None:
-        print("peer.py needs ../shared/data (Fashion-MNIST)", file=sys.stderr)
         return 2
-    import torchvision
-
-    torchvision.datasets.FashionMNIST(str(data), train=True, download=True)  # extract once
     scheds = {"fifo": {"kind": "fifo"}, "asha": {"kind": "asha", "stratify": []},
               "default": {"kind": "sha", "stratify": ["model.latent_dim"]},
               "sha": {"kind": "sha", "stratify": ["model.latent_dim"], "work_ahead": False}}
