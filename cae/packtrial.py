@@ -26,15 +26,14 @@ import torch
 from ray import tune
 
 from cae import checkpoints, packfiles, ray_internals
-from cae.config import TrialConfig, trial_config
+from cae.config import trial_config
 from cae.data import ImageData
 from cae.diskspace import CHECKPOINTS_KEPT
 from cae.fused import Pack
-from cae.record import RECORD_FILE, make_record
 from cae.rundir import write_file
 from cae.runstate import point_key
 from cae.spec import SweepSpec
-from cae.trainable import report_epoch
+from cae.trainable import recorded_config, report_epoch
 
 # ---- one pack as a Tune trial ---------------------------------------------------------------
 
@@ -45,35 +44,6 @@ def wrapped_pack_trainable(spec: SweepSpec, datasets: dict, run_dir: str,
     fn = tune.with_parameters(run_pack, base=spec.trial, datasets=datasets, run_dir=run_dir,
                               adopt=adopt or {}, threads=max(1, int(spec.resources.cpu)))
     return tune.with_resources(fn, {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu})
-
-
-def _read_record(folder: str) -> dict | None:
-    fs, path = checkpoints.filesystem(folder)
-    try:
-        with fs.open_input_stream(f"{path}/{RECORD_FILE}") as f:
-            return json.loads(f.read())
-    except (OSError, ValueError):
-        return None
-
-
-def _member_config(folder: str, source: str, current: TrialConfig, point: dict,
-                   fused: dict) -> TrialConfig:
-    """A member's configuration: the record of its first start (in its folder, or in the
-    one of the pack it takes over), else ``current``, recorded now with its point and
-    ``fused`` (its pack, the pack's size and batch seed); as ``cae.trainable`` does for a
-    trial."""
-    record = _read_record(folder)
-    if record is None:
-        record = (_read_record(source) if source != folder else None) or make_record(
-            current, point)
-        if source != folder:  # the tables then leave the member taken over out
-            record["continues"] = "/".join(source.rstrip("/").rsplit("/", 2)[-2:])
-        record["fused"] = fused
-        write_file(folder, "params.json", json.dumps(point).encode())
-        write_file(folder, RECORD_FILE, json.dumps(record).encode())
-    config = dict(record["config"])
-    config["data"] = {**config["data"], "data_dir": current.data.data_dir}
-    return TrialConfig.model_validate(config)
 
 
 def _save_member(folder: str, epoch: int, state: dict, history: dict) -> None:
@@ -103,7 +73,10 @@ def run_pack(config: dict, base: dict, datasets: dict[str, ImageData], run_dir: 
     current = [trial_config(base, p) for p in points]
     fused = {"pack": here.rstrip("/").rsplit("/", 1)[-1], "members": len(points),
              "batch_seed": current[0].seed}  # cae.fused.Pack's default
-    cfgs = [_member_config(f, f"{source}/{packfiles.member_name(i)}", c, p, fused)
+    # each member recorded as a trial is (cae.trainable), with its pack and its point
+    cfgs = [recorded_config(f, f"{source}/{packfiles.member_name(i)}", c, p, depth=2,
+                            extra={"fused": fused},
+                            files={"params.json": json.dumps(p).encode()})
             for i, (f, c, p) in enumerate(zip(folders, current, points))]
     key = cfgs[0].data.source_key()
     pack = Pack(cfgs, datasets[key])
@@ -139,7 +112,7 @@ def run_pack(config: dict, base: dict, datasets: dict[str, ImageData], run_dir: 
         if not any(not pack.members[i].stop_reason for i in pack.live()):
             state["final"] = report  # every member has stopped
         report_epoch({**report, **static}, state,
-                 {"epochs": summary, "static": static, "final": state.get("final")})
+                     {"epochs": summary, "static": static, "final": state.get("final")})
 
     pack.fit(on_epoch)
 

@@ -34,7 +34,8 @@ from cae.runstate import point_key
 from cae.train import Trainer
 
 
-def _read_record(location: str) -> dict | None:
+def read_record(location: str) -> dict | None:
+    """The record a trial (or a pack's member) wrote in ``location`` at its first start."""
     fs, path = checkpoints.filesystem(location)
     try:
         with fs.open_input_stream(f"{path}/{RECORD_FILE}") as f:
@@ -43,15 +44,22 @@ def _read_record(location: str) -> dict | None:
         return None
 
 
-def _config(here: str, source: str, current: TrialConfig, point: dict) -> TrialConfig:
-    """The configuration this trial runs: the record of its first start (in its own
-    directory, or in the one it takes over), else ``current``, recorded now."""
-    record = _read_record(here)
+def recorded_config(here: str, source: str, current: TrialConfig, point: dict, *,
+                    depth: int = 1, extra: dict | None = None,
+                    files: dict[str, bytes] | None = None) -> TrialConfig:
+    """The configuration a trial runs: the record of its first start (in its own directory
+    ``here``, or in ``source``, the one it takes over), else ``current``, recorded now with
+    ``extra`` keys, after ``files`` are written beside it. A record taken over names the
+    trial it ``continues`` by the last ``depth`` parts of ``source`` (a pack's member: 2)."""
+    record = read_record(here)
     if record is None:
-        record = _read_record(source) if source != here else None
-        record = record or make_record(current, point)
-        if source != here:
-            record["continues"] = source.rstrip("/").rsplit("/", 1)[-1]
+        record = (read_record(source) if source != here else None) or make_record(current,
+                                                                                  point)
+        if source != here:  # the tables then leave the trial taken over out
+            record["continues"] = "/".join(source.rstrip("/").rsplit("/", depth)[-depth:])
+        record.update(extra or {})
+        for name, data in (files or {}).items():
+            write_file(here, name, data)
         write_file(here, RECORD_FILE, json.dumps(record).encode())
     config = dict(record["config"])
     # where the data are read from may differ on a resume (cae resume --data-dir)
@@ -94,7 +102,7 @@ def run_trial(point: dict, base: dict, datasets: dict[str, ImageData], run_dir: 
     if adopt and point_key(point) in adopt and not checkpoints.list_checkpoints(
             *checkpoints.filesystem(here)):
         source = f"{run_dir.rstrip('/')}/{adopt[point_key(point)]}"
-    cfg = _config(here, source, current, point)
+    cfg = recorded_config(here, source, current, point)
     found = checkpoints.load_newest(*checkpoints.filesystem(source))
     trainer = Trainer(cfg, datasets[key])
     static = {
