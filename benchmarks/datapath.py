@@ -88,9 +88,9 @@ def ours_epoch(trainer) -> float:
 
 
 def _step(trainer, x):
-    from cae.train import per_sample_loss
+    from cae.train import autocast, per_sample_loss
 
-    with trainer._autocast():
+    with autocast(trainer.precision, trainer.device):
         z = trainer.enc(trainer._inputs(x))
         out = trainer.dec(z)
     loss = per_sample_loss(trainer.cfg.loss, out, x).mean() + trainer.model.penalty(z)

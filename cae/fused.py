@@ -21,10 +21,11 @@ What the members share and what they keep, and how a plain run reproduces a memb
   added to the gradient, as the trials use it) with one learning rate and weight decay per
   member, on the flat stack: a handful of kernels per step whatever the number of tensors.
 - **Stopping.** Each member keeps its own best epoch, patience and ``max_epochs``; a member
-  that stops (or diverges) leaves the pack: its test errors are measured on its best
-  weights, the caller saves its checkpoint, and the pack shrinks (at once when eager; under
-  ``compile`` when half the slots are empty, so shapes, and compilations, change at most
-  log2(K) times; an empty slot meanwhile trains nothing: learning rate 0, zero weights).
+  that stops leaves the pack with its test errors measured on its best weights (one that
+  diverges leaves without them), the caller saves its checkpoint, and the pack shrinks (at
+  once when eager; under ``compile`` when half the slots are empty, so shapes, and
+  compilations, change at most log2(K) times; an empty slot meanwhile trains nothing:
+  learning rate 0, zero weights).
 - **Checkpoints.** :meth:`Pack.member_state` is a member's checkpoint in ``Trainer``'s format
   (model, best_model, optimizer as ``torch.optim.Adam`` saves it, epoch, history, ...), so it
   loads into a plain ``CAE``; :meth:`Pack.state_dict` is the whole pack, for an exact resume.
@@ -35,7 +36,6 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -48,11 +48,14 @@ from cae.packs import pack_key
 from cae.stacked import BatchedAdam, Layout, Stack, run_stack, use_masked_dropout
 from cae.tasks import make_task
 from cae.train import (
+    autocast,
     compiler,
+    epoch_metrics,
     mark_step,
     per_sample_loss,
     resolve_device,
     resolve_precision,
+    stop_reason,
 )
 
 # ---- members ----------------------------------------------------------------------------
@@ -151,6 +154,8 @@ class Pack:
                                  for s in slots], dtype=torch.float64, device=self.device)
 
         self.alive = torch.tensor([s is not None for s in slots], device=self.device)
+        self.kinds = [self.members[s].cfg.loss if s is not None else self.cfg.loss
+                      for s in slots]  # each row's loss
         self.opt.lr, self.opt.weight_decay = per(lambda c: c.lr), per(lambda c: c.weight_decay)
         self.coef = {name: per(lambda c, n=name: getattr(c.model, n)).to(self.dtype)
                      for name in ("activity_l1", "activity_l2", "edge_l2")}
@@ -181,22 +186,16 @@ class Pack:
             self._set_slots(slots)
 
     # ---- one epoch ----------------------------------------------------------------------
-    def _autocast(self):
-        if self.precision == "bf16":
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
-        return nullcontext()
-
     def _losses(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Per-sample losses (K, B) of outputs (K, B, ...) against the shared target y (B, ...),
         each row with its member's loss."""
         k, b = out.shape[:2]
-        kinds = [self.members[s].cfg.loss if s is not None else self.cfg.loss
-                 for s in self.slots]
         target = y.unsqueeze(0).expand(k, *y.shape)
-        if len(set(kinds)) == 1:
-            return per_sample_loss(kinds[0], out.flatten(0, 1), target.flatten(0, 1)).view(k, b)
+        if len(set(self.kinds)) == 1:
+            return per_sample_loss(self.kinds[0], out.flatten(0, 1),
+                                   target.flatten(0, 1)).view(k, b)
         rows = []
-        for r, kind in enumerate(kinds):
+        for r, kind in enumerate(self.kinds):
             rows.append(per_sample_loss(kind, out[r], y))
         return torch.stack(rows)
 
@@ -229,7 +228,7 @@ class Pack:
             idx = perm[start:start + bs]
             x, y, _ = self.task.batch(train[idx], idx, self.gen)
             mark_step(self.cfg.compile, self.device)
-            with self._autocast():
+            with autocast(self.precision, self.device):
                 z, out = self.forward(x.to(self.dtype))
             losses = self._losses(out, y).mean(1) + self._penalty(z)  # (K,)
             self.stack.flat.grad = None
@@ -240,14 +239,16 @@ class Pack:
 
     @torch.inference_mode()
     def evaluate(self, prepared: tuple, run: Callable | None = None) -> list[dict]:
-        """Each slot's mean loss over a prepared split, per distortion group and (colorize)
-        in RGB, in fp32, as ``Trainer.evaluate``; ``run(x)`` is the stack to evaluate."""
+        """Each slot's mean loss over a prepared split, per distortion group and the task's
+        extra errors (colorize: in RGB), in fp32, as ``Trainer.evaluate``; ``run(x)`` is the
+        stack to evaluate."""
         x_all, y_all, groups = prepared
         self.stack.eval()
         run = run or self.forward
         n, eb = x_all.shape[0], self.cfg.eval_batch_size
         names = self.task.group_names or []
-        sums = rgb = per_group = counts = None
+        sums = per_group = counts = None
+        extra: dict[str, torch.Tensor] = {}
         for start in range(0, n, eb):
             x, y = x_all[start:start + eb], y_all[start:start + eb]
             mark_step(self.cfg.compile, self.device)
@@ -256,7 +257,6 @@ class Pack:
             k = losses.shape[0]
             if sums is None:
                 sums = torch.zeros(k, device=self.device, dtype=torch.float64)
-                rgb = torch.zeros_like(sums)
                 per_group = torch.zeros(k, len(names), device=self.device, dtype=torch.float64)
                 counts = torch.zeros_like(per_group)
             sums += losses.sum(1)
@@ -264,21 +264,20 @@ class Pack:
                 g = groups[start:start + eb]
                 per_group.index_add_(1, g, losses)
                 counts.index_add_(1, g, torch.ones_like(losses))
-            if self.cfg.task.name == "colorize":
-                xs = x.unsqueeze(0).expand(k, *x.shape).flatten(0, 1)
-                ys = y.unsqueeze(0).expand(k, *y.shape).flatten(0, 1)
-                err = self.task.rgb_error(xs, out.flatten(0, 1).float(), ys)
-                rgb += err.double().view(k, -1).sum(1)
+            xs = x.unsqueeze(0).expand(k, *x.shape).flatten(0, 1)
+            ys = y.unsqueeze(0).expand(k, *y.shape).flatten(0, 1)
+            for key, err in self.task.extra_errors(xs, out.flatten(0, 1), ys).items():
+                extra[key] = extra.get(key, 0.0) + err.double().view(k, -1).sum(1)
         results = []
-        sums, rgb = sums.tolist(), rgb.tolist()  # the one host sync of the evaluation
+        sums = sums.tolist()  # the one host sync of the evaluation
+        extras = {key: total.tolist() for key, total in extra.items()}
         per_group, counts = per_group.tolist(), counts.tolist()
         for r in range(len(sums)):
             result = {"loss": sums[r] / n}
             for j, name in enumerate(names):
                 c = counts[r][j]
                 result[f"loss_{name}"] = per_group[r][j] / c if c else math.nan
-            if self.cfg.task.name == "colorize":
-                result["rgb_mse"] = rgb[r] / n
+            result.update({key: totals[r] / n for key, totals in extras.items()})
             results.append(result)
         return results
 
@@ -326,15 +325,10 @@ class Pack:
             member.best_state = self._weights(row)
         else:
             member.bad_epochs += 1
-        metrics = {"epoch": self.epoch, "train_loss": train_loss, "val_loss": val["loss"],
-                   **{f"val_{k}": v for k, v in val.items() if k != "loss"},
-                   "best_val_loss": member.best_val}
-        if member.error:
-            member.stop_reason = "diverged"
-        elif cfg.patience and member.bad_epochs >= cfg.patience:
-            member.stop_reason = "patience"
-        elif self.epoch >= cfg.max_epochs:
-            member.stop_reason = "max_epochs"
+        metrics = epoch_metrics(self.epoch, train_loss, val, member.best_val,
+                                member.best_epoch)
+        member.stop_reason = "diverged" if member.error else (
+            stop_reason(cfg, self.epoch, member.bad_epochs) or "")
         if member.stop_reason:
             metrics["stop_reason"] = member.stop_reason
         return metrics

@@ -109,7 +109,7 @@ def run_pack(config: dict, base: dict, datasets: dict[str, ImageData], run_dir: 
         report = _pack_report(pack, metrics)
         summary.append(report)
         state = state_fn()
-        if not any(not pack.members[i].stop_reason for i in pack.live()):
+        if all(pack.members[i].stop_reason for i in pack.live()):
             state["final"] = report  # every member has stopped
         report_epoch({**report, **static}, state,
                      {"epochs": summary, "static": static, "final": state.get("final")})

@@ -113,6 +113,31 @@ def mark_step(mode: str, device: torch.device) -> None:
         torch.compiler.cudagraph_mark_step_begin()
 
 
+def autocast(precision: str, device: torch.device):
+    """The training forward pass's context: bf16 autocast, or nothing for fp32."""
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def epoch_metrics(epoch: int, train_loss: float, val: dict, best_val: float,
+                  best_epoch: int) -> dict:
+    """What a trial (or a pack's member) reports after an epoch; ``best_val_loss`` and
+    ``best_epoch`` by the rule its best weights follow (an improvement must beat
+    ``min_delta``), which the tables take as the trial's own."""
+    return {"epoch": epoch, "train_loss": train_loss, "val_loss": val["loss"],
+            **{f"val_{k}": v for k, v in val.items() if k != "loss"},
+            "best_val_loss": best_val, "best_epoch": best_epoch}
+
+
+def stop_reason(cfg: TrialConfig, epoch: int, bad_epochs: int) -> str | None:
+    """Why a trial stops after ``epoch`` (its patience ran out, or its last epoch), if it
+    does."""
+    if cfg.patience and bad_epochs >= cfg.patience:
+        return "patience"
+    return "max_epochs" if epoch >= cfg.max_epochs else None
+
+
 class Trainer:
     """Holds the model, optimiser, data and task of one run; ``fit`` runs the epochs.
 
@@ -192,11 +217,6 @@ class Trainer:
             torch.cuda.set_rng_state(rng["cuda"], self.device)
 
     # ---- one epoch ------------------------------------------------------------------
-    def _autocast(self):
-        if self.precision == "bf16":
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
-        return nullcontext()
-
     def _inputs(self, x: torch.Tensor) -> torch.Tensor:
         return x.to(dtype=self.dtype, memory_format=torch.channels_last)
 
@@ -212,7 +232,7 @@ class Trainer:
             idx = perm[start : start + cfg.batch_size]
             x, y, _ = self.task.batch(train[idx], idx, self.gen)
             mark_step(cfg.compile, self.device)
-            with self._autocast():
+            with autocast(self.precision, self.device):
                 z = self.enc(self._inputs(x))
                 out = self.dec(z)
             loss = per_sample_loss(cfg.loss, out, y).mean() + model.penalty(z)
@@ -278,20 +298,10 @@ class Trainer:
                 self.best_state = copy.deepcopy(self.model.state_dict())
             else:
                 self.bad_epochs += 1
-            metrics = {
-                "epoch": self.epoch,
-                "train_loss": train_loss,
-                "val_loss": val["loss"],
-                **{f"val_{k}": v for k, v in val.items() if k != "loss"},
-                "best_val_loss": self.best_val,  # by the rule the best weights follow
-                "best_epoch": self.best_epoch,
-                "epoch_time_s": time.perf_counter() - t0,
-            }
-            stop = None
-            if cfg.patience and self.bad_epochs >= cfg.patience:
-                stop = "patience"
-            elif self.epoch >= cfg.max_epochs:
-                stop = "max_epochs"
+            metrics = epoch_metrics(self.epoch, train_loss, val, self.best_val,
+                                    self.best_epoch)
+            metrics["epoch_time_s"] = time.perf_counter() - t0
+            stop = stop_reason(cfg, self.epoch, self.bad_epochs)
             if stop:
                 metrics["stop_reason"] = stop
             self.history.append(metrics)

@@ -91,6 +91,8 @@ def test_pack_reproduces_separate_runs(float64):
             assert got["epoch"] == want["epoch"]
             for key in ("train_loss", "val_loss", "best_val_loss"):
                 assert got[key] == pytest.approx(want[key], rel=TOL, abs=0), key
+            assert got["best_epoch"] == want["best_epoch"]  # the tables take it as the own best
+            assert set(got) == set(want)  # a member reports what a trial reports
         want, got = states[-1], saved[member.index]
         _assert_close_states(got["model"], want["model"])  # weights and BatchNorm statistics
         assert any("running_var" in k for k in got["model"])

@@ -8,7 +8,7 @@ import torch
 
 from cae.config import TrialConfig
 from cae.data import load
-from cae.train import Diverged, Trainer, train
+from cae.train import Diverged, Trainer, autocast, train
 
 
 def _cfg(**kw) -> TrialConfig:
@@ -133,7 +133,7 @@ def test_precision_auto_is_fp32_on_the_cpu_and_bf16_trains():
         _cfg(precision="fp16")
     trainer = Trainer(_cfg(precision="bf16", max_epochs=2))
     assert trainer.precision == "bf16"
-    with trainer._autocast():
+    with autocast(trainer.precision, trainer.device):
         z = trainer.enc(trainer._inputs(trainer.splits.train[:4].float() / 255))
     assert z.dtype == torch.bfloat16  # the forward pass runs in bf16 ...
     trainer.fit()
