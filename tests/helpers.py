@@ -38,3 +38,17 @@ def kill_first_after(run_dir: Path, pattern: str, killed: dict, rows: int = 2,
                 os.kill(last["pid"], signal.SIGKILL)
                 return
         time.sleep(0.1)
+
+
+def free_port() -> int:
+    """A TCP port on the loopback that nothing listens on now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def epochs_reported(run_dir: Path) -> int:
+    """Result lines the trials of a run directory have written (every epoch reported)."""
+    return sum(len(p.read_text().splitlines()) for p in run_dir.glob("*/result.json"))

@@ -41,7 +41,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from helpers import processes_naming
+from helpers import free_port, processes_naming
 
 pytestmark = pytest.mark.slow
 
@@ -96,12 +96,6 @@ for line in sys.stdin:
     print("PONG", ray.get(square.remote(int(line))), flush=True)
 ray.shutdown()
 """
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _env(**extra: str) -> dict:
@@ -192,7 +186,7 @@ def test_pending_gpu_trials_add_workers_that_are_removed_when_idle(bystander, tm
     start = time.time()
     assert _ping(bystander, 7) == "PONG 49"
     temp = Path(tempfile.mkdtemp(prefix="caeas", dir="/tmp"))  # short: Ray's socket paths
-    port = _free_port()
+    port = free_port()
     address = f"127.0.0.1:{port}"
     config = temp / "autoscaling.json"
     config.write_text(json.dumps(_config(address)))
@@ -203,8 +197,8 @@ def test_pending_gpu_trials_add_workers_that_are_removed_when_idle(bystander, tm
             ["ray", "start", "--head", "--block", f"--autoscaling-config={config}",
              "--node-ip-address=127.0.0.1", f"--port={port}", f"--num-cpus={HEAD_CPUS}",
              "--num-gpus=0", f"--temp-dir={temp}/ray", "--include-dashboard=false",
-             f"--ray-client-server-port={_free_port()}",
-             f"--dashboard-agent-listen-port={_free_port()}",
+             f"--ray-client-server-port={free_port()}",
+             f"--dashboard-agent-listen-port={free_port()}",
              "--min-worker-port=0", "--max-worker-port=0", "--disable-usage-stats"],
             cwd=ROOT, env=head_env, stdout=log, stderr=subprocess.STDOUT,
             start_new_session=True)

@@ -20,7 +20,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -33,7 +32,7 @@ from urllib.request import Request, urlopen
 
 import pandas as pd
 import pytest
-from helpers import processes_naming
+from helpers import free_port, processes_naming
 
 pytestmark = pytest.mark.slow
 
@@ -52,12 +51,6 @@ FAST_HEALTH_CHECKS = {"health_check_initial_delay_ms": 0, "health_check_period_m
 
 
 # ---- helpers ----------------------------------------------------------------------------
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _env(**extra: str) -> dict:
@@ -151,13 +144,13 @@ def test_job_submission_to_a_local_cluster():
     tmp = Path(tempfile.mkdtemp(prefix="caejob", dir="/tmp"))  # short: Ray's socket paths
     token = uuid.uuid4().hex
     env = _env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token)
-    dash = _free_port()
+    dash = free_port()
     url = f"http://127.0.0.1:{dash}"
     head = _spawn(
-        ["ray", "start", "--head", f"--port={_free_port()}", "--node-ip-address=127.0.0.1",
+        ["ray", "start", "--head", f"--port={free_port()}", "--node-ip-address=127.0.0.1",
          "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--include-dashboard=true",
-         "--num-cpus=2", f"--temp-dir={tmp}/ray", f"--ray-client-server-port={_free_port()}",
-         f"--dashboard-agent-listen-port={_free_port()}", "--disable-usage-stats", "--block"],
+         "--num-cpus=2", f"--temp-dir={tmp}/ray", f"--ray-client-server-port={free_port()}",
+         f"--dashboard-agent-listen-port={free_port()}", "--disable-usage-stats", "--block"],
         tmp / "head.log", env=env)
     try:
         deadline = time.time() + 180

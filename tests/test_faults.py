@@ -16,6 +16,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
+from helpers import epochs_reported
 
 from cae.cli import main
 
@@ -115,10 +116,6 @@ def _wait_for(check, what: str, timeout: float = 300) -> None:
     pytest.fail(f"timed out waiting for {what}")
 
 
-def _epochs_reported(run_dir: Path) -> int:
-    return sum(len(p.read_text().splitlines()) for p in run_dir.glob("*/result.json"))
-
-
 def _resume(run_dir: Path, capsys) -> tuple[int, str]:
     capsys.readouterr()
     rc = main(["resume", str(run_dir), "--no-report", "--report-every", "0"])
@@ -132,7 +129,7 @@ def test_a_killed_driver_and_a_torn_state_lose_nothing(tmp_path, undisturbed, ca
     copy, without one every trial takes its own directory over again."""
     run_dir = tmp_path / "k"
     proc = _start(_spec_file(tmp_path), tmp_path, "k")
-    _wait_for(lambda: _epochs_reported(run_dir) >= 6, "six reported epochs")
+    _wait_for(lambda: epochs_reported(run_dir) >= 6, "six reported epochs")
     _kill_driver(proc)  # the driver and the Ray it started, as in a crash
     state = max(run_dir.glob("experiment_state-*.json"))
     text = state.read_text()
@@ -194,7 +191,7 @@ def test_trial_processes_killed_at_random_lose_nothing(tmp_path, undisturbed):
     rng, kills, next_at = random.Random(0), 0, 2
     while proc.poll() is None and kills < 3:
         time.sleep(0.1)
-        if _epochs_reported(run_dir) < next_at:
+        if epochs_reported(run_dir) < next_at:
             continue
         pids = set()
         for result in run_dir.glob("*/result.json"):
@@ -205,7 +202,7 @@ def test_trial_processes_killed_at_random_lose_nothing(tmp_path, undisturbed):
             try:
                 os.kill(pid, signal.SIGKILL)
                 kills += 1
-                next_at = _epochs_reported(run_dir) + 3
+                next_at = epochs_reported(run_dir) + 3
             except ProcessLookupError:
                 pass
     out, err = proc.communicate(timeout=600)
@@ -246,7 +243,7 @@ def test_too_little_room_is_refused_before_anything_starts(tmp_path, capsys):
 def test_a_full_disk_stops_the_sweep_and_resume_finishes_it(small_disk, undisturbed, capsys):
     run_dir = small_disk / "f"
     proc = _start(_spec_file(small_disk.parent), small_disk, "f")
-    _wait_for(lambda: _epochs_reported(run_dir) >= 2, "two reported epochs")
+    _wait_for(lambda: epochs_reported(run_dir) >= 2, "two reported epochs")
     filler = small_disk / "filler"
     with open(filler, "wb") as f:  # leave under 64 KiB: the next checkpoints cannot be written
         try:

@@ -187,8 +187,12 @@ def test_the_simulator_counts_a_trial_as_the_results_do():
 
     rows = [{"epoch": 1, "val_loss": 1.0}, {"epoch": 2, "val_loss": 0.5, "speculative": 1}]
     assert list(counted_epochs({r["epoch"]: r for r in rows})) == [1]
+    assert sim.counted_rows(rows) == rows[:1]
     rows.append({"epoch": 3, "val_loss": 0.4})
     assert list(counted_epochs({r["epoch"]: r for r in rows})) == [1, 2, 3]
+    assert sim.counted_rows(rows) == rows
+    again = {"epoch": 3, "val_loss": 0.4, "reported_again": True}
+    assert sim.counted_rows([*rows, again]) == [*rows[:2], again]  # the last report counts
 
 
 # ---- a real sweep, recorded and replayed -----------------------------------------------

@@ -46,6 +46,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from helpers import epochs_reported, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = "slurm/sweep.sbatch"
@@ -110,7 +111,7 @@ def test_sigterm_stops_a_local_sweep_that_resume_finishes(tmp_path):
     with open(tmp_path / "sweep.log", "w") as log:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.time() + 300
-    while _epochs_reported(run) < 3:
+    while epochs_reported(run) < 3:
         assert proc.poll() is None, (tmp_path / "sweep.log").read_text()[-3000:]
         assert time.time() < deadline, "the sweep made no progress"
         time.sleep(0.2)
@@ -159,12 +160,6 @@ def _install() -> None:
         if made:
             policy.unlink()
     assert res.returncode == 0, f"apt-get install {' '.join(PACKAGES)}:\n{res.stderr[-3000:]}"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
@@ -274,10 +269,10 @@ def _start(home: Path) -> Slurm:
     host = socket.gethostname().split(".")[0]
     cpus = os.cpu_count() or 2
     nodes = "\n".join(
-        f"NodeName={n} NodeHostname={host} NodeAddr=127.0.0.1 Port={_free_port()} "
+        f"NodeName={n} NodeHostname={host} NodeAddr=127.0.0.1 Port={free_port()} "
         f"CPUs={cpus} RealMemory=2000 Gres=gpu:1 State=UNKNOWN" for n in NODES)
     (home / "slurm.conf").write_text(SLURM_CONF.format(
-        host=host, home=home, ctld_port=_free_port(), nodes=nodes, node_list=",".join(NODES),
+        host=host, home=home, ctld_port=free_port(), nodes=nodes, node_list=",".join(NODES),
         first_job=random.randint(100_000, 900_000)))
     (home / "gres.conf").write_text("AutoDetect=off\n" + "".join(
         f"NodeName={n} Name=gpu{gres_file}\n" for n in NODES))
@@ -427,13 +422,6 @@ def test_sweep_on_two_slurm_nodes(reference):
 # ---- a chain of jobs ---------------------------------------------------------------------------
 
 
-def _epochs_reported(run: Path) -> int:
-    n = 0
-    for path in run.glob("*/result.json"):
-        n += len(path.read_text().splitlines())
-    return n
-
-
 def _reported(result_json: Path) -> list[int]:
     """The epochs a trial reported, each once: an epoch appears twice only when the trial
     went on from a checkpoint Ray Tune had not registered and reported that epoch again
@@ -487,13 +475,13 @@ def test_a_chain_of_jobs_resumes_to_the_epochs_of_an_uninterrupted_run(slurm, re
                           "--gres=gpu:1", f"--output={logs[1]}", SCRIPT,
                           "cae", "resume", str(run), "--no-report")
     deadline = time.time() + JOB_TIMEOUT_S
-    while _epochs_reported(run) < N_TRIALS * N_EPOCHS // 3:
+    while epochs_reported(run) < N_TRIALS * N_EPOCHS // 3:
         assert slurm.queued(first), logs[0].read_text()[-4000:]
         assert time.time() < deadline, "the sweep made no progress"
         time.sleep(0.5)
     slurm.run("scancel", "--batch", "--signal=USR1", first)
     state1, log1 = _finish(slurm, first, logs[0])
-    print(f"\njob 1 (cae sweep, USR1 after {_epochs_reported(run)} epoch reports): "
+    print(f"\njob 1 (cae sweep, USR1 after {epochs_reported(run)} epoch reports): "
           f"{state1['JobState']}, exit {state1['ExitCode']}, {time.time() - start:.0f} s")
     assert state1["ExitCode"] == "3:0", log1[-4000:]
     assert "did not finish; continue with: cae resume" in log1, log1[-4000:]
