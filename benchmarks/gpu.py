@@ -365,7 +365,7 @@ def case_packs(run: Run, data, deadline, result) -> None:
                 row.update(status="error", error=f"{type(exc).__name__}: {exc}")
                 continue
             wall = time.time() - t0
-            steady = sorted(epochs[1:])[len(epochs[1:]) // 2] if len(epochs) > 1 else None
+            steady = common.median(epochs[1:]) if len(epochs) > 1 else None
             row.update(status="ok", wall_s=round(wall, 2), epoch_s=[round(e, 3) for e in epochs],
                        trials_per_hour=round(k / wall * 3600, 1),
                        trials_per_hour_steady=round(k * 3600 / (steady * len(epochs)), 1)
