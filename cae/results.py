@@ -87,15 +87,22 @@ def _json(path: Path) -> dict | None:
         return None
 
 
-def read_trial(trial_dir: Path, name: str | None = None) -> TrialFiles:
-    """A trial directory's files; ``name`` (default: the folder's) is its path in the run."""
+def read_trial(trial_dir: Path, name: str | None = None, *,
+               outcome: bool = True) -> TrialFiles:
+    """A trial directory's files; ``name`` (default: the folder's) is its path in the run.
+    ``outcome`` False reads only what says which trial it is (``params.json`` and its
+    record), for a caller after its configuration: the reports, history and error stay
+    empty."""
+    point = _json(trial_dir / "params.json") or {}
+    record = _json(trial_dir / RECORD_FILE)
+    if not outcome:
+        return TrialFiles(name or trial_dir.name, point, record, [], {}, "")
     error = ""
     if (trial_dir / "error.txt").is_file():
         lines = [ln.strip() for ln in (trial_dir / "error.txt").read_text().splitlines()]
         error = next((ln for ln in reversed(lines) if ln), "error")
-    return TrialFiles(name or trial_dir.name, _json(trial_dir / "params.json") or {},
-                      _json(trial_dir / RECORD_FILE), _json_lines(trial_dir / "result.json"),
-                      newest_history(trial_dir), error)
+    return TrialFiles(name or trial_dir.name, point, record,
+                      _json_lines(trial_dir / "result.json"), newest_history(trial_dir), error)
 
 
 def merged_epochs(files: TrialFiles) -> dict[int, dict]:
@@ -226,16 +233,18 @@ def _spec(run_dir: Path) -> dict:
     return yaml.safe_load(path.read_text()) or {}
 
 
-def trial_dirs(run_dir: Path) -> list[TrialFiles]:
+def trial_dirs(run_dir: Path, *, outcome: bool = True) -> list[TrialFiles]:
     """Every trial of the run, without those a later trial took over (``continues``); a
-    fused pack's members each as a trial (``cae.packfiles``)."""
+    fused pack's members each as a trial (``cae.packfiles``). ``outcome``: as
+    ``read_trial``'s."""
     found = []
     for p in sorted(run_dir.iterdir()):
         if p.name.startswith(".") or not (p / "params.json").is_file():
             continue
         members = packfiles.members(p)
-        found += [read_trial(p)] if not members else [
-            _member(read_trial(m, f"{p.name}/{m.name}"), point) for m, point in members]
+        found += [read_trial(p, outcome=outcome)] if not members else [
+            _member(read_trial(m, f"{p.name}/{m.name}", outcome=outcome), point)
+            for m, point in members]
     taken = {f.record.get("continues") for f in found if f.record}
     return [f for f in found if f.name not in taken]
 
@@ -396,7 +405,7 @@ def trial_configs(run_dir: str | Path, data_dir: str | None = None) -> list[Tria
     run_dir = Path(run_dir)
     base = _spec(run_dir).get("trial") or {}
     out = []
-    for files in trial_dirs(run_dir):
+    for files in trial_dirs(run_dir, outcome=False):  # the configurations alone
         try:
             out.append(trial_config_of(files, base, data_dir))
         except (ValueError, UserError):

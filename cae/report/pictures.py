@@ -71,7 +71,7 @@ def trial_samples(
     found = load_newest(*filesystem(trial_dir))
     if found is None:
         raise FileNotFoundError(f"trial {trial['trial_id']} has no checkpoint yet")
-    cfg = trial_config_of(read_trial(trial_dir), spec.get("trial") or {})
+    cfg = trial_config_of(read_trial(trial_dir, outcome=False), spec.get("trial") or {})
     state = found.state
     model = build_model(cfg.model, seed=cfg.seed)
     model.load_state_dict(state.get("best_model") or state["model"])
