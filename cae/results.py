@@ -341,12 +341,24 @@ def export(run_dir: str | Path) -> Frames:
     ``padding`` 1 or "same") is all text, since a Parquet column has one type: its numbers
     as JSON text too ("1"), so ``json.loads`` reads back every value but plain words.
     Returns the frames as read back from the files."""
-    run_dir = Path(run_dir)
+    return _export(Path(run_dir))
+
+
+def _export(run_dir: Path, tolerate: bool = False) -> Frames:
+    """``export``'s work: the frames read once, encoded, written, and read back from the
+    encoded bytes. ``tolerate``: a directory that cannot be written (this user may not, a
+    full disk) costs the files, not the tables, and a note says so."""
     frames = read_frames(run_dir)
     data = [parquet_bytes(frames.trials), parquet_bytes(frames.epochs)]
-    for name, blob in zip((TRIALS_FILE, EPOCHS_FILE), data):
-        write_file(run_dir, name, blob)
-    return Frames(*(pd.read_parquet(io.BytesIO(b)) for b in data), frames.notes)
+    notes = list(frames.notes)
+    try:
+        for name, blob in zip((TRIALS_FILE, EPOCHS_FILE), data):
+            write_file(run_dir, name, blob)
+    except OSError as exc:
+        if not tolerate:
+            raise
+        notes.append(f"the tables could not be written into {run_dir} ({exc}); read in memory")
+    return Frames(*(pd.read_parquet(io.BytesIO(b)) for b in data), notes)
 
 
 def table_paths(run_dir: str | Path) -> tuple[Path, Path]:
@@ -369,14 +381,7 @@ def tables(run_dir: str | Path, refresh: bool | None = None) -> Frames:
     when they are missing or older than what the run wrote since."""
     run_dir = Path(run_dir)
     if refresh or (refresh is None and _stale(run_dir)):
-        try:
-            return export(run_dir)
-        except OSError as exc:  # a run directory this user may not write, a full disk
-            frames = read_frames(run_dir)
-            data = [parquet_bytes(frames.trials), parquet_bytes(frames.epochs)]
-            note = f"the tables could not be written into {run_dir} ({exc}); read in memory"
-            return Frames(*(pd.read_parquet(io.BytesIO(b)) for b in data),
-                          [*frames.notes, note])
+        return _export(run_dir, tolerate=True)
     trials_path, epochs_path = table_paths(run_dir)
     return Frames(pd.read_parquet(trials_path), pd.read_parquet(epochs_path))
 
