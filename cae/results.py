@@ -97,12 +97,18 @@ def read_trial(trial_dir: Path, name: str | None = None, *,
     record = _json(trial_dir / RECORD_FILE)
     if not outcome:
         return TrialFiles(name or trial_dir.name, point, record, [], {}, "")
-    error = ""
-    if (trial_dir / "error.txt").is_file():
-        lines = [ln.strip() for ln in (trial_dir / "error.txt").read_text().splitlines()]
-        error = next((ln for ln in reversed(lines) if ln), "error")
     return TrialFiles(name or trial_dir.name, point, record,
-                      _json_lines(trial_dir / "result.json"), newest_history(trial_dir), error)
+                      _json_lines(trial_dir / "result.json"), newest_history(trial_dir),
+                      _last_error(trial_dir))
+
+
+def _last_error(trial_dir: Path) -> str:
+    """The last line of a trial's ``error.txt`` ("error" if all are blank), "" without one."""
+    path = trial_dir / "error.txt"
+    if not path.is_file():
+        return ""
+    lines = [ln.strip() for ln in path.read_text().splitlines()]
+    return next((ln for ln in reversed(lines) if ln), "error")
 
 
 def merged_epochs(files: TrialFiles) -> dict[int, dict]:
@@ -204,14 +210,15 @@ def _planned_columns(base_and_point: str) -> dict:
         return {**flatten(apply_point(json.loads(json.dumps(base)), given)), "recorded": False}
 
 
-def trial_row(files: TrialFiles, state: TrialState | None, base: dict,
-              scheduler: str, halving: tuple[int, float] | None = None) -> dict:
-    """One row of ``trials``: the trial's configuration (from its record) and outcome."""
+def trial_row(files: TrialFiles, by_epoch: dict[int, dict], state: TrialState | None,
+              base: dict, scheduler: str, halving: tuple[int, float] | None = None) -> dict:
+    """One row of ``trials``: the trial's configuration (from its record) and outcome;
+    ``by_epoch``: its ``merged_epochs``."""
     config = columns(files.record) if files.record else _planned_columns(
         json.dumps([base, files.point], sort_keys=True))
     trial_id = files.trial_id or (state.trial_id if state else files.name)
     return {"trial_id": trial_id, **config,
-            **_outcome(files, merged_epochs(files), state, scheduler, halving)}
+            **_outcome(files, by_epoch, state, scheduler, halving)}
 
 
 # ---- the run ---------------------------------------------------------------------------
@@ -266,11 +273,12 @@ def read_frames(run_dir: str | Path) -> Frames:
             state, error = packfiles.member_state(files.name, files.history,
                                                   statuses.trials.get(pack))
             if state.status == "ERROR" and not error:  # the pack failed before it ended
-                error = read_trial(run_dir / pack).error
+                error = _last_error(run_dir / pack)
             files.error = error
-        row = trial_row(files, state, spec.get("trial") or {}, scheduler, halving)
+        by_epoch = merged_epochs(files)
+        row = trial_row(files, by_epoch, state, spec.get("trial") or {}, scheduler, halving)
         rows.append(row)
-        epochs += epoch_rows(row["trial_id"], merged_epochs(files))
+        epochs += epoch_rows(row["trial_id"], by_epoch)
     trials = pd.DataFrame(rows)
     if len(trials) and "test_loss" not in trials:
         trials["test_loss"] = math.nan
