@@ -29,10 +29,11 @@ from cae.checkpoints import newest_history
 from cae.config import REPEAT_KEY, TrialConfig, UserError, apply_point, trial_config
 from cae.ray_internals import TrialState
 from cae.record import RECORD_FILE, columns, flatten, make_record
-from cae.rundir import SPEC_FILE, RunDirError, write_file
-from cae.spec import rungs
+from cae.rundir import BASELINES_FILE, SPEC_FILE, RunDirError, write_file
+from cae.spec import SchedulerConfig, rungs
 
-TRIALS_FILE, EPOCHS_FILE, BASELINES_FILE = "trials.parquet", "epochs.parquet", "baselines.parquet"
+TRIALS_FILE, EPOCHS_FILE = "trials.parquet", "epochs.parquet"
+_SCHEDULER_DEFAULTS = SchedulerConfig()  # for a spec that leaves a field out
 EPOCH_COLUMNS = ("train_loss", "val_loss", "epoch_time_s", "time_total_s")
 # Ray Tune's bookkeeping fields, and a trial's facts that are not per epoch.
 _NOT_PER_EPOCH = {
@@ -261,10 +262,11 @@ def read_frames(run_dir: str | Path) -> Frames:
     run_dir = Path(run_dir)
     spec = _spec(run_dir)
     statuses = runstate.read_statuses(run_dir)
-    sched = spec.get("scheduler") or {}
-    scheduler = sched.get("kind", "asha")
-    halving = (sched.get("grace_period", 1), sched.get("reduction_factor", 3.0)) if (
-        scheduler == "sha" and sched.get("work_ahead", True)) else None
+    sched, default = spec.get("scheduler") or {}, _SCHEDULER_DEFAULTS
+    scheduler = sched.get("kind", default.kind)
+    halving = (sched.get("grace_period", default.grace_period),
+               sched.get("reduction_factor", default.reduction_factor)) if (
+        scheduler == "sha" and sched.get("work_ahead", default.work_ahead)) else None
     rows, epochs = [], []
     for files in trial_dirs(run_dir):
         state = statuses.trials.get(files.name)

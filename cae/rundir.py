@@ -20,12 +20,15 @@ from pathlib import Path
 import yaml
 
 from cae.checkpoints import HISTORY_FILE
+from cae.checkpoints import PREFIX as CHECKPOINT_PREFIX
 from cae.config import UserError, validate
+from cae.packfiles import MEMBER_PREFIX
 from cae.ray_internals import STATE_FILES
 from cae.record import RECORD_FILE
 from cae.spec import SweepSpec
 
 SPEC_FILE = "spec.yaml"
+BASELINES_FILE = "baselines.parquet"  # the reference errors (cae.baselines)
 
 
 class RunDirError(UserError):
@@ -120,7 +123,7 @@ def load_run_spec(run_dir: str) -> SweepSpec:
 # ---- mirrors of run directories at URIs ------------------------------------------------------
 
 _TOP_FILES = re.compile("|".join(
-    [re.escape(SPEC_FILE), re.escape("baselines.parquet")]
+    [re.escape(SPEC_FILE), re.escape(BASELINES_FILE)]
     + [re.escape(f).replace(r"\{\}", ".*") for f in STATE_FILES]))
 _TRIAL_FILES = ("params.json", "result.json", "error.txt", RECORD_FILE)
 
@@ -158,11 +161,11 @@ def _fetch_run(run_dir: str, dest: Path | None) -> Path:
         if info.type != pafs.FileType.File:
             continue
         rel = info.path[len(root):].lstrip("/").split("/")
-        if len(rel) > 2 and rel[1].startswith("member_"):  # a fused pack's member: a trial
+        if len(rel) > 2 and rel[1].startswith(MEMBER_PREFIX):  # a fused pack's member: a trial
             rel = [f"{rel[0]}/{rel[1]}", *rel[2:]]
         wanted = ((len(rel) == 1 and _TOP_FILES.fullmatch(rel[0]))
                   or (len(rel) == 2 and rel[1] in _TRIAL_FILES)
-                  or (len(rel) == 3 and rel[1].startswith("checkpoint_")
+                  or (len(rel) == 3 and rel[1].startswith(CHECKPOINT_PREFIX)
                       and rel[2] == HISTORY_FILE))
         if wanted:
             target = dest.joinpath(*"/".join(rel).split("/"))
@@ -195,7 +198,7 @@ def fetch_checkpoints(run_dir: str, trial_dirs, dest: Path | None = None) -> Non
     for name in trial_dirs:
         infos = fs.get_file_info(pafs.FileSelector(f"{root}/{name}", allow_not_found=True))
         ckpts = sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory
-                       and i.base_name.startswith("checkpoint_"))
+                       and i.base_name.startswith(CHECKPOINT_PREFIX))
         if not ckpts:
             continue
         src = f"{root}/{name}/{ckpts[-1]}"
