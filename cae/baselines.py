@@ -35,8 +35,8 @@ import torch
 
 from cae.config import TrialConfig
 from cae.data import ImageData, load, split
-from cae.results import BASELINES_FILE, parquet_bytes, read_baselines  # noqa: F401
-from cae.rundir import write_file
+from cae.results import parquet_bytes, read_baselines  # noqa: F401
+from cae.rundir import BASELINES_FILE, write_file
 from cae.tasks import Task, make_task
 from cae.train import per_sample_loss
 

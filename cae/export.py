@@ -52,7 +52,8 @@ def trial_config(local: Path, trial: pd.Series) -> TrialConfig:
     from cae.results import read_trial, trial_config_of
 
     base = (yaml.safe_load((local / rundir.SPEC_FILE).read_text()) or {}).get("trial") or {}
-    return trial_config_of(read_trial(local / str(trial["trial_dir"])), base)
+    identity = read_trial(local / str(trial["trial_dir"]), outcome=False)
+    return trial_config_of(identity, base)
 
 
 def read_trials(run_dir: str) -> tuple[pd.DataFrame, Path]:

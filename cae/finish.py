@@ -65,10 +65,12 @@ def write_report(run_dir: str, local: Path, frames: Frames, out: str | None = No
     """The HTML report of a run from its tables; for a run at a URI the checkpoints its
     pictures need (those of the best few trials) are fetched first."""
     from cae.report.page import write_report as write
+    from cae.report.pictures import candidates
     from cae.report.run import best_trials, load_run
 
     if pictures and rundir.is_uri(run_dir):
-        rundir.fetch_checkpoints(run_dir, best_trials(frames.trials, 9)["trial_dir"], local)
+        wanted = best_trials(frames.trials, candidates())["trial_dir"]
+        rundir.fetch_checkpoints(run_dir, wanted, local)
     return write(local, out, pictures=pictures, data_dir=data_dir,
                  run=load_run(local, frames=frames))
 

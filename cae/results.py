@@ -29,10 +29,11 @@ from cae.checkpoints import newest_history
 from cae.config import REPEAT_KEY, TrialConfig, UserError, apply_point, trial_config
 from cae.ray_internals import TrialState
 from cae.record import RECORD_FILE, columns, flatten, make_record
-from cae.rundir import SPEC_FILE, RunDirError, write_file
-from cae.spec import rungs
+from cae.rundir import BASELINES_FILE, SPEC_FILE, RunDirError, write_file
+from cae.spec import SchedulerConfig, rungs
 
-TRIALS_FILE, EPOCHS_FILE, BASELINES_FILE = "trials.parquet", "epochs.parquet", "baselines.parquet"
+TRIALS_FILE, EPOCHS_FILE = "trials.parquet", "epochs.parquet"
+_SCHEDULER_DEFAULTS = SchedulerConfig()  # for a spec that leaves a field out
 EPOCH_COLUMNS = ("train_loss", "val_loss", "epoch_time_s", "time_total_s")
 # Ray Tune's bookkeeping fields, and a trial's facts that are not per epoch.
 _NOT_PER_EPOCH = {
@@ -87,15 +88,28 @@ def _json(path: Path) -> dict | None:
         return None
 
 
-def read_trial(trial_dir: Path, name: str | None = None) -> TrialFiles:
-    """A trial directory's files; ``name`` (default: the folder's) is its path in the run."""
-    error = ""
-    if (trial_dir / "error.txt").is_file():
-        lines = [ln.strip() for ln in (trial_dir / "error.txt").read_text().splitlines()]
-        error = next((ln for ln in reversed(lines) if ln), "error")
-    return TrialFiles(name or trial_dir.name, _json(trial_dir / "params.json") or {},
-                      _json(trial_dir / RECORD_FILE), _json_lines(trial_dir / "result.json"),
-                      newest_history(trial_dir), error)
+def read_trial(trial_dir: Path, name: str | None = None, *,
+               outcome: bool = True) -> TrialFiles:
+    """A trial directory's files; ``name`` (default: the folder's) is its path in the run.
+    ``outcome`` False reads only what says which trial it is (``params.json`` and its
+    record), for a caller after its configuration: the reports, history and error stay
+    empty."""
+    point = _json(trial_dir / "params.json") or {}
+    record = _json(trial_dir / RECORD_FILE)
+    if not outcome:
+        return TrialFiles(name or trial_dir.name, point, record, [], {}, "")
+    return TrialFiles(name or trial_dir.name, point, record,
+                      _json_lines(trial_dir / "result.json"), newest_history(trial_dir),
+                      _last_error(trial_dir))
+
+
+def _last_error(trial_dir: Path) -> str:
+    """The last line of a trial's ``error.txt`` ("error" if all are blank), "" without one."""
+    path = trial_dir / "error.txt"
+    if not path.is_file():
+        return ""
+    lines = [ln.strip() for ln in path.read_text().splitlines()]
+    return next((ln for ln in reversed(lines) if ln), "error")
 
 
 def merged_epochs(files: TrialFiles) -> dict[int, dict]:
@@ -197,14 +211,15 @@ def _planned_columns(base_and_point: str) -> dict:
         return {**flatten(apply_point(json.loads(json.dumps(base)), given)), "recorded": False}
 
 
-def trial_row(files: TrialFiles, state: TrialState | None, base: dict,
-              scheduler: str, halving: tuple[int, float] | None = None) -> dict:
-    """One row of ``trials``: the trial's configuration (from its record) and outcome."""
+def trial_row(files: TrialFiles, by_epoch: dict[int, dict], state: TrialState | None,
+              base: dict, scheduler: str, halving: tuple[int, float] | None = None) -> dict:
+    """One row of ``trials``: the trial's configuration (from its record) and outcome;
+    ``by_epoch``: its ``merged_epochs``."""
     config = columns(files.record) if files.record else _planned_columns(
         json.dumps([base, files.point], sort_keys=True))
     trial_id = files.trial_id or (state.trial_id if state else files.name)
     return {"trial_id": trial_id, **config,
-            **_outcome(files, merged_epochs(files), state, scheduler, halving)}
+            **_outcome(files, by_epoch, state, scheduler, halving)}
 
 
 # ---- the run ---------------------------------------------------------------------------
@@ -226,16 +241,18 @@ def _spec(run_dir: Path) -> dict:
     return yaml.safe_load(path.read_text()) or {}
 
 
-def trial_dirs(run_dir: Path) -> list[TrialFiles]:
+def trial_dirs(run_dir: Path, *, outcome: bool = True) -> list[TrialFiles]:
     """Every trial of the run, without those a later trial took over (``continues``); a
-    fused pack's members each as a trial (``cae.packfiles``)."""
+    fused pack's members each as a trial (``cae.packfiles``). ``outcome``: as
+    ``read_trial``'s."""
     found = []
     for p in sorted(run_dir.iterdir()):
         if p.name.startswith(".") or not (p / "params.json").is_file():
             continue
         members = packfiles.members(p)
-        found += [read_trial(p)] if not members else [
-            _member(read_trial(m, f"{p.name}/{m.name}"), point) for m, point in members]
+        found += [read_trial(p, outcome=outcome)] if not members else [
+            _member(read_trial(m, f"{p.name}/{m.name}", outcome=outcome), point)
+            for m, point in members]
     taken = {f.record.get("continues") for f in found if f.record}
     return [f for f in found if f.name not in taken]
 
@@ -245,10 +262,11 @@ def read_frames(run_dir: str | Path) -> Frames:
     run_dir = Path(run_dir)
     spec = _spec(run_dir)
     statuses = runstate.read_statuses(run_dir)
-    sched = spec.get("scheduler") or {}
-    scheduler = sched.get("kind", "asha")
-    halving = (sched.get("grace_period", 1), sched.get("reduction_factor", 3.0)) if (
-        scheduler == "sha" and sched.get("work_ahead", True)) else None
+    sched, default = spec.get("scheduler") or {}, _SCHEDULER_DEFAULTS
+    scheduler = sched.get("kind", default.kind)
+    halving = (sched.get("grace_period", default.grace_period),
+               sched.get("reduction_factor", default.reduction_factor)) if (
+        scheduler == "sha" and sched.get("work_ahead", default.work_ahead)) else None
     rows, epochs = [], []
     for files in trial_dirs(run_dir):
         state = statuses.trials.get(files.name)
@@ -257,11 +275,12 @@ def read_frames(run_dir: str | Path) -> Frames:
             state, error = packfiles.member_state(files.name, files.history,
                                                   statuses.trials.get(pack))
             if state.status == "ERROR" and not error:  # the pack failed before it ended
-                error = read_trial(run_dir / pack).error
+                error = _last_error(run_dir / pack)
             files.error = error
-        row = trial_row(files, state, spec.get("trial") or {}, scheduler, halving)
+        by_epoch = merged_epochs(files)
+        row = trial_row(files, by_epoch, state, spec.get("trial") or {}, scheduler, halving)
         rows.append(row)
-        epochs += epoch_rows(row["trial_id"], merged_epochs(files))
+        epochs += epoch_rows(row["trial_id"], by_epoch)
     trials = pd.DataFrame(rows)
     if len(trials) and "test_loss" not in trials:
         trials["test_loss"] = math.nan
@@ -332,12 +351,24 @@ def export(run_dir: str | Path) -> Frames:
     ``padding`` 1 or "same") is all text, since a Parquet column has one type: its numbers
     as JSON text too ("1"), so ``json.loads`` reads back every value but plain words.
     Returns the frames as read back from the files."""
-    run_dir = Path(run_dir)
+    return _export(Path(run_dir))
+
+
+def _export(run_dir: Path, tolerate: bool = False) -> Frames:
+    """``export``'s work: the frames read once, encoded, written, and read back from the
+    encoded bytes. ``tolerate``: a directory that cannot be written (this user may not, a
+    full disk) costs the files, not the tables, and a note says so."""
     frames = read_frames(run_dir)
     data = [parquet_bytes(frames.trials), parquet_bytes(frames.epochs)]
-    for name, blob in zip((TRIALS_FILE, EPOCHS_FILE), data):
-        write_file(run_dir, name, blob)
-    return Frames(*(pd.read_parquet(io.BytesIO(b)) for b in data), frames.notes)
+    notes = list(frames.notes)
+    try:
+        for name, blob in zip((TRIALS_FILE, EPOCHS_FILE), data):
+            write_file(run_dir, name, blob)
+    except OSError as exc:
+        if not tolerate:
+            raise
+        notes.append(f"the tables could not be written into {run_dir} ({exc}); read in memory")
+    return Frames(*(pd.read_parquet(io.BytesIO(b)) for b in data), notes)
 
 
 def table_paths(run_dir: str | Path) -> tuple[Path, Path]:
@@ -360,14 +391,7 @@ def tables(run_dir: str | Path, refresh: bool | None = None) -> Frames:
     when they are missing or older than what the run wrote since."""
     run_dir = Path(run_dir)
     if refresh or (refresh is None and _stale(run_dir)):
-        try:
-            return export(run_dir)
-        except OSError as exc:  # a run directory this user may not write, a full disk
-            frames = read_frames(run_dir)
-            data = [parquet_bytes(frames.trials), parquet_bytes(frames.epochs)]
-            note = f"the tables could not be written into {run_dir} ({exc}); read in memory"
-            return Frames(*(pd.read_parquet(io.BytesIO(b)) for b in data),
-                          [*frames.notes, note])
+        return _export(run_dir, tolerate=True)
     trials_path, epochs_path = table_paths(run_dir)
     return Frames(pd.read_parquet(trials_path), pd.read_parquet(epochs_path))
 
@@ -396,7 +420,7 @@ def trial_configs(run_dir: str | Path, data_dir: str | None = None) -> list[Tria
     run_dir = Path(run_dir)
     base = _spec(run_dir).get("trial") or {}
     out = []
-    for files in trial_dirs(run_dir):
+    for files in trial_dirs(run_dir, outcome=False):  # the configurations alone
         try:
             out.append(trial_config_of(files, base, data_dir))
         except (ValueError, UserError):

@@ -19,13 +19,16 @@ from pathlib import Path
 
 import yaml
 
-from cae.checkpoints import HISTORY_FILE
+from cae import checkpoints
 from cae.config import UserError, validate
+from cae.diskspace import CHECKPOINTS_KEPT
+from cae.packfiles import MEMBER_PREFIX
 from cae.ray_internals import STATE_FILES
 from cae.record import RECORD_FILE
 from cae.spec import SweepSpec
 
 SPEC_FILE = "spec.yaml"
+BASELINES_FILE = "baselines.parquet"  # the reference errors (cae.baselines)
 
 
 class RunDirError(UserError):
@@ -120,7 +123,7 @@ def load_run_spec(run_dir: str) -> SweepSpec:
 # ---- mirrors of run directories at URIs ------------------------------------------------------
 
 _TOP_FILES = re.compile("|".join(
-    [re.escape(SPEC_FILE), re.escape("baselines.parquet")]
+    [re.escape(SPEC_FILE), re.escape(BASELINES_FILE)]
     + [re.escape(f).replace(r"\{\}", ".*") for f in STATE_FILES]))
 _TRIAL_FILES = ("params.json", "result.json", "error.txt", RECORD_FILE)
 
@@ -158,14 +161,14 @@ def _fetch_run(run_dir: str, dest: Path | None) -> Path:
         if info.type != pafs.FileType.File:
             continue
         rel = info.path[len(root):].lstrip("/").split("/")
-        if len(rel) > 2 and rel[1].startswith("member_"):  # a fused pack's member: a trial
+        if len(rel) > 2 and rel[1].startswith(MEMBER_PREFIX):  # a fused pack's member: a trial
             rel = [f"{rel[0]}/{rel[1]}", *rel[2:]]
         wanted = ((len(rel) == 1 and _TOP_FILES.fullmatch(rel[0]))
                   or (len(rel) == 2 and rel[1] in _TRIAL_FILES)
-                  or (len(rel) == 3 and rel[1].startswith("checkpoint_")
-                      and rel[2] == HISTORY_FILE))
+                  or (len(rel) == 3 and rel[1].startswith(checkpoints.PREFIX)
+                      and rel[2] == checkpoints.HISTORY_FILE))
         if wanted:
-            target = dest.joinpath(*"/".join(rel).split("/"))
+            target = dest.joinpath(*rel)  # a member's "pack/member_NN" is two folders
             target.parent.mkdir(parents=True, exist_ok=True)
             with fs.open_input_stream(info.path) as src:
                 target.write_bytes(src.read())
@@ -185,26 +188,37 @@ def local_copy(run_dir: str) -> Path:
 
 
 def fetch_checkpoints(run_dir: str, trial_dirs, dest: Path | None = None) -> None:
-    """Add the newest checkpoint of each named trial directory to the local mirror (the
-    report's sample pictures rebuild the best trials from them)."""
-    import pyarrow.fs as pafs
-
+    """Add the checkpoints of each named trial directory to the local mirror (the report's
+    sample pictures rebuild the best trials from them): its newest ``CHECKPOINTS_KEPT`` in
+    ``checkpoints.load_newest``'s order, so that loading from the mirror falls back past a
+    torn copy as it does from the run."""
     fs, root = _filesystem(run_dir)
     root = root.rstrip("/")
     dest = dest or mirror_dir(run_dir)
     for name in trial_dirs:
-        infos = fs.get_file_info(pafs.FileSelector(f"{root}/{name}", allow_not_found=True))
-        ckpts = sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory
-                       and i.base_name.startswith("checkpoint_"))
-        if not ckpts:
-            continue
-        src = f"{root}/{name}/{ckpts[-1]}"
-        for info in fs.get_file_info(pafs.FileSelector(src, recursive=True)):
-            if info.type == pafs.FileType.File:
-                target = dest / name / ckpts[-1] / info.path[len(src):].lstrip("/")
-                target.parent.mkdir(parents=True, exist_ok=True)
-                with fs.open_input_stream(info.path) as f:
-                    target.write_bytes(f.read())
+        for src in _by_epochs(fs, f"{root}/{name}")[:CHECKPOINTS_KEPT]:
+            _copy_folder(fs, src, dest / name / src.rsplit("/", 1)[-1])
+
+
+def _by_epochs(fs, trial_path: str) -> list[str]:
+    """A trial's checkpoints whose ``history.json`` is whole, most epochs first (ties: the
+    newer name), as ``checkpoints.load_newest`` tries them."""
+    found = [(checkpoints.epoch_of(history), path)
+             for path in checkpoints.list_checkpoints(fs, trial_path)
+             if (history := checkpoints.read_history(fs, path)) is not None]
+    return [path for _, path in sorted(found, reverse=True)]
+
+
+def _copy_folder(fs, src: str, target: Path) -> None:
+    """Copy the folder ``src`` of ``fs`` (with its subfolders) to the local ``target``."""
+    import pyarrow.fs as pafs
+
+    for info in fs.get_file_info(pafs.FileSelector(src, recursive=True)):
+        if info.type == pafs.FileType.File:
+            path = target / info.path[len(src):].lstrip("/")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with fs.open_input_stream(info.path) as f:
+                path.write_bytes(f.read())
 
 
 def publish(run_dir: str, *files: Path) -> None:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +31,7 @@ from cae.ray_internals import (
     TrialState,
     read_experiment_state,
 )
+from cae.rundir import write_file
 
 COPY_DIR = ".cae-state"
 TORN_SUFFIX = ".torn"
@@ -108,11 +108,8 @@ def keep_copy(run_dir: Path) -> bool | None:
     kept = copy_dir / sessions[0].name
     if kept.is_file() and kept.read_bytes() == sessions[0].read_bytes():
         return False
-    copy_dir.mkdir(exist_ok=True)
     for path in _session_files(run_dir, session):
-        tmp = copy_dir / f".{path.name}.{os.getpid()}.tmp"
-        shutil.copyfile(path, tmp)
-        os.replace(tmp, copy_dir / path.name)
+        write_file(copy_dir, path.name, path.read_bytes())  # whole, the folder made if needed
     if _parse(kept) is None:  # the state was being rewritten while it was copied
         kept.unlink()
         return None
@@ -165,10 +162,3 @@ def point_key(point: dict) -> str:
     """A search-space point as canonical JSON: the identity of a trial across restarts."""
     return json.dumps(point, sort_keys=True, default=str)
 
-
-_STATE_NAME = re.compile("|".join(re.escape(t).replace(r"\{\}", ".*") for t in STATE_FILES))
-
-
-def is_state_file(name: str) -> bool:
-    """Whether ``name`` is one of Tune's state files (any session)."""
-    return bool(_STATE_NAME.fullmatch(name))

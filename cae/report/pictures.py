@@ -23,6 +23,14 @@ from plotly.subplots import make_subplots
 from cae.report.run import best_trials, short_id
 
 PICKS = ("best", "median", "worst")
+PICTURED_TRIALS = 3  # the best trials the report shows pictures of
+
+
+def candidates(n_trials: int = PICTURED_TRIALS) -> int:
+    """How many of the best trials the pictures of ``n_trials`` may look at: one whose
+    checkpoint cannot be read is passed over for the next (a run at a URI fetches the
+    checkpoints of these)."""
+    return 3 * n_trials
 
 
 @dataclass
@@ -71,7 +79,7 @@ def trial_samples(
     found = load_newest(*filesystem(trial_dir))
     if found is None:
         raise FileNotFoundError(f"trial {trial['trial_id']} has no checkpoint yet")
-    cfg = trial_config_of(read_trial(trial_dir), spec.get("trial") or {})
+    cfg = trial_config_of(read_trial(trial_dir, outcome=False), spec.get("trial") or {})
     state = found.state
     model = build_model(cfg.model, seed=cfg.seed)
     model.load_state_dict(state.get("best_model") or state["model"])
@@ -148,7 +156,7 @@ def pictures_figure(samples: list[Samples], task: str = "reconstruct") -> go.Fig
 
 
 def sample_pictures(
-    run_dir: str | Path, trials: pd.DataFrame, spec: dict, n_trials: int = 3,
+    run_dir: str | Path, trials: pd.DataFrame, spec: dict, n_trials: int = PICTURED_TRIALS,
     max_samples: int | None = 2000,
 ) -> go.Figure:
     """Pictures of the ``n_trials`` best trials that have a checkpoint (see module doc).
@@ -161,7 +169,7 @@ def sample_pictures(
 
     title = "Test samples of the best trials"
     samples, reasons = [], []
-    for _, trial in best_trials(trials, max(n_trials * 3, n_trials)).iterrows():
+    for _, trial in best_trials(trials, candidates(n_trials)).iterrows():
         if len(samples) == n_trials:
             break
         try:
