@@ -265,10 +265,7 @@ def loaded_facts(cfg: DataConfig) -> dict:
 
 def facts_of(cfg: DataConfig, got: Images) -> dict:
     """The exact facts of loaded images, to record in a run's spec."""
-    return {**settings(cfg), "shape": list(got.images.shape[1:]), "images": len(got.images),
-            "test_images": None if got.test is None else len(got.test),
-            "grayscale": got.grayscale, "skipped": got.skipped,
-            "test_skipped": got.test_skipped, "fingerprint": got.key}
+    return {**settings(cfg), **got.summary(), "fingerprint": got.key}
 
 
 # ---- array files ------------------------------------------------------------------------
