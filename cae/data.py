@@ -268,7 +268,7 @@ def split(data: ImageData, val_fraction: float, seed: int) -> Splits:
     n = data.train.shape[0]
     if n < 2:
         raise UserError(f"dataset '{data.name}' has {n} training image(s); a split needs 2")
-    n_val = min(max(1, round(n * val_fraction)), n - 1)
+    n_val = userdata.held_out(n, val_fraction)
     gen = torch.Generator().manual_seed(seed)
     perm = torch.randperm(n, generator=gen)
     return Splits(

@@ -97,7 +97,8 @@ def settings(cfg: DataConfig) -> dict[str, Any]:
 
 
 def held_out(n: int, fraction: float) -> int:
-    """Images of ``n`` held out for testing at ``fraction`` (at least one, never all)."""
+    """Images of ``n`` held out at ``fraction`` (at least one, never all): a user dataset's
+    test images without a ``test_path``, and every dataset's validation images."""
     return min(max(1, round(n * fraction)), n - 1)
 
 
