@@ -96,7 +96,8 @@ def clear_cache() -> None:
 
 
 def _load_user(cfg: DataConfig) -> ImageData:
-    """A user's folder or array file as uint8 tensors sharing the arrays read (no copy)."""
+    """A user's folder or array file as uint8 tensors sharing ``userdata.load``'s arrays (no
+    copy here; a folder's are views of its images as read, an array file's a shuffled copy)."""
     train, test, _ = userdata.load(cfg)
     return ImageData(name=cfg.label(), train=torch.from_numpy(train),
                      test=torch.from_numpy(test))

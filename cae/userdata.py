@@ -44,8 +44,9 @@ from cae.imagefolder import DECODE_VERSION, TEST_SEED, Images, say
 if TYPE_CHECKING:
     from cae.config import DataConfig
 
-__all__ = ["DataError", "Images", "Want", "data_root", "dataset_info", "describe", "facts",
-           "load", "probe", "read", "refresh_cache"]
+__all__ = ["TEST_SEED", "DataError", "Images", "Want", "data_root", "dataset_info", "describe",
+           "facts", "forget", "held_out", "load", "loaded_facts", "probe", "read", "refresh_cache",
+           "skipped_note", "want_of"]
 
 
 def data_root(data_dir: str | None = None) -> Path:
@@ -104,7 +105,7 @@ def held_out(n: int, fraction: float) -> int:
 
 # ---- facts: what the model needs to know, without the pixels --------------------------
 
-_PROBED: dict[str, dict] = {}  # in-process: Want -> facts
+_PROBED: dict[str, dict] = {}  # in-process: repr((want, data root)) -> facts
 
 
 def recorded(cfg: DataConfig) -> dict | None:
