@@ -96,7 +96,8 @@ def clear_cache() -> None:
 
 
 def _load_user(cfg: DataConfig) -> ImageData:
-    """A user's folder or array file as uint8 tensors sharing the arrays read (no copy)."""
+    """A user's folder or array file as uint8 tensors sharing ``userdata.load``'s arrays (no
+    copy here; a folder's are views of its images as read, an array file's a shuffled copy)."""
     train, test, _ = userdata.load(cfg)
     return ImageData(name=cfg.label(), train=torch.from_numpy(train),
                      test=torch.from_numpy(test))
@@ -268,7 +269,7 @@ def split(data: ImageData, val_fraction: float, seed: int) -> Splits:
     n = data.train.shape[0]
     if n < 2:
         raise UserError(f"dataset '{data.name}' has {n} training image(s); a split needs 2")
-    n_val = min(max(1, round(n * val_fraction)), n - 1)
+    n_val = userdata.held_out(n, val_fraction)
     gen = torch.Generator().manual_seed(seed)
     perm = torch.randperm(n, generator=gen)
     return Splits(

@@ -317,14 +317,12 @@ latents.npz` turns a folder or array file into latents, preprocessed as in train
 
 
 def model_inputs(cfg: TrialConfig, images: torch.Tensor) -> torch.Tensor:
-    """uint8 (B, C, H, W) -> the model's input as in training: [0, 1]; for colorize the
-    luma Y of YCbCr. (A denoiser's input is the image as it is.)"""
-    x = images.to(torch.float32).div_(255.0)
-    if cfg.task.name == "colorize":
-        from cae.tasks import rgb_to_ycbcr
+    """uint8 (B, C, H, W) -> the model's input as in training (the task's own
+    ``clean_input``): [0, 1]; for colorize the luma Y of YCbCr. (A denoiser's input is the
+    image as it is.)"""
+    from cae.tasks import make_task
 
-        x = rgb_to_ycbcr(x)[:, :1].contiguous()  # (B, 1, H, W)
-    return x
+    return make_task(cfg.task).clean_input(images)
 
 
 def read_images(cfg: TrialConfig, path: str, skip_unreadable: bool = False

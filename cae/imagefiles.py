@@ -1,11 +1,11 @@
 """Reading image and array files into uint8 arrays: the pixels of a user's dataset.
 
-``cae.userdata`` decides which files make a dataset, caches them and splits them; this
-module only reads: an image file's header (size, grayscale or not) or its pixels
-(converted to grayscale or RGB, resized with a centred crop that keeps the aspect ratio),
-chunks of files in worker processes on every core, and NumPy array files in any of the
-layouts a dataset may come in. It imports nothing of cae but the error type, so the
-worker processes start light.
+``cae.userdata`` decides which files make a dataset and splits them, ``cae.imagefolder``
+lists a folder's and caches its decoded images; this module only reads: an image file's
+header (size, grayscale or not) or its pixels (converted to grayscale or RGB, resized with
+a centred crop that keeps the aspect ratio), chunks of files in worker processes on every
+core, and NumPy array files in any of the layouts a dataset may come in. It imports nothing
+of cae but the error type, so the worker processes start light.
 """
 
 from __future__ import annotations

@@ -12,6 +12,7 @@ relative path), so that a folder of tiny images does not cost more than its pixe
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -63,18 +64,23 @@ class Images:
     test: np.ndarray | None  # from test_path
     names: np.ndarray | None = None  # a folder's Listing.names
     order: np.ndarray | None = None
-    test_names: np.ndarray | None = None
-    test_order: np.ndarray | None = None
     skipped: list[str] = field(default_factory=list)
     test_skipped: list[str] = field(default_factory=list)
     grayscale: bool = False
     key: str = ""
-    cached: bool = False
 
     @property
     def paths(self) -> list[str] | None:
         """The relative path of each image (a folder's), row by row."""
         return None if self.order is None else [os.fsdecode(n) for n in self.names[self.order]]
+
+    def summary(self) -> dict:
+        """What a run records of these images (and the cache keeps beside them): shape,
+        counts, grayscale and the files left out."""
+        return {"shape": list(self.images.shape[1:]), "images": len(self.images),
+                "test_images": None if self.test is None else len(self.test),
+                "grayscale": self.grayscale, "skipped": self.skipped,
+                "test_skipped": self.test_skipped}
 
 
 # ---- listing and keys ------------------------------------------------------------------------
@@ -178,8 +184,9 @@ def read_meta(cache_root: Path, want: Want, key: str) -> dict | None:
     return meta if meta.get("key") == key else None
 
 
-_PARTS = (("images", ".npy"), ("test", ".test.npy"), ("order", ".order.npy"),
-          ("test_order", ".test_order.npy"))
+# The arrays of a cache entry (entries written before may also hold a ".test_order.npy",
+# which nothing reads).
+_PARTS = (("images", ".npy"), ("test", ".test.npy"), ("order", ".order.npy"))
 
 
 def read_cache(cache_root: Path, want: Want, main: Listing, test: Listing | None,
@@ -192,7 +199,7 @@ def read_cache(cache_root: Path, want: Want, main: Listing, test: Listing | None
     arrays = {}
     try:
         for name, suffix in _PARTS:
-            if name.startswith("test") and test is None:
+            if name == "test" and test is None:
                 arrays[name] = None
             else:
                 arrays[name] = np.load(slot.with_suffix(suffix))
@@ -203,19 +210,15 @@ def read_cache(cache_root: Path, want: Want, main: Listing, test: Listing | None
     n = meta["images"] + (meta["test_images"] or 0)
     say(f"data: {n:,} images of {want.path} from the cache (decoded {meta['created']}; "
         "--refresh-data decodes them again)")
-    return Images(**arrays, names=main.names, test_names=test.names if test else None,
-                  skipped=meta["skipped"], test_skipped=meta["test_skipped"],
-                  grayscale=meta["grayscale"], key=key, cached=True)
+    return Images(**arrays, names=main.names, skipped=meta["skipped"],
+                  test_skipped=meta["test_skipped"], grayscale=meta["grayscale"], key=key)
 
 
 def write_cache(cache_root: Path, want: Want, got: Images) -> None:
     """Keep the decoded images for the next run (each file written whole, then renamed)."""
     slot = _slot(cache_root, want)
-    meta = {"key": got.key, "path": want.path, "test_path": want.test_path,
-            "shape": list(got.images.shape[1:]), "images": len(got.images),
-            "test_images": None if got.test is None else len(got.test),
-            "grayscale": got.grayscale, "skipped": got.skipped,
-            "test_skipped": got.test_skipped, "created": time.strftime("%Y-%m-%d %H:%M")}
+    meta = {"key": got.key, "path": want.path, "test_path": want.test_path, **got.summary(),
+            "created": time.strftime("%Y-%m-%d %H:%M")}
     try:
         slot.parent.mkdir(parents=True, exist_ok=True)
         for name, suffix in _PARTS:
@@ -256,7 +259,7 @@ def headers(files: _Files, key: str, pool=None) -> Headers:
     if key not in _HEADERS:
         heads = Headers(np.zeros(files.n, np.int32), np.zeros(files.n, np.int32),
                         np.zeros(files.n, bool), {})
-        with imagefiles.pool(files.n) if pool is None else _same(pool) as p:
+        with imagefiles.pool(files.n) if pool is None else contextlib.nullcontext(pool) as p:
             for s, part in imagefiles.run_chunks(p, imagefiles.headers, files.n, files.path):
                 for j, h in enumerate(part):
                     if isinstance(h, str):
@@ -265,17 +268,6 @@ def headers(files: _Files, key: str, pool=None) -> Headers:
                         heads.width[s + j], heads.height[s + j], heads.gray[s + j] = h
         _HEADERS[key] = heads
     return _HEADERS[key]
-
-
-class _same:
-    def __init__(self, pool):
-        self.pool = pool
-
-    def __enter__(self):
-        return self.pool
-
-    def __exit__(self, *exc) -> None:
-        return None
 
 
 def forget() -> None:
@@ -350,7 +342,12 @@ def _order(lo: int, hi: int, bad: dict) -> np.ndarray:
     """Files ``lo..hi-1`` (one folder) in their kept order: shuffled with TEST_SEED, the
     unreadable ones left out."""
     order = lo + np.random.default_rng(TEST_SEED).permutation(hi - lo)
-    return order[np.array([i not in bad for i in order], dtype=bool)] if bad else order
+    return order[_readable(order, bad)] if bad else order
+
+
+def _readable(order: np.ndarray, bad: dict) -> np.ndarray:
+    """Which of the file numbers ``order`` are not in ``bad`` (a boolean mask)."""
+    return ~np.isin(order, np.fromiter(bad, np.int64, len(bad)))
 
 
 def decode(want: Want, main: Listing, test: Listing | None, key: str) -> Images:
@@ -390,10 +387,8 @@ def decode(want: Want, main: Listing, test: Listing | None, key: str) -> Images:
     dt = time.perf_counter() - t0
     say(f"data: decoded {n:,} images of {want.path} in {dt:.1f} s on {cores} core(s) "
         f"({n / dt:,.0f} images/s); cached for the next run")
-    (images, order), (test_images, test_order) = kept[0], (kept[1] if test else (None, None))
+    (images, order), test_images = kept[0], (kept[1][0] if test else None)
     return Images(images, test_images, main.names, order.astype(np.int32),
-                  test.names if test else None,
-                  None if test is None else (test_order - files.n_main).astype(np.int32),
                   [files.name(i) for i in sorted(bad) if i < files.n_main],
                   [files.name(i).removeprefix("test:") for i in sorted(bad)
                    if i >= files.n_main], gray, key)
@@ -403,5 +398,5 @@ def _without(out: np.ndarray, order: np.ndarray, bad: dict) -> tuple[np.ndarray,
     """The rows of files found unreadable while decoding, taken out (a copy only then)."""
     if not bad:
         return out, order
-    keep = np.array([i not in bad for i in order], dtype=bool)
+    keep = _readable(order, bad)
     return (out, order) if keep.all() else (out[keep], order[keep])

@@ -179,6 +179,12 @@ class Task:
         """Input, output and target as a person sees them: images in [0, 1]."""
         return x, out.float().clamp(0, 1), y
 
+    def clean_input(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 (B, C, H, W) -> the model's input for these images as they are, float32 on
+        their device: the image in [0, 1] (a denoiser's undistorted input). ``cae encode``
+        prepares images with this, so they reach a model exactly as in training."""
+        return _to_unit(images)
+
     def batch(
         self, images: torch.Tensor, index: torch.Tensor, generator: torch.Generator | None = None
     ) -> Batch:
@@ -218,7 +224,7 @@ class Reconstruct(Task):
     name = "reconstruct"
 
     def batch(self, images, index, generator=None) -> Batch:
-        x = _to_unit(images)
+        x = self.clean_input(images)
         return x, x, None
 
 
@@ -268,11 +274,20 @@ class Colorize(Task):
         """The gray input, and prediction and truth re-joined with it in RGB."""
         return x, self.to_rgb(x, out), self.to_rgb(x, y)
 
+    def clean_input(self, images: torch.Tensor) -> torch.Tensor:
+        """The luma Y (B, 1, H, W) of RGB images, as :meth:`batch` makes its input."""
+        return self._ycbcr(images)[:, :1].contiguous()
+
     def batch(self, images, index, generator=None) -> Batch:
+        ycbcr = self._ycbcr(images)  # input and target from one conversion
+        return ycbcr[:, :1].contiguous(), ycbcr[:, 1:].contiguous(), None
+
+    @staticmethod
+    def _ycbcr(images: torch.Tensor) -> torch.Tensor:
+        """uint8 RGB (B, 3, H, W) -> YCbCr (B, 3, H, W) float32 in [0, 1]."""
         if images.shape[1] != 3:
             raise ValueError(f"colorize needs RGB images (B, 3, H, W), got {tuple(images.shape)}")
-        ycbcr = rgb_to_ycbcr(_to_unit(images))  # (B, 3, H, W)
-        return ycbcr[:, :1].contiguous(), ycbcr[:, 1:].contiguous(), None
+        return rgb_to_ycbcr(_to_unit(images))
 
     @staticmethod
     def rgb_error(

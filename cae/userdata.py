@@ -44,8 +44,9 @@ from cae.imagefolder import DECODE_VERSION, TEST_SEED, Images, say
 if TYPE_CHECKING:
     from cae.config import DataConfig
 
-__all__ = ["DataError", "Images", "Want", "data_root", "dataset_info", "describe", "facts",
-           "load", "probe", "read", "refresh_cache"]
+__all__ = ["TEST_SEED", "DataError", "Images", "Want", "data_root", "dataset_info", "describe",
+           "facts", "forget", "held_out", "load", "loaded_facts", "probe", "read", "refresh_cache",
+           "skipped_note", "want_of"]
 
 
 def data_root(data_dir: str | None = None) -> Path:
@@ -97,13 +98,14 @@ def settings(cfg: DataConfig) -> dict[str, Any]:
 
 
 def held_out(n: int, fraction: float) -> int:
-    """Images of ``n`` held out for testing at ``fraction`` (at least one, never all)."""
+    """Images of ``n`` held out at ``fraction`` (at least one, never all): a user dataset's
+    test images without a ``test_path``, and every dataset's validation images."""
     return min(max(1, round(n * fraction)), n - 1)
 
 
 # ---- facts: what the model needs to know, without the pixels --------------------------
 
-_PROBED: dict[str, dict] = {}  # in-process: Want -> facts
+_PROBED: dict[str, dict] = {}  # in-process: repr((want, data root)) -> facts
 
 
 def recorded(cfg: DataConfig) -> dict | None:
@@ -214,7 +216,7 @@ def read(want: Want, cache_root: Path) -> Images:
     if want.kind == "arrays":
         key = _arrays_key(want)
         if key not in _LOADED:
-            _LOADED[key] = _read_arrays(want)
+            _LOADED[key] = _read_arrays(want, key)
         return _LOADED[key]
     main, test = _listings(want)
     key = imagefolder.key_of(want, main, test)
@@ -238,7 +240,7 @@ def load(cfg: DataConfig) -> tuple[np.ndarray, np.ndarray, Images]:
     _check_recorded(cfg, got)
     images = got.images
     if cfg.dataset == "arrays":  # a folder's images are kept shuffled already
-        images = images[np.random.default_rng(TEST_SEED).permutation(len(images))]
+        images = _shuffled(images)
     if got.test is not None:
         return images, (got.test if cfg.dataset == "folder" else _shuffled(got.test)), got
     n_test = held_out(len(images), cfg.test_fraction)
@@ -265,10 +267,7 @@ def loaded_facts(cfg: DataConfig) -> dict:
 
 def facts_of(cfg: DataConfig, got: Images) -> dict:
     """The exact facts of loaded images, to record in a run's spec."""
-    return {**settings(cfg), "shape": list(got.images.shape[1:]), "images": len(got.images),
-            "test_images": None if got.test is None else len(got.test),
-            "grayscale": got.grayscale, "skipped": got.skipped,
-            "test_skipped": got.test_skipped, "fingerprint": got.key}
+    return {**settings(cfg), **got.summary(), "fingerprint": got.key}
 
 
 # ---- array files ------------------------------------------------------------------------
@@ -316,10 +315,16 @@ def _array_key(path: str) -> list:
     return [path, st.st_size, st.st_mtime_ns]
 
 
-def _probe_arrays(want: Want) -> dict:
+def _heads(want: Want) -> list[tuple[int, int, int, int, str]]:
+    """:func:`_array_shape` of the array file and of its test file, if any."""
     heads = [_array_shape(want, want.path, "data.path")]
     if want.test_path:
         heads.append(_array_shape(want, want.test_path, "data.test_path"))
+    return heads
+
+
+def _probe_arrays(want: Want) -> dict:
+    heads = _heads(want)
     c, h, w = _array_target(want, heads)
     return {"shape": [c, h, w], "images": heads[0][0],
             "test_images": heads[1][0] if want.test_path else None,
@@ -333,13 +338,13 @@ def _arrays_key(want: Want) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
-def _read_arrays(want: Want) -> Images:
-    heads = [_array_shape(want, want.path, "data.path")]
-    if want.test_path:
-        heads.append(_array_shape(want, want.test_path, "data.test_path"))
+def _read_arrays(want: Want, key: str) -> Images:
+    """The images of an array file (and its test file) as ``want`` asks; ``key`` is
+    :func:`_arrays_key` of ``want``."""
+    heads = _heads(want)
     target = _array_target(want, heads)
     out = [imagefiles.convert_array(imagefiles.open_array(p, where), hd[4], target, f"{where}: {p}")
            for p, where, hd in zip((want.path, want.test_path), ("data.path", "data.test_path"),
                                    heads)]
     return Images(out[0], out[1] if len(out) > 1 else None,
-                  grayscale=all(hd[1] == 1 for hd in heads), key=_arrays_key(want))
+                  grayscale=all(hd[1] == 1 for hd in heads), key=key)
