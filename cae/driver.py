@@ -24,7 +24,7 @@ from cae import plan, rundir, runstate
 from cae.config import UserError
 from cae.diskspace import StorageFull, check_room, free_bytes, mib
 from cae.lease import Holder, Lease
-from cae.outcomes import unfinished_mask
+from cae.outcomes import all_finished
 from cae.spec import SweepSpec
 
 EXIT_DONE, EXIT_INTERRUPTED = 0, 3
@@ -97,7 +97,7 @@ def resume_sweep(run_dir: str, *, address: str | None = None, data_dir: str | No
     if _finished(run_dir):  # every trial has ended: nothing to start, no data to load
         print(f"resuming {run_dir}: every trial of the run has finished; nothing to resume",
               flush=True)
-        return _end(run_dir, checked.n_trials, console, data_dir, None)
+        return _end(run_dir, spec, checked.n_trials, console, data_dir, None)
     datasets = plan.load_datasets(checked)
 
     def start(callbacks: list) -> None:
@@ -172,7 +172,7 @@ def _drive(run_dir: str, spec: SweepSpec, checked: plan.Checked,
         raise _full(run_dir)
     if guard.stopped:
         raise UserError(f"{guard.stopped}; this driver stopped its sweep")
-    return _end(run_dir, checked.n_trials, console, data_dir, datasets)
+    return _end(run_dir, spec, checked.n_trials, console, data_dir, datasets)
 
 
 def _lost(holder: Holder | None) -> str:
@@ -188,8 +188,8 @@ def _full(run_dir: str) -> StorageFull:
                        f"{run_dir}`")
 
 
-def _end(run_dir: str, n_trials: int, console: Console, data_dir: str | None,
-         datasets: dict | None) -> int:
+def _end(run_dir: str, spec: SweepSpec, n_trials: int, console: Console,
+         data_dir: str | None, datasets: dict | None) -> int:
     """Finish the run (the report's failure costs one line) and choose the exit status."""
     from cae.finish import finish, summary
 
@@ -202,12 +202,9 @@ def _end(run_dir: str, n_trials: int, console: Console, data_dir: str | None,
         _stderr(f"cae: the report could not be written ({type(exc).__name__}: {exc}); the "
                 f"results are complete: try `cae report {run_dir}`")
         done = finish(run_dir, report=False, references=False, say=lambda t: None)
-    spec = rundir.load_run_spec(str(rundir.local_copy(run_dir)))
     swept = [k for k, (kind, _) in spec.axes().items() if kind != "fixed"]
     print(summary(done.frames.trials, run_dir, swept))
     if done.report_at:
         print(f"report: {done.report_at}")
     print(f"run directory: {run_dir}")
-    trials = done.frames.trials
-    unfinished = int(unfinished_mask(trials).sum()) if len(trials) else 0
-    return EXIT_DONE if unfinished == 0 and len(trials) >= n_trials else EXIT_INTERRUPTED
+    return EXIT_DONE if all_finished(done.frames.trials, n_trials) else EXIT_INTERRUPTED
