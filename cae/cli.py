@@ -72,8 +72,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if args.storage:
         spec.storage = args.storage
     if args.dry_run:
-        attach = bool(args.address or os.environ.get("RAY_ADDRESS"))
-        checked = plan.check_spec(spec, None if attach else plan.local_budget(spec))
+        checked = plan.check_spec(spec, plan.budget_for(spec, args.address))
         print(dryrun.summarize(checked))
         if spec.fusion():  # the packs come from the trials Ray's grid search makes
             from cae.packplan import describe

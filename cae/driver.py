@@ -44,10 +44,6 @@ def _stderr(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
-def _attached(address: str | None) -> bool:
-    return bool(address or os.environ.get("RAY_ADDRESS"))
-
-
 def _command() -> str:
     return "cae " + shlex.join(sys.argv[1:]) if sys.argv[1:] else "cae"
 
@@ -56,10 +52,9 @@ def new_sweep(spec: SweepSpec, name: str, *, address: str | None = None,
               data_dir: str | None = None, force: bool = False,
               console: Console | None = None) -> int:
     """Run ``spec`` into a new run directory ``spec.storage/name``."""
-    attach = _attached(address)
-    budget = None if attach else plan.local_budget(spec)
+    budget = plan.budget_for(spec, address)
     checked = plan.check_spec(spec, budget)
-    if not attach:
+    if not plan.attached(address):
         plan.check_local_resources(spec)
     if plan.record_data_dir(spec, checked, data_dir):
         checked = plan.check_spec(spec, budget)

@@ -201,6 +201,18 @@ def local_budget(spec: SweepSpec) -> tuple[int, str] | None:
     return trial_budget(spec.resources.cpu, spec.resources.gpu)
 
 
+def attached(address: str | None) -> bool:
+    """Whether the sweep runs on a cluster (``--address``, or the ``RAY_ADDRESS`` a Ray job
+    sets) rather than on this machine."""
+    return bool(address or os.environ.get("RAY_ADDRESS"))
+
+
+def budget_for(spec: SweepSpec, address: str | None) -> tuple[int, str] | None:
+    """What one trial may use: this machine's share (:func:`local_budget`) for a local
+    sweep, None for one on a cluster (this machine's memory says nothing of its nodes')."""
+    return None if attached(address) else local_budget(spec)
+
+
 def check_local_resources(spec: SweepSpec) -> None:
     """Refuse GPUs per trial that this machine does not have (local runs only)."""
     if spec.resources.gpu > 0:
