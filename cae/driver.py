@@ -197,8 +197,7 @@ def _end(run_dir: str, spec: SweepSpec, n_trials: int, console: Console,
         _stderr(f"cae: the report could not be written ({type(exc).__name__}: {exc}); the "
                 f"results are complete: try `cae report {run_dir}`")
         done = finish(run_dir, report=False, references=False, say=lambda t: None)
-    swept = [k for k, (kind, _) in spec.axes().items() if kind != "fixed"]
-    print(summary(done.frames.trials, run_dir, swept))
+    print(summary(done.frames.trials, run_dir, spec.swept()))
     if done.report_at:
         print(f"report: {done.report_at}")
     print(f"run directory: {run_dir}")

@@ -18,7 +18,7 @@ def summarize(checked: Checked) -> str:
     from cae.arch import describe
 
     spec = checked.spec
-    swept = [k for k, (kind, _) in spec.axes().items() if kind != "fixed"]
+    swept = spec.swept()
     sched = spec.scheduler
     how = sched.kind if not sched.stratify or sched.kind == "fifo" else (
         f"{sched.kind} per stratum of {', '.join(sched.stratify)}")

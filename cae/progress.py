@@ -189,7 +189,7 @@ def for_run(spec: SweepSpec, checked: Checked, run_dir: str, report_every: float
     every ``report_every`` seconds (0: none), once more at the end if ``final_report``."""
     from cae.status import planned_trial_epochs
 
-    axes = [k for k, (kind, _) in spec.axes().items() if kind != "fixed"]
+    axes = spec.swept()
     planned = planned_trial_epochs(spec, checked.n_trials, checked.max_epochs, checked.strata)
     live = LiveReport(run_dir, report_every) if report_every > 0 else None
     return ProgressCallback(spec.name, checked.n_trials, checked.n_trials * checked.max_epochs,

@@ -220,7 +220,7 @@ def run_status(run_dir: str, now: float | None = None) -> RunStatus:
     checked = check_spec(spec, to_run=False)
     frames = tables(local)
     trials = frames.trials
-    axes = [k for k, (kind, _) in spec.axes().items() if kind != "fixed"]
+    axes = spec.swept()
     now = time.time() if now is None else now
     progress = _progress(spec, checked, trials, axes)
     unfinished = int(unfinished_mask(trials).sum()) + max(0, checked.n_trials - len(trials))
