@@ -263,6 +263,13 @@ class DataConfig(_Strict):
 
         return dataset_info(self)
 
+    def sizes(self) -> tuple[int, int]:
+        """(training, test) images after ``train_limit`` and ``test_limit``: what a trial
+        loads (the training images before the validation split)."""
+        info = self.info()
+        return (min(info.train_size, self.train_limit or info.train_size),
+                min(info.test_size, self.test_limit or info.test_size))
+
     def label(self) -> str:
         """The dataset's name in tables and figures: the registry name, or
         ``folder:NAME`` / ``arrays:FILE`` for a user's data."""
@@ -388,7 +395,7 @@ def _check_channels(data: DataConfig, task: TaskInfo, channels: int, name: str) 
 
 def _check_enough(cfg: TrialConfig, info: DatasetInfo) -> None:
     """A user's dataset must fill one batch after the validation split, and test on one."""
-    n = min(info.train_size, cfg.data.train_limit or info.train_size)
+    n, _ = cfg.data.sizes()
     n_val = max(1, round(n * cfg.data.val_fraction))
     if n - n_val < cfg.batch_size:
         raise ValueError(

@@ -111,9 +111,7 @@ def _add(checked: Checked, cfg: TrialConfig, point: dict, where: str) -> None:
             f"use {budget[0] / 2**20:,.0f} MiB ({budget[1]}); lower batch_size, the "
             "model's size or data.train_limit, or give each trial more resources")
     checked.max_epochs = max(checked.max_epochs, cfg.max_epochs)
-    size = cfg.data.info().train_size  # the registry's, or what a user's files hold
-    if cfg.data.train_limit:
-        size = min(size, cfg.data.train_limit)
+    size, _ = cfg.data.sizes()  # the registry's, or what a user's files hold
     checked.train_images = max(checked.train_images, int(size * (1 - cfg.data.val_fraction)))
 
 
