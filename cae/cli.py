@@ -15,7 +15,7 @@ import os
 import sys
 from pathlib import Path
 
-from cae.config import UserError, format_validation_error
+from cae.config import UserError, debug, format_validation_error
 
 EXIT_USAGE, EXIT_BUG = 2, 1
 
@@ -140,10 +140,6 @@ def cmd_encode(args: argparse.Namespace) -> int:
     return 0
 
 
-def _debug() -> bool:
-    return os.environ.get("CAE_DEBUG", "") not in ("", "0")
-
-
 COMMANDS = {"train": cmd_train, "models": cmd_models, "data": cmd_data, "sweep": cmd_sweep,
             "resume": cmd_resume, "status": cmd_status, "export": cmd_export,
             "report": cmd_report, "export-models": cmd_export_models, "encode": cmd_encode}
@@ -176,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - silence the flush at exit
         return 141
     except Exception as exc:
-        if _debug():
+        if debug():
             raise
         print(f"cae: internal error: {type(exc).__name__}: {exc}\n(this is a bug in cae, not "
               "in your input; run again with --debug or CAE_DEBUG=1 for the traceback)",

@@ -10,6 +10,7 @@ bad grid point fails here, before any training starts.
 from __future__ import annotations
 
 import json
+import os
 from typing import Any, Literal
 
 from pydantic import (
@@ -45,6 +46,12 @@ def format_validation_error(exc: ValidationError, source: str = "") -> str:
         lines.append(f"{loc}: {msg}" if loc else msg)
     head = f"invalid config{f' ({source})' if source else ''}: "
     return head + "; ".join(lines)
+
+
+def debug() -> bool:
+    """Whether ``--debug`` or ``CAE_DEBUG=1`` asks for tracebacks instead of one-line
+    messages."""
+    return os.environ.get("CAE_DEBUG", "") not in ("", "0")
 
 
 def validate(model: type[BaseModel], data: Any, source: str = "") -> Any:

@@ -13,7 +13,6 @@ stopped (Ctrl-C, SIGUSR1 or SIGTERM, a job's time limit) with trials left to run
 
 from __future__ import annotations
 
-import os
 import shlex
 import sys
 from collections.abc import Callable
@@ -21,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cae import plan, rundir, runstate
-from cae.config import UserError
+from cae.config import UserError, debug
 from cae.diskspace import StorageFull, check_room, free_bytes, mib
 from cae.lease import Holder, Lease
 from cae.outcomes import all_finished
@@ -192,7 +191,7 @@ def _end(run_dir: str, spec: SweepSpec, n_trials: int, console: Console,
         done = finish(run_dir, report=not console.no_report, data_dir=data_dir,
                       datasets=datasets)
     except Exception as exc:
-        if os.environ.get("CAE_DEBUG", "") not in ("", "0"):
+        if debug():
             raise
         _stderr(f"cae: the report could not be written ({type(exc).__name__}: {exc}); the "
                 f"results are complete: try `cae report {run_dir}`")
