@@ -519,7 +519,3 @@ def load_trial(path: str, overrides: list[str] | None = None) -> TrialConfig:
     for key, value in parse_overrides(overrides or []).items():
         set_dotted(data, key, value)
     return validate(TrialConfig, data, path)
-
-
-# ----------------------------------------------------------------------------------------
-# Sweeps

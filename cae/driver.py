@@ -155,7 +155,7 @@ def _drive(run_dir: str, spec: SweepSpec, checked: plan.Checked,
         stop.append(guard.stop)
         bar = progress.for_run(spec, checked, run_dir, console.report_every,
                                final_report=console.no_report, verbose=console.verbose)
-        guard.say = bar._say
+        guard.say = bar.say
         try:
             start([bar, guard])
         except Exception as exc:
