@@ -19,9 +19,16 @@ from typing import Any
 from pydantic import ValidationError
 
 from cae import diskspace
-from cae.config import DataConfig, TrialConfig, UserError, apply_point, format_validation_error
+from cae.config import (
+    DataConfig,
+    TrialConfig,
+    UserError,
+    absolute_path,
+    apply_point,
+    format_validation_error,
+)
 from cae.memory import estimate, trial_budget
-from cae.spec import SweepSpec, stratum_of
+from cae.spec import AXIS_KINDS, SweepSpec, stratum_of
 
 # More grid points than this is a typo or a spec for another tool; checking is linear.
 MAX_GRID_POINTS = 1_000_000
@@ -255,6 +262,15 @@ def smoke(spec: SweepSpec) -> SweepSpec:
 # ---- data ------------------------------------------------------------------------------
 
 
+def _trial_data(spec: SweepSpec) -> dict:
+    """The base trial's ``data`` mapping, where the sweep records what it found (made if
+    the spec has none)."""
+    data = spec.trial.setdefault("data", {})
+    if not isinstance(data, dict):
+        raise SpecError("trial.data must be a mapping")
+    return data
+
+
 def record_data_dir(spec: SweepSpec, checked: Checked | None, data_dir: str | None) -> bool:
     """Write where the sweep's datasets live into ``spec.trial`` (so the run directory's
     spec says it, and ``cae report`` and ``cae resume`` read the same files): ``data_dir``,
@@ -265,9 +281,7 @@ def record_data_dir(spec: SweepSpec, checked: Checked | None, data_dir: str | No
     names = {json.loads(k)[0] for k in checked.datasets} if checked else {"?"}
     if not data_dir and names <= {"sample"}:
         return False
-    data = spec.trial.setdefault("data", {})
-    if not isinstance(data, dict):
-        raise SpecError("trial.data must be a mapping")
+    data = _trial_data(spec)
     if data.get("data_dir") and not data_dir:
         return False
     data["data_dir"] = str(data_root(data_dir).resolve())
@@ -288,9 +302,7 @@ def record_data_facts(spec: SweepSpec, checked: Checked) -> bool:
     if not users:
         return False
     _absolute_data_paths(spec)
-    data = spec.trial.setdefault("data", {})
-    if not isinstance(data, dict):
-        raise SpecError("trial.data must be a mapping")
+    data = _trial_data(spec)
     data["facts"] = [loaded_facts(cfg) for cfg in users]
     return True
 
@@ -298,9 +310,6 @@ def record_data_facts(spec: SweepSpec, checked: Checked) -> bool:
 def _absolute_data_paths(spec: SweepSpec) -> None:
     """``data.path`` and ``data.test_path`` as absolute paths wherever the spec sets them
     (the base trial, an axis, a variant), as ``DataConfig`` itself reads them here."""
-    from cae.config import absolute_path
-    from cae.spec import AXIS_KINDS
-
     keys = ("data.path", "data.test_path")
 
     def fix(value: Any) -> Any:
