@@ -15,7 +15,7 @@ import os
 import sys
 from pathlib import Path
 
-from cae.config import UserError, format_validation_error
+from cae.config import UserError, debug, format_validation_error
 
 EXIT_USAGE, EXIT_BUG = 2, 1
 
@@ -72,8 +72,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if args.storage:
         spec.storage = args.storage
     if args.dry_run:
-        attach = bool(args.address or os.environ.get("RAY_ADDRESS"))
-        checked = plan.check_spec(spec, None if attach else plan.local_budget(spec))
+        checked = plan.check_spec(spec, plan.budget_for(spec, args.address))
         print(dryrun.summarize(checked))
         if spec.fusion():  # the packs come from the trials Ray's grid search makes
             from cae.packplan import describe
@@ -141,10 +140,6 @@ def cmd_encode(args: argparse.Namespace) -> int:
     return 0
 
 
-def _debug() -> bool:
-    return os.environ.get("CAE_DEBUG", "") not in ("", "0")
-
-
 COMMANDS = {"train": cmd_train, "models": cmd_models, "data": cmd_data, "sweep": cmd_sweep,
             "resume": cmd_resume, "status": cmd_status, "export": cmd_export,
             "report": cmd_report, "export-models": cmd_export_models, "encode": cmd_encode}
@@ -177,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - silence the flush at exit
         return 141
     except Exception as exc:
-        if _debug():
+        if debug():
             raise
         print(f"cae: internal error: {type(exc).__name__}: {exc}\n(this is a bug in cae, not "
               "in your input; run again with --debug or CAE_DEBUG=1 for the traceback)",

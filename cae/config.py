@@ -10,6 +10,7 @@ bad grid point fails here, before any training starts.
 from __future__ import annotations
 
 import json
+import os
 from typing import Any, Literal
 
 from pydantic import (
@@ -45,6 +46,12 @@ def format_validation_error(exc: ValidationError, source: str = "") -> str:
         lines.append(f"{loc}: {msg}" if loc else msg)
     head = f"invalid config{f' ({source})' if source else ''}: "
     return head + "; ".join(lines)
+
+
+def debug() -> bool:
+    """Whether ``--debug`` or ``CAE_DEBUG=1`` asks for tracebacks instead of one-line
+    messages."""
+    return os.environ.get("CAE_DEBUG", "") not in ("", "0")
 
 
 def validate(model: type[BaseModel], data: Any, source: str = "") -> Any:
@@ -263,6 +270,13 @@ class DataConfig(_Strict):
 
         return dataset_info(self)
 
+    def sizes(self) -> tuple[int, int]:
+        """(training, test) images after ``train_limit`` and ``test_limit``: what a trial
+        loads (the training images before the validation split)."""
+        info = self.info()
+        return (min(info.train_size, self.train_limit or info.train_size),
+                min(info.test_size, self.test_limit or info.test_size))
+
     def label(self) -> str:
         """The dataset's name in tables and figures: the registry name, or
         ``folder:NAME`` / ``arrays:FILE`` for a user's data."""
@@ -388,7 +402,7 @@ def _check_channels(data: DataConfig, task: TaskInfo, channels: int, name: str) 
 
 def _check_enough(cfg: TrialConfig, info: DatasetInfo) -> None:
     """A user's dataset must fill one batch after the validation split, and test on one."""
-    n = min(info.train_size, cfg.data.train_limit or info.train_size)
+    n, _ = cfg.data.sizes()
     n_val = max(1, round(n * cfg.data.val_fraction))
     if n - n_val < cfg.batch_size:
         raise ValueError(
@@ -505,7 +519,3 @@ def load_trial(path: str, overrides: list[str] | None = None) -> TrialConfig:
     for key, value in parse_overrides(overrides or []).items():
         set_dotted(data, key, value)
     return validate(TrialConfig, data, path)
-
-
-# ----------------------------------------------------------------------------------------
-# Sweeps

@@ -13,7 +13,6 @@ stopped (Ctrl-C, SIGUSR1 or SIGTERM, a job's time limit) with trials left to run
 
 from __future__ import annotations
 
-import os
 import shlex
 import sys
 from collections.abc import Callable
@@ -21,10 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cae import plan, rundir, runstate
-from cae.config import UserError
+from cae.config import UserError, debug
 from cae.diskspace import StorageFull, check_room, free_bytes, mib
 from cae.lease import Holder, Lease
-from cae.outcomes import unfinished_mask
+from cae.outcomes import all_finished
 from cae.spec import SweepSpec
 
 EXIT_DONE, EXIT_INTERRUPTED = 0, 3
@@ -44,10 +43,6 @@ def _stderr(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
-def _attached(address: str | None) -> bool:
-    return bool(address or os.environ.get("RAY_ADDRESS"))
-
-
 def _command() -> str:
     return "cae " + shlex.join(sys.argv[1:]) if sys.argv[1:] else "cae"
 
@@ -56,10 +51,9 @@ def new_sweep(spec: SweepSpec, name: str, *, address: str | None = None,
               data_dir: str | None = None, force: bool = False,
               console: Console | None = None) -> int:
     """Run ``spec`` into a new run directory ``spec.storage/name``."""
-    attach = _attached(address)
-    budget = None if attach else plan.local_budget(spec)
+    budget = plan.budget_for(spec, address)
     checked = plan.check_spec(spec, budget)
-    if not attach:
+    if not plan.attached(address):
         plan.check_local_resources(spec)
     if plan.record_data_dir(spec, checked, data_dir):
         checked = plan.check_spec(spec, budget)
@@ -97,7 +91,7 @@ def resume_sweep(run_dir: str, *, address: str | None = None, data_dir: str | No
     if _finished(run_dir):  # every trial has ended: nothing to start, no data to load
         print(f"resuming {run_dir}: every trial of the run has finished; nothing to resume",
               flush=True)
-        return _end(run_dir, checked.n_trials, console, data_dir, None)
+        return _end(run_dir, spec, checked.n_trials, console, data_dir, None)
     datasets = plan.load_datasets(checked)
 
     def start(callbacks: list) -> None:
@@ -161,7 +155,7 @@ def _drive(run_dir: str, spec: SweepSpec, checked: plan.Checked,
         stop.append(guard.stop)
         bar = progress.for_run(spec, checked, run_dir, console.report_every,
                                final_report=console.no_report, verbose=console.verbose)
-        guard.say = bar._say
+        guard.say = bar.say
         try:
             start([bar, guard])
         except Exception as exc:
@@ -172,7 +166,7 @@ def _drive(run_dir: str, spec: SweepSpec, checked: plan.Checked,
         raise _full(run_dir)
     if guard.stopped:
         raise UserError(f"{guard.stopped}; this driver stopped its sweep")
-    return _end(run_dir, checked.n_trials, console, data_dir, datasets)
+    return _end(run_dir, spec, checked.n_trials, console, data_dir, datasets)
 
 
 def _lost(holder: Holder | None) -> str:
@@ -188,8 +182,8 @@ def _full(run_dir: str) -> StorageFull:
                        f"{run_dir}`")
 
 
-def _end(run_dir: str, n_trials: int, console: Console, data_dir: str | None,
-         datasets: dict | None) -> int:
+def _end(run_dir: str, spec: SweepSpec, n_trials: int, console: Console,
+         data_dir: str | None, datasets: dict | None) -> int:
     """Finish the run (the report's failure costs one line) and choose the exit status."""
     from cae.finish import finish, summary
 
@@ -197,17 +191,13 @@ def _end(run_dir: str, n_trials: int, console: Console, data_dir: str | None,
         done = finish(run_dir, report=not console.no_report, data_dir=data_dir,
                       datasets=datasets)
     except Exception as exc:
-        if os.environ.get("CAE_DEBUG", "") not in ("", "0"):
+        if debug():
             raise
         _stderr(f"cae: the report could not be written ({type(exc).__name__}: {exc}); the "
                 f"results are complete: try `cae report {run_dir}`")
         done = finish(run_dir, report=False, references=False, say=lambda t: None)
-    spec = rundir.load_run_spec(str(rundir.local_copy(run_dir)))
-    swept = [k for k, (kind, _) in spec.axes().items() if kind != "fixed"]
-    print(summary(done.frames.trials, run_dir, swept))
+    print(summary(done.frames.trials, run_dir, spec.swept()))
     if done.report_at:
         print(f"report: {done.report_at}")
     print(f"run directory: {run_dir}")
-    trials = done.frames.trials
-    unfinished = int(unfinished_mask(trials).sum()) if len(trials) else 0
-    return EXIT_DONE if unfinished == 0 and len(trials) >= n_trials else EXIT_INTERRUPTED
+    return EXIT_DONE if all_finished(done.frames.trials, n_trials) else EXIT_INTERRUPTED

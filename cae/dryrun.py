@@ -18,7 +18,7 @@ def summarize(checked: Checked) -> str:
     from cae.arch import describe
 
     spec = checked.spec
-    swept = [k for k, (kind, _) in spec.axes().items() if kind != "fixed"]
+    swept = spec.swept()
     sched = spec.scheduler
     how = sched.kind if not sched.stratify or sched.kind == "fifo" else (
         f"{sched.kind} per stratum of {', '.join(sched.stratify)}")
@@ -79,8 +79,7 @@ def dataset_line(cfg: DataConfig) -> str:
 
         return describe(cfg)
     info = cfg.info()
-    n_train = min(info.train_size, cfg.train_limit or info.train_size)
-    n_test = min(info.test_size, cfg.test_limit or info.test_size)
+    n_train, n_test = cfg.sizes()
     where = ("inside the package" if cfg.dataset == "sample" else "scikit-image's photographs"
              if cfg.dataset == "photos" else "torchvision")
     return (f"{cfg.dataset}: {n_train:,} training + {n_test:,} test images, "

@@ -4,9 +4,9 @@
   ``COPY_EVERY_S`` seconds and at the end, so that a state file cut short is never the end
   of a run (local run directories: at a URI each file is written whole).
 - At the first trial failure that says the disk is full (or when the storage has less room
-  left than one checkpoint), it stops the sweep as Ctrl-C does: no trial is retried into a
-  full disk, the running trials keep their checkpoints, Tune saves what it can, and the
-  driver ends with one line (``cae.driver``).
+  left than an average trial's kept checkpoints), it stops the sweep as Ctrl-C does: no
+  trial is retried into a full disk, the running trials keep their checkpoints, Tune saves
+  what it can, and the driver ends with one line (``cae.driver``).
 - ``stop(reason)`` does the same for other reasons (the run's lease taken by another
   driver).
 """
@@ -36,7 +36,9 @@ def _error_text(trial: Trial) -> str:
 
 class RunGuard(tune.Callback):
     """See the module docstring; ``room`` is the free space below which the storage counts
-    as full (one trial's largest checkpoint, from the dry run)."""
+    as full (``cae.driver`` gives an average trial's kept checkpoints, from the dry run's
+    disk estimate: ``cae.diskspace.estimate``, which counts a fused pack's stacked state
+    too)."""
 
     def __init__(self, run_dir: str, room: int = 0,
                  say: Callable[[str], None] | None = None):

@@ -11,12 +11,13 @@ that fails costs one line on the console, never the sweep.
 
 from __future__ import annotations
 
-import os
 import sys
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+
+from cae.config import debug
 
 
 class LiveReport:
@@ -70,7 +71,7 @@ class LiveReport:
         except Exception as exc:  # noqa: BLE001 - a report must never end the sweep
             self.say(f"cae: the live report could not be written ({type(exc).__name__}: "
                       f"{exc}); the sweep goes on")
-            if os.environ.get("CAE_DEBUG", "") not in ("", "0"):
+            if debug():
                 import traceback
 
                 traceback.print_exc()

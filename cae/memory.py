@@ -89,8 +89,7 @@ def estimate(cfg: TrialConfig) -> MemoryEstimate:
     per_sample = 2 * 4 * layer_outputs(m) + 4 * (in_px + out_px)
     batch = max(cfg.batch_size * per_sample, cfg.eval_batch_size * per_sample // 2)
     info = cfg.data.info()  # the registry's, or what a user's files were found to hold
-    n_train = min(info.train_size, cfg.data.train_limit or info.train_size)
-    n_test = min(info.test_size, cfg.data.test_limit or info.test_size)
+    n_train, n_test = cfg.data.sizes()
     n_val = max(1, round(n_train * cfg.data.val_fraction))
     raw = info.pixels * (2 * n_train + n_test)  # received uint8 images + the split copy
     prepared = 4 * (in_px + out_px) * (n_val + n_test)  # val and test inputs and targets

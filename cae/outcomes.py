@@ -60,6 +60,12 @@ def unfinished_mask(trials: pd.DataFrame) -> pd.Series:
     return (status.isin(NOT_FINISHED) | (status == "UNKNOWN")) & ~reason.isin(OWN_ENDS)
 
 
+def all_finished(trials: pd.DataFrame, n_trials: int) -> bool:
+    """Whether the run is finished: all ``n_trials`` trials exist and none will still run
+    (``unfinished_mask``)."""
+    return len(trials) >= n_trials and not unfinished_mask(trials).any()
+
+
 def trained_to_the_end(trials: pd.DataFrame) -> pd.Series:
     """Trials that ran until their own end (max_epochs or patience), neither stopped by the
     scheduler nor unfinished nor failed: the only ones whose error says what the

@@ -19,9 +19,16 @@ from typing import Any
 from pydantic import ValidationError
 
 from cae import diskspace
-from cae.config import DataConfig, TrialConfig, UserError, apply_point, format_validation_error
+from cae.config import (
+    DataConfig,
+    TrialConfig,
+    UserError,
+    absolute_path,
+    apply_point,
+    format_validation_error,
+)
 from cae.memory import estimate, trial_budget
-from cae.spec import SweepSpec, stratum_of
+from cae.spec import AXIS_KINDS, SweepSpec, stratum_of
 
 # More grid points than this is a typo or a spec for another tool; checking is linear.
 MAX_GRID_POINTS = 1_000_000
@@ -111,9 +118,7 @@ def _add(checked: Checked, cfg: TrialConfig, point: dict, where: str) -> None:
             f"use {budget[0] / 2**20:,.0f} MiB ({budget[1]}); lower batch_size, the "
             "model's size or data.train_limit, or give each trial more resources")
     checked.max_epochs = max(checked.max_epochs, cfg.max_epochs)
-    size = cfg.data.info().train_size  # the registry's, or what a user's files hold
-    if cfg.data.train_limit:
-        size = min(size, cfg.data.train_limit)
+    size, _ = cfg.data.sizes()  # the registry's, or what a user's files hold
     checked.train_images = max(checked.train_images, int(size * (1 - cfg.data.val_fraction)))
 
 
@@ -201,6 +206,18 @@ def local_budget(spec: SweepSpec) -> tuple[int, str] | None:
     return trial_budget(spec.resources.cpu, spec.resources.gpu)
 
 
+def attached(address: str | None) -> bool:
+    """Whether the sweep runs on a cluster (``--address``, or the ``RAY_ADDRESS`` a Ray job
+    sets) rather than on this machine."""
+    return bool(address or os.environ.get("RAY_ADDRESS"))
+
+
+def budget_for(spec: SweepSpec, address: str | None) -> tuple[int, str] | None:
+    """What one trial may use: this machine's share (:func:`local_budget`) for a local
+    sweep, None for one on a cluster (this machine's memory says nothing of its nodes')."""
+    return None if attached(address) else local_budget(spec)
+
+
 def check_local_resources(spec: SweepSpec) -> None:
     """Refuse GPUs per trial that this machine does not have (local runs only)."""
     if spec.resources.gpu > 0:
@@ -245,6 +262,15 @@ def smoke(spec: SweepSpec) -> SweepSpec:
 # ---- data ------------------------------------------------------------------------------
 
 
+def _trial_data(spec: SweepSpec) -> dict:
+    """The base trial's ``data`` mapping, where the sweep records what it found (made if
+    the spec has none)."""
+    data = spec.trial.setdefault("data", {})
+    if not isinstance(data, dict):
+        raise SpecError("trial.data must be a mapping")
+    return data
+
+
 def record_data_dir(spec: SweepSpec, checked: Checked | None, data_dir: str | None) -> bool:
     """Write where the sweep's datasets live into ``spec.trial`` (so the run directory's
     spec says it, and ``cae report`` and ``cae resume`` read the same files): ``data_dir``,
@@ -255,9 +281,7 @@ def record_data_dir(spec: SweepSpec, checked: Checked | None, data_dir: str | No
     names = {json.loads(k)[0] for k in checked.datasets} if checked else {"?"}
     if not data_dir and names <= {"sample"}:
         return False
-    data = spec.trial.setdefault("data", {})
-    if not isinstance(data, dict):
-        raise SpecError("trial.data must be a mapping")
+    data = _trial_data(spec)
     if data.get("data_dir") and not data_dir:
         return False
     data["data_dir"] = str(data_root(data_dir).resolve())
@@ -278,9 +302,7 @@ def record_data_facts(spec: SweepSpec, checked: Checked) -> bool:
     if not users:
         return False
     _absolute_data_paths(spec)
-    data = spec.trial.setdefault("data", {})
-    if not isinstance(data, dict):
-        raise SpecError("trial.data must be a mapping")
+    data = _trial_data(spec)
     data["facts"] = [loaded_facts(cfg) for cfg in users]
     return True
 
@@ -288,9 +310,6 @@ def record_data_facts(spec: SweepSpec, checked: Checked) -> bool:
 def _absolute_data_paths(spec: SweepSpec) -> None:
     """``data.path`` and ``data.test_path`` as absolute paths wherever the spec sets them
     (the base trial, an axis, a variant), as ``DataConfig`` itself reads them here."""
-    from cae.config import absolute_path
-    from cae.spec import AXIS_KINDS
-
     keys = ("data.path", "data.test_path")
 
     def fix(value: Any) -> Any:

@@ -86,6 +86,7 @@ class ProgressCallback(tune.Callback):
         for trial in trials:
             last = trial.last_result or {}
             # a fused pack (cae.packtrial) is one Tune trial for several of the sweep's
+            # trials: each member counts as one, those it has stopped already as done
             members = len(trial.config.get(PACK_KEY) or ()) or 1
             created += members
             kind = bucket(trial.status, str(last.get("stop_reason", "")))
@@ -107,7 +108,7 @@ class ProgressCallback(tune.Callback):
         p.rate = rate(p.epochs, self._epochs_at_start, p.elapsed)
         return p
 
-    def _say(self, text: str) -> None:
+    def say(self, text: str) -> None:
         """A line of its own, above the bar if there is one."""
         if self._bar is not None:
             self._bar.write(text, file=self.stream)
@@ -142,7 +143,7 @@ class ProgressCallback(tune.Callback):
         self._start = time.monotonic()
         self._last = -math.inf
         if self.live is not None:
-            self.live.say = self._say
+            self.live.say = self.say
 
     def on_step_end(self, iteration: int, trials: list[Trial], **info) -> None:
         now = time.monotonic()
@@ -155,17 +156,17 @@ class ProgressCallback(tune.Callback):
     def on_trial_result(self, iteration: int, trials: list[Trial], trial: Trial,
                         result: dict, **info) -> None:
         if result.get("resumed_from"):  # a checkpoint skipped or a trial taken over
-            self._say(f"trial {trial.trial_id} goes on from {result['resumed_from']} "
+            self.say(f"trial {trial.trial_id} goes on from {result['resumed_from']} "
                       f"({self._where(trial)})")
 
     def on_trial_error(self, iteration: int, trials: list[Trial], trial: Trial,
                        **info) -> None:
-        self._say(f"trial {trial.trial_id} errored "
+        self.say(f"trial {trial.trial_id} errored "
                   f"({self._where(trial)}): {_error_line(trial)}")
 
     def on_trial_recover(self, iteration: int, trials: list[Trial], trial: Trial,
                          **info) -> None:
-        self._say(f"trial {trial.trial_id} failed and is retried from its last checkpoint "
+        self.say(f"trial {trial.trial_id} failed and is retried from its last checkpoint "
                   f"({self._where(trial)}): {_error_line(trial)}")
 
     def _where(self, trial: Trial) -> str:
@@ -189,7 +190,7 @@ def for_run(spec: SweepSpec, checked: Checked, run_dir: str, report_every: float
     every ``report_every`` seconds (0: none), once more at the end if ``final_report``."""
     from cae.status import planned_trial_epochs
 
-    axes = [k for k, (kind, _) in spec.axes().items() if kind != "fixed"]
+    axes = spec.swept()
     planned = planned_trial_epochs(spec, checked.n_trials, checked.max_epochs, checked.strata)
     live = LiveReport(run_dir, report_every) if report_every > 0 else None
     return ProgressCallback(spec.name, checked.n_trials, checked.n_trials * checked.max_epochs,

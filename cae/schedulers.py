@@ -32,7 +32,7 @@ from cae.halving import (  # noqa: F401 (SyncHalvingScheduler re-exported)
     _agree,
     _search_finished,
 )
-from cae.spec import rungs, stratum_of  # noqa: F401 (re-exported)
+from cae.spec import stratum_of
 
 # ---- one scheduler per stratum ----------------------------------------------------------
 

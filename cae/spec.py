@@ -227,6 +227,10 @@ class SweepSpec(_Strict):
                 out[key] = ("fixed", value)
         return out
 
+    def swept(self) -> list[str]:
+        """The axes that vary (grid, choice or a random range), in the spec's order."""
+        return [k for k, (kind, _) in self.axes().items() if kind != "fixed"]
+
 
 def load_spec(path: str, overrides: list[str] | None = None) -> SweepSpec:
     """Load a sweep spec YAML and apply ``--set`` overrides.

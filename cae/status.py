@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from cae.outcomes import BUCKETS, bucket, unfinished_mask
+from cae.outcomes import BUCKETS, all_finished, bucket, unfinished_mask
 from cae.ray_internals import EXPERIMENT_STATE
 from cae.spec import SweepSpec, rungs
 
@@ -220,7 +220,7 @@ def run_status(run_dir: str, now: float | None = None) -> RunStatus:
     checked = check_spec(spec, to_run=False)
     frames = tables(local)
     trials = frames.trials
-    axes = [k for k, (kind, _) in spec.axes().items() if kind != "fixed"]
+    axes = spec.swept()
     now = time.time() if now is None else now
     progress = _progress(spec, checked, trials, axes)
     unfinished = int(unfinished_mask(trials).sum()) + max(0, checked.n_trials - len(trials))
@@ -230,7 +230,7 @@ def run_status(run_dir: str, now: float | None = None) -> RunStatus:
              if t is not None]
     newest = max(signs) if signs else None
     holder = read_holder(run_dir)
-    if progress.finished or (unfinished == 0 and len(trials) >= checked.n_trials):
+    if progress.finished or all_finished(trials, checked.n_trials):
         state = "finished"
     else:  # a driver that holds the lease and keeps its heartbeat is running it
         state = "running" if holder is not None and not stale(holder, now) else "interrupted"

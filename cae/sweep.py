@@ -13,7 +13,7 @@ from contextlib import contextmanager
 
 from cae import ray_internals
 from cae.diskspace import CHECKPOINTS_KEPT
-from cae.plan import Checked
+from cae.plan import Checked, attached
 from cae.signals import sigterm_stops_tune
 from cae.spec import SweepSpec
 
@@ -123,7 +123,7 @@ def init_ray(address: str | None, dashboard: bool = False) -> bool:
     """Attach to a cluster (``--address``, or the one a Ray job runs in), or start Ray
     in-process on 127.0.0.1, with the dashboard (http://127.0.0.1:8265) only if asked.
     Returns whether this call initialised Ray (False if it already was)."""
-    attach = address or os.environ.get("RAY_ADDRESS")
+    attach = attached(address)
     if not attach:
         # Ray's single-machine mode: every server binds to the loopback address only (read
         # when ray is first imported; tests/conftest.py sets it for in-process runs).
@@ -138,7 +138,7 @@ def init_ray(address: str | None, dashboard: bool = False) -> bool:
     if ray.is_initialized():
         return False
     if attach:
-        ray.init(address=attach, log_to_driver=False)
+        ray.init(address=address or os.environ["RAY_ADDRESS"], log_to_driver=False)
     else:
         ray.init(address="local", include_dashboard=dashboard, dashboard_host="127.0.0.1",
                  log_to_driver=False, configure_logging=False)
