@@ -39,10 +39,9 @@ TORN_SUFFIX = ".torn"
 
 @dataclass
 class Statuses:
-    """Trial directory name -> its state; when the sweep started; where they came from."""
+    """Trial directory name -> its state, and where they came from."""
 
     trials: dict[str, TrialState] = field(default_factory=dict)
-    start: float | None = None
     source: Path | None = None
     note: str | None = None  # set when the newest state could not be read
 
@@ -71,12 +70,22 @@ def read_statuses(run_dir: Path) -> Statuses:
             where = "cae's last good copy" if i >= len(newest) else "an older session's state"
             note = (f"{newest[0].name} could not be read; trial statuses are from {where} "
                     f"({path.name}, {_age(newest[0], path)})")
-        return Statuses(*parsed, source=path, note=note)
+        return Statuses(parsed[0], source=path, note=note)
     note = None
     if newest:
         note = (f"{newest[0].name} could not be read and there is no earlier state; each "
                 "trial's status comes from its own files")
     return Statuses(note=note)
+
+
+def first_start(run_dir: Path) -> float | None:
+    """When the sweep first started: the start time of the oldest session whose state can
+    be read (each ``cae resume`` is a session of its own, with its own start)."""
+    for path in reversed(_sessions(run_dir)):
+        parsed = _parse(path)
+        if parsed is not None and parsed[1] is not None:
+            return parsed[1]
+    return None
 
 
 def _age(newer: Path, older: Path) -> str:

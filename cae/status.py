@@ -213,7 +213,7 @@ def run_status(run_dir: str, now: float | None = None) -> RunStatus:
     from cae.lease import read_holder, stale
     from cae.plan import check_spec
     from cae.results import tables
-    from cae.runstate import read_statuses
+    from cae.runstate import first_start
 
     local = rundir.local_copy(run_dir)
     spec = rundir.load_run_spec(str(local))
@@ -224,7 +224,7 @@ def run_status(run_dir: str, now: float | None = None) -> RunStatus:
     now = time.time() if now is None else now
     progress = _progress(spec, checked, trials, axes)
     unfinished = int(unfinished_mask(trials).sum()) + max(0, checked.n_trials - len(trials))
-    start = read_statuses(local).start
+    start = first_start(local)  # elapsed counts every session's epochs since then
     signs = [t for t in (_newest_result_time(local), start,
                          None if rundir.is_uri(run_dir) else _state_written(local))
              if t is not None]

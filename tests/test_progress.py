@@ -291,3 +291,15 @@ def test_live_report_and_status_of_a_running_then_interrupted_sweep(tmp_path):
     status = run_status(str(run_dir))
     assert status.state == "interrupted", status.text()
     assert status.unfinished > 0 and f"cae resume {run_dir}" in status.text()
+
+
+def test_status_counts_elapsed_time_from_the_first_session(tmp_path):
+    """After a resume the run has two sessions' state files, each with its own start: the
+    elapsed time (and the rate made from every session's epochs) is since the first."""
+    run = _fake_run(tmp_path / "r", [("TERMINATED", 3), ("RUNNING", 1)])
+    first = json.loads((run / "experiment_state-2026-01-01_00-00-00.json").read_text())
+    resumed = {**first, "stats": {"start_time": time.time() - 10}}
+    (run / "experiment_state-2026-01-02_00-00-00.json").write_text(json.dumps(resumed))
+    status = run_status(str(run))
+    assert status.state == "running"
+    assert status.progress.elapsed >= 100  # not the 10 s since the resume
