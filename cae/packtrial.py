@@ -21,19 +21,17 @@ import io
 import json
 import math
 
-import ray
 import torch
 from ray import tune
 
-from cae import checkpoints, packfiles, ray_internals
+from cae import checkpoints, packfiles
 from cae.config import trial_config
 from cae.data import ImageData
 from cae.diskspace import CHECKPOINTS_KEPT
 from cae.fused import Pack
 from cae.rundir import write_file
-from cae.runstate import point_key
 from cae.spec import SweepSpec
-from cae.trainable import recorded_config, report_epoch
+from cae.trainable import here_and_source, recorded_config, report_epoch, static_facts
 
 # ---- one pack as a Tune trial ---------------------------------------------------------------
 
@@ -64,11 +62,7 @@ def run_pack(config: dict, base: dict, datasets: dict[str, ImageData], run_dir: 
     """Train one fused pack, its members reporting as trials (see the module doc)."""
     torch.set_num_threads(max(1, threads))
     points = config[packfiles.PACK_KEY]
-    here = f"{run_dir.rstrip('/')}/{ray_internals.trial_dir_name()}"
-    source = here
-    if adopt and point_key(config) in adopt and not checkpoints.list_checkpoints(
-            *checkpoints.filesystem(here)):
-        source = f"{run_dir.rstrip('/')}/{adopt[point_key(config)]}"
+    here, source = here_and_source(run_dir, config, adopt)
     folders = [f"{here}/{packfiles.member_name(i)}" for i in range(len(points))]
     current = [trial_config(base, p) for p in points]
     fused = {"pack": here.rstrip("/").rsplit("/", 1)[-1], "members": len(points),
@@ -87,11 +81,7 @@ def run_pack(config: dict, base: dict, datasets: dict[str, ImageData], run_dir: 
             return
         pack.load_state_dict(found.state)
     pack_id = tune.get_context().get_trial_id()
-    static = {
-        "device": str(pack.device), "precision": pack.precision,
-        "data_loaded": f"{datasets[key].name}: {tuple(datasets[key].train.shape)} train images",
-        "node_id": ray.get_runtime_context().get_node_id(),
-    }
+    static = static_facts(pack, datasets[key])
     summary = list((found.history.get("epochs") if found else None) or [])
 
     def on_epoch(metrics: dict[int, dict], state_fn) -> None:

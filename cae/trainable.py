@@ -34,6 +34,27 @@ from cae.runstate import point_key
 from cae.train import Trainer
 
 
+def here_and_source(run_dir: str, point: dict, adopt: dict[str, str] | None) -> tuple[str, str]:
+    """This trial's directory, and the one it goes on from: its own, or, when it has no
+    checkpoint yet and ``adopt`` names an earlier directory for its point (a run whose
+    state was lost, ``cae.runstate.orphans``), that one."""
+    here = f"{run_dir.rstrip('/')}/{ray_internals.trial_dir_name()}"
+    if adopt and point_key(point) in adopt and not checkpoints.list_checkpoints(
+            *checkpoints.filesystem(here)):
+        return here, f"{run_dir.rstrip('/')}/{adopt[point_key(point)]}"
+    return here, here
+
+
+def static_facts(runner, data: ImageData) -> dict:
+    """What every report of a trial (or a pack) carries: where and how it trains."""
+    return {
+        "device": str(runner.device),
+        "precision": runner.precision,
+        "data_loaded": f"{data.name}: {tuple(data.train.shape)} train images",
+        "node_id": ray.get_runtime_context().get_node_id(),
+    }
+
+
 def read_record(location: str) -> dict | None:
     """The record a trial (or a pack's member) wrote in ``location`` at its first start."""
     fs, path = checkpoints.filesystem(location)
@@ -97,20 +118,11 @@ def run_trial(point: dict, base: dict, datasets: dict[str, ImageData], run_dir: 
     key = current.data.source_key()
     if key not in datasets:  # check_spec loads every grid value: a bug if this happens
         raise RuntimeError(f"no dataset loaded for {key}; loaded: {', '.join(datasets)}")
-    here = f"{run_dir.rstrip('/')}/{ray_internals.trial_dir_name()}"
-    source = here
-    if adopt and point_key(point) in adopt and not checkpoints.list_checkpoints(
-            *checkpoints.filesystem(here)):
-        source = f"{run_dir.rstrip('/')}/{adopt[point_key(point)]}"
+    here, source = here_and_source(run_dir, point, adopt)
     cfg = recorded_config(here, source, current, point)
     found = checkpoints.load_newest(*checkpoints.filesystem(source))
     trainer = Trainer(cfg, datasets[key])
-    static = {
-        "device": str(trainer.device),
-        "precision": trainer.precision,
-        "data_loaded": f"{datasets[key].name}: {tuple(datasets[key].train.shape)} train images",
-        "node_id": ray.get_runtime_context().get_node_id(),
-    }
+    static = static_facts(trainer, datasets[key])
     if found is not None and found.state.get("final"):
         # finished before an interruption: nothing to train (a trial taken over keeps the
         # history in its own directory too)
