@@ -196,7 +196,7 @@ def _end(run_dir: str, spec: SweepSpec, n_trials: int, console: Console,
         _stderr(f"cae: the report could not be written ({type(exc).__name__}: {exc}); the "
                 f"results are complete: try `cae report {run_dir}`")
         done = finish(run_dir, report=False, references=False, say=lambda t: None)
-    print(summary(done.frames.trials, run_dir, spec.swept()))
+    print(summary(done.frames.trials, run_dir, spec.swept(), n_trials))
     if done.report_at:
         print(f"report: {done.report_at}")
     print(f"run directory: {run_dir}")

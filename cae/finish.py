@@ -18,7 +18,7 @@ import pandas as pd
 
 from cae import rundir
 from cae.config import UserError
-from cae.outcomes import unfinished_mask
+from cae.outcomes import unfinished_count
 from cae.results import (
     EPOCHS_FILE,
     TRIALS_FILE,
@@ -98,9 +98,11 @@ def finish(run_dir: str, *, report: bool = True, pictures: bool = True,
     return done
 
 
-def summary(trials: pd.DataFrame, run_dir: str, axes: list[str] | None = None) -> str:
+def summary(trials: pd.DataFrame, run_dir: str, axes: list[str] | None = None,
+            n_trials: int = 0) -> str:
     """The lines ``cae sweep`` and ``cae resume`` end with: counts, the best trial (its
-    values of the swept ``axes``), where the results are."""
+    values of the swept ``axes``), where the results are, and, when some of the sweep's
+    ``n_trials`` will still run (started or not), how to continue."""
     counts = ", ".join(f"{n} {s.lower()}" for s, n in trials["status"].value_counts().items())
     lines = [f"\ntrials: {len(trials)} ({counts}); trial-epochs: {int(trials['epochs'].sum())}"]
     best = best_trial(trials)
@@ -114,7 +116,7 @@ def summary(trials: pd.DataFrame, run_dir: str, axes: list[str] | None = None) -
         if axes:
             lines.append("  " + ", ".join(f"{k}={v}" for k, v in axes.items()))
     lines.append(f"results: {run_dir}/{TRIALS_FILE} and {EPOCHS_FILE}")
-    unfinished = int(unfinished_mask(trials).sum())
+    unfinished = unfinished_count(trials, n_trials)
     if unfinished:
         lines.append(f"{unfinished} trials did not finish; continue with: cae resume {run_dir}")
     return "\n".join(lines)

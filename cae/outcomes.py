@@ -60,10 +60,15 @@ def unfinished_mask(trials: pd.DataFrame) -> pd.Series:
     return (status.isin(NOT_FINISHED) | (status == "UNKNOWN")) & ~reason.isin(OWN_ENDS)
 
 
+def unfinished_count(trials: pd.DataFrame, n_trials: int) -> int:
+    """How many of a sweep's ``n_trials`` trials will still run: those of ``trials`` that
+    will (``unfinished_mask``) and those not in it yet (never started)."""
+    return int(unfinished_mask(trials).sum()) + max(0, n_trials - len(trials))
+
+
 def all_finished(trials: pd.DataFrame, n_trials: int) -> bool:
-    """Whether the run is finished: all ``n_trials`` trials exist and none will still run
-    (``unfinished_mask``)."""
-    return len(trials) >= n_trials and not unfinished_mask(trials).any()
+    """Whether the run is finished: all ``n_trials`` trials exist and none will still run."""
+    return unfinished_count(trials, n_trials) == 0
 
 
 def trained_to_the_end(trials: pd.DataFrame) -> pd.Series:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from cae.outcomes import BUCKETS, all_finished, bucket, unfinished_mask
+from cae.outcomes import BUCKETS, all_finished, bucket, unfinished_count
 from cae.ray_internals import EXPERIMENT_STATE
 from cae.spec import SweepSpec, rungs
 
@@ -223,7 +223,7 @@ def run_status(run_dir: str, now: float | None = None) -> RunStatus:
     axes = spec.swept()
     now = time.time() if now is None else now
     progress = _progress(spec, checked, trials, axes)
-    unfinished = int(unfinished_mask(trials).sum()) + max(0, checked.n_trials - len(trials))
+    unfinished = unfinished_count(trials, checked.n_trials)
     start = first_start(local)  # elapsed counts every session's epochs since then
     signs = [t for t in (_newest_result_time(local), start,
                          None if rundir.is_uri(run_dir) else _state_written(local))

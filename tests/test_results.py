@@ -24,6 +24,24 @@ def test_unfinished_is_one_definition():
     assert not unfinished_mask(pd.DataFrame()).any()
 
 
+def test_trials_never_started_count_as_unfinished_and_the_summary_says_how_to_go_on():
+    """A sweep stopped before half its trials started: the started ones all reached their own
+    end, so the table holds no unfinished row, yet the run is not finished (exit 3), and its
+    last lines must say how to continue."""
+    from cae.finish import summary
+    from cae.outcomes import all_finished, unfinished_count
+
+    trials = pd.DataFrame({"status": ["TERMINATED", "RUNNING"],
+                           "stop_reason": ["max_epochs", "max_epochs"], "epochs": [4, 4],
+                           "trial_id": ["a", "b"], "best_val_loss": [0.1, 0.2],
+                           "params": [10, 10], "latent_size": [4, 4]})
+    assert unfinished_count(trials, 4) == 2 and not all_finished(trials, 4)
+    assert unfinished_count(trials, 2) == 0 and all_finished(trials, 2)
+    assert "2 trials did not finish; continue with: cae resume runs/x" in summary(
+        trials, "runs/x", n_trials=4)
+    assert "did not finish" not in summary(trials, "runs/x", n_trials=2)
+
+
 def _run_dir(tmp_path, state: dict | None):
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump(
         {"name": "x", "trial": {"model": {"latent_dim": 8}}, "scheduler": {"kind": "fifo"}}))
