@@ -99,11 +99,11 @@ def main(argv: list[str] | None = None) -> int:
     started, info = common.now(), common.machine()
     sets = ["trial.data.train_limit=600"] if args.quick else []
 
-    from cae import sweep
+    from cae.sweep import tuner
 
     tmp = common.tempdir("asha")
     results = {}
-    sweep.init_ray(None)
+    tuner.init_ray(None)
     try:
         print("FIFO ...", flush=True)
         fifo = run(sets + ["scheduler.kind=fifo"], tmp, "fifo")

@@ -52,8 +52,8 @@ def _group(name: str) -> str:
 def make_trainer(data, precision: str = "fp32", compile_: bool = False, nchw: bool = False):
     import torch
 
-    from cae.config import TrialConfig
-    from cae.train import Trainer
+    from cae.config.trial import TrialConfig
+    from cae.train.trainer import Trainer
 
     cfg = TrialConfig.model_validate({
         "data": {"dataset": data.name, "val_fraction": 1 / 7},
@@ -148,8 +148,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from cae.config import DataConfig
-    from cae.data import load
+    from cae.config.trial import DataConfig
+    from cae.data.datasets import load
 
     torch.set_num_threads(1)
     tmp = common.tempdir("cpu-profile")

@@ -3,7 +3,8 @@
 Same model, optimiser, loss, batch size, seed and thread count on both sides; only the way
 the batches arrive differs:
 
-- ours: ``cae.train.Trainer.train_epoch``: the split lives on the device as uint8, each batch
+- ours: ``cae.train.trainer.Trainer.train_epoch``: the split lives on the device as uint8, each
+batch
   is an index into it, converted to float there; one host sync per epoch;
 - classic: what Ray Tune's PyTorch tutorial does: a torchvision dataset of PIL images with
   ``transforms.ToTensor()``, ``DataLoader(batch_size, shuffle=True, num_workers=W)``,
@@ -39,7 +40,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # (puts the repository root on sys.path)
 
-from cae.catalog import DATASETS  # noqa: E402
+from cae.config.catalog import DATASETS  # noqa: E402
 
 MODEL = {"channels": [4, 8], "bottleneck": "dense", "dense": [64], "latent_dim": 8}
 
@@ -88,7 +89,7 @@ def ours_epoch(trainer) -> float:
 
 
 def _step(trainer, x):
-    from cae.train import autocast, per_sample_loss
+    from cae.train.trainer import autocast, per_sample_loss
 
     with autocast(trainer.precision, trainer.device):
         z = trainer.enc(trainer._inputs(x))
@@ -177,9 +178,9 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from cae.config import TrialConfig
-    from cae.data import load
-    from cae.train import Trainer
+    from cae.config.trial import TrialConfig
+    from cae.data.datasets import load
+    from cae.train.trainer import Trainer
 
     torch.set_num_threads(args.threads)
     tmp = common.tempdir("datapath")
@@ -204,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     data = load(cfg.data)
     ours = Trainer(cfg, data)
     device = ours.device
-    # The training split's indices into the dataset, as cae.data.split draws them.
+    # The training split's indices into the dataset, as cae.data.datasets.split draws them.
     n_all = data.train.shape[0]
     n_val = min(max(1, round(n_all * cfg.data.val_fraction)), n_all - 1)
     train_idx = torch.randperm(n_all, generator=torch.Generator().manual_seed(

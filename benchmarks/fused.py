@@ -1,8 +1,8 @@
 """On the CPU: a fused pack of K members against K separate trials, the same work.
 
 K trials of the quickstart's base CAE (lr x seed) on the embedded Fashion-MNIST sample,
-batch 128, one thread (a ``cpu: 1`` trial): one training epoch of a ``cae.fused.Pack`` of K
-members against one training epoch of each of K separate ``cae.train.Trainer`` runs, the two
+batch 128, one thread (a ``cpu: 1`` trial): one training epoch of a ``cae.train.pack.Pack`` of K
+members against one training epoch of each of K separate ``cae.train.trainer.Trainer`` runs, the two
 sides alternating over rounds so that a change in the machine's load hits both. ``ratio`` =
 (K separate epochs' time) / (the pack's epoch time): above 1 the pack trains more trials
 per hour. The first epoch of each side is a warm-up.
@@ -45,10 +45,10 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from cae.config import TrialConfig
-    from cae.data import load
-    from cae.fused import Pack
-    from cae.train import Trainer
+    from cae.config.trial import TrialConfig
+    from cae.data.datasets import load
+    from cae.train.pack import Pack
+    from cae.train.trainer import Trainer
 
     torch.set_num_threads(1)
     limit = 1000 if args.quick else None

@@ -13,7 +13,7 @@ b. ``one_per_gpu``: a 32-trial grid of small CAEs (the quickstart's base model o
 c. ``eighth_gpu``: the same grid over 8 processes sharing the GPU, as ``resources.gpu:
    0.125`` runs it (without Ray's own start-up, which the sweep adds to both).
 d. ``graphs``: (b) with ``compile: reduce-overhead`` (CUDA graphs); compile time apart.
-e. ``packs``: the grid as fused packs (``cae.fused``) of 8, 32 and 64 members (64: the grid
+e. ``packs``: the grid as fused packs (``cae.train.pack``) of 8, 32 and 64 members (64: the grid
    with twice the seeds), eager and with CUDA graphs.
 f. ``datapath``: Study A's default CAE, batch 32, one epoch over 50,000 32x32x3 images
    (SYNTHETIC uint8: CIFAR-10 cannot be downloaded there; the speed does not depend on the
@@ -224,8 +224,8 @@ def _met(value, goal) -> bool | None:
 
 def run_trials(dicts: list[dict], data, deadline: float) -> dict:
     """Trials one after another (each: Trainer, fit, test) until done or the deadline."""
-    from cae.config import TrialConfig
-    from cae.train import Trainer
+    from cae.config.trial import TrialConfig
+    from cae.train.trainer import Trainer
 
     t0, done, first = time.time(), 0, None
     for d in dicts:
@@ -253,8 +253,8 @@ def _sync() -> None:
 def case_check(run: Run, data, deadline, result) -> None:
     import torch
 
-    from cae.config import TrialConfig
-    from cae.train import Trainer
+    from cae.config.trial import TrialConfig
+    from cae.train.trainer import Trainer
 
     d = grid(1, run.s)[0] | {"max_epochs": 2}
     trainer = Trainer(TrialConfig.model_validate(d), data)
@@ -308,8 +308,8 @@ def worker(spec: str) -> int:
     import torch
 
     torch.set_num_threads(job["threads"])
-    from cae.config import DataConfig
-    from cae.data import load
+    from cae.config.trial import DataConfig
+    from cae.data.datasets import load
 
     data = load(DataConfig.model_validate(job["trials"][0]["data"]))
     if torch.cuda.is_available():
@@ -342,8 +342,8 @@ def _cudagraph_skips() -> int:
 
 def case_packs(run: Run, data, deadline, result) -> None:
     """Packs of each size, eager then with CUDA graphs, each until done or out of time."""
-    from cae.config import TrialConfig
-    from cae.fused import Pack
+    from cae.config.trial import TrialConfig
+    from cae.train.pack import Pack
 
     rows = result["packs"] = []
     for mode, sizes_ in (("none", run.s["packs"]), ("reduce-overhead", run.s["graph_packs"])):
@@ -401,9 +401,9 @@ def case_datapath(run: Run, deadline, result) -> None:
     import datapath
     import torch
 
-    from cae.config import TrialConfig
-    from cae.data import ImageData
-    from cae.train import Trainer
+    from cae.config.trial import TrialConfig
+    from cae.data.datasets import ImageData
+    from cae.train.trainer import Trainer
 
     n = run.s["study_images"]
     gen = torch.Generator().manual_seed(0)
@@ -448,15 +448,15 @@ def smoke_compile() -> None:
     compiles, in seconds (inductor's C++ code generation takes minutes on two cores)."""
     import torch
 
-    import cae.fused
-    import cae.train
+    import cae.train.pack
+    import cae.train.trainer
 
     def compiler(mode):
         if mode == "none":
             return lambda m: m
         return lambda m: torch.compile(m, backend="aot_eager", dynamic=False)
 
-    cae.train.compiler = cae.fused.compiler = compiler
+    cae.train.trainer.compiler = cae.train.pack.compiler = compiler
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -481,8 +481,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(s["threads"])
     if args.smoke:
         smoke_compile()
-    from cae.config import DataConfig
-    from cae.data import load
+    from cae.config.trial import DataConfig
+    from cae.data.datasets import load
 
     run = Run(args, s)
     data = load(DataConfig.model_validate({"dataset": "sample",

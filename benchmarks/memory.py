@@ -1,6 +1,6 @@
 """Memory estimate against the memory a trial really uses, for three architectures.
 
-``cae.memory.estimate`` is what the dry run uses to refuse grid points that cannot fit
+``cae.model.memory.estimate`` is what the dry run uses to refuse grid points that cannot fit
 their device. Here each architecture is trained for one epoch (and evaluated on the test
 split, as a finished trial is) in a fresh process on the CPU; the measured figure is the
 peak resident memory of that process (``ru_maxrss``) minus its resident memory after
@@ -36,9 +36,9 @@ CASES = {
 CHILD = r"""
 import json, resource, sys
 import torch
-from cae.config import TrialConfig
-from cae.train import Trainer
-from cae.data import load
+from cae.config.trial import TrialConfig
+from cae.train.trainer import Trainer
+from cae.data.datasets import load
 torch.set_num_threads(1)
 cfg = TrialConfig.model_validate(json.loads(sys.argv[1]))
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -56,8 +56,8 @@ def main() -> int:
     p.add_argument("--quick", action="store_true", help="on the embedded sample")
     args = p.parse_args()
     started = common.now()
-    from cae.config import TrialConfig
-    from cae.memory import estimate
+    from cae.config.trial import TrialConfig
+    from cae.model.memory import estimate
 
     data = {"dataset": "sample"}
     tmp = common.tempdir("memory")

@@ -3,7 +3,7 @@
 Both sides train the same model on the same data with the same batch size, seed and
 thread count:
 
-- plain: ``cae.train.Trainer(cfg, data).fit()`` in this process, no Ray anywhere;
+- plain: ``cae.train.trainer.Trainer(cfg, data).fit()`` in this process, no Ray anywhere;
 - Ray Tune: the same TrialConfig as a one-point sweep through ``cae.cli.main(["sweep", ...])``
   (FIFO, ``resources.cpu`` = the thread count, per-epoch checkpoints and reports as in any
   sweep), in a Ray worker process.
@@ -41,7 +41,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # (puts the repository root on sys.path)
 
-from cae.catalog import DATASETS  # noqa: E402
+from cae.config.catalog import DATASETS  # noqa: E402
 
 # The quickstart's base model: a small dense-bottleneck CAE for 28x28 images.
 MODEL = {"channels": [4, 8], "bottleneck": "dense", "dense": [64], "latent_dim": 8}
@@ -127,8 +127,8 @@ def run_plain(trial: dict, data, threads: int) -> dict:
 
     import torch
 
-    from cae.config import TrialConfig
-    from cae.train import Trainer
+    from cae.config.trial import TrialConfig
+    from cae.train.trainer import Trainer
 
     torch.set_num_threads(threads)
     cfg = TrialConfig.model_validate(json.loads(json.dumps(trial)))
@@ -226,12 +226,12 @@ def main(argv: list[str] | None = None) -> int:
         trial["data"]["data_dir"] = data_dir
         trial["data"]["download"] = False
 
-    from cae import sweep
-    from cae.config import DataConfig
-    from cae.data import load
+    from cae.config.trial import DataConfig
+    from cae.data.datasets import load
+    from cae.sweep import tuner
 
     data = load(DataConfig.model_validate(trial["data"]))
-    sweep.init_ray(None)  # once; every Ray side of every round reuses it
+    tuner.init_ray(None)  # once; every Ray side of every round reuses it
 
     plain, ray_runs = [], []
     try:
@@ -279,7 +279,8 @@ def main(argv: list[str] | None = None) -> int:
         return {k: round(sum(r["cpu"][k] for r in runs) / len(runs), 3) for k in keys}
 
     figures = {
-        "what": "one trial: plain cae.train.Trainer.fit in-process vs the same TrialConfig as a "
+        "what": "one trial: plain cae.train.trainer.Trainer.fit in-process vs the same "
+                "TrialConfig as a "
                 "one-point FIFO sweep via cae.cli.main(['sweep', ...]); images/s = training "
                 "images / epoch_time_s per epoch, first epoch (warm-up) excluded on both "
                 "sides; ratio = median Ray epoch / median plain epoch",

@@ -1,7 +1,7 @@
 """`cae sweep` against a sweep written the way Ray Tune's PyTorch tutorial writes one.
 
 The same 16-point grid (latent 4/16/64/128 x channels [8, 8] or [32, 32] x 1 or 2 convs per
-stage; dense bottleneck, the same CAE modules from ``cae.models``), the same 6,000
+stage; dense bottleneck, the same CAE modules from ``cae.model.network``), the same 6,000
 Fashion-MNIST training and 1,000 validation images (our split of the first 7,000), batch
 64, Adam 1e-3, MSE, 9 epochs, one CPU per trial, two trials at a time on two cores, a
 checkpoint every epoch on both sides:
@@ -116,8 +116,8 @@ def peer_trial(config: dict, data_dir: str, train_idx: list, val_idx: list, epoc
     from torch.utils.data import DataLoader, Subset
     from torchvision import transforms
 
-    from cae.config import TrialConfig
-    from cae.models import build_model
+    from cae.config.trial import TrialConfig
+    from cae.model.network import build_model
 
     torch.manual_seed(0)
     ds = torchvision.datasets.FashionMNIST(data_dir, train=True, download=False,
@@ -156,7 +156,7 @@ def run_peer(data_dir: str, n: int, epochs: int, asha: bool, storage: Path, name
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-    gen = torch.Generator().manual_seed(0)  # the split cae.data.split makes of the first n
+    gen = torch.Generator().manual_seed(0)  # the split cae.data.datasets.split makes of the first n
     perm = torch.randperm(n, generator=gen).tolist()
     n_val = round(n / 7)
     t0 = time.perf_counter()
@@ -296,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
              ("ours", "asha"), ("peer", "asha")]
     import torch
 
-    from cae.train import resolve_precision
+    from cae.train.trainer import resolve_precision
 
     default = resolve_precision("auto", torch.device("cpu"))
     other = "bf16" if default == "fp32" else "fp32"

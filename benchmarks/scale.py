@@ -39,7 +39,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # (puts the repository root on sys.path)
 
-from cae.catalog import DISTORTIONS  # noqa: E402
+from cae.config.catalog import DISTORTIONS  # noqa: E402
 
 VARIANTS = [{}, {"model.batchnorm": True}, {"model.dropout": 0.2},
             {"model.decoder": "conv_transpose"}, {"model.activation": "gelu"}]
@@ -102,8 +102,8 @@ def synthesize_run(run_dir: Path, n_trials: int, n_epochs: int, seed: int = 0) -
 
     import yaml
 
-    from cae.arch import describe
-    from cae.config import trial_config
+    from cae.config.trial import trial_config
+    from cae.model.plan import describe
 
     rng = random.Random(seed)
     run_dir.mkdir(parents=True)
@@ -262,8 +262,8 @@ def main(argv: list[str] | None = None) -> int:
     import io
     import pstats
 
-    from cae import dryrun, plan
-    from cae.spec import load_spec
+    from cae.config.spec import load_spec
+    from cae.sweep import dryrun, plan
 
     t0 = time.perf_counter()
     prof = cProfile.Profile()
@@ -290,7 +290,8 @@ def main(argv: list[str] | None = None) -> int:
 
     exp_profile = profile_top(["-m", "cae.cli", "export", str(run_dir)])
     imports = {m: round(import_seconds(m), 3) for m in
-               ("cae.config, cae.arch", "cae.results", "cae.trainable", "torch", "ray.tune")}
+               ("cae.config.trial, cae.model.plan", "cae.results.tables",
+                "cae.sweep.trainable", "torch", "ray.tune")}
     trials = pd.read_parquet(run_dir / "trials.parquet")
     epochs = pd.read_parquet(run_dir / "epochs.parquet")
     assert len(trials) == n_trials and len(epochs) == n_trials * n_epochs, (len(trials),

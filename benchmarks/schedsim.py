@@ -46,7 +46,7 @@ def load_trace(name: str) -> dict:
 
 
 def _spec(spec: dict):
-    from cae.spec import SweepSpec
+    from cae.config.spec import SweepSpec
 
     return SweepSpec.model_validate(spec)
 

@@ -1,7 +1,7 @@
 """Record a real sweep's schedule: when each trial started, reported and ended.
 
 ``python benchmarks/schedtrace.py quickstart`` or ``peer`` runs the sweep in this process
-the way ``cae sweep`` does (``cae.sweep.fit``), with one more Tune callback that writes down,
+the way ``cae sweep`` does (``cae.sweep.tuner.fit``), with one more Tune callback that writes down,
 on the driver's clock, every trial start (a new trial, or a paused one resumed), every
 result (epoch, validation loss, the trainer's own epoch time, Ray's iteration time) and
 every end. The trace, the trials' configs and the fit's wall time go to
@@ -66,19 +66,20 @@ def record(spec, storage: Path, name: str) -> dict:
     """Run ``spec`` (a SweepSpec) as ``cae sweep`` does, recording its schedule."""
     import os
 
-    from cae import plan, rundir, sweep
-    from cae.results import export
+    from cae.results.tables import export
+    from cae.run import directory as rundir
+    from cae.sweep import plan, tuner
 
     started = time.perf_counter()
     checked = plan.check_spec(spec, plan.local_budget(spec))
     datasets = plan.load_datasets(checked)
     run_dir = f"{storage}/{name}"
     load_before = os.getloadavg()
-    with sweep.ray_session(None):
+    with tuner.ray_session(None):
         rundir.save_spec(run_dir, spec)
         recorder = Recorder()
         recorder.t0 = t0 = time.perf_counter()
-        sweep.fit(spec, datasets, run_dir, checked, [recorder])
+        tuner.fit(spec, datasets, run_dir, checked, [recorder])
         wall = time.perf_counter() - t0
     export(run_dir)
     return {"name": name, "spec": spec.model_dump(mode="json"), "wall_fit_s": round(wall, 3),
@@ -99,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import yaml
 
-    from cae.spec import load_spec
+    from cae.config.spec import load_spec
 
     tmp = common.tempdir("schedtrace")
     if args.sweep == "quickstart":

@@ -84,13 +84,13 @@ def main(argv: list[str] | None = None) -> int:
     n = args.trials or (12 if args.quick else 40)
     started, info = common.now(), common.machine()
 
-    from cae import sweep
+    from cae.sweep import tuner
 
     tmp = common.tempdir("search")
     spec_path = tmp / "spec.yaml"
     spec_path.write_text(yaml.safe_dump(SPEC, sort_keys=False))
     runs = []
-    sweep.init_ray(None)
+    tuner.init_ray(None)
     try:
         for seed in SEEDS:
             for method, kind in METHODS.items():

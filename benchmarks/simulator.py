@@ -1,7 +1,8 @@
 """A sweep on a simulated clock: the project's real scheduler and searcher, fake trials.
 
 ``simulate`` builds the searcher and the scheduler exactly as a sweep does
-(``cae.search.make_searcher``, ``cae.sweep.scheduler``) and plays Ray Tune's controller
+(``cae.schedule.search.make_searcher``, ``cae.sweep.tuner.scheduler``) and plays Ray Tune's
+controller
 against them (``ray.tune.execution.tune_controller.TuneController``, reduced to what a
 scheduler sees): trials are created from the searcher while fewer than ``max_pending`` wait
 (``TUNE_MAX_PENDING_TRIALS_PG``), every free worker goes to the trial the scheduler chooses
@@ -29,8 +30,8 @@ from ray.tune.experiment import Trial
 from ray.tune.schedulers import TrialScheduler
 from ray.tune.search import Searcher
 
-from cae.spec import SweepSpec, stratum_of
-from cae.sweep import METRIC, MODE
+from cae.config.spec import SweepSpec, stratum_of
+from cae.sweep.tuner import METRIC, MODE
 
 
 @dataclass(frozen=True)
@@ -117,9 +118,9 @@ class Outcome:
 
 
 def counted_rows(rows: list[dict]) -> list[dict]:
-    """A trial's results that count, one per epoch, by ``cae.results``' own rule (epochs
+    """A trial's results that count, one per epoch, by ``cae.results.tables``' own rule (epochs
     trained ahead of a rung the trial then lost there do not)."""
-    from cae.results import counted_epochs
+    from cae.results.tables import counted_epochs
 
     by_epoch: dict[int, dict] = {}
     for r in rows:
@@ -132,23 +133,23 @@ class SimController:
 
     def __init__(self, spec: SweepSpec, work_of: Callable[[dict], Work], workers: int,
                  costs: Costs, max_pending: int | None = None):
-        from cae.search import make_searcher
-        from cae.sweep import param_space, scheduler
+        from cae.schedule.search import make_searcher
+        from cae.sweep.tuner import param_space, scheduler
 
         searcher, total = make_searcher(spec, param_space(spec))
         searcher.set_search_properties(METRIC, MODE, {})
         self.search_alg = _Search(searcher, total)
-        from cae.config import TrialConfig
+        from cae.config.trial import TrialConfig
 
         self.max_epochs = TrialConfig.model_validate(spec.trial).max_epochs
         self.scheduler = scheduler(spec, self.max_epochs)
         self.scheduler.set_search_properties(METRIC, MODE)
-        from cae import schedulers
+        from cae.schedule import schedulers
 
         marks = getattr(schedulers, "speculation_marks", None)
         self.callbacks = [marks(self.scheduler)] if marks else []
         self.work_of, self.workers, self.costs = work_of, workers, costs
-        # what cae.sweep.pending_trials sets for a grid (one CPU per trial)
+        # what cae.sweep.tuner.pending_trials sets for a grid (one CPU per trial)
         self.max_pending = max_pending or max(200, int(workers * 1.1))
         self.trials: list[SimTrial] = []
         self._pending: deque[SimTrial] = deque()  # creation order; stale entries skipped

@@ -5,7 +5,7 @@ files (the embedded Fashion-MNIST sample, repeated with seeded noise so that no 
 are alike) and 10,000 RGB 256x256 JPEG photographs of the same garments (scaled up, tinted,
 on a shaded background, with noise), read at 64x64. Each load runs in a fresh process (so
 nothing is remembered in memory, and its peak memory is its own) and is timed around
-``cae.data.load``; the first load of a folder decodes it, a second one reads the cache.
+``cae.data.datasets.load``; the first load of a folder decodes it, a second one reads the cache.
 
 - first load of the JPEGs on every core, against the same on one core (same run): the
   goal is >= 1,000 images/s, and a speed-up close to the number of cores; the CPU seconds
@@ -44,8 +44,8 @@ CHILD = r"""
 import json, resource, sys, time, tracemalloc
 import platformdirs, torch  # what a driver has loaded: its memory is not the data's
 from cae import imagefiles, imagefolder, userdata
-from cae.config import DataConfig
-from cae.data import load
+from cae.config.trial import DataConfig
+from cae.data.datasets import load
 
 def rss():
     with open("/proc/self/statm") as f:
@@ -84,8 +84,8 @@ def sample_images():
     """The embedded sample's 5,000 real 28x28 images (uint8)."""
     import numpy as np
 
-    from cae.config import DataConfig
-    from cae.data import load
+    from cae.config.trial import DataConfig
+    from cae.data.datasets import load
 
     d = load(DataConfig(dataset="sample"))
     return np.concatenate([d.train.numpy(), d.test.numpy()])[:, 0]
@@ -146,8 +146,8 @@ def quickstart_model(dest: Path) -> Path:
     import torch
     import yaml
 
-    from cae.config import TrialConfig
-    from cae.train import train
+    from cae.config.trial import TrialConfig
+    from cae.train.trainer import train
 
     spec = yaml.safe_load((common.ROOT / "sweeps" / "quickstart.yaml").read_text())
     cfg = TrialConfig.model_validate({**spec["trial"], "max_epochs": 1})

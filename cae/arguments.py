@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from cae.catalog import DATASETS, USER_DATASETS
+from cae.config.catalog import DATASETS, USER_DATASETS
 
 
 def build_parser() -> argparse.ArgumentParser:

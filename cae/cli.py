@@ -1,7 +1,7 @@
 """The ``cae`` command: parses arguments and calls the library.
 
 A user error (a malformed spec, an impossible architecture, a missing dataset, a path that
-is not a run directory, a full storage: :class:`cae.config.UserError`) becomes one message
+is not a run directory, a full storage: :class:`cae.config.trial.UserError`) becomes one message
 on stderr and exit status 2. ``cae sweep`` and ``cae resume`` exit with 3 when the sweep was
 stopped with trials left to run (``cae resume`` continues it). Anything else is a bug: a
 short message naming the exception and exit status 1, with the traceback under ``--debug``
@@ -15,7 +15,7 @@ import os
 import sys
 from pathlib import Path
 
-from cae.config import UserError, debug, format_validation_error
+from cae.config.trial import UserError, debug, format_validation_error
 
 EXIT_USAGE, EXIT_BUG = 2, 1
 
@@ -24,15 +24,15 @@ EXIT_USAGE, EXIT_BUG = 2, 1
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from cae.models import presets_table
+    from cae.model.network import presets_table
 
     print(presets_table(as_json=args.json))
     return 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from cae.config import load_trial
-    from cae.train import train_and_print
+    from cae.config.trial import load_trial
+    from cae.train.trainer import train_and_print
 
     cfg = load_trial(args.config, args.set)
     if args.data_dir:
@@ -41,8 +41,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_data(args: argparse.Namespace) -> int:
-    from cae.config import DataConfig, parse_overrides, validate
-    from cae.data import describe
+    from cae.config.trial import DataConfig, parse_overrides, validate
+    from cae.data.datasets import describe
 
     fields = {"dataset": args.dataset, "data_dir": args.data_dir,
               "download": not args.no_download, "path": args.path}
@@ -56,15 +56,15 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 
 def _console(args: argparse.Namespace):
-    from cae.driver import Console
+    from cae.sweep.driver import Console
 
     return Console(report_every=args.report_every, no_report=args.no_report,
                    verbose=args.verbose, dashboard=getattr(args, "dashboard", False))
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from cae import dryrun, plan
-    from cae.spec import load_spec
+    from cae.config.spec import load_spec
+    from cae.sweep import dryrun, plan
 
     spec = load_spec(args.config, args.set)
     if args.smoke:
@@ -75,26 +75,27 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         checked = plan.check_spec(spec, plan.budget_for(spec, args.address))
         print(dryrun.summarize(checked))
         if spec.fusion():  # the packs come from the trials Ray's grid search makes
-            from cae.packplan import describe
-            from cae.sweep import param_space
+            from cae.sweep.packplan import describe
+            from cae.sweep.tuner import param_space
 
             print("\n".join(describe(spec, param_space(spec), checked.budget)))
         return 0
-    from cae import driver, rundir  # not for a dry run: they import pandas and check Ray
+    from cae.run import directory as rundir
+    from cae.sweep import driver
 
     return driver.new_sweep(spec, args.name or rundir.run_name(spec), address=args.address,
                             data_dir=args.data_dir, force=args.force, console=_console(args))
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
-    from cae import driver
+    from cae.sweep import driver
 
     return driver.resume_sweep(args.run_dir, address=args.address, data_dir=args.data_dir,
                                force=args.force, console=_console(args))
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from cae.finish import finish
+    from cae.results.finish import finish
 
     if args.output and not Path(args.output).expanduser().resolve().parent.is_dir():
         raise UserError(f"--output {args.output}: its folder does not exist")
@@ -105,14 +106,14 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from cae.status import run_status
+    from cae.results.status import run_status
 
     print(run_status(args.run_dir).text())
     return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from cae.finish import finish
+    from cae.results.finish import finish
 
     finish(args.run_dir, report=False, references=False)
     where = args.run_dir.rstrip("/")
@@ -154,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.debug:
         os.environ["CAE_DEBUG"] = "1"
     if getattr(args, "refresh_data", False):
-        from cae.userdata import refresh_cache
+        from cae.data.userdata import refresh_cache
 
         refresh_cache()
     try:

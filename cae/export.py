@@ -29,8 +29,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from cae.config import TrialConfig, UserError
-from cae.models import CAE, build_model, count_params
+from cae.config.trial import TrialConfig, UserError
+from cae.model.network import CAE, build_model, count_params
 
 if TYPE_CHECKING:  # pandas and the run directories are read only when a run is
     import pandas as pd
@@ -45,11 +45,11 @@ MAX_BATCH = 1 << 20  # the largest batch the exported programs accept
 
 def trial_config(local: Path, trial: pd.Series) -> TrialConfig:
     """The config one trial ran with: its own record (``trial.json``, written when it
-    started), else its point applied to the run's spec (``cae.results.trial_config_of``)."""
+    started), else its point applied to the run's spec (``cae.results.tables.trial_config_of``)."""
     import yaml
 
-    from cae import rundir
-    from cae.results import read_trial, trial_config_of
+    from cae.results.tables import read_trial, trial_config_of
+    from cae.run import directory as rundir
 
     base = (yaml.safe_load((local / rundir.SPEC_FILE).read_text()) or {}).get("trial") or {}
     identity = read_trial(local / str(trial["trial_dir"]), outcome=False)
@@ -59,8 +59,8 @@ def trial_config(local: Path, trial: pd.Series) -> TrialConfig:
 def read_trials(run_dir: str) -> tuple[pd.DataFrame, Path]:
     """A run's ``trials`` table (``trials.parquet``, brought up to date if the run wrote
     since) and a local copy of the run (its mirror for a URI)."""
-    from cae import rundir
-    from cae.results import tables
+    from cae.results.tables import tables
+    from cae.run import directory as rundir
 
     local = rundir.local_copy(run_dir)
     trials = tables(local).trials
@@ -73,7 +73,7 @@ def trained_to_the_end(trials: pd.DataFrame) -> pd.Series:
     """Trials that ended by themselves (max_epochs or patience) and hold a validation loss."""
     import pandas as pd
 
-    from cae import outcomes
+    from cae.run import outcomes
 
     has_loss = pd.to_numeric(trials["best_val_loss"], errors="coerce").notna()
     return outcomes.trained_to_the_end(trials) & has_loss
@@ -142,7 +142,7 @@ def select_many(trials: pd.DataFrame, best_per: str | None = None,
 def best_weights(run_dir: str, trial: pd.Series) -> dict:
     """The best epoch's state dict from the trial's newest whole checkpoint (read where the
     run is: a local path or a URI)."""
-    from cae import checkpoints
+    from cae.run import checkpoints
 
     fs, path = checkpoints.filesystem(f"{run_dir.rstrip('/')}/{trial['trial_dir']}")
     found = checkpoints.load_newest(fs, path)
@@ -154,7 +154,7 @@ def best_weights(run_dir: str, trial: pd.Series) -> dict:
 def load_model(run_dir: str, trial: str | dict = "best") -> tuple[CAE, TrialConfig]:
     """The model of one trial of a run (local or s3://, gs://, file://) with its best
     epoch's weights, on the CPU, in eval mode, and the config it ran with."""
-    from cae import rundir
+    from cae.run import directory as rundir
 
     run_dir = rundir.storage_uri(str(run_dir))
     trials, local = read_trials(run_dir)
@@ -223,7 +223,7 @@ def programs(model: CAE) -> tuple[Any, Any]:
 def export_models(run_dir: str, out: str | Path, best_per: str | None = None,
                   trials: list[str] | None = None) -> list[Path]:
     """Write the chosen trials' models into ``out/<trial_id>/`` (see the module doc)."""
-    from cae import rundir
+    from cae.run import directory as rundir
 
     run_dir = rundir.storage_uri(str(run_dir))
     table, local = read_trials(run_dir)
@@ -244,7 +244,7 @@ def export_models(run_dir: str, out: str | Path, best_per: str | None = None,
 
 
 def _baselines(local: Path) -> pd.DataFrame | None:
-    from cae.results import read_baselines
+    from cae.results.tables import read_baselines
 
     return read_baselines(local)
 
@@ -320,7 +320,7 @@ def model_inputs(cfg: TrialConfig, images: torch.Tensor) -> torch.Tensor:
     """uint8 (B, C, H, W) -> the model's input as in training (the task's own
     ``clean_input``): [0, 1]; for colorize the luma Y of YCbCr. (A denoiser's input is the
     image as it is.)"""
-    from cae.tasks import make_task
+    from cae.train.tasks import make_task
 
     return make_task(cfg.task).clean_input(images)
 
@@ -330,8 +330,8 @@ def read_images(cfg: TrialConfig, path: str, skip_unreadable: bool = False
     """A folder or array file of images as the trial's model takes them (size, channels)
     -> uint8 (N, C, H, W) in the file's (array) or sorted path (folder) order, and the
     folder's relative paths."""
-    from cae.config import absolute_path
-    from cae.userdata import Want, data_root, read
+    from cae.config.trial import absolute_path
+    from cae.data.userdata import Want, data_root, read
 
     p = Path(path)
     kind = "folder" if p.is_dir() else "arrays"
@@ -364,7 +364,7 @@ def encode(source: str, images: str, out: str | Path, trial: str | dict = "best"
     filter as text, ``COLUMN=VALUE``); writes ``latents`` and, for a folder, ``paths`` to
     the .npz ``out``. Returns it and the number of images."""
     if isinstance(trial, str) and trial != "best" and "=" in trial:  # latent_size=8
-        from cae.config import parse_overrides
+        from cae.config.trial import parse_overrides
 
         trial = parse_overrides([trial])
     if not Path(images).exists():

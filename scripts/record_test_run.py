@@ -4,8 +4,8 @@ A sweep of two tiny CAEs (latent 2 and 4, one stage of 2 channels) for two epoch
 images of the embedded sample, run by ``cae sweep`` with Ray Tune as usual: Ray's own
 files (experiment state, params.json, result.json, checkpoints), cae's (spec.yaml, each
 trial's trial.json, history.json in each checkpoint, the state copy in .cae-state/) and the
-tables. The fast tests copy it and read it (``cae.results``, ``cae.runstate``,
-``cae.checkpoints``) without starting Ray, so a change in what Ray or cae writes shows in
+tables. The fast tests copy it and read it (``cae.results.tables``, ``cae.run.state``,
+``cae.run.checkpoints``) without starting Ray, so a change in what Ray or cae writes shows in
 the fast tier. Run it again when that changes:
 
     python scripts/record_test_run.py

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from cae.ray_internals import LOOPBACK_ENV
+from cae.sweep.internals import LOOPBACK_ENV
 
 REPO = Path(__file__).resolve().parents[1]
 

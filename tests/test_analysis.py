@@ -1,6 +1,6 @@
 """The analysis package: figures, pictures, table and report.
 
-Fast tests use synthetic frames (shaped like ``cae.results``'s) and a hand-made run
+Fast tests use synthetic frames (shaped like ``cae.results.tables``'s) and a hand-made run
 directory with a freshly built model; the slow ones run a real small sweep with Ray Tune
 (quickstart, 3 epochs) and check every figure on its results.
 """
@@ -297,8 +297,8 @@ def fake_run(tmp_path: Path, trial: dict, n_trials: int = 2) -> tuple[Path, pd.D
     """A run dir with untrained models saved as Ray checkpoints of our trainable."""
     import torch
 
-    from cae.config import trial_config
-    from cae.models import build_model
+    from cae.config.trial import trial_config
+    from cae.model.network import build_model
 
     run_dir = tmp_path / "fake"
     (run_dir).mkdir()
@@ -341,14 +341,14 @@ def test_pictures_best_median_worst_of_each_trial(tmp_path):
 def test_pictures_colorize_show_gray_input_and_rgb(tmp_path, monkeypatch):
     import torch
 
-    import cae.data
+    import cae.data.datasets
 
     gen = torch.Generator().manual_seed(0)
-    fake = cae.data.ImageData(
+    fake = cae.data.datasets.ImageData(
         name="cifar10", train=torch.randint(0, 256, (50, 3, 32, 32), generator=gen,
                                             dtype=torch.uint8),
         test=torch.randint(0, 256, (40, 3, 32, 32), generator=gen, dtype=torch.uint8))
-    monkeypatch.setattr(cae.data, "load", lambda cfg: fake)  # no CIFAR-10 download
+    monkeypatch.setattr(cae.data.datasets, "load", lambda cfg: fake)  # no CIFAR-10 download
     trial = {"data": {"dataset": "cifar10"}, "task": {"name": "colorize"},
              "model": {"preset": "study_a_colorize"}}
     run_dir, trials = fake_run(tmp_path, trial, n_trials=1)

@@ -59,8 +59,8 @@ N_TRIALS = 8
 # `cae sweep` with the storage check left out (see the module docstring)
 SWEEP_SHARED_HERE = """
 import sys
-import cae.cluster
-cae.cluster.check_shared_storage = lambda *args, **kwargs: None
+import cae.sweep.cluster
+cae.sweep.cluster.check_shared_storage = lambda *args, **kwargs: None
 from cae.cli import main
 sys.exit(main(sys.argv[1:]))
 """

@@ -8,17 +8,17 @@ import pandas as pd
 import pytest
 import torch
 
-from cae.baselines import (
+from cae.config.catalog import DISTORTIONS
+from cae.config.trial import DataConfig, TaskConfig, TrialConfig
+from cae.data.datasets import ImageData, load, split
+from cae.results.baselines import (
     BASELINES_FILE,
     COLUMNS,
     compute_baselines,
     read_baselines,
     write_baselines,
 )
-from cae.catalog import DISTORTIONS
-from cae.config import DataConfig, TaskConfig, TrialConfig
-from cae.data import ImageData, load, split
-from cae.tasks import make_task
+from cae.train.tasks import make_task
 
 DATA = DataConfig(dataset="sample", train_limit=400, test_limit=200)
 D = 28 * 28
@@ -44,7 +44,7 @@ def direct_pca(train: torch.Tensor):
 
 
 def direct_loss(kind: str, out: np.ndarray, target: np.ndarray) -> np.ndarray:
-    """Per-sample loss, averaged over pixels, written out independently of cae.train."""
+    """Per-sample loss, averaged over pixels, written out independently of cae.train.trainer."""
     out, target = out.reshape(len(out), -1), target.reshape(len(target), -1)
     if kind == "mse":
         per_pixel = (out - target) ** 2
@@ -191,8 +191,8 @@ def test_denoise_frame_has_one_row_per_baseline_size_and_split(denoise_frame):
 
 def test_colorize_baseline_is_the_training_mean_chroma_on_real_photographs():
     pytest.importorskip("skimage")
-    from cae.data import load, split
-    from cae.tasks import rgb_to_ycbcr
+    from cae.data.datasets import load, split
+    from cae.train.tasks import rgb_to_ycbcr
 
     cfg = trial("colorize", data=DataConfig(dataset="photos"))
     data = load(cfg.data)

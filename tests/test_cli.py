@@ -97,12 +97,12 @@ def test_unreadable_run_directory_is_one_message(run_dir, needle, capsys):
 def test_a_bug_is_not_reported_as_bad_input(monkeypatch, capsys):
     """An unexpected exception is an internal error (exit 1) naming the exception, not a
     user error; --debug shows its traceback."""
-    import cae.models
+    import cae.model.network
 
     def broken(*args, **kwargs):
         raise KeyError("boom")
 
-    monkeypatch.setattr(cae.models, "describe", broken)
+    monkeypatch.setattr(cae.model.network, "describe", broken)
     assert main(["models"]) == 1
     err = capsys.readouterr().err
     assert "internal error: KeyError" in err and "boom" in err and "--debug" in err

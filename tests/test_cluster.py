@@ -136,8 +136,8 @@ def test_job_submission_to_a_local_cluster():
     `ray job submit --working-dir . -- cae sweep ...`; the job succeeds, the run directory
     is complete, and the Ray processes this test started are gone after it."""
     pytest.importorskip("aiohttp", reason="the Ray job server and `ray job` need ray[default]")
-    from cae.plan import check_spec
-    from cae.spec import load_spec
+    from cae.config.spec import load_spec
+    from cae.sweep.plan import check_spec
 
     small = ["--set", "trial.max_epochs=2", "--set", "trial.data.train_limit=512"]
     n_trials = check_spec(load_spec(str(ROOT / SPEC), small[1::2])).n_trials
@@ -331,8 +331,8 @@ def test_quarter_gpus_pack_four_trials_on_one_gpu(cluster, tmp_path):
 
 
 def test_check_shared_storage_without_a_cluster():
-    from cae import cluster as cc
-    from cae import rundir as rd
+    from cae.run import directory as rd
+    from cae.sweep import cluster as cc
 
     for uri in ("s3://bucket/sweeps", "gs://bucket/sweeps", "hdfs://nn/sweeps"):
         cc.check_shared_storage(uri)  # URIs need no Ray at all
@@ -345,7 +345,7 @@ def test_check_shared_storage_without_a_cluster():
     assert cc._can_host(node, {"CPU": 1, "GPU": 0.25})
     assert not cc._can_host({"Resources": {"CPU": 4.0}}, {"CPU": 1, "GPU": 0.25})
     assert not cc._can_host({"Resources": {}}, {"CPU": 1, "GPU": 0})
-    from cae.config import UserError
+    from cae.config.trial import UserError
 
     assert issubclass(cc.SharedStorageError, UserError)  # the CLI's exit status 2
 
@@ -393,8 +393,8 @@ while True:
 
 CHECK = """
 import sys, ray
-from cae.cluster import check_shared_storage
-from cae.config import UserError
+from cae.sweep.cluster import check_shared_storage
+from cae.config.trial import UserError
 ray.init(address=sys.argv[1], log_to_driver=False)
 try:
     check_shared_storage(sys.argv[2], {"CPU": 1, "GPU": 0})

@@ -19,9 +19,9 @@ import numpy as np
 import pytest
 import torch
 
-from cae import data as cdata
-from cae.config import DataConfig
-from cae.data import DatasetUnavailable, ImageData, data_root, load, split, to_device
+from cae.config.trial import DataConfig
+from cae.data import datasets as cdata
+from cae.data.datasets import DatasetUnavailable, ImageData, data_root, load, split, to_device
 
 
 @pytest.fixture
@@ -250,7 +250,7 @@ def test_absent_dataset_raises_a_helpful_error(name, download, tmp_path, no_netw
 
 def test_photos_are_tiles_of_whole_photographs_held_out_for_testing():
     pytest.importorskip("skimage")
-    from cae.catalog import DATASETS
+    from cae.config.catalog import DATASETS
 
     d = load(DataConfig(dataset="photos"))
     info = DATASETS["photos"]

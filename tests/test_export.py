@@ -19,9 +19,9 @@ import torch
 import yaml
 from PIL import Image
 
-from cae import data as cdata
 from cae.cli import main
-from cae.config import DataConfig, TrialConfig, UserError
+from cae.config.trial import DataConfig, TrialConfig, UserError
+from cae.data import datasets as cdata
 from cae.export import select
 
 
@@ -95,9 +95,9 @@ def exported(run, tmp_path_factory) -> Path:
 
 def _val_loss(model, cfg: TrialConfig, weights: dict | None = None) -> float:
     """The model's validation loss, computed as a trial computes it."""
-    from cae.data import load, split
-    from cae.tasks import make_task
-    from cae.train import per_sample_loss
+    from cae.data.datasets import load, split
+    from cae.train.tasks import make_task
+    from cae.train.trainer import per_sample_loss
 
     if weights is not None:
         model.load_state_dict(weights)

@@ -11,13 +11,13 @@ import math
 import pytest
 import torch
 
-from cae.config import TrialConfig, UserError, validate
-from cae.data import load
-from cae.fused import Pack
-from cae.models import build_model
-from cae.packs import pack_key, plan_packs
-from cae.stacked import MaskedDropout, use_masked_dropout
-from cae.train import Trainer
+from cae.config.trial import TrialConfig, UserError, validate
+from cae.data.datasets import load
+from cae.model.network import build_model
+from cae.train.pack import Pack
+from cae.train.packing import pack_key, plan_packs
+from cae.train.stacked import MaskedDropout, use_masked_dropout
+from cae.train.trainer import Trainer
 
 TOL = 1e-9  # relative, float64
 
@@ -187,9 +187,9 @@ def test_pack_killed_and_resumed_equals_uninterrupted(compile_, monkeypatch):
     is traced by dynamo and AOTAutograd (``aot_eager``: inductor's code generation would take
     minutes on two cores; what it generates is checked on a GPU by benchmarks/gpu.py)."""
     if compile_ != "none":
-        import cae.fused
+        import cae.train.pack
 
-        monkeypatch.setattr(cae.fused, "compiler", lambda mode: lambda m: torch.compile(
+        monkeypatch.setattr(cae.train.pack, "compiler", lambda mode: lambda m: torch.compile(
             m, backend="aot_eager", dynamic=False))
     cfgs = [_cfg(seed=0, max_epochs=4, compile=compile_, model_dropout=0.2),
             _cfg(seed=1, max_epochs=4, lr=0.002, compile=compile_, model_dropout=0.2),

@@ -12,8 +12,8 @@ import yaml
 from helpers import kill_first_after
 
 from cae.cli import main
-from cae.config import TrialConfig
-from cae.spec import SweepSpec
+from cae.config.spec import SweepSpec
+from cae.config.trial import TrialConfig
 
 SPEC = {
     "name": "fused",
@@ -138,8 +138,8 @@ def test_a_crashed_pack_goes_on_exactly_from_its_checkpoint(tmp_path):
     assert len(trials) == 4 and set(trials["num_failures"]) == {1}
     assert (epochs.groupby("trial_id")["epoch"].apply(list) == [[1, 2, 3, 4]] * 4).all()
 
-    from cae.data import load
-    from cae.fused import Pack
+    from cae.data.datasets import load
+    from cae.train.pack import Pack
 
     pack_dir = next(run_dir.glob("run_pack_*"))
     members = sorted(pack_dir.glob("member_*"))

@@ -1,6 +1,9 @@
 """The data flow is one way (design.md): no import cycles between modules, no module
-imports one of a later layer, the core never imports Ray, and the library never imports its
-command line."""
+imports one of a later layer, the core never imports Ray, nothing that reads a finished run
+imports Ray (even through another module), and the library never imports its command line.
+
+Every module of every subpackage is looked at; an import counts as an edge unless it is only
+under ``if TYPE_CHECKING:`` (one that is also imported at run time is an edge)."""
 
 import ast
 from pathlib import Path
@@ -8,54 +11,68 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-PACKAGES = ("cae", "cae.report")
-CORE = ("cae.catalog", "cae.presets", "cae.arch", "cae.config", "cae.memory", "cae.models",
-        "cae.data", "cae.tasks", "cae.train", "cae.baselines", "cae.packs", "cae.stacked",
-        "cae.fused")
+ROOT = REPO / "cae"
 
 
-def _module_imports() -> dict[str, set[str]]:
-    """Every project module -> the project modules it imports (at any level of the file)."""
-    graph = {}
-    for pkg in PACKAGES:
-        for path in (REPO / pkg.replace(".", "/")).glob("*.py"):
-            name = f"{pkg}.{path.stem}" if path.stem != "__init__" else pkg
-            deps = set()
-            for node in ast.walk(ast.parse(path.read_text())):
-                if isinstance(node, ast.Import):
-                    deps |= {a.name for a in node.names}
-                elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-                    deps.add(node.module)
-                    deps |= {f"{node.module}.{a.name}" for a in node.names}
-            graph[name] = deps
-    return graph
+def _name(path: Path) -> str:
+    parts = path.relative_to(REPO).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def _path(module: str) -> Path:
-    base = REPO.joinpath(*module.split("."))
-    return base / "__init__.py" if base.is_dir() else base.with_suffix(".py")
+MODULES = {_name(p): p for p in sorted(ROOT.rglob("*.py"))}
+PACKAGES = {_name(p) for p in ROOT.rglob("__init__.py")}
 
 
-def _is_type_checking_only(path: Path, module: str) -> bool:
-    tree = ast.parse(path.read_text())
-    for node in ast.walk(tree):
+def _runtime_nodes(tree: ast.AST):
+    """Every node of ``tree`` outside ``if TYPE_CHECKING:`` blocks."""
+    stack = [tree]
+    while stack:
+        node = stack.pop()
         if isinstance(node, ast.If) and getattr(node.test, "id", "") == "TYPE_CHECKING":
-            for sub in ast.walk(node):
-                if isinstance(sub, ast.ImportFrom) and sub.module == module:
-                    return True
-    return False
+            stack.extend(node.orelse)
+            continue
+        yield node
+        stack.extend(ast.iter_child_nodes(node))
+
+
+def _imports(path: Path) -> set[str]:
+    """The modules a file imports at run time (at any level of the file), each import of a
+    name from a package counted as the submodule where one of that name exists."""
+    deps = set()
+    for node in _runtime_nodes(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            deps |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            deps.add(node.module)
+            deps |= {f"{node.module}.{a.name}" for a in node.names}
+    return deps
+
+
+GRAPH = {mod: _imports(path) for mod, path in MODULES.items()}
 
 
 def _edges() -> dict[str, set[str]]:
-    graph = _module_imports()
-    edges = {}
-    for mod, deps in graph.items():
-        path = _path(mod)
-        # ``from cae.report import figures`` names the submodule; the package itself only
-        # re-exports, so it is not an edge of its own
-        edges[mod] = {d for d in deps if d in graph and d != mod and d not in PACKAGES
-                      and not _is_type_checking_only(path, d)}
-    return edges
+    """Project module -> the project modules it imports. A package's ``__init__`` is not a
+    target of its own: ``from cae.report import figures`` names the submodule."""
+    return {mod: {d for d in deps if d in MODULES and d != mod and d not in PACKAGES}
+            for mod, deps in GRAPH.items()}
+
+
+def test_every_subpackage_is_seen():
+    assert {"cae.config", "cae.model", "cae.data", "cae.train", "cae.schedule", "cae.run",
+            "cae.sweep", "cae.results", "cae.report"} <= PACKAGES
+    assert "cae.train.trainer" in MODULES and "cae.run.tunefiles" in MODULES
+
+
+def test_an_edge_imported_at_run_time_and_under_type_checking_counts(tmp_path):
+    path = tmp_path / "m.py"
+    path.write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n"
+                    "    from cae.config.trial import TrialConfig\n"
+                    "def f():\n    from cae.config.trial import TrialConfig\n")
+    assert "cae.config.trial" in _imports(path)
+    path.write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n"
+                    "    from cae.config.trial import TrialConfig\n")
+    assert "cae.config.trial" not in _imports(path)
 
 
 def test_no_import_cycles():
@@ -77,70 +94,103 @@ def test_no_import_cycles():
             visit(mod, [mod])
 
 
+def _imports_ray(deps: set[str]) -> bool:
+    return any(d == "ray" or d.startswith("ray.") for d in deps)
+
+
+CORE = tuple(m for m in MODULES if m.startswith(("cae.config", "cae.model", "cae.data",
+                                                  "cae.train")))
+
+
 @pytest.mark.parametrize("module", CORE)
 def test_core_never_imports_ray_or_the_cli(module):
-    deps = _module_imports().get(module)
-    if deps is None:
-        pytest.skip(f"{module} does not exist")
-    assert not {d for d in deps if d == "ray" or d.startswith("ray.")}, module
-    assert "cae.cli" not in deps and "cae.sweep" not in deps
+    deps = GRAPH[module]
+    assert not _imports_ray(deps), module
+    assert not {d for d in deps if d == "cae.cli" or d.startswith("cae.sweep")}, module
+
+
+# What opens a finished run: it must work where Ray is absent or of another version, so
+# neither it nor anything it imports (at any depth, lazily included) imports Ray.
+READERS = ("cae.export", "cae.results.tables", "cae.results.status", "cae.results.finish",
+           "cae.results.baselines", "cae.report.page", "cae.report.pictures", "cae.run.state",
+           "cae.run.directory", "cae.run.tunefiles")
+
+
+def _closure(module: str) -> set[str]:
+    edges, seen, todo = _edges(), set(), [module]
+    while todo:
+        mod = todo.pop()
+        if mod not in seen:
+            seen.add(mod)
+            todo.extend(edges[mod])
+    return seen
+
+
+@pytest.mark.parametrize("module", READERS)
+def test_readers_of_a_run_never_import_ray(module):
+    importers = sorted(m for m in _closure(module) if _imports_ray(GRAPH[m]))
+    assert not importers, f"{module} reaches Ray through {importers}"
 
 
 def test_the_library_never_imports_the_cli():
-    for mod, deps in _module_imports().items():
+    for mod, deps in GRAPH.items():
         if mod != "cae.cli":
             assert "cae.cli" not in deps, mod
 
 
 # The layers of design.md's data flow, first to last: a module imports only from its own
-# layer and the ones before it. Every module of the package has a place here.
+# layer and the ones before it. Every module of the package has a place here (a package
+# name stands for all its modules, unless one of them is placed by its own name).
 LAYERS = (
-    ("spec", ("cae.errors", "cae.catalog", "cae.presets", "cae.arch", "cae.config", "cae.spec",
-              "cae.memory", "cae.diskspace", "cae.record", "cae.outcomes", "cae.ray_internals",
-              # a user's images: their shapes are part of validating a config (torch-free)
-              "cae.userdata", "cae.imagefolder", "cae.imagefiles",
-              # which trials fuse, and a pack's memory (torch-free)
-              "cae.packs")),
-    ("core", ("cae.models", "cae.data", "cae.tasks", "cae.train", "cae.stacked", "cae.fused")),
-    ("plan and run directory", ("cae.plan", "cae.dryrun", "cae.rundir", "cae.checkpoints",
-                                "cae.runstate", "cae.lease", "cae.packfiles")),
-    ("results", ("cae.results",)),
-    ("readers", ("cae.baselines", "cae.report", "cae.finish", "cae.status", "cae.export")),
-    ("ray", ("cae.halving", "cae.schedulers", "cae.search", "cae.trainable", "cae.sweep",
-             "cae.cluster", "cae.progress", "cae.livereport", "cae.guard", "cae.signals",
-             "cae.packplan", "cae.packtrial")),
-    ("driver", ("cae.driver",)),
+    ("facts", ("cae.config.errors", "cae.config.catalog", "cae.config.presets",
+               # torch-free: a model's shapes and a user's images are part of validating it
+               "cae.model.plan", "cae.data.imagefiles", "cae.data.imagefolder",
+               "cae.data.userdata")),
+    ("config", ("cae.config", "cae.model.memory", "cae.run.diskspace", "cae.run.record",
+                "cae.run.outcomes", "cae.train.packing")),
+    ("core", ("cae.model", "cae.data", "cae.train")),
+    ("plan and run directory", ("cae.sweep.plan", "cae.sweep.dryrun", "cae.run")),
+    ("results", ("cae.results.tables",)),
+    ("readers", ("cae.results", "cae.report", "cae.export")),
+    ("ray", ("cae.schedule", "cae.sweep")),
+    ("driver", ("cae.sweep.driver",)),
     ("command line", ("cae.cli", "cae.arguments", "cae")),
 )
 
 
 def _layer(module: str) -> int:
+    """The layer of the most specific entry naming ``module`` or a package above it."""
+    best, depth = None, -1
     for i, (_, members) in enumerate(LAYERS):
-        if any(module == m or module.startswith(m + ".") for m in members if m != "cae"):
-            return i
-    if module == "cae":
-        return len(LAYERS) - 1
-    raise KeyError(module)
+        for m in members:
+            if module == m or (module.startswith(m + ".") and m != "cae"):
+                if m.count(".") > depth:
+                    best, depth = i, m.count(".")
+    if best is None:
+        raise KeyError(module)
+    return best
 
 
 def test_every_module_has_a_layer():
-    missing = [m for m in _module_imports() if not _safe_layer(m)]
+    missing = []
+    for m in MODULES:
+        try:
+            _layer(m)
+        except KeyError:
+            missing.append(m)
     assert not missing, f"place these in LAYERS: {missing}"
-
-
-def _safe_layer(module: str) -> bool:
-    try:
-        _layer(module)
-    except KeyError:
-        return False
-    return True
 
 
 def test_no_module_imports_a_later_layer():
     upward = []
     for mod, deps in _edges().items():
         for dep in deps:
-            if _safe_layer(mod) and _safe_layer(dep) and _layer(dep) > _layer(mod):
+            if _layer(dep) > _layer(mod):
                 upward.append(f"{mod} ({LAYERS[_layer(mod)][0]}) imports {dep} "
                               f"({LAYERS[_layer(dep)][0]})")
     assert not upward, "\n".join(upward)
+
+
+def test_the_top_of_the_package_holds_only_entry_points():
+    top = sorted(p.name for p in ROOT.glob("*.py"))
+    assert len(top) <= 10, top

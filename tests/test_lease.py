@@ -1,4 +1,4 @@
-"""One driver per run directory (``cae.lease``): a second one refused with the holder named,
+"""One driver per run directory (``cae.run.lease``): a second one refused with the holder named,
 a dead one's lease taken over with a line, --force, the heartbeat, and a race."""
 
 import json
@@ -12,9 +12,9 @@ import time
 import pytest
 
 from cae.cli import main
-from cae.lease import LEASE_FILE, STALE_S, Holder, Lease, LeaseHeld, read_holder
-from cae.rundir import save_spec
-from cae.spec import load_spec
+from cae.config.spec import load_spec
+from cae.run.directory import save_spec
+from cae.run.lease import LEASE_FILE, STALE_S, Holder, Lease, LeaseHeld, read_holder
 
 
 def _write_holder(run_dir, **changes):

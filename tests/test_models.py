@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from cae.config import ModelConfig, TrialConfig
-from cae.models import PRESETS, build_model, count_params, describe, get_preset, plan
+from cae.config.trial import ModelConfig, TrialConfig
+from cae.model.network import PRESETS, build_model, count_params, describe, get_preset, plan
 
 
 @pytest.mark.parametrize("name", list(PRESETS))
@@ -130,7 +130,7 @@ def test_preset_overrides():
 def test_decoder_dense_dropout_is_placed_by_position():
     """A dense stack whose width equals the reshape size (4 x 7 x 7 = 196) still gets its
     dropout after every decoder dense layer but the one feeding the reshape."""
-    from cae.arch import Dropout, Linear, layers
+    from cae.model.plan import Dropout, Linear, layers
 
     cfg = ModelConfig.model_validate(
         {"in_channels": 1, "out_channels": 1, "image_size": 28, "channels": [8, 4],
@@ -145,7 +145,7 @@ def test_decoder_dense_dropout_is_placed_by_position():
 
 
 def test_every_layer_kind_builds_and_an_unknown_one_is_refused():
-    from cae.models import CAE
+    from cae.model.network import CAE
 
     model = build_model(get_preset("study_b_model12"))
     with pytest.raises(TypeError, match="no module for layer"):
@@ -155,7 +155,7 @@ def test_every_layer_kind_builds_and_an_unknown_one_is_refused():
 def test_layers_are_remembered_per_architecture_and_never_shared():
     """The dry run asks each architecture's layers many times: the remembered answer must
     follow every field of the config (and the seed), and a caller's list is its own."""
-    from cae import arch
+    from cae.model import plan as arch
 
     shape = {"in_channels": 1, "out_channels": 1, "image_size": 28}
     a = ModelConfig(channels=[8, 16], latent_dim=8, **shape)

@@ -16,9 +16,9 @@ import pytest
 import yaml
 
 from cae.cli import main
-from cae.plan import check_spec
-from cae.spec import load_spec
-from cae.status import Progress, config_text, duration, planned_trial_epochs, run_status
+from cae.config.spec import load_spec
+from cae.results.status import Progress, config_text, duration, planned_trial_epochs, run_status
+from cae.sweep.plan import check_spec
 
 REPO = Path(__file__).resolve().parents[1]
 QUICK = str(REPO / "sweeps" / "quickstart.yaml")
@@ -60,7 +60,7 @@ def _trial(status, epoch, best, lr, error_file=None, trial_id="t1"):
 
 
 def test_callback_plain_lines_when_not_a_terminal_and_one_line_per_error(tmp_path):
-    from cae.progress import ProgressCallback
+    from cae.sweep.progress import ProgressCallback
 
     out = io.StringIO()
     cb = ProgressCallback("s", total=3, max_epochs=9, planned=9, axes=["lr"], stream=out,
@@ -68,7 +68,7 @@ def test_callback_plain_lines_when_not_a_terminal_and_one_line_per_error(tmp_pat
     cb.setup()
     cb.on_step_end(1, [_trial("RUNNING", 1, 0.5, 0.01)])
     error = tmp_path / "error.txt"
-    error.write_text("Failure # 1\nTraceback ...\n  line\ncae.train.Diverged: train loss became "
+    error.write_text("Failure # 1\nTraceback ...\n  line\ncae.train.trainer.Diverged: train loss became "
                      "nan at epoch 2\n")
     bad = _trial("ERROR", 1, 0.9, 1e12, error_file=str(error), trial_id="bad1")
     cb.on_trial_error(2, [], bad)
@@ -77,14 +77,15 @@ def test_callback_plain_lines_when_not_a_terminal_and_one_line_per_error(tmp_pat
     assert lines[0] == ("s: 0/3 done, 1 running, 2 pending; 1/9 trial-epochs; 0:00 elapsed, "
                         "~? left; best val 0.50000 (lr=0.01)")
     errors = [ln for ln in lines if "bad1" in ln]
-    assert errors == ["trial bad1 errored (lr=1e+12; epoch 1): cae.train.Diverged: train loss "
+    assert errors == ["trial bad1 errored (lr=1e+12; epoch 1): cae.train.trainer.Diverged: "
+                      "train loss "
                       "became nan at epoch 2"]
     assert lines[-1].startswith("s: 1/3 done, 1 pending, 1 errored; 4/9 trial-epochs")
     assert "best val 0.20000 (lr=0.01)" in lines[-1]
 
 
 def test_callback_draws_one_bar_on_a_terminal():
-    from cae.progress import ProgressCallback
+    from cae.sweep.progress import ProgressCallback
 
     out = io.StringIO()
     cb = ProgressCallback("s", total=2, max_epochs=6, planned=6, axes=["lr"], stream=out,
@@ -105,8 +106,8 @@ def test_the_callback_survives_pickling_with_the_run_config():
     """Tune pickles its run config (callbacks included) into tuner.pkl."""
     import pickle
 
-    from cae.livereport import LiveReport
-    from cae.progress import ProgressCallback
+    from cae.sweep.livereport import LiveReport
+    from cae.sweep.progress import ProgressCallback
 
     cb = ProgressCallback("s", 2, 6, 6, ["lr"], stream=sys.stdout,
                           live=LiveReport("/nowhere", 5))
@@ -115,7 +116,7 @@ def test_the_callback_survives_pickling_with_the_run_config():
 
 
 def test_a_failing_live_report_is_one_line_and_never_raises(tmp_path):
-    from cae.livereport import LiveReport
+    from cae.sweep.livereport import LiveReport
 
     said = []
     live = LiveReport(str(tmp_path / "not-a-run"), every=1, say=said.append)
@@ -150,12 +151,12 @@ def _fake_run(root: Path, statuses: list[tuple[str, int]], ago: float = 10.0) ->
                                        "trial_id": f"t{i}"}), json.dumps({"num_failures": 0})])
     (root / "experiment_state-2026-01-01_00-00-00.json").write_text(json.dumps(
         {"trial_data": trial_data, "stats": {"start_time": now - 100}}))
-    _hold(root, os.getpid())  # a live driver holds it (cae.lease)
+    _hold(root, os.getpid())  # a live driver holds it (cae.run.lease)
     return root
 
 
 def _hold(root: Path, pid: int) -> None:
-    from cae.lease import LEASE_FILE
+    from cae.run.lease import LEASE_FILE
 
     now = time.time()
     (root / LEASE_FILE).write_text(json.dumps(
@@ -187,7 +188,7 @@ def test_status_of_a_run_directory_running_interrupted_finished(tmp_path, capsys
 def test_status_and_live_report_of_a_run_at_a_uri(tmp_path, monkeypatch):
     """file:// is read through pyarrow's filesystems as s3:// and gs:// are: the status
     from the local mirror, the live report published next to the run."""
-    from cae.livereport import LiveReport
+    from cae.sweep.livereport import LiveReport
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     run = _fake_run(tmp_path / "bucket" / "r", [("TERMINATED", 3), ("RUNNING", 1)])

@@ -9,8 +9,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from cae import checkpoints, results, runstate
-from cae.outcomes import unfinished_mask
+from cae.results import tables as results
+from cae.run import checkpoints
+from cae.run import state as runstate
+from cae.run.outcomes import unfinished_mask
 
 RECORDED = Path(__file__).resolve().parent / "data" / "recorded-run"
 
@@ -47,7 +49,7 @@ def test_the_tables_read_back_are_those_export_wrote(run):
 
 
 def test_records_keep_the_configuration_after_a_default_changes(run, monkeypatch):
-    from cae.config import TrialConfig
+    from cae.config.trial import TrialConfig
 
     before = results.read_frames(run).trials
     monkeypatch.setattr(TrialConfig.model_fields["lr"], "default", 0.5)

@@ -7,9 +7,9 @@ import pandas as pd
 import pytest
 import yaml
 
-from cae.outcomes import unfinished_mask
-from cae.results import load_frames
-from cae.rundir import RunDirError
+from cae.results.tables import load_frames
+from cae.run.directory import RunDirError
+from cae.run.outcomes import unfinished_mask
 
 
 def test_unfinished_is_one_definition():
@@ -28,8 +28,8 @@ def test_trials_never_started_count_as_unfinished_and_the_summary_says_how_to_go
     """A sweep stopped before half its trials started: the started ones all reached their own
     end, so the table holds no unfinished row, yet the run is not finished (exit 3), and its
     last lines must say how to continue."""
-    from cae.finish import summary
-    from cae.outcomes import all_finished, unfinished_count
+    from cae.results.finish import summary
+    from cae.run.outcomes import all_finished, unfinished_count
 
     trials = pd.DataFrame({"status": ["TERMINATED", "RUNNING"],
                            "stop_reason": ["max_epochs", "max_epochs"], "epochs": [4, 4],
@@ -89,7 +89,7 @@ def test_export_writes_config_columns_that_mix_kinds_as_json_text(tmp_path):
         (trial / "result.json").write_text(json.dumps(
             {"trial_id": f"t{i}", "epoch": 1, "train_loss": 0.1, "val_loss": 0.2 + i,
              "stop_reason": "max_epochs", "time_total_s": 1.0}) + "\n")
-    from cae.results import export, table_paths
+    from cae.results.tables import export, table_paths
 
     export(tmp_path)
     back = pd.read_parquet(table_paths(tmp_path)[0]).set_index("trial_id")

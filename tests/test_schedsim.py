@@ -64,7 +64,7 @@ COSTS = sim.Costs(new_worker_s=1.0, segment_s=0.05, result_s=0.02, final_s=0.2,
 def test_the_simulator_drives_the_real_searcher_and_schedulers():
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-    from cae.schedulers import ShuffledSearcher, StratifiedScheduler, SyncHalvingScheduler
+    from cae.schedule.schedulers import ShuffledSearcher, StratifiedScheduler, SyncHalvingScheduler
 
     for name, sub in (("asha", ASHAScheduler), ("sha", SyncHalvingScheduler),
                       ("default", SyncHalvingScheduler)):
@@ -137,7 +137,7 @@ def _write_run(path: Path, trials: dict[str, list[dict]]) -> Path:
 def test_epochs_trained_ahead_and_not_promoted_leave_best_pareto_and_table(tmp_path):
     from cae.report.figures import pareto_front
     from cae.report.table import best_per_latent
-    from cae.results import load_frames
+    from cae.results.tables import load_frames
 
     ahead = {"speculative": 3, "speculative_rung_value": 0.30}
     trials = {
@@ -183,7 +183,7 @@ def test_epochs_trained_ahead_and_not_promoted_leave_best_pareto_and_table(tmp_p
 
 
 def test_the_simulator_counts_a_trial_as_the_results_do():
-    from cae.results import counted_epochs
+    from cae.results.tables import counted_epochs
 
     rows = [{"epoch": 1, "val_loss": 1.0}, {"epoch": 2, "val_loss": 0.5, "speculative": 1}]
     assert list(counted_epochs({r["epoch"]: r for r in rows})) == [1]
@@ -202,7 +202,7 @@ def test_the_simulator_counts_a_trial_as_the_results_do():
 def test_a_real_sweep_is_replayed_with_the_same_decisions(tmp_path):
     import schedtrace
 
-    from cae.spec import load_spec
+    from cae.config.spec import load_spec
 
     spec = load_spec(str(REPO / "sweeps" / "quickstart.yaml"), [
         "trial.max_epochs=4", "trial.data.train_limit=600", "trial.patience=null",

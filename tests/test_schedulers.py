@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from cae.schedulers import (
+from cae.schedule.schedulers import (
     StratifiedScheduler,
     SyncHalvingScheduler,
     make_scheduler,
@@ -119,7 +119,7 @@ class _Trial:
     def __init__(self, config: dict, trial_id: str):
         self.config, self.trial_id, self.status, self.last_result = config, trial_id, "PENDING", {}
 
-    def set_status(self, status: str) -> None:  # as Tune's Trial (ray_internals.keep_paused)
+    def set_status(self, status: str) -> None:  # as Tune's Trial (cae.sweep.internals.keep_paused)
         self.status = status
 
 
@@ -237,7 +237,7 @@ def _simulate_ahead(points: list[dict], seed: int, work_ahead: bool, slots: int,
     Every result goes through the speculation callback, as in a sweep. Returns {(quality,
     latent, x): rows reported}. ``crash_after``: stop after that many results and return the
     trials (for a restore)."""
-    from cae.schedulers import speculation_marks
+    from cae.schedule.schedulers import speculation_marks
 
     rng = random.Random(seed)
     sched = make_scheduler("sha", ["model.latent_dim"], max_t=MAX_T, grace_period=1,
@@ -309,8 +309,8 @@ def _simulate_ahead(points: list[dict], seed: int, work_ahead: bool, slots: int,
 
 
 def _answer(rows: list[dict]) -> tuple[int, float]:
-    """The epochs that count and the best of them (``cae.results.counted_epochs``)."""
-    from cae.results import counted_epochs
+    """The epochs that count and the best of them (``cae.results.tables.counted_epochs``)."""
+    from cae.results.tables import counted_epochs
 
     counted = counted_epochs({r["epoch"]: r for r in rows})
     return max(counted), min(r["val_loss"] for r in counted.values())
@@ -333,7 +333,7 @@ def test_work_ahead_decides_as_sha_under_any_arrival_order():
 
 
 def test_a_trial_trained_ahead_and_not_promoted_keeps_only_its_epochs_to_the_rung():
-    from cae.results import counted_epochs
+    from cae.results.tables import counted_epochs
 
     flagged = []
     for seed in range(40):
@@ -415,7 +415,7 @@ def _fit(tmp_path, name, kind, stratify, seed=None, quality_order=QUALITIES,
          counted=False, **kw):
     from ray import tune
 
-    from cae.schedulers import speculation_marks
+    from cae.schedule.schedulers import speculation_marks
 
     scheduler = make_scheduler(kind, stratify, max_t=MAX_T, grace_period=1,
                                reduction_factor=3, work_ahead=work_ahead)
@@ -441,11 +441,11 @@ def _fit(tmp_path, name, kind, stratify, seed=None, quality_order=QUALITIES,
 
 
 def _counted(results) -> dict:
-    """{(quality, latent): epochs that count}, as ``cae.results`` counts them (epochs
+    """{(quality, latent): epochs that count}, as ``cae.results.tables`` counts them (epochs
     trained ahead of a rung the trial then lost there do not)."""
     import pandas as pd
 
-    from cae.results import counted_epochs
+    from cae.results.tables import counted_epochs
 
     _epochs(results)  # no epoch trained twice
     out = {}
@@ -500,7 +500,7 @@ def test_stratified_sha_working_ahead_decides_as_sha(ray_local, tmp_path):
 def test_working_ahead_resumes_after_a_crash(ray_local, tmp_path, monkeypatch):
     from ray import tune
 
-    from cae.schedulers import SpeculationMarks
+    from cae.schedule.schedulers import SpeculationMarks
 
     monkeypatch.setenv("TUNE_GLOBAL_CHECKPOINT_S", "0")  # save the experiment every step
     marker = tmp_path / "crash-marker"
@@ -593,16 +593,16 @@ def test_sha_with_shuffled_search_resumes_after_a_crash(ray_local, tmp_path, mon
 def test_the_real_trainable_pauses_and_resumes_under_stratified_sha(ray_local, tmp_path):
     from ray import tune
 
-    from cae import plan, sweep
-    from cae.spec import load_spec
+    from cae.config.spec import load_spec
+    from cae.sweep import plan, tuner
 
     spec = load_spec(str(Path(__file__).parents[1] / "sweeps" / "quickstart.yaml"), [
         "trial.max_epochs=3", "trial.data.train_limit=300", "trial.patience=null",
         "space.model.latent_dim={grid: [4, 16]}", "space.model.channels=[4, 8]"])
     checked = plan.check_spec(spec)
-    search = shuffled_search(sweep.param_space(spec), spec.num_samples, seed=0)
+    search = shuffled_search(tuner.param_space(spec), spec.num_samples, seed=0)
     tuner = tune.Tuner(
-        sweep.wrapped_trainable(spec, plan.load_datasets(checked), str(tmp_path / "real")),
+        tuner.wrapped_trainable(spec, plan.load_datasets(checked), str(tmp_path / "real")),
         param_space=search.param_space,
         tune_config=tune.TuneConfig(
             metric="val_loss", mode="min", search_alg=search.search_alg,
@@ -613,11 +613,11 @@ def test_the_real_trainable_pauses_and_resumes_under_stratified_sha(ray_local, t
     )
     results = tuner.fit()
     assert len(results) == 4  # latent 4 / 16 x convs 1 / 2
-    # cae.results, as `cae sweep` reads a run: Ray Tune's own result rows of a paused and
+    # cae.results.tables, as `cae sweep` reads a run: Ray Tune's own result rows of a paused and
     # resumed trial can lack the epochs before the pause (its result.json is rewritten by
     # the driver); the epochs come back from the trial's checkpoints
-    from cae.results import load_frames
-    from cae.rundir import save_spec
+    from cae.results.tables import load_frames
+    from cae.run.directory import save_spec
 
     save_spec(str(tmp_path / "real"), spec)
     trials, epochs = load_frames(tmp_path / "real")

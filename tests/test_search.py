@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from cae.cli import main
-from cae.spec import load_spec
+from cae.config.spec import load_spec
 
 pytest.importorskip("optuna")
 
@@ -33,7 +33,7 @@ AXES = {
 
 
 def _searcher(seed=0, samples=6, startup=2):
-    from cae.search import GridTPESearcher
+    from cae.schedule.search import GridTPESearcher
 
     return GridTPESearcher(AXES, samples, seed, startup)
 

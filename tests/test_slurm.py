@@ -76,7 +76,7 @@ def test_script_passes_bash_n_and_shellcheck():
 def test_sigterm_inside_a_fit_goes_to_tunes_stop_handler_once():
     """The first SIGTERM of a fit calls the SIGUSR1 handler installed inside it (Tune's);
     a second one, and any SIGTERM after the fit, reach the handler from before."""
-    from cae.signals import sigterm_stops_tune
+    from cae.sweep.signals import sigterm_stops_tune
 
     seen = []
     before_term = signal.signal(signal.SIGTERM, lambda s, f: seen.append("previous"))

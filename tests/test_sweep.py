@@ -83,7 +83,7 @@ def test_epochs_lost_from_result_json_come_back_from_the_checkpoints(asha_run, t
     # checkpoints have. Keep only the first row of every trial's result.json.
     import shutil
 
-    from cae.results import load_frames
+    from cae.results.tables import load_frames
 
     want_trials, want_epochs = load_frames(asha_run)
     cut = tmp_path / "cut"
@@ -174,7 +174,7 @@ def test_local_ray_listens_on_loopback_only():
     import psutil
     import ray
 
-    from cae.sweep import init_ray
+    from cae.sweep.tuner import init_ray
 
     init_ray(None)
     try:
@@ -255,8 +255,8 @@ def test_datasets_and_variants_in_space_are_what_each_trial_ran(tmp_path, data_c
     assert sorted(trials["model.channels"]) == ["[32, 32]", "[32, 32]", "[8, 8]", "[8, 8]"]
     assert (trials.loc[trials["model.channels"] == "[32, 32]", "lr"] == 0.002).all()
     assert (trials.loc[trials["model.channels"] == "[8, 8]", "lr"] == 0.001).all()
-    from cae.arch import param_count
-    from cae.config import trial_config
+    from cae.config.trial import trial_config
+    from cae.model.plan import param_count
 
     for channels in ([8, 8], [32, 32]):
         want = param_count(trial_config(spec["trial"], {"model.channels": channels}).model)
@@ -319,7 +319,7 @@ def test_stratified_halving_winners_do_not_depend_on_trial_order(sha_runs):
 
 
 def test_repeats_differ_by_seed_and_nothing_else(tmp_path):
-    from cae.config import REPEAT_SEED_STRIDE
+    from cae.config.trial import REPEAT_SEED_STRIDE
 
     spec = {"name": "rep", "trial": {"data": {"dataset": "sample", "train_limit": 300},
                                      "model": {"channels": [4, 8], "latent_dim": 8},

@@ -6,8 +6,8 @@ import pytest
 import yaml
 
 from cae.cli import main
-from cae.plan import check_spec
-from cae.spec import load_spec
+from cae.config.spec import load_spec
+from cae.sweep.plan import check_spec
 
 SWEEPS = Path(__file__).resolve().parents[1] / "sweeps"
 SPECS = sorted(p for p in SWEEPS.glob("*.yaml") if p.name != "single.yaml")
@@ -108,7 +108,7 @@ def test_huge_sizes_are_refused_at_once_naming_the_field(tmp_path, capsys, chang
 def test_a_point_that_cannot_fit_its_memory_share_is_refused(tmp_path, capsys):
     """The dry run estimates each architecture's memory per trial and refuses, before
     anything starts, a grid point that cannot fit a CPU trial's share of this machine."""
-    from cae.memory import machine_memory
+    from cae.model.memory import machine_memory
 
     spec = {**BASE, "space": {"batch_size": {"grid": [64, 2**20]}}}
     assert main(["sweep", _write(tmp_path, spec), "--dry-run"]) == 2
@@ -122,8 +122,8 @@ def test_a_point_that_cannot_fit_its_memory_share_is_refused(tmp_path, capsys):
 
 
 def test_the_memory_estimate_counts_what_it_says():
-    from cae.config import TrialConfig
-    from cae.memory import RUNTIME_BYTES, estimate, layer_outputs
+    from cae.config.trial import TrialConfig
+    from cae.model.memory import RUNTIME_BYTES, estimate, layer_outputs
 
     cfg = TrialConfig.model_validate({"data": {"dataset": "sample", "train_limit": 1000},
                                       "model": {"channels": [4], "bottleneck": "conv",
@@ -135,7 +135,7 @@ def test_the_memory_estimate_counts_what_it_says():
             + 2 * 4 * 28 * 28 + 2 * 28 * 28)
     assert layer_outputs(cfg.model) == outs
     e = estimate(cfg)
-    from cae.arch import param_count
+    from cae.model.plan import param_count
 
     assert e.weights == 20 * param_count(cfg.model)
     assert e.activations == 10 * (8 * outs + 4 * 2 * 784)

@@ -9,10 +9,10 @@ import torchvision.transforms.functional as TF
 from PIL import Image
 from torchvision.transforms import InterpolationMode
 
-from cae.catalog import DISTORTIONS
-from cae.config import DataConfig, TaskConfig
-from cae.data import load
-from cae.tasks import (
+from cae.config.catalog import DISTORTIONS
+from cae.config.trial import DataConfig, TaskConfig
+from cae.data.datasets import load
+from cae.train.tasks import (
     Colorize,
     Denoise,
     Reconstruct,

@@ -1,4 +1,4 @@
-"""The Ray trainable (``cae.trainable.run_trial``) run for real without Ray: Tune's report,
+"""The Ray trainable (``cae.sweep.trainable.run_trial``) run for real without Ray: Tune's report,
 checkpoint and context replaced by a recorder that keeps checkpoints as Tune does, through a
 pause and a resume, a Tune state behind the trial's own checkpoints, and a finished trial."""
 
@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from ray import tune
 
-import cae.trainable as trainable
-from cae.config import DataConfig
-from cae.data import load
+import cae.sweep.trainable as trainable
+from cae.config.trial import DataConfig
+from cae.data.datasets import load
 
 BASE = {"data": {"dataset": "sample", "train_limit": 200, "test_limit": 100},
         "model": {"channels": [2], "dense": [], "latent_dim": 2}, "max_epochs": 4,
@@ -48,7 +48,7 @@ class Recorder:
 
 def _no_ray(monkeypatch) -> None:
     """The trial's directory name and node id, which Ray's context would give."""
-    monkeypatch.setattr(trainable.ray_internals, "trial_dir_name", lambda: "trial_0")
+    monkeypatch.setattr(trainable.internals, "trial_dir_name", lambda: "trial_0")
     monkeypatch.setattr(trainable, "ray", types.SimpleNamespace(get_runtime_context=lambda:
                         types.SimpleNamespace(get_node_id=lambda: "node-0")))
 

@@ -20,11 +20,11 @@ import torch
 import yaml
 from PIL import Image
 
-from cae import data as cdata
-from cae import imagefiles, userdata
 from cae.cli import main
-from cae.config import DataConfig, TrialConfig, UserError
-from cae.data import load
+from cae.config.trial import DataConfig, TrialConfig, UserError
+from cae.data import datasets as cdata
+from cae.data import imagefiles, userdata
+from cae.data.datasets import load
 
 SMALL_MODEL = {"channels": [4, 8], "dense": [16], "latent_dim": 4}
 
@@ -427,9 +427,9 @@ def test_a_trial_validates_from_the_recorded_facts_without_the_files(tmp_path, m
     validate their configs from the facts the sweep recorded in its spec."""
     import shutil
 
-    from cae.memory import estimate
-    from cae.plan import check_spec, record_data_facts
-    from cae.spec import SweepSpec
+    from cae.config.spec import SweepSpec
+    from cae.model.memory import estimate
+    from cae.sweep.plan import check_spec, record_data_facts
 
     root = gray_folder(tmp_path / "g", 50)
     (root / "class0" / "broken.png").write_text("not a PNG")
@@ -463,8 +463,8 @@ def test_a_trial_validates_from_the_recorded_facts_without_the_files(tmp_path, m
 def test_relative_paths_in_the_space_are_recorded_absolute(tmp_path, monkeypatch):
     """Trials resolve their config on other nodes, in other folders: every data path the
     spec sets (base, grid, choice, variant) is written down absolute before they start."""
-    from cae.plan import _absolute_data_paths
-    from cae.spec import SweepSpec
+    from cae.config.spec import SweepSpec
+    from cae.sweep.plan import _absolute_data_paths
 
     monkeypatch.chdir(tmp_path)
     spec = SweepSpec.model_validate({

@@ -1,6 +1,6 @@
 """Reading sweep results: Plotly figures, the HTML report, the notebook.
 
-Everything here takes the ``trials`` and ``epochs`` frames of :mod:`cae.results` (through
+Everything here takes the ``trials`` and ``epochs`` frames of :mod:`cae.results.tables` (through
 :func:`load_run`) and draws them; nothing here trains or starts Ray.
 
 >>> from cae.report import load_run, loss_evolution

@@ -2,7 +2,7 @@
 loss evolution, latent size versus error (with the Pareto front), error per distortion.
 What the swept axes do is in ``cae.report.axes``.
 
-Every builder takes the ``trials`` / ``epochs`` frames of ``cae.results`` (and the spec dict
+Every builder takes the ``trials`` / ``epochs`` frames of ``cae.results.tables`` (and the spec dict
 where it needs the swept axes) and returns a ``plotly.graph_objects.Figure``; none reads
 files. They stay small at scale: a thousand trials' loss curves are a few merged traces with
 gaps between trials, not a thousand traces, and numeric arrays go out as float32.
@@ -17,7 +17,6 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from cae.outcomes import SCHEDULER_STOPS, stopped_early, trained_to_the_end, unfinished_mask
 from cae.report.run import (
     best_trials,
     config_text,
@@ -26,6 +25,7 @@ from cae.report.run import (
     short_id,
     swept_axes,
 )
+from cae.run.outcomes import SCHEDULER_STOPS, stopped_early, trained_to_the_end, unfinished_mask
 
 LOG2_DTICK = math.log10(2)  # log axis ticks at 1, 2, 4, 8, ...
 # Loss axes: ticks at 1, 2, 5 of each decade, written out (0.02, not "2").
@@ -154,7 +154,7 @@ _STOP_STYLES = {
 
 def _stop_kinds(trials: pd.DataFrame) -> dict[str, str | None]:
     """Per trial id: how it ended (error, scheduler, patience), "running" while it is
-    unfinished (``cae.outcomes.unfinished_mask``), None for a trial that ran to max_epochs."""
+    unfinished (``cae.run.outcomes.unfinished_mask``), None for a trial that ran to max_epochs."""
     reason = trials["stop_reason"].astype(str)
     status = trials.get("status", pd.Series("", index=trials.index)).astype(str)
     running = unfinished_mask(trials)
@@ -213,7 +213,7 @@ def latent_vs_error(
     """One point per trial: latent size (log2 x) against its error (log y), coloured by
     architecture family, with the Pareto front of the trials trained to the end and each
     point's config on hover; repeated configurations (same config, other seeds) also as
-    their mean with a min-max bar; ``baselines`` (``cae.baselines``) as reference lines:
+    their mean with a min-max bar; ``baselines`` (``cae.results.baselines``) as reference lines:
     PCA at each latent size, and for denoise the error of returning the distorted input.
 
     Families sharing a latent size are dodged slightly sideways so that none hides another;
@@ -428,7 +428,7 @@ def distortion_errors(
     """For ``denoise`` sweeps: the best trials' error on each distortion, side by side.
 
     A low mean can hide a distortion the model never learned (Study B). With ``baselines``
-    (``cae.baselines``), the error of returning the distorted input unchanged is drawn on
+    (``cae.results.baselines``), the error of returning the distorted input unchanged is drawn on
     each distortion and each bar says how many times that error it is (above 1x the model
     does worse than doing nothing); without, how many times the trial's mean. Uses the test
     errors of trials that have them, else each trial's validation errors at its best epoch.

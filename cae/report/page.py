@@ -18,12 +18,12 @@ from pathlib import Path
 import pandas as pd
 import plotly.graph_objects as go
 
-from cae.outcomes import trained_to_the_end, unfinished_mask
+from cae.data.userdata import skipped_note
 from cae.report import axes, figures
 from cae.report.run import Run, axis_labels, best_trials, load_run, short_id
 from cae.report.table import SORT_JS, best_per_latent, frame_html, table_html
-from cae.rundir import write_file
-from cae.userdata import skipped_note
+from cae.run.directory import write_file
+from cae.run.outcomes import trained_to_the_end, unfinished_mask
 
 CSS = """
 body { font-family: system-ui, -apple-system, 'Segoe UI', sans-serif; margin: 0 auto;

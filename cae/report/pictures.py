@@ -65,15 +65,15 @@ def trial_samples(
     """Best, median and worst of the first ``max_samples`` test samples of one trial.
 
     Raises FileNotFoundError when the trial has no checkpoint yet; dataset errors
-    (``cae.data.DatasetUnavailable``) pass through.
+    (``cae.data.datasets.DatasetUnavailable``) pass through.
     """
     import torch
 
-    from cae.checkpoints import filesystem, load_newest
-    from cae.data import load, split
-    from cae.models import build_model
-    from cae.results import read_trial, trial_config_of
-    from cae.tasks import make_task
+    from cae.data.datasets import load, split
+    from cae.model.network import build_model
+    from cae.results.tables import read_trial, trial_config_of
+    from cae.run.checkpoints import filesystem, load_newest
+    from cae.train.tasks import make_task
 
     trial_dir = Path(run_dir) / str(trial["trial_dir"])
     found = load_newest(*filesystem(trial_dir))
@@ -125,8 +125,8 @@ def png_uri(image: np.ndarray, scale: int = 1) -> str:
 
 def pictures_figure(samples: list[Samples], task: str = "reconstruct") -> go.Figure:
     """A grid: one row per (trial, pick), columns input / output / target."""
-    from cae.config import TaskConfig
-    from cae.tasks import make_task
+    from cae.config.trial import TaskConfig
+    from cae.train.tasks import make_task
 
     columns = make_task(TaskConfig(name=task)).picture_titles
     rows = sum(len(s.picks) for s in samples)

@@ -1,7 +1,7 @@
 """A run directory as the figures see it: the two frames, the spec, and the swept axes.
 
 The figures never read files; they take the ``trials`` and ``epochs`` frames of
-``cae.results`` plus the sweep spec (a plain dict, as dumped into ``spec.yaml``). This module
+``cae.results.tables`` plus the sweep spec (a plain dict, as dumped into ``spec.yaml``). This module
 loads those three and answers the questions every figure asks: which columns are the swept
 axes, how to label an axis value, which error to rank by, which trials are the best, which
 colour belongs to which architecture family.
@@ -32,7 +32,7 @@ class Run:
     epochs: pd.DataFrame
     spec: dict = field(default_factory=dict)
     path: Path | None = None
-    baselines: pd.DataFrame | None = None  # cae.baselines' reference errors, if written
+    baselines: pd.DataFrame | None = None  # cae.results.baselines' reference errors, if written
     notes: list[str] = field(default_factory=list)  # what the reader should be told
 
     @property
@@ -51,12 +51,12 @@ class Run:
 
 def load_run(run_dir: str | Path, refresh: bool | None = None, frames: Any = None) -> Run:
     """Read a run directory (finished, running or interrupted) without starting Ray: its
-    tables (``cae.results.tables``: refreshed first when ``refresh``, or when the run wrote
+    tables (``cae.results.tables.tables``: refreshed first when ``refresh``, or when the run wrote
     something since they were made; or the ``frames`` just exported), its spec and its
     reference errors."""
     import yaml
 
-    from cae.results import read_baselines, tables
+    from cae.results.tables import read_baselines, tables
 
     run_dir = Path(run_dir)
     frames = frames if frames is not None else tables(run_dir, refresh)
@@ -66,9 +66,9 @@ def load_run(run_dir: str | Path, refresh: bool | None = None, frames: Any = Non
 
 
 def spec_axes(spec: dict) -> dict[str, tuple[str, Any]]:
-    """The spec's axes as ``cae.spec.SweepSpec.axes`` reads them: key -> (kind, argument),
+    """The spec's axes as ``cae.config.spec.SweepSpec.axes`` reads them: key -> (kind, argument),
     kind one of grid, choice, uniform, loguniform, randint or fixed."""
-    from cae.spec import SweepSpec
+    from cae.config.spec import SweepSpec
 
     return SweepSpec.model_validate(spec).axes() if spec else {}
 

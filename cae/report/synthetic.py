@@ -1,7 +1,7 @@
 """SYNTHETIC sweep frames, for timing the report at scale and for fast tests. Not results.
 
 ``synthetic_run`` makes ``trials`` and ``epochs`` frames shaped exactly like those of
-``cae.results.load_frames`` (same columns, same flattening of a ``variant`` axis, same
+``cae.results.tables.load_frames`` (same columns, same flattening of a ``variant`` axis, same
 statuses and stop reasons) for any number of trials and epochs, without training anything.
 The numbers follow a made-up law (error falls with latent size and depth, an optimum in the
 learning rate, lognormal noise) only so that the figures look like a real sweep's; they say
@@ -16,8 +16,8 @@ import math
 import numpy as np
 import pandas as pd
 
-from cae.record import flatten
 from cae.report.run import Run
+from cae.run.record import flatten
 
 DISTORTION_FACTORS = {"noise": 0.8, "rotate": 1.6, "flip": 1.3, "patch": 1.1, "brightness": 0.6}
 

@@ -14,9 +14,9 @@ import math
 import pandas as pd
 import plotly.graph_objects as go
 
-from cae.outcomes import trained_to_the_end
 from cae.report.figures import repeat_spread
 from cae.report.run import axis_labels, short_id, swept_axes
+from cae.run.outcomes import trained_to_the_end
 
 _FACTS = ("family", "params", "latent_size")
 _LOSSES = ("best_val_loss", "best_epoch", "last_val_loss", "test_loss")

@@ -1,0 +1,173 @@
+"""Ray Tune's state of a run: read whole or not at all, a last good copy kept, repaired
+before a resume.
+
+Tune keeps each trial's status and its searcher's progress in state files at the top of the
+run directory (``cae.run.tunefiles.STATE_FILES``), rewritten every few seconds and not
+atomically: a full disk or a driver killed mid-copy leaves the newest one cut short. So:
+
+- readers (``cae.results.tables``) take the newest state file that parses, else the last good copy
+  cae keeps in ``.cae-state/``, else no statuses at all (each trial's own files then say
+  whether it ended), with a note saying which;
+- while a sweep runs, the driver copies the newest state (every file of its session) into
+  ``.cae-state/`` whenever it parses and has changed (``keep_copy``);
+- before ``cae resume``, ``repair`` sets a torn session's files aside (``*.torn``) and puts
+  the last good copy in their place, so that ``Tuner.restore`` reads a whole state; trials
+  created after that copy (their directories exist, the copy does not know them) are the
+  ``orphans``, which the resumed trials with the same search-space point take over.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cae.run.directory import write_file
+from cae.run.tunefiles import (
+    EXPERIMENT_STATE,
+    STATE_FILES,
+    StateFormatError,
+    TrialState,
+    read_experiment_state,
+)
+
+COPY_DIR = ".cae-state"
+TORN_SUFFIX = ".torn"
+
+
+@dataclass
+class Statuses:
+    """Trial directory name -> its state, and where they came from."""
+
+    trials: dict[str, TrialState] = field(default_factory=dict)
+    source: Path | None = None
+    note: str | None = None  # set when the newest state could not be read
+
+
+def _sessions(folder: Path) -> list[Path]:
+    """Experiment-state files in ``folder``, newest session first."""
+    return sorted(folder.glob(EXPERIMENT_STATE.format("*")), reverse=True)
+
+
+def _parse(path: Path) -> tuple[dict[str, TrialState], float | None] | None:
+    try:
+        return read_experiment_state(path.read_text())
+    except (OSError, StateFormatError, UnicodeDecodeError):
+        return None
+
+
+def read_statuses(run_dir: Path) -> Statuses:
+    """The statuses of the newest state that can be read whole (see the module doc)."""
+    newest = _sessions(run_dir)
+    for i, path in enumerate(newest + _sessions(run_dir / COPY_DIR)):
+        parsed = _parse(path)
+        if parsed is None:
+            continue
+        note = None
+        if i > 0 and newest:
+            where = "cae's last good copy" if i >= len(newest) else "an older session's state"
+            note = (f"{newest[0].name} could not be read; trial statuses are from {where} "
+                    f"({path.name}, {_age(newest[0], path)})")
+        return Statuses(parsed[0], source=path, note=note)
+    note = None
+    if newest:
+        note = (f"{newest[0].name} could not be read and there is no earlier state; each "
+                "trial's status comes from its own files")
+    return Statuses(note=note)
+
+
+def first_start(run_dir: Path) -> float | None:
+    """When the sweep first started: the start time of the oldest session whose state can
+    be read (each ``cae resume`` is a session of its own, with its own start)."""
+    for path in reversed(_sessions(run_dir)):
+        parsed = _parse(path)
+        if parsed is not None and parsed[1] is not None:
+            return parsed[1]
+    return None
+
+
+def _age(newer: Path, older: Path) -> str:
+    try:
+        seconds = max(0.0, newer.stat().st_mtime - older.stat().st_mtime)
+    except OSError:
+        return "age unknown"
+    return f"{seconds:.0f} s older"
+
+
+def _session_of(path: Path) -> str:
+    return path.name[len("experiment_state-"):-len(".json")]
+
+
+def _session_files(folder: Path, session: str) -> list[Path]:
+    return [folder / t.format(session) for t in STATE_FILES if (folder / t.format(session))
+            .is_file()]
+
+
+def keep_copy(run_dir: Path) -> bool | None:
+    """Copy the newest session's state files into ``.cae-state/`` if its experiment state
+    parses and differs from the copy there. Returns whether it copied, None when there is
+    no whole state to copy yet. Local runs only (at a URI each file is written whole)."""
+    sessions = _sessions(run_dir)
+    if not sessions or _parse(sessions[0]) is None:
+        return None
+    session = _session_of(sessions[0])
+    copy_dir = run_dir / COPY_DIR
+    kept = copy_dir / sessions[0].name
+    if kept.is_file() and kept.read_bytes() == sessions[0].read_bytes():
+        return False
+    for path in _session_files(run_dir, session):
+        write_file(copy_dir, path.name, path.read_bytes())  # whole, the folder made if needed
+    if _parse(kept) is None:  # the state was being rewritten while it was copied
+        kept.unlink()
+        return None
+    return True
+
+
+def repair(run_dir: Path) -> str | None:
+    """Before a resume: if the newest experiment state cannot be read, set its session's
+    files aside (``*.torn``) and put cae's last good copy of that session in their place
+    (or leave Tune the older sessions). Returns what was done, or None if nothing was."""
+    sessions = _sessions(run_dir)
+    if not sessions or _parse(sessions[0]) is not None:
+        return None
+    session = _session_of(sessions[0])
+    for path in _session_files(run_dir, session):
+        os.replace(path, path.with_name(path.name + TORN_SUFFIX))
+    copy_dir = run_dir / COPY_DIR
+    kept = copy_dir / sessions[0].name
+    if _parse(kept) is not None:
+        for path in _session_files(copy_dir, session):
+            shutil.copyfile(path, run_dir / path.name)
+        return (f"{sessions[0].name} could not be read (cut short); set aside as "
+                f"{sessions[0].name}{TORN_SUFFIX}, the run goes on from cae's last good copy "
+                f"of it ({_age(sessions[0].with_name(sessions[0].name + TORN_SUFFIX), kept)})")
+    older = [p for p in sessions[1:] if _parse(p) is not None]
+    if older:
+        return (f"{sessions[0].name} could not be read (cut short); set aside, the run goes on "
+                f"from the previous session's state {older[0].name}")
+    return (f"{sessions[0].name} could not be read (cut short) and there is no earlier state; "
+            "set aside: the sweep starts again, each trial going on from its own checkpoints")
+
+
+def orphans(run_dir: Path, known: set[str]) -> dict[str, str]:
+    """Trial directories the restored state does not know, by their search-space point
+    (``params.json`` as canonical JSON) -> directory name."""
+    out = {}
+    for params in sorted(run_dir.glob("*/params.json")):
+        name = params.parent.name
+        if name in known or name.startswith("."):
+            continue
+        try:
+            point = json.loads(params.read_text())
+        except (OSError, ValueError):
+            continue
+        out[point_key(point)] = name
+    return out
+
+
+def point_key(point: dict) -> str:
+    """A search-space point as canonical JSON: the identity of a trial across restarts."""
+    return json.dumps(point, sort_keys=True, default=str)
+

@@ -1,0 +1,160 @@
+"""The Ray Tune function trainable: one trial of a sweep around ``cae.train.trainer.Trainer``.
+
+When it first starts, a trial writes its record (``cae.run.record``: the configuration it runs,
+every default filled in) into its directory of the run; restarted, it goes on with that
+configuration. Each epoch it reports the losses to Ray Tune with a checkpoint (model,
+optimiser, epoch, early-stopping and random state, and the epochs so far as JSON for
+``cae.results.tables``). The final epoch's report also carries the test errors and the stop
+reason, because a scheduler may end the trial right after its last report. A trial that
+diverges raises, so Ray Tune marks it as an error with that reason and the sweep goes on.
+
+A restarted trial goes on from the newest checkpoint in its directory that can be read
+whole (``cae.run.checkpoints``), which after a restore from an older state can be newer than
+the one Tune hands it: it then first reports that checkpoint's last epoch again, so that the
+scheduler decides on it as if nothing had happened. A trial of a rebuilt run takes over the
+directory of the earlier trial with its search-space point (``adopt``).
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import ray
+import torch
+from ray import tune
+
+from cae.config.trial import TrialConfig, trial_config
+from cae.data.datasets import ImageData
+from cae.run import checkpoints
+from cae.run.directory import write_file
+from cae.run.record import RECORD_FILE, make_record
+from cae.run.state import point_key
+from cae.sweep import internals
+from cae.train.trainer import Trainer
+
+
+def here_and_source(run_dir: str, point: dict, adopt: dict[str, str] | None) -> tuple[str, str]:
+    """This trial's directory, and the one it goes on from: its own, or, when it has no
+    checkpoint yet and ``adopt`` names an earlier directory for its point (a run whose
+    state was lost, ``cae.run.state.orphans``), that one."""
+    here = f"{run_dir.rstrip('/')}/{internals.trial_dir_name()}"
+    if adopt and point_key(point) in adopt and not checkpoints.list_checkpoints(
+            *checkpoints.filesystem(here)):
+        return here, f"{run_dir.rstrip('/')}/{adopt[point_key(point)]}"
+    return here, here
+
+
+def static_facts(runner, data: ImageData) -> dict:
+    """What every report of a trial (or a pack) carries: where and how it trains."""
+    return {
+        "device": str(runner.device),
+        "precision": runner.precision,
+        "data_loaded": f"{data.name}: {tuple(data.train.shape)} train images",
+        "node_id": ray.get_runtime_context().get_node_id(),
+    }
+
+
+def read_record(location: str) -> dict | None:
+    """The record a trial (or a pack's member) wrote in ``location`` at its first start."""
+    fs, path = checkpoints.filesystem(location)
+    try:
+        with fs.open_input_stream(f"{path}/{RECORD_FILE}") as f:
+            return json.loads(f.read())
+    except (OSError, ValueError):
+        return None
+
+
+def recorded_config(here: str, source: str, current: TrialConfig, point: dict, *,
+                    depth: int = 1, extra: dict | None = None,
+                    files: dict[str, bytes] | None = None) -> TrialConfig:
+    """The configuration a trial runs: the record of its first start (in its own directory
+    ``here``, or in ``source``, the one it takes over), else ``current``, recorded now with
+    ``extra`` keys, after ``files`` are written beside it. A record taken over names the
+    trial it ``continues`` by the last ``depth`` parts of ``source`` (a pack's member: 2)."""
+    record = read_record(here)
+    if record is None:
+        record = (read_record(source) if source != here else None) or make_record(current,
+                                                                                  point)
+        if source != here:  # the tables then leave the trial taken over out
+            record["continues"] = "/".join(source.rstrip("/").rsplit("/", depth)[-depth:])
+        record.update(extra or {})
+        for name, data in (files or {}).items():
+            write_file(here, name, data)
+        write_file(here, RECORD_FILE, json.dumps(record).encode())
+    config = dict(record["config"])
+    # where the data are read from may differ on a resume (cae resume --data-dir)
+    config["data"] = {**config["data"], "data_dir": current.data.data_dir}
+    return TrialConfig.model_validate(config)
+
+
+def _ray_epoch() -> int:
+    """The last epoch of the checkpoint Tune hands this trial (0 for none)."""
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is None:
+        return 0
+    history = checkpoints.read_history(checkpoint.filesystem, checkpoint.path)
+    return checkpoints.epoch_of(history or {})
+
+
+def report_epoch(metrics: dict, state: dict, history: dict) -> None:
+    """Report ``metrics`` to Tune with a checkpoint of the weights and the trial's history
+    (its epochs, kept beside state.pt since result.json can lose rows on a restart)."""
+    with tempfile.TemporaryDirectory() as d:
+        torch.save(state, Path(d) / checkpoints.STATE_FILE)
+        (Path(d) / checkpoints.HISTORY_FILE).write_text(json.dumps(history, default=float))
+        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
+
+
+def run_trial(point: dict, base: dict, datasets: dict[str, ImageData], run_dir: str,
+              adopt: dict[str, str] | None = None, threads: int = 1) -> None:
+    """Train one trial, reporting every epoch to Ray Tune (used with tune.with_parameters).
+
+    ``datasets`` holds every dataset of the sweep by ``DataConfig.source_key``; the trial
+    takes the one its own config names. ``run_dir`` is the run directory (a path or a URI);
+    ``adopt`` maps search-space points to directories of a rebuilt run's earlier trials."""
+    torch.set_num_threads(max(1, threads))
+    current = trial_config(base, point)
+    key = current.data.source_key()
+    if key not in datasets:  # check_spec loads every grid value: a bug if this happens
+        raise RuntimeError(f"no dataset loaded for {key}; loaded: {', '.join(datasets)}")
+    here, source = here_and_source(run_dir, point, adopt)
+    cfg = recorded_config(here, source, current, point)
+    found = checkpoints.load_newest(*checkpoints.filesystem(source))
+    trainer = Trainer(cfg, datasets[key])
+    static = static_facts(trainer, datasets[key])
+    if found is not None and found.state.get("final"):
+        # finished before an interruption: nothing to train (a trial taken over keeps the
+        # history in its own directory too)
+        if source == here:
+            tune.report(found.state["final"])
+        else:
+            report_epoch(found.state["final"], found.state, found.history)
+        return
+    if found is not None:
+        trainer.load_state_dict(found.state)
+        if source != here or found.skipped or checkpoints.epoch_of(found.history) \
+                > _ray_epoch():
+            # Tune's view is behind (a restore from an older state, a torn checkpoint, a
+            # trial taken over): report where the trial really is, so that the scheduler
+            # decides on that epoch before any new one
+            note = {}
+            if source != here or found.skipped:
+                where = found.name if source == here else f"{found.path.rsplit('/', 2)[-2]}/" \
+                    f"{found.name}"
+                skipped = f" ({'; '.join(found.skipped)})" if found.skipped else ""
+                note = {"resumed_from": f"{where}{skipped}"}
+            report_epoch({**trainer.history[-1], **static, **note, "reported_again": True},
+                    found.state, {"epochs": trainer.history, "static": static, "final": None})
+
+    def on_epoch(metrics: dict, state_fn) -> None:
+        report = {**metrics, **static}
+        state = state_fn()  # saved before test() swaps in the best weights
+        if "stop_reason" in metrics:  # the last epoch of this trial
+            report.update(trainer.test())
+            state["final"] = report
+        report_epoch(report, state, {"epochs": trainer.history, "static": static,
+                                "final": state.get("final")})
+
+    trainer.fit(on_epoch)

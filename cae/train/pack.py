@@ -1,0 +1,413 @@
+"""Fused packs: trials of one architecture trained side by side as one wider model.
+
+A pack holds K members (trials that ``cae.train.packing.pack_key`` says may fuse). Their weights are
+stacked, one row per member, into one flat ``(K, P)`` parameter, their BatchNorm running
+statistics into ``(K, ...)`` buffers (each member its own), and ``torch.func.vmap`` runs the
+one CAE over the stack (a vmapped convolution is one grouped convolution, forward and
+backward), so each step costs a few wide kernels instead of K times many small ones.
+
+What the members share and what they keep, and how a plain run reproduces a member:
+
+- **The batches.** Every member sees the same batch at every step: the order and the random
+  distortions of ``cae.train.trainer.Trainer`` with ``batch_seed`` = the pack's (by default the
+  first member's seed). A plain ``Trainer(cfg, batch_seed=...)`` sees the same batches, so a
+  member's own seed decides its initial weights and dropout masks, not its data order.
+- **Dropout.** ``nn.Dropout`` draws from the global generator, so K members under vmap could
+  not each match a plain run. Members use :class:`MaskedDropout` instead: its mask is a hash
+  of (member seed, layer, step, element), with the member's own rate; stateless, so it is
+  the same in a pack, in a plain run given the same layers (:func:`use_masked_dropout`), and
+  after a resume. Its buffers are not persistent: state dicts keep plain CAE keys.
+- **The optimiser.** :class:`BatchedAdam` is ``torch.optim.Adam(weight_decay=...)`` (L2
+  added to the gradient, as the trials use it) with one learning rate and weight decay per
+  member, on the flat stack: a handful of kernels per step whatever the number of tensors.
+- **Stopping.** Each member keeps its own best epoch, patience and ``max_epochs``; a member
+  that stops leaves the pack with its test errors measured on its best weights (one that
+  diverges leaves without them), the caller saves its checkpoint, and the pack shrinks (at
+  once when eager; under ``compile`` when half the slots are empty, so shapes, and
+  compilations, change at most log2(K) times; an empty slot meanwhile trains nothing:
+  learning rate 0, zero weights).
+- **Checkpoints.** :meth:`Pack.member_state` is a member's checkpoint in ``Trainer``'s format
+  (model, best_model, optimizer as ``torch.optim.Adam`` saves it, epoch, history, ...), so it
+  loads into a plain ``CAE``; :meth:`Pack.state_dict` is the whole pack, for an exact resume.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch.func import stack_module_state
+
+from cae.config.trial import SEED_STRIDE, TrialConfig
+from cae.data.datasets import ImageData, load, split, to_device
+from cae.model.network import CAE, build_model
+from cae.train.packing import pack_key
+from cae.train.stacked import BatchedAdam, Layout, Stack, run_stack, use_masked_dropout
+from cae.train.tasks import make_task
+from cae.train.trainer import (
+    autocast,
+    compiler,
+    epoch_metrics,
+    mark_step,
+    per_sample_loss,
+    resolve_device,
+    resolve_precision,
+    stop_reason,
+)
+
+# ---- members ----------------------------------------------------------------------------
+
+
+@dataclass
+class Member:
+    """One trial of the pack: its config and its own early-stopping state and history."""
+
+    index: int
+    cfg: TrialConfig
+    best_val: float = math.inf
+    best_epoch: int = 0
+    bad_epochs: int = 0
+    best_state: dict | None = None
+    history: list[dict] = field(default_factory=list)
+    stop_reason: str = ""  # "" while it trains
+    error: str = ""  # why it diverged
+    test: dict = field(default_factory=dict)
+    final: dict | None = None  # set by the caller (the last report), saved with the pack
+
+    def record(self) -> dict:
+        return {k: getattr(self, k) for k in ("best_val", "best_epoch", "bad_epochs",
+                                              "best_state", "history", "stop_reason", "error",
+                                              "test", "final")}
+
+
+# ---- the pack ----------------------------------------------------------------------------
+
+EpochCallback = Callable[[dict[int, dict], Callable[[], dict]], None]
+
+
+class Pack:
+    """K fusable trials trained together; ``fit`` runs the epochs (see the module doc).
+
+    ``batch_seed`` (default: the first member's seed) fixes the batches every member sees.
+    Members are named by their index in ``cfgs``."""
+
+    def __init__(self, cfgs: list[TrialConfig], data: ImageData | None = None,
+                 batch_seed: int | None = None, evaluate_test: bool = True):
+        if not cfgs:
+            raise ValueError("a pack needs at least one member")
+        keys = {pack_key(c) for c in cfgs}
+        if len(keys) > 1:
+            raise ValueError("these trials cannot fuse: they differ in more than "
+                             "cae.train.packing.FUSABLE")
+        c0 = self.cfg = cfgs[0]
+        self.members = [Member(i, c) for i, c in enumerate(cfgs)]
+        self.batch_seed = c0.seed if batch_seed is None else batch_seed
+        self.evaluate_test = evaluate_test
+        self.device = resolve_device(c0.device)
+        self.precision = resolve_precision(c0.precision, self.device)
+        data = data if data is not None else load(c0.data)
+        self.splits = to_device(split(data, c0.data.val_fraction, c0.data.split_seed),
+                                self.device)
+        self.task = make_task(c0.task)
+        self.val = self.task.eval_inputs(self.splits.val, seed=c0.task.eval_seed)
+        self._test_inputs = None
+        models = [self._build(c) for c in cfgs]
+        self.base = models[0]
+        self.dtype = next(self.base.parameters()).dtype
+        self.layout = Layout(self.base)
+        names = [n for n, m in self.base.named_modules() if m in self.base._edges]
+        self.edge_names = [f"{n}.weight" for n in names]
+        _, buffers = stack_module_state(models)
+        flat = torch.stack([self.layout.row(dict(m.named_parameters())) for m in models])
+        self.gen = torch.Generator(device=self.device)
+        self.epoch = 0
+        self._install(list(range(len(cfgs))), flat, buffers, None)
+
+    def _build(self, cfg: TrialConfig) -> CAE:
+        torch.manual_seed(cfg.seed)  # as Trainer: the member's initial weights are its seed's
+        model = build_model(cfg.model, seed=cfg.seed)
+        return use_masked_dropout(model.to(self.device), cfg.seed)
+
+    # ---- slots: which member each row of the stack holds ---------------------------------
+    def _install(self, slots: list[int | None], flat: torch.Tensor, buffers: dict,
+                 moments: tuple | None, steps: int = 0) -> None:
+        """Put ``flat`` (K, P), ``buffers`` and Adam's ``moments`` in place for ``slots``
+        (member index per row, None for an empty row)."""
+        self.stack = Stack(self.base, self.layout, flat.detach().clone(), buffers)
+        self.opt = BatchedAdam(self.stack.flat, None, None)
+        if moments is not None:
+            self.opt.exp_avg.copy_(moments[0])
+            self.opt.exp_avg_sq.copy_(moments[1])
+        self.opt.steps = steps
+        self._set_slots(slots)
+        self.forward = compiler(self.cfg.compile)(self.stack)
+
+    def _set_slots(self, slots: list[int | None]) -> None:
+        """Each row's member (None: empty) and the per-row settings that follow from it."""
+        self.slots = slots
+
+        def per(f: Callable[[TrialConfig], float]) -> torch.Tensor:
+            return torch.tensor([f(self.members[s].cfg) if s is not None else 0.0
+                                 for s in slots], dtype=torch.float64, device=self.device)
+
+        self.alive = torch.tensor([s is not None for s in slots], device=self.device)
+        self.kinds = [self.members[s].cfg.loss if s is not None else self.cfg.loss
+                      for s in slots]  # each row's loss
+        self.opt.lr, self.opt.weight_decay = per(lambda c: c.lr), per(lambda c: c.weight_decay)
+        self.coef = {name: per(lambda c, n=name: getattr(c.model, n)).to(self.dtype)
+                     for name in ("activity_l1", "activity_l2", "edge_l2")}
+        # which penalties any member has, known on the host: no device sync per step
+        self.penalties = {name: any(getattr(self.members[s].cfg.model, name)
+                                    for s in slots if s is not None) for name in self.coef}
+
+    def live(self) -> list[int]:
+        """Indices of the members still training."""
+        return [s for s in self.slots if s is not None]
+
+    def _retire(self, leaving: list[int]) -> None:
+        """Empty the slots of ``leaving``; shrink the stack when the policy says so."""
+        rows = [self.slots.index(i) for i in leaving]
+        slots = [None if s in leaving else s for s in self.slots]
+        flat = self.stack.flat.detach()
+        with torch.no_grad():
+            flat[rows] = 0  # an empty row computes finite nothing until the stack shrinks
+            self.opt.exp_avg[rows] = 0
+            self.opt.exp_avg_sq[rows] = 0
+        keep = [r for r, s in enumerate(slots) if s is not None]
+        if keep and (self.cfg.compile == "none" or len(keep) <= len(slots) // 2):
+            idx = torch.tensor(keep, device=self.device)
+            buffers = {k: v[idx] for k, v in self.stack.stacked_buffers().items()}
+            moments = (self.opt.exp_avg[idx], self.opt.exp_avg_sq[idx])
+            self._install([slots[r] for r in keep], flat[idx], buffers, moments, self.opt.steps)
+        else:  # same shapes: nothing to recompile
+            self._set_slots(slots)
+
+    # ---- one epoch ----------------------------------------------------------------------
+    def _losses(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Per-sample losses (K, B) of outputs (K, B, ...) against the shared target y (B, ...),
+        each row with its member's loss."""
+        k, b = out.shape[:2]
+        target = y.unsqueeze(0).expand(k, *y.shape)
+        if len(set(self.kinds)) == 1:
+            return per_sample_loss(self.kinds[0], out.flatten(0, 1),
+                                   target.flatten(0, 1)).view(k, b)
+        rows = []
+        for r, kind in enumerate(self.kinds):
+            rows.append(per_sample_loss(kind, out[r], y))
+        return torch.stack(rows)
+
+    def _penalty(self, z: torch.Tensor) -> torch.Tensor:
+        """Each member's activity (on its latents z (K, B, ...)) and edge L2 penalties (K,),
+        as ``CAE.penalty`` computes them."""
+        dtype = torch.promote_types(z.dtype, torch.float32)
+        flat = z.flatten(2).to(dtype)
+        total = flat.new_zeros(flat.shape[0])
+        c, on = self.coef, self.penalties
+        if on["activity_l1"]:
+            total = total + c["activity_l1"] * flat.abs().sum(2).mean(1)
+        if on["activity_l2"]:
+            total = total + c["activity_l2"] * flat.pow(2).sum(2).mean(1)
+        if on["edge_l2"]:
+            views = self.layout.views(self.stack.flat)
+            sq = sum(views[n].pow(2).flatten(1).sum(1) for n in self.edge_names)
+            total = total + c["edge_l2"] * sq
+        return total
+
+    def train_epoch(self) -> list[float]:
+        """One epoch of every slot on the shared batches: each slot's mean training loss."""
+        self.stack.train()
+        train = self.splits.train
+        n, bs = train.shape[0], self.cfg.batch_size
+        self.gen.manual_seed(self.batch_seed * SEED_STRIDE + self.epoch)  # as Trainer's
+        perm = torch.randperm(n, generator=self.gen, device=self.device)
+        total = torch.zeros(len(self.slots), device=self.device, dtype=self.dtype)
+        for start in range(0, n, bs):
+            idx = perm[start:start + bs]
+            x, y, _ = self.task.batch(train[idx], idx, self.gen)
+            mark_step(self.cfg.compile, self.device)
+            with autocast(self.precision, self.device):
+                z, out = self.forward(x.to(self.dtype))
+            losses = self._losses(out, y).mean(1) + self._penalty(z)  # (K,)
+            self.stack.flat.grad = None
+            torch.where(self.alive, losses, 0).sum().backward()
+            self.opt.step(self.stack.flat, self.stack.flat.grad)
+            total += losses.detach() * idx.numel()
+        return [t / n for t in total.tolist()]  # the one host sync of the epoch
+
+    @torch.inference_mode()
+    def evaluate(self, prepared: tuple, run: Callable | None = None) -> list[dict]:
+        """Each slot's mean loss over a prepared split, per distortion group and the task's
+        extra errors (colorize: in RGB), in fp32, as ``Trainer.evaluate``; ``run(x)`` is the
+        stack to evaluate."""
+        x_all, y_all, groups = prepared
+        self.stack.eval()
+        run = run or self.forward
+        n, eb = x_all.shape[0], self.cfg.eval_batch_size
+        names = self.task.group_names or []
+        sums = per_group = counts = None
+        extra: dict[str, torch.Tensor] = {}
+        for start in range(0, n, eb):
+            x, y = x_all[start:start + eb], y_all[start:start + eb]
+            mark_step(self.cfg.compile, self.device)
+            out = run(x.to(self.dtype))[1]  # (K, B, ...)
+            losses = self._losses(out, y).double()  # (K, B)
+            k = losses.shape[0]
+            if sums is None:
+                sums = torch.zeros(k, device=self.device, dtype=torch.float64)
+                per_group = torch.zeros(k, len(names), device=self.device, dtype=torch.float64)
+                counts = torch.zeros_like(per_group)
+            sums += losses.sum(1)
+            if names:
+                g = groups[start:start + eb]
+                per_group.index_add_(1, g, losses)
+                counts.index_add_(1, g, torch.ones_like(losses))
+            xs = x.unsqueeze(0).expand(k, *x.shape).flatten(0, 1)
+            ys = y.unsqueeze(0).expand(k, *y.shape).flatten(0, 1)
+            for key, err in self.task.extra_errors(xs, out.flatten(0, 1), ys).items():
+                extra[key] = extra.get(key, 0.0) + err.double().view(k, -1).sum(1)
+        results = []
+        sums = sums.tolist()  # the one host sync of the evaluation
+        extras = {key: total.tolist() for key, total in extra.items()}
+        per_group, counts = per_group.tolist(), counts.tolist()
+        for r in range(len(sums)):
+            result = {"loss": sums[r] / n}
+            for j, name in enumerate(names):
+                c = counts[r][j]
+                result[f"loss_{name}"] = per_group[r][j] / c if c else math.nan
+            result.update({key: totals[r] / n for key, totals in extras.items()})
+            results.append(result)
+        return results
+
+    # ---- the run --------------------------------------------------------------------------
+    def fit(self, on_epoch: EpochCallback | None = None) -> dict[int, str]:
+        """Train until every member has stopped; each member's stop reason.
+
+        After each epoch ``on_epoch(metrics, pack_state)`` gets the metrics of every member
+        that trained in it (by index; as ``Trainer``'s, and ``stop_reason`` on a member's
+        last epoch) and a function returning :meth:`state_dict`. Members leaving are still
+        in the pack then: :meth:`member_state` gives their checkpoints."""
+        while self.live():
+            t0 = time.perf_counter()
+            train = self.train_epoch()
+            self.epoch += 1
+            val = self.evaluate(self.val)
+            elapsed = time.perf_counter() - t0
+            metrics, leaving = {}, []
+            for row, i in enumerate(self.slots):
+                if i is None:
+                    continue
+                m = metrics[i] = self._member_epoch(self.members[i], row, train[row], val[row])
+                m["epoch_time_s"] = elapsed
+                if "stop_reason" in m:
+                    leaving.append(i)
+            if self.evaluate_test:
+                self._test([i for i in leaving if not self.members[i].error])
+            for i, m in metrics.items():
+                self.members[i].history.append(m)
+            if on_epoch is not None:
+                on_epoch(metrics, self.state_dict)
+            if leaving:
+                self._retire(leaving)
+        return {m.index: m.stop_reason for m in self.members}
+
+    def _member_epoch(self, member: Member, row: int, train_loss: float, val: dict) -> dict:
+        """Early stopping of one member after an epoch, as ``Trainer.fit``: its metrics."""
+        cfg = member.cfg
+        if not math.isfinite(train_loss):
+            member.error = f"train loss became {train_loss} at epoch {self.epoch}"
+        elif not math.isfinite(val["loss"]):
+            member.error = f"val loss became {val['loss']} at epoch {self.epoch}"
+        elif val["loss"] < member.best_val - cfg.min_delta:
+            member.best_val, member.best_epoch, member.bad_epochs = val["loss"], self.epoch, 0
+            member.best_state = self._weights(row)
+        else:
+            member.bad_epochs += 1
+        metrics = epoch_metrics(self.epoch, train_loss, val, member.best_val,
+                                member.best_epoch)
+        member.stop_reason = "diverged" if member.error else (
+            stop_reason(cfg, self.epoch, member.bad_epochs) or "")
+        if member.stop_reason:
+            metrics["stop_reason"] = member.stop_reason
+        return metrics
+
+    def _weights(self, row: int) -> dict[str, torch.Tensor]:
+        """The state dict (plain ``CAE`` keys, in its order) of the member in ``row``."""
+        params = self.layout.views(self.stack.flat.detach()[row:row + 1])
+        buffers = self.stack.stacked_buffers()
+        return {k: (params[k][0] if k in params else buffers[k][row]).detach().clone()
+                for k in self.base.state_dict()}
+
+    def _test(self, indices: list[int]) -> None:
+        """Test-split errors of the best weights of ``indices``, into each ``Member.test``."""
+        if not indices:
+            return
+        if self._test_inputs is None:
+            self._test_inputs = self.task.eval_inputs(self.splits.test,
+                                                      seed=self.cfg.task.eval_seed + 1)
+        states = [self.members[i].best_state or self._weights(self.slots.index(i))
+                  for i in indices]
+        flat = torch.stack([self.layout.row(s) for s in states])
+        names = [n for n in self.stack.buffer_names if n in states[0]]
+        buffers = {n: torch.stack([s[n] for s in states]) for n in names}
+        params = self.layout.views(flat)
+        results = self.evaluate(self._test_inputs,
+                                run=lambda x: run_stack(self.base, params, buffers, x))
+        for i, result in zip(indices, results):
+            self.members[i].test = {f"test_{k}": v for k, v in result.items()}
+
+    # ---- checkpoints -----------------------------------------------------------------------
+    def member_state(self, index: int) -> dict:
+        """Member ``index``'s checkpoint in ``Trainer.state_dict``'s format (loads into a plain
+        CAE and its Adam); only while it is in the pack (up to its last ``on_epoch``)."""
+        member, row = self.members[index], self.slots.index(index)
+        cfg = member.cfg
+        return {
+            "model": self._weights(row),
+            "optimizer": self.opt.member_state(row, self.layout, cfg.lr, cfg.weight_decay),
+            "epoch": self.epoch,
+            "best_val": member.best_val,
+            "best_epoch": member.best_epoch,
+            "bad_epochs": member.bad_epochs,
+            "best_model": member.best_state,
+            "history": member.history,
+            "final": member.final,
+            "pack": {"batch_seed": self.batch_seed, "members": len(self.members)},
+        }
+
+    def state_dict(self) -> dict:
+        """The whole pack, for a resume that continues exactly as if uninterrupted."""
+        return {
+            "kind": "fused-pack",
+            "epoch": self.epoch,
+            "batch_seed": self.batch_seed,
+            "slots": list(self.slots),
+            "flat": self.stack.flat.detach().clone(),
+            "buffers": {k: v.clone() for k, v in self.stack.stacked_buffers().items()},
+            "exp_avg": self.opt.exp_avg.clone(),
+            "exp_avg_sq": self.opt.exp_avg_sq.clone(),
+            "steps": self.opt.steps,
+            "members": [m.record() for m in self.members],
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if len(state["members"]) != len(self.members):
+            raise ValueError(f"the checkpoint holds a pack of {len(state['members'])} members, "
+                             f"this pack has {len(self.members)}")
+        self.epoch = int(state["epoch"])
+        self.batch_seed = int(state["batch_seed"])
+        for member, record in zip(self.members, state["members"]):
+            for key, value in record.items():
+                setattr(member, key, value)
+            if member.best_state is not None:
+                member.best_state = {k: v.to(self.device) for k, v in member.best_state.items()}
+        buffers = {k: v.to(self.device) for k, v in state["buffers"].items()}
+        moments = (state["exp_avg"].to(self.device), state["exp_avg_sq"].to(self.device))
+        self._install(list(state["slots"]), state["flat"].to(self.device), buffers, moments,
+                      int(state["steps"]))
+        # saved during the last epoch of some members: they leave now, as they did then
+        leaving = [i for i in self.live() if self.members[i].stop_reason]
+        if leaving:
+            self._retire(leaving)

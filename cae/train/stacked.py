@@ -1,0 +1,173 @@
+"""Stacked models: the tensors and operations of a fused pack (``cae.train.pack``).
+
+K copies of one CAE become one flat ``(K, P)`` parameter and ``(K, ...)`` buffers
+(:class:`Layout`, :class:`Stack`), run side by side with ``torch.func.vmap``
+(:func:`run_stack`); :class:`BatchedAdam` steps them with one learning rate and weight decay
+per member; :class:`MaskedDropout` gives every member its own dropout masks, reproducibly.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.func import functional_call, vmap
+
+from cae.model.network import CAE
+
+# ---- dropout that a plain run can reproduce -----------------------------------------------
+
+_M32 = 0xFFFFFFFF
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash (``lowbias32``) of int64 tensors holding values < 2**32."""
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _M32
+    x = x ^ (x >> 15)
+    x = (x * 0x846CA68B) & _M32
+    return x ^ (x >> 16)
+
+
+class MaskedDropout(nn.Module):
+    """Inverted dropout whose mask is a hash of (seed, layer, step, element index).
+
+    ``rate``, ``seed`` and ``step`` are buffers, so under vmap each member has its own rate
+    and stream; ``step`` counts training calls. Not persistent: not in the state dict."""
+
+    def __init__(self, rate: float, seed: int, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.register_buffer("rate", torch.tensor(float(rate)), persistent=False)
+        self.register_buffer("seed", torch.tensor(int(seed), dtype=torch.int64),
+                             persistent=False)
+        self.register_buffer("step", torch.zeros((), dtype=torch.int64), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return x
+        key = _mix32(_mix32((self.seed & _M32) ^ _mix32((self.seed >> 32) & _M32)) ^ self.layer)
+        key = _mix32(key ^ (self.step & _M32))
+        self.step.add_(1)
+        index = torch.arange(x.numel(), device=x.device).view(x.shape)
+        bits = _mix32(_mix32((index + key) & _M32) ^ key) >> 8  # 24 random bits
+        keep = bits.to(torch.float32) * 2.0**-24 >= self.rate  # exact in float32
+        return x * (keep / (1 - self.rate)).to(x.dtype)
+
+
+def use_masked_dropout(model: CAE, seed: int) -> CAE:
+    """Replace the model's ``nn.Dropout`` layers by :class:`MaskedDropout` with the same
+    rates and ``seed`` (in place; the state dict's keys do not change)."""
+    for part, offset in ((model.encoder, 0), (model.decoder, 1000)):
+        for i, layer in enumerate(part):
+            if isinstance(layer, nn.Dropout):
+                device = next(model.parameters()).device
+                part[i] = MaskedDropout(layer.p, seed, offset + i).to(device)
+    return model
+
+
+# ---- the stack ------------------------------------------------------------------------------
+
+
+class Layout:
+    """Where each parameter of one CAE lives in a flat row of P numbers."""
+
+    def __init__(self, model: nn.Module):
+        self.names = [n for n, _ in model.named_parameters()]
+        self.shapes = [tuple(p.shape) for _, p in model.named_parameters()]
+        self.sizes = [math.prod(s) for s in self.shapes]
+        self.size = sum(self.sizes)
+
+    def row(self, params: dict[str, torch.Tensor]) -> torch.Tensor:
+        """One member's parameters (by name) as a flat (P,) row."""
+        return torch.cat([params[n].detach().reshape(-1) for n in self.names])
+
+    def views(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        """(K, P) -> each parameter as a (K, *shape) view of it."""
+        out, start = {}, 0
+        for name, shape, size in zip(self.names, self.shapes, self.sizes):
+            out[name] = flat[:, start:start + size].view(flat.shape[0], *shape)
+            start += size
+        return out
+
+
+class Stack(nn.Module):
+    """The pack's tensors, flat weights (K, P) and stacked buffers, and the vmapped CAE:
+    ``forward(x)`` runs every member on the same ``x`` (B, C, H, W) and returns the latents
+    (K, B, ...) and outputs (K, B, C', H, W)."""
+
+    def __init__(self, base: CAE, layout: Layout, flat: torch.Tensor,
+                 buffers: dict[str, torch.Tensor]):
+        super().__init__()
+        self._base = (base,)  # a tuple, so not a submodule: only its structure is used
+        self.layout = layout
+        self.flat = nn.Parameter(flat)
+        self.buffer_names = list(buffers)
+        for name, value in buffers.items():
+            self.register_buffer(name.replace(".", "__"), value)
+
+    def stacked_buffers(self) -> dict[str, torch.Tensor]:
+        return {n: getattr(self, n.replace(".", "__")) for n in self.buffer_names}
+
+    def train(self, mode: bool = True) -> Stack:
+        self._base[0].train(mode)
+        return super().train(mode)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return run_stack(self._base[0], self.layout.views(self.flat), self.stacked_buffers(), x)
+
+
+def run_stack(base: CAE, params: dict, buffers: dict, x: torch.Tensor):
+    """The CAE ``base`` (its structure and train/eval mode) with each member's tensors, on the
+    shared input ``x``: (latents (K, B, ...), outputs (K, B, ...))."""
+    state = {**params, **buffers}
+    enc = {k.removeprefix("encoder."): v for k, v in state.items() if k.startswith("encoder.")}
+    dec = {k.removeprefix("decoder."): v for k, v in state.items() if k.startswith("decoder.")}
+
+    def one(enc_state: dict, dec_state: dict, x: torch.Tensor):
+        z = functional_call(base.encoder, enc_state, (x,))
+        return z, functional_call(base.decoder, dec_state, (z,))
+
+    return vmap(one, in_dims=(0, 0, None), randomness="different")(enc, dec, x)
+
+
+class BatchedAdam:
+    """``torch.optim.Adam(params, lr, weight_decay=wd)`` for K members at once on a flat
+    (K, P) parameter: one learning rate and weight decay per member (a member with lr 0 and
+    weight decay 0 does not move). The same element-wise steps as torch's, so a member's
+    weights equal a plain run's (to rounding)."""
+
+    def __init__(self, flat: torch.Tensor, lr: torch.Tensor, weight_decay: torch.Tensor,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
+        self.lr, self.weight_decay = lr, weight_decay  # (K,) float64
+        self.betas, self.eps = betas, eps
+        self.exp_avg = torch.zeros_like(flat)
+        self.exp_avg_sq = torch.zeros_like(flat)
+        self.steps = 0
+
+    @torch.no_grad()
+    def step(self, flat: torch.Tensor, grad: torch.Tensor) -> None:
+        b1, b2 = self.betas
+        self.steps += 1
+        col = (-1, *([1] * (flat.dim() - 1)))
+        grad = grad.addcmul(flat, self.weight_decay.to(flat.dtype).view(col))
+        self.exp_avg.lerp_(grad, 1 - b1)
+        self.exp_avg_sq.mul_(b2).addcmul_(grad, grad, value=1 - b2)
+        bias1, bias2 = 1 - b1**self.steps, 1 - b2**self.steps
+        step_size = (self.lr / bias1).to(flat.dtype).view(col)
+        denom = (self.exp_avg_sq.sqrt() / bias2**0.5).add_(self.eps)
+        flat.addcdiv_(self.exp_avg * -step_size, denom)
+
+    def member_state(self, slot: int, layout: Layout, lr: float, weight_decay: float) -> dict:
+        """One member's optimiser state as ``torch.optim.Adam.state_dict()`` gives it."""
+        template = torch.optim.Adam([torch.zeros(1)], lr=lr, weight_decay=weight_decay,
+                                    betas=self.betas, eps=self.eps).state_dict()
+        group = {**template["param_groups"][0], "params": list(range(len(layout.names)))}
+        m = layout.views(self.exp_avg[slot:slot + 1])
+        v = layout.views(self.exp_avg_sq[slot:slot + 1])
+        dtype = torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+        state = {i: {"step": torch.tensor(float(self.steps), dtype=dtype),
+                     "exp_avg": m[n][0].clone(), "exp_avg_sq": v[n][0].clone()}
+                 for i, n in enumerate(layout.names)}
+        return {"state": state, "param_groups": [group]}

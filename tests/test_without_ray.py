@@ -1,0 +1,140 @@
+"""A finished run opens where Ray cannot be imported at all (a notebook, a serving box, a
+colleague's laptop with another Ray): ``load_model``, ``cae report``, ``cae status``,
+``cae export``, ``cae export-models`` and ``cae encode`` run in a fresh interpreter whose
+``import ray`` fails. And a run made before cae's modules moved still opens."""
+
+import json
+import pickle
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+RECORDED = REPO / "tests" / "data" / "recorded-run"
+INTERRUPTED = REPO / "tests" / "data" / "interrupted-run"
+
+# `import ray` (and any `from ray...`) raises ImportError in this interpreter
+NO_RAY = "import sys; sys.modules['ray'] = None\n"
+
+
+def _run(code: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", NO_RAY + code], cwd=cwd, text=True,
+                          capture_output=True, timeout=600)
+
+
+@pytest.fixture
+def run(tmp_path) -> Path:
+    dest = tmp_path / "run"
+    shutil.copytree(RECORDED, dest)
+    return dest
+
+
+def test_ray_is_really_unimportable_there(tmp_path):
+    out = _run("import ray", tmp_path)
+    assert out.returncode != 0 and "import of ray halted" in out.stderr
+
+
+def test_load_model_without_ray(run, tmp_path):
+    code = (f"from cae import load_model\nimport torch\n"
+            f"m, cfg = load_model({str(run)!r}, 'best')\n"
+            f"x = torch.rand(2, 1, 28, 28)\n"
+            f"print(tuple(m(x).shape), tuple(m.encode(x).shape) == (2, cfg.model.latent_dim))\n"
+            f"print('ray' in sys.modules and sys.modules['ray'] is not None)")
+    out = _run(code, tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split("\n")[:2] == ["(2, 1, 28, 28) True", "False"]
+
+
+def _cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    return _run(f"from cae.cli import main\nsys.exit(main({args!r}))", cwd)
+
+
+def test_status_report_and_export_without_ray(run, tmp_path):
+    out = _cli(["status", str(run)], tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "finished" in out.stdout and "2/2" in out.stdout
+
+    (run / "trials.parquet").unlink()  # export rebuilds the tables from Ray's own files
+    out = _cli(["export", str(run)], tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert (run / "trials.parquet").is_file()
+
+    out = _cli(["report", str(run)], tmp_path)
+    assert out.returncode == 0, out.stderr
+    page = (run / "report.html").read_text()
+    assert "latent" in page and len(page) > 10_000
+
+
+def test_export_models_and_encode_without_ray(run, tmp_path):
+    models = tmp_path / "models"
+    out = _cli(["export-models", str(run), "-o", str(models)], tmp_path)
+    assert out.returncode == 0, out.stderr
+    exported = sorted(p.name for p in models.rglob("*.pt2"))
+    assert "encoder.pt2" in exported and "decoder.pt2" in exported
+    images = tmp_path / "images.npy"
+    np.save(images, np.random.default_rng(0).integers(0, 256, (5, 28, 28), dtype=np.uint8))
+    target = tmp_path / "latents.npz"
+    out = _cli(["encode", str(run), "--images", str(images), "-o", str(target)], tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert np.load(target)["latents"].shape[0] == 5
+
+
+def test_an_interrupted_run_of_the_old_layout_reads_without_ray(tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(INTERRUPTED, run)
+    out = _cli(["status", str(run)], tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "interrupted" in out.stdout and "cae resume" in out.stdout
+
+
+def test_every_moved_name_of_the_old_layout_resolves():
+    """Tune's pickles of a run made before the move (``tuner.pkl``) load through the table
+    of moved names, and each entry of the table points at a module that exists."""
+    import importlib
+
+    from cae.sweep.moved import MOVED_MODULES, RENAMED, old_names
+
+    for new in MOVED_MODULES.values():
+        importlib.import_module(new)
+    for (_, _), (module, name) in RENAMED.items():
+        assert hasattr(importlib.import_module(module), name)
+    data = (INTERRUPTED / "tuner.pkl").read_bytes()
+    assert b"cae.halving" in data  # the fixture really names the old paths
+    import ray.cloudpickle  # noqa: F401  (Tune's pickles need Ray's classes too)
+
+    with pytest.raises(ModuleNotFoundError):
+        pickle.loads(data)
+    with old_names():
+        state = pickle.loads(data)
+    assert "cae.halving" not in sys.modules
+    text = json.dumps(str(state))
+    assert "cae.schedule" in text or "Scheduler" in text
+
+
+@pytest.mark.slow
+def test_an_interrupted_run_of_the_old_layout_resumes_to_the_end(tmp_path, capsys):
+    """``tests/data/interrupted-run`` was stopped half-way by the code before cae's modules
+    moved (its ``tuner.pkl`` names ``cae.halving``, ``cae.schedulers``, ...): it resumes,
+    every trial ends, and each epoch's loss is that of the same spec run undisturbed then."""
+    import pandas as pd
+
+    from cae.cli import main
+
+    run = tmp_path / "run"
+    shutil.copytree(INTERRUPTED, run)
+    before = pd.read_parquet(run / "trials.parquet")
+    assert set(before["status"]) != {"TERMINATED"}  # it really was interrupted
+    assert main(["resume", str(run), "--no-report", "--report-every", "0"]) == 0
+    capsys.readouterr()
+    trials = pd.read_parquet(run / "trials.parquet")
+    epochs = pd.read_parquet(run / "epochs.parquet").merge(
+        trials[["trial_id", "model.latent_dim", "model.convs"]], on="trial_id")
+    assert len(trials) == 4 and set(trials["status"]) == {"TERMINATED"}
+    got = sorted([int(a), int(b), int(c), float(v)] for a, b, c, v in zip(
+        epochs["model.latent_dim"], epochs["model.convs"], epochs["epoch"], epochs["val_loss"]))
+    expected = json.loads((REPO / "tests" / "data" / "interrupted-run-losses.json").read_text())
+    assert got == expected
