@@ -75,7 +75,8 @@ def test_the_experiment_state_of_a_real_trial_is_read():
     assert start == 123.5
     assert trials == {"fn_abc_00001_0_lr=0.1": tunefiles.TrialState("PAUSED", "abc_00001", 2)}
     with pytest.raises(tunefiles.StateFormatError):
-        tunefiles.read_experiment_state(text[: len(text) // 2])  # cut short, as a full disk leaves it
+        # cut short, as a full disk leaves it
+        tunefiles.read_experiment_state(text[: len(text) // 2])
 
 
 def test_the_run_config_of_a_restored_tuner_is_reachable(tmp_path):

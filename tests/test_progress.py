@@ -68,8 +68,8 @@ def test_callback_plain_lines_when_not_a_terminal_and_one_line_per_error(tmp_pat
     cb.setup()
     cb.on_step_end(1, [_trial("RUNNING", 1, 0.5, 0.01)])
     error = tmp_path / "error.txt"
-    error.write_text("Failure # 1\nTraceback ...\n  line\ncae.train.trainer.Diverged: train loss became "
-                     "nan at epoch 2\n")
+    error.write_text("Failure # 1\nTraceback ...\n  line\ncae.train.trainer.Diverged: train loss "
+                     "became nan at epoch 2\n")
     bad = _trial("ERROR", 1, 0.9, 1e12, error_file=str(error), trial_id="bad1")
     cb.on_trial_error(2, [], bad)
     cb.on_experiment_end([_trial("TERMINATED", 3, 0.2, 0.01), bad])

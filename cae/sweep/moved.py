@@ -6,8 +6,8 @@ Tune pickles a sweep's schedulers, searchers and callbacks into the run director
 the one table of moved modules (old -> new) and renamed names ((old module, old name) -> (new
 module, new name)), served to the unpickler by :func:`old_names` for the length of a resume.
 An old module path that is a package now (``cae.config``, ``cae.data``, ``cae.train``,
-``cae.sweep``, ``cae.results``) is not served: nothing of those modules was ever pickled by Tune (the
-trainable is handed to ``Tuner.restore`` again, the configs are plain data).
+``cae.sweep``, ``cae.results``) is not served: nothing of those modules was ever pickled by
+Tune (the trainable is handed to ``Tuner.restore`` again, the configs are plain data).
 """
 
 from __future__ import annotations
