@@ -102,7 +102,7 @@ def synthesize_run(run_dir: Path, n_trials: int, n_epochs: int, seed: int = 0) -
 
     import yaml
 
-    from cae.config.trial import trial_config
+    from cae.config.points import trial_config
     from cae.model.plan import describe
 
     rng = random.Random(seed)

@@ -1,7 +1,7 @@
 """The ``cae`` command: parses arguments and calls the library.
 
 A user error (a malformed spec, an impossible architecture, a missing dataset, a path that
-is not a run directory, a full storage: :class:`cae.config.trial.UserError`) becomes one message
+is not a run directory, a full storage: :class:`cae.config.errors.UserError`) becomes one message
 on stderr and exit status 2. ``cae sweep`` and ``cae resume`` exit with 3 when the sweep was
 stopped with trials left to run (``cae resume`` continues it). Anything else is a bug: a
 short message naming the exception and exit status 1, with the traceback under ``--debug``
@@ -15,7 +15,7 @@ import os
 import sys
 from pathlib import Path
 
-from cae.config.trial import UserError, debug, format_validation_error
+from cae.config.errors import UserError, debug, format_validation_error
 
 EXIT_USAGE, EXIT_BUG = 2, 1
 
@@ -31,7 +31,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from cae.config.trial import load_trial
+    from cae.config.yamlfile import load_trial
     from cae.train.trainer import train_and_print
 
     cfg = load_trial(args.config, args.set)
@@ -41,7 +41,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_data(args: argparse.Namespace) -> int:
-    from cae.config.trial import DataConfig, parse_overrides, validate
+    from cae.config.errors import validate
+    from cae.config.points import parse_overrides
+    from cae.config.trial import DataConfig
     from cae.data.datasets import describe
 
     fields = {"dataset": args.dataset, "data_dir": args.data_dir,

@@ -29,7 +29,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from cae.config.trial import TrialConfig, UserError
+from cae.config.errors import UserError
+from cae.config.trial import TrialConfig
 from cae.model.network import CAE, build_model, count_params
 
 if TYPE_CHECKING:  # pandas and the run directories are read only when a run is
@@ -364,7 +365,7 @@ def encode(source: str, images: str, out: str | Path, trial: str | dict = "best"
     filter as text, ``COLUMN=VALUE``); writes ``latents`` and, for a folder, ``paths`` to
     the .npz ``out``. Returns it and the number of images."""
     if isinstance(trial, str) and trial != "best" and "=" in trial:  # latent_size=8
-        from cae.config.trial import parse_overrides
+        from cae.config.points import parse_overrides
 
         trial = parse_overrides([trial])
     if not Path(images).exists():

@@ -297,7 +297,7 @@ def fake_run(tmp_path: Path, trial: dict, n_trials: int = 2) -> tuple[Path, pd.D
     """A run dir with untrained models saved as Ray checkpoints of our trainable."""
     import torch
 
-    from cae.config.trial import trial_config
+    from cae.config.points import trial_config
     from cae.model.network import build_model
 
     run_dir = tmp_path / "fake"

@@ -345,7 +345,7 @@ def test_check_shared_storage_without_a_cluster():
     assert cc._can_host(node, {"CPU": 1, "GPU": 0.25})
     assert not cc._can_host({"Resources": {"CPU": 4.0}}, {"CPU": 1, "GPU": 0.25})
     assert not cc._can_host({"Resources": {}}, {"CPU": 1, "GPU": 0})
-    from cae.config.trial import UserError
+    from cae.config.errors import UserError
 
     assert issubclass(cc.SharedStorageError, UserError)  # the CLI's exit status 2
 
@@ -394,7 +394,7 @@ while True:
 CHECK = """
 import sys, ray
 from cae.sweep.cluster import check_shared_storage
-from cae.config.trial import UserError
+from cae.config.errors import UserError
 ray.init(address=sys.argv[1], log_to_driver=False)
 try:
     check_shared_storage(sys.argv[2], {"CPU": 1, "GPU": 0})

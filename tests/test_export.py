@@ -20,7 +20,8 @@ import yaml
 from PIL import Image
 
 from cae.cli import main
-from cae.config.trial import DataConfig, TrialConfig, UserError
+from cae.config.errors import UserError
+from cae.config.trial import DataConfig, TrialConfig
 from cae.data import datasets as cdata
 from cae.export import select
 

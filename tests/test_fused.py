@@ -11,7 +11,8 @@ import math
 import pytest
 import torch
 
-from cae.config.trial import TrialConfig, UserError, validate
+from cae.config.errors import UserError, validate
+from cae.config.trial import TrialConfig
 from cae.data.datasets import load
 from cae.model.network import build_model
 from cae.train.pack import Pack

@@ -255,7 +255,7 @@ def test_datasets_and_variants_in_space_are_what_each_trial_ran(tmp_path, data_c
     assert sorted(trials["model.channels"]) == ["[32, 32]", "[32, 32]", "[8, 8]", "[8, 8]"]
     assert (trials.loc[trials["model.channels"] == "[32, 32]", "lr"] == 0.002).all()
     assert (trials.loc[trials["model.channels"] == "[8, 8]", "lr"] == 0.001).all()
-    from cae.config.trial import trial_config
+    from cae.config.points import trial_config
     from cae.model.plan import param_count
 
     for channels in ([8, 8], [32, 32]):
@@ -319,7 +319,7 @@ def test_stratified_halving_winners_do_not_depend_on_trial_order(sha_runs):
 
 
 def test_repeats_differ_by_seed_and_nothing_else(tmp_path):
-    from cae.config.trial import REPEAT_SEED_STRIDE
+    from cae.config.points import REPEAT_SEED_STRIDE
 
     spec = {"name": "rep", "trial": {"data": {"dataset": "sample", "train_limit": 300},
                                      "model": {"channels": [4, 8], "latent_dim": 8},

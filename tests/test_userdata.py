@@ -21,7 +21,8 @@ import yaml
 from PIL import Image
 
 from cae.cli import main
-from cae.config.trial import DataConfig, TrialConfig, UserError
+from cae.config.errors import UserError
+from cae.config.trial import DataConfig, TrialConfig
 from cae.data import datasets as cdata
 from cae.data import imagefiles, userdata
 from cae.data.datasets import load

@@ -13,20 +13,16 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from cae.config.trial import (
-    REPEAT_KEY,
-    UserError,
-    _Strict,
-    load_yaml,
-    parse_overrides,
-    set_dotted,
-    validate,
-)
+from cae.config.errors import UserError, validate
+from cae.config.points import REPEAT_KEY, parse_overrides, set_dotted
+from cae.config.trial import Strict
+from cae.config.yamlfile import load_yaml
 
 
 def stratum_of(config: dict, keys: list[str] | tuple[str, ...]) -> tuple:
     """The values of ``keys`` in a flat trial config, directly or in a ``variant*`` mapping
-    (the later wins, as in ``cae.config.trial.apply_point``); lists and dicts as JSON (hashable)."""
+    (the later wins, as in ``cae.config.points.apply_point``); lists and dicts as JSON
+    (hashable)."""
     out = []
     for key in keys:
         found = [v[key] if k != key else v for k, v in config.items() if k == key or (
@@ -52,7 +48,7 @@ def rungs(grace_period: int, reduction_factor: float, max_t: int) -> list[int]:
     return out
 
 
-class SchedulerConfig(_Strict):
+class SchedulerConfig(Strict):
     """Early stopping on epochs: successive halving stops weak trials at rungs (epochs
     ``grace_period * reduction_factor^k``), or FIFO runs every trial to its end.
 
@@ -75,7 +71,7 @@ class SchedulerConfig(_Strict):
     work_ahead: bool = True
 
 
-class ResourcesConfig(_Strict):
+class ResourcesConfig(Strict):
     """Resources of one trial; a fractional ``gpu`` packs several trials on one GPU."""
 
     cpu: float = Field(1.0, gt=0.0)
@@ -88,7 +84,7 @@ class ResourcesConfig(_Strict):
         return self
 
 
-class SearchConfig(_Strict):
+class SearchConfig(Strict):
     """How the random axes of ``space`` are drawn.
 
     ``grid`` (the default): every grid point ``num_samples`` times, the random axes drawn
@@ -111,7 +107,7 @@ class SearchConfig(_Strict):
         return max(2, min(10, num_samples // 3))
 
 
-class FuseConfig(_Strict):
+class FuseConfig(Strict):
     """Trials that differ only in what leaves tensor shapes alone (seed, learning rate,
     weight decay, dropout rates, penalties, loss; see ``cae.train.packing``) train together as one
     fused pack of up to ``max_members``, one Ray Tune trial per pack (``cae.train.pack``).
@@ -125,7 +121,7 @@ class FuseConfig(_Strict):
     auto: bool = False
 
 
-class SweepSpec(_Strict):
+class SweepSpec(Strict):
     """A sweep: a base trial, the axes to search over, the scheduler, resources, storage.
 
     ``space`` maps dotted trial keys (``model.latent_dim``) to a fixed value or to one of

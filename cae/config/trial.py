@@ -1,10 +1,13 @@
-"""Typed, validated configuration for one trial (a sweep's is ``cae.config.spec``).
+"""The models of one trial's configuration: model, data, task, and the trial itself.
 
 Every config is a pydantic model with ``extra="forbid"``, so a misspelt key is an error that
 names the field instead of a silently ignored setting. A :class:`TrialConfig` is complete
 and self-checking: after validation its model knows its input and output shapes (taken from
 the dataset and the task) and its architecture has been checked for impossible shapes, so a
-bad grid point fails here, before any training starts.
+bad grid point fails here, before any training starts. A sweep's spec is
+``cae.config.spec``; a grid point applied to a base trial ``cae.config.points``; reading
+YAML ``cae.config.yamlfile``; the checks that look at a user's files
+``cae.config.datachecks``.
 """
 
 from __future__ import annotations
@@ -13,17 +16,10 @@ import json
 import os
 from typing import Any, Literal
 
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    ValidationError,
-    field_validator,
-    model_validator,
-)
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from cae.config.catalog import DATASETS, DISTORTIONS, TASKS, USER_DATASETS, DatasetInfo, TaskInfo
-from cae.config.errors import UserError  # also imported from here by most modules
+from cae.config.catalog import DATASETS, DISTORTIONS, TASKS, USER_DATASETS, DatasetInfo
+from cae.config.datachecks import check_channels, check_enough
 from cae.config.presets import preset_dict
 from cae.model.plan import plan
 
@@ -36,37 +32,19 @@ MAX_STAGES, MAX_CONVS, MAX_CHANNELS, MAX_KERNEL = 16, 64, 4096, 64
 MAX_DENSE_LAYERS, MAX_WIDTH = 32, 1 << 20
 MAX_IMAGE_SIZE = 4096
 
-
-def format_validation_error(exc: ValidationError, source: str = "") -> str:
-    """One readable message from a pydantic ValidationError, naming each field."""
-    lines = []
-    for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"])
-        msg = err["msg"].removeprefix("Value error, ")
-        lines.append(f"{loc}: {msg}" if loc else msg)
-    head = f"invalid config{f' ({source})' if source else ''}: "
-    return head + "; ".join(lines)
+# A trial's shuffling of epoch e is seeded with ``seed * SEED_STRIDE + e``: a stream that
+# resumes exactly and differs between seeds. The repeats of a grid point shift the seed by
+# the same stride (``cae.config.points``), so their streams never overlap either.
+SEED_STRIDE = 1_000_003
 
 
-def debug() -> bool:
-    """Whether ``--debug`` or ``CAE_DEBUG=1`` asks for tracebacks instead of one-line
-    messages."""
-    return os.environ.get("CAE_DEBUG", "") not in ("", "0")
+class Strict(BaseModel):
+    """The base of every config: unknown keys are errors, fields stay assignable."""
 
-
-def validate(model: type[BaseModel], data: Any, source: str = "") -> Any:
-    """``model.model_validate(data)``, a validation error becoming a :class:`UserError`."""
-    try:
-        return model.model_validate(data)
-    except ValidationError as exc:
-        raise UserError(format_validation_error(exc, source)) from None
-
-
-class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=False, validate_assignment=False)
 
 
-class ModelConfig(_Strict):
+class ModelConfig(Strict):
     """One convolutional autoencoder of the model space.
 
     The encoder is a list of stages, one per entry of ``channels``: ``convs`` conv layers,
@@ -176,7 +154,7 @@ class ModelConfig(_Strict):
         return self.decoder_kernel if self.decoder_kernel is not None else self.kernel
 
 
-class DataFacts(_Strict):
+class DataFacts(Strict):
     """What a user's folder or array file holds, found once on the driver (``cae.data.userdata``)
     and recorded in a run's spec beside the settings that read it, so that a trial validates
     its config on any node without the files (and ``cae status`` and ``cae report`` later).
@@ -199,7 +177,7 @@ class DataFacts(_Strict):
     fingerprint: str = ""  # of the files as read (paths, sizes, modification times)
 
 
-class DataConfig(_Strict):
+class DataConfig(Strict):
     """Which images, where they live, and how they are split.
 
     ``dataset: folder`` reads every image under ``path`` (any depth), ``dataset: arrays`` a
@@ -288,18 +266,14 @@ class DataConfig(_Strict):
 def absolute_path(path: str) -> str:
     """A user's path as DataConfig keeps it: ``~`` expanded, made absolute (not resolved:
     the same text on every node, whether the file exists there or not)."""
-    import os
-
     return os.path.abspath(os.path.expanduser(path))
 
 
 def _basename(path: str) -> str:
-    import os
-
     return os.path.basename(path.rstrip("/")) or path
 
 
-class TaskConfig(_Strict):
+class TaskConfig(Strict):
     """What the autoencoder learns: reconstruct, denoise (undo distortions) or colorize.
 
     For ``denoise`` each sample gets one distortion, ``distortions[index % len]`` (so each is
@@ -318,7 +292,7 @@ class TaskConfig(_Strict):
     eval_seed: int = 1234
 
 
-class TrialConfig(_Strict):
+class TrialConfig(Strict):
     """Everything one training run needs: model, data, task and optimisation settings."""
 
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -332,7 +306,7 @@ class TrialConfig(_Strict):
     patience: int | None = Field(3, ge=1)
     min_delta: float = Field(0.0, ge=0.0)
     loss: Literal["mse", "bce", "l1"] = "mse"
-    seed: int = 0
+    seed: int = 0  # the weights' initialisation and, with SEED_STRIDE, each epoch's order
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # bf16 autocast of the training forward pass; ``auto``: on a CUDA GPU with bf16, fp32
     # elsewhere (see cae.train.trainer.resolve_precision). Weights, optimiser state, the loss and
@@ -359,7 +333,7 @@ class TrialConfig(_Strict):
                              f"models take square ones: set data.image_size to one number "
                              f"(a centred crop), e.g. {min(h, w)}")
         task = TASKS[self.task.name]
-        _check_channels(self.data, task, c, name)
+        check_channels(self.data, task, c, name)
         cin, cout = task.channels(c)
         want = {"in_channels": cin, "out_channels": cout, "image_size": h}
         for key, value in want.items():
@@ -373,149 +347,11 @@ class TrialConfig(_Strict):
         if self.loss == "bce" and self.model.output_activation != "sigmoid":
             raise ValueError("loss 'bce' needs model.output_activation 'sigmoid'")
         if self.data.dataset in USER_DATASETS:
-            _check_enough(self, info)
+            check_enough(self, info)
         plan(self.model)  # raises ValueError naming the impossible layer
         return self
-
-
-def _check_channels(data: DataConfig, task: TaskInfo, channels: int, name: str) -> None:
-    """A task that needs RGB images (colorize learns chroma from luma) gets RGB images that
-    hold colour."""
-    if task.needs_channels is None:
-        return
-    user = data.dataset in USER_DATASETS
-    if channels != task.needs_channels:
-        hint = ("set data.channels: 3 only if the images are in colour" if user
-                else "use cifar10 or photos")
-        raise ValueError(
-            f"task '{task.name}' needs {task.needs_channels}-channel images"
-            f"{' (RGB)' if task.needs_channels == 3 else ''}, but '{name}' has {channels} "
-            f"channel(s); {hint}")
-    if user and task.needs_channels == 3:
-        from cae.data.userdata import facts
-
-        if facts(data).get("grayscale"):
-            raise ValueError(f"task '{task.name}' needs images in colour, but every image of "
-                             f"'{name}' ({data.path}) is grayscale: converted to RGB they hold "
-                             "no colour to learn")
-
-
-def _check_enough(cfg: TrialConfig, info: DatasetInfo) -> None:
-    """A user's dataset must fill one batch after the validation split, and test on one."""
-    n, _ = cfg.data.sizes()
-    n_val = max(1, round(n * cfg.data.val_fraction))
-    if n - n_val < cfg.batch_size:
-        raise ValueError(
-            f"dataset '{info.name}' has {n:,} training images ({cfg.data.path}), "
-            f"{n - n_val:,} after the validation split ({cfg.data.val_fraction:g}): fewer than "
-            f"one batch ({cfg.batch_size}); add images or lower batch_size")
-    if info.test_size < 1:
-        raise ValueError(f"dataset '{info.name}' has no test images ({cfg.data.test_path})")
-
-
-def set_dotted(data: dict, key: str, value: Any) -> None:
-    """Set ``data["a"]["b"] = value`` for ``key="a.b"``, creating dicts on the way."""
-    parts = key.split(".")
-    if not isinstance(data, dict) or not all(parts):
-        raise UserError(f"cannot set {key!r}: keys are dotted names inside a mapping")
-    node = data
-    for part in parts[:-1]:
-        nxt = node.get(part)
-        if not isinstance(nxt, dict):
-            nxt = {}
-            node[part] = nxt
-        node = nxt
-    node[parts[-1]] = value
-
-
-def apply_point(data: dict, point: dict[str, Any]) -> dict:
-    """Apply one search-space point to a trial dict, in place.
-
-    Keys are dotted trial keys; a key starting with ``variant`` holds a mapping of dotted
-    keys applied together (so one grid axis can pair, say, a model preset with its task).
-    """
-    for key, value in point.items():
-        if key.startswith("variant"):
-            if not isinstance(value, dict):
-                raise UserError(f"{key}: each value must be a mapping of dotted keys")
-            for k, v in value.items():
-                set_dotted(data, k, v)
-        else:
-            set_dotted(data, key, value)
-    return data
-
-
-
-# A point's ``repeat`` (0, 1, ... num_samples - 1 over a grid) shifts the trial's seed by
-# this stride, so repeats of one configuration differ by seed and nothing else; a trial's
-# shuffling of epoch e is seeded with ``seed * SEED_STRIDE + e`` (a stream that resumes
-# exactly and differs between seeds).
-SEED_STRIDE = 1_000_003
-REPEAT_KEY, REPEAT_SEED_STRIDE = "repeat", SEED_STRIDE
-
-
-def trial_config(base: dict, point: dict[str, Any]) -> TrialConfig:
-    """The base trial with one search-space point (dotted keys) applied, validated.
-
-    A ``repeat`` entry of the point (see ``cae.sweep.tuner.param_space``) is not a setting: repeat
-    ``r`` runs with ``seed + r * REPEAT_SEED_STRIDE``."""
-    import copy
-
-    point = dict(point)
-    repeat = point.pop(REPEAT_KEY, 0)
-    data = apply_point(copy.deepcopy(base), point)
-    if repeat:
-        if not isinstance(data.get("seed", 0), int):
-            return TrialConfig.model_validate(data)  # the validation error names the seed
-        data["seed"] = data.get("seed", 0) + int(repeat) * REPEAT_SEED_STRIDE
-    return TrialConfig.model_validate(data)
 
 
 def get_preset(name: str) -> ModelConfig:
     """A named preset as a validated ModelConfig."""
     return ModelConfig.model_validate(preset_dict(name))
-
-
-def parse_overrides(items: list[str]) -> dict[str, Any]:
-    """Turn ``["a.b=3", "c=[1, 2]"]`` into ``{"a.b": 3, "c": [1, 2]}`` (values parsed as YAML)."""
-    import yaml
-
-    out: dict[str, Any] = {}
-    for item in items:
-        if "=" not in item:
-            raise UserError(f"--set expects key=value, got {item!r}")
-        key, raw = item.split("=", 1)
-        try:
-            out[key.strip()] = yaml.safe_load(raw)
-        except yaml.YAMLError as exc:
-            raise UserError(f"--set {key.strip()}: the value is not valid YAML ({exc})") from None
-    return out
-
-
-def load_yaml(path: str) -> dict:
-    """Read a YAML mapping, with a clear error for a missing or malformed file."""
-    from pathlib import Path
-
-    import yaml
-
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"config file not found: {path}")
-    try:
-        data = yaml.safe_load(p.read_text()) or {}
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise UserError(f"{path} is not valid YAML: {exc}") from None
-    except OSError as exc:
-        raise UserError(f"{path} cannot be read: {exc}") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{path} must hold a mapping of settings, not {type(data).__name__}")
-    return data
-
-
-def load_trial(path: str, overrides: list[str] | None = None) -> TrialConfig:
-    """Load a trial YAML file, apply ``--set key=value`` overrides, validate."""
-    data = load_yaml(path)
-    data.pop("name", None)
-    for key, value in parse_overrides(overrides or []).items():
-        set_dotted(data, key, value)
-    return validate(TrialConfig, data, path)

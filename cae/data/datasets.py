@@ -25,7 +25,8 @@ import numpy as np
 import torch
 
 from cae.config.catalog import DATASETS, USER_DATASETS
-from cae.config.trial import DataConfig, UserError
+from cae.config.errors import UserError
+from cae.config.trial import DataConfig
 from cae.data import userdata
 from cae.data.userdata import data_root  # decided there; imported from here too
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from cae.config.trial import UserError
+from cae.config.errors import UserError
 from cae.results.tables import (
     EPOCHS_FILE,
     TRIALS_FILE,

@@ -24,8 +24,10 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
+from cae.config.errors import UserError
+from cae.config.points import REPEAT_KEY, apply_point, trial_config
 from cae.config.spec import SchedulerConfig, rungs
-from cae.config.trial import REPEAT_KEY, TrialConfig, UserError, apply_point, trial_config
+from cae.config.trial import TrialConfig
 from cae.run import outcomes, packfiles
 from cae.run import state as runstate
 from cae.run.checkpoints import newest_history

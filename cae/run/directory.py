@@ -19,8 +19,8 @@ from pathlib import Path
 
 import yaml
 
+from cae.config.errors import UserError, validate
 from cae.config.spec import SweepSpec
-from cae.config.trial import UserError, validate
 from cae.run import checkpoints
 from cae.run.diskspace import CHECKPOINTS_KEPT
 from cae.run.packfiles import MEMBER_PREFIX

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from cae.config.trial import UserError
+from cae.config.errors import UserError
 from cae.model import plan as arch
 
 if TYPE_CHECKING:

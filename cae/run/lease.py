@@ -26,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from cae.config.trial import UserError
+from cae.config.errors import UserError
 from cae.run.directory import is_uri, write_file
 
 LEASE_FILE = "driver.lease"

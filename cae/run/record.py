@@ -17,7 +17,8 @@ import hashlib
 import json
 from typing import Any
 
-from cae.config.trial import REPEAT_KEY, TrialConfig
+from cae.config.points import REPEAT_KEY
+from cae.config.trial import TrialConfig
 from cae.model.plan import describe
 
 RECORD_FILE = "trial.json"

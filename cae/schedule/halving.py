@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from ray.tune.experiment import Trial
 from ray.tune.schedulers import TrialScheduler
 
+from cae.config.points import REPEAT_KEY
 from cae.config.spec import rungs
-from cae.config.trial import REPEAT_KEY
 from cae.sweep.internals import keep_paused, mark_for_experiment_state
 
 

@@ -23,8 +23,8 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 from ray.tune.search import Searcher
 from ray.tune.search.variant_generator import generate_variants
 
+from cae.config.points import REPEAT_KEY
 from cae.config.spec import stratum_of
-from cae.config.trial import REPEAT_KEY
 from cae.schedule.halving import (  # noqa: F401 (SyncHalvingScheduler re-exported)
     SPECULATIVE,
     SPECULATIVE_VALUE,

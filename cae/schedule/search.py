@@ -23,8 +23,8 @@ import numpy as np
 from ray import tune
 from ray.tune.search import Searcher
 
+from cae.config.points import REPEAT_KEY
 from cae.config.spec import SweepSpec
-from cae.config.trial import REPEAT_KEY
 from cae.run.outcomes import OWN_ENDS
 
 # What TPE minimises per trial: the best validation loss it reached before it ended (the

@@ -18,7 +18,7 @@ from __future__ import annotations
 import uuid
 from pathlib import Path
 
-from cae.config.trial import UserError
+from cae.config.errors import UserError
 from cae.run.directory import is_shared_uri, local_path
 
 CHECK_TIMEOUT_S = 120.0

@@ -20,8 +20,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from cae.config.errors import UserError, debug
 from cae.config.spec import SweepSpec
-from cae.config.trial import UserError, debug
 from cae.run import directory as rundir
 from cae.run import state as runstate
 from cae.run.diskspace import StorageFull, check_room, free_bytes, mib

@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from cae.config.trial import debug
+from cae.config.errors import debug
 
 
 class LiveReport:

@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import json
 
+from cae.config.points import trial_config
 from cae.config.spec import SweepSpec
-from cae.config.trial import TrialConfig, trial_config
+from cae.config.trial import TrialConfig
 from cae.run.packfiles import PACK_KEY
 from cae.sweep.plan import SpecError
 from cae.train.packing import FUSABLE, pack_memory, plan_packs

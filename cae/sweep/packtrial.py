@@ -24,8 +24,8 @@ import math
 import torch
 from ray import tune
 
+from cae.config.points import trial_config
 from cae.config.spec import SweepSpec
-from cae.config.trial import trial_config
 from cae.data.datasets import ImageData
 from cae.run import checkpoints, packfiles
 from cae.run.directory import write_file

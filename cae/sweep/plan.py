@@ -18,15 +18,10 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from cae.config.errors import UserError, format_validation_error
+from cae.config.points import apply_point
 from cae.config.spec import AXIS_KINDS, SweepSpec, stratum_of
-from cae.config.trial import (
-    DataConfig,
-    TrialConfig,
-    UserError,
-    absolute_path,
-    apply_point,
-    format_validation_error,
-)
+from cae.config.trial import DataConfig, TrialConfig, absolute_path
 from cae.model.memory import estimate, trial_budget
 from cae.run import diskspace
 

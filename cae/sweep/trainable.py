@@ -25,7 +25,8 @@ import ray
 import torch
 from ray import tune
 
-from cae.config.trial import TrialConfig, trial_config
+from cae.config.points import trial_config
+from cae.config.trial import TrialConfig
 from cae.data.datasets import ImageData
 from cae.run import checkpoints
 from cae.run.directory import write_file
