@@ -44,17 +44,15 @@ MAX_BATCH = 1 << 20  # the largest batch the exported programs accept
 # ---- which trial --------------------------------------------------------------------------
 
 
-def trial_config(local: Path, trial: pd.Series) -> TrialConfig:
-    """The config one trial ran with: its own record (``trial.json``, written when it
-    started), else its point applied to the run's spec (``cae.results.tables.trial_config_of``)."""
-    import yaml
-
-    from cae.results.tables import read_trial, trial_config_of
+def row_config(local: Path, trial: pd.Series) -> TrialConfig:
+    """The config the trial of a ``trials`` row ran (``cae.run.record.trial_config_of``)."""
+    from cae.results.tables import read_trial
     from cae.run import directory as rundir
+    from cae.run.record import trial_config_of
 
-    base = (yaml.safe_load((local / rundir.SPEC_FILE).read_text()) or {}).get("trial") or {}
-    identity = read_trial(local / str(trial["trial_dir"]), outcome=False)
-    return trial_config_of(identity, base)
+    files = read_trial(local / str(trial["trial_dir"]), outcome=False)
+    return trial_config_of(files.record, rundir.read_spec(local).get("trial") or {},
+                           files.point)
 
 
 def read_trials(run_dir: str) -> tuple[pd.DataFrame, Path]:
@@ -164,7 +162,7 @@ def load_model(run_dir: str, trial: str | dict = "best") -> tuple[CAE, TrialConf
 
 
 def _model(run_dir: str, local: Path, row: pd.Series) -> tuple[CAE, TrialConfig]:
-    cfg = trial_config(local, row)
+    cfg = row_config(local, row)
     model = build_model(cfg.model, seed=cfg.seed)
     model.load_state_dict(best_weights(run_dir, row))
     return model.eval(), cfg

@@ -71,15 +71,17 @@ def trial_samples(
 
     from cae.data.datasets import load, split
     from cae.model.network import build_model
-    from cae.results.tables import read_trial, trial_config_of
+    from cae.results.tables import read_trial
     from cae.run.checkpoints import filesystem, load_newest
+    from cae.run.record import trial_config_of
     from cae.train.tasks import make_task
 
     trial_dir = Path(run_dir) / str(trial["trial_dir"])
     found = load_newest(*filesystem(trial_dir))
     if found is None:
         raise FileNotFoundError(f"trial {trial['trial_id']} has no checkpoint yet")
-    cfg = trial_config_of(read_trial(trial_dir, outcome=False), spec.get("trial") or {})
+    files = read_trial(trial_dir, outcome=False)
+    cfg = trial_config_of(files.record, spec.get("trial") or {}, files.point)
     state = found.state
     model = build_model(cfg.model, seed=cfg.seed)
     model.load_state_dict(state.get("best_model") or state["model"])

@@ -54,13 +54,12 @@ def load_run(run_dir: str | Path, refresh: bool | None = None, frames: Any = Non
     tables (``cae.results.tables.tables``: refreshed first when ``refresh``, or when the run wrote
     something since they were made; or the ``frames`` just exported), its spec and its
     reference errors."""
-    import yaml
-
     from cae.results.tables import read_baselines, tables
+    from cae.run.directory import read_spec
 
     run_dir = Path(run_dir)
     frames = frames if frames is not None else tables(run_dir, refresh)
-    spec = yaml.safe_load((run_dir / "spec.yaml").read_text()) or {}
+    spec = read_spec(run_dir)
     return Run(trials=frames.trials, epochs=frames.epochs, spec=spec, path=run_dir,
                baselines=read_baselines(run_dir), notes=frames.notes)
 

@@ -22,17 +22,16 @@ from functools import lru_cache
 from pathlib import Path
 
 import pandas as pd
-import yaml
 
 from cae.config.errors import UserError
-from cae.config.points import REPEAT_KEY, apply_point, trial_config
+from cae.config.points import REPEAT_KEY, apply_point
 from cae.config.spec import SchedulerConfig, rungs
 from cae.config.trial import TrialConfig
 from cae.run import outcomes, packfiles
 from cae.run import state as runstate
 from cae.run.checkpoints import newest_history
-from cae.run.directory import BASELINES_FILE, SPEC_FILE, RunDirError, write_file
-from cae.run.record import RECORD_FILE, columns, flatten, make_record
+from cae.run.directory import BASELINES_FILE, read_spec, write_file
+from cae.run.record import RECORD_FILE, columns, flatten, make_record, trial_config_of
 from cae.run.tunefiles import TrialState
 
 TRIALS_FILE, EPOCHS_FILE = "trials.parquet", "epochs.parquet"
@@ -208,7 +207,7 @@ def _planned_columns(base_and_point: str) -> dict:
     from the spec (what it will run if it has not started)."""
     base, point = json.loads(base_and_point)
     try:
-        return columns(make_record(trial_config(base, point), point), recorded=False)
+        return columns(make_record(trial_config_of(None, base, point), point), recorded=False)
     except (ValueError, UserError):  # a hand-edited params.json: the settings as given
         given = {k: v for k, v in point.items() if k != REPEAT_KEY}
         return {**flatten(apply_point(json.loads(json.dumps(base)), given)), "recorded": False}
@@ -237,13 +236,6 @@ class Frames:
     notes: list[str] = field(default_factory=list)
 
 
-def _spec(run_dir: Path) -> dict:
-    path = run_dir / SPEC_FILE
-    if not path.is_file():
-        raise RunDirError(f"{run_dir} is not a cae run directory (no {SPEC_FILE} in it)")
-    return yaml.safe_load(path.read_text()) or {}
-
-
 def trial_dirs(run_dir: Path, *, outcome: bool = True) -> list[TrialFiles]:
     """Every trial of the run, without those a later trial took over (``continues``); a
     fused pack's members each as a trial (``cae.run.packfiles``). ``outcome``: as
@@ -263,7 +255,7 @@ def trial_dirs(run_dir: Path, *, outcome: bool = True) -> list[TrialFiles]:
 def read_frames(run_dir: str | Path) -> Frames:
     """The ``trials`` and ``epochs`` frames of a run directory, made from Ray's files."""
     run_dir = Path(run_dir)
-    spec = _spec(run_dir)
+    spec = read_spec(run_dir)
     statuses = runstate.read_statuses(run_dir)
     sched, default = spec.get("scheduler") or {}, _SCHEDULER_DEFAULTS
     scheduler = sched.get("kind", default.kind)
@@ -405,27 +397,15 @@ def best_trial(trials: pd.DataFrame) -> pd.Series | None:
     return None if ok.empty else ok.loc[ok["best_val_loss"].idxmin()]
 
 
-def trial_config_of(files: TrialFiles, base: dict, data_dir: str | None = None) -> TrialConfig:
-    """The validated configuration a trial ran (its record), else the one it will run;
-    ``data_dir`` replaces where the data is read from."""
-    if files.record:
-        config = dict(files.record["config"])
-    else:
-        config = trial_config(base, files.point).model_dump(mode="json")
-    if data_dir:
-        config["data"] = {**config["data"],
-                          "data_dir": str(Path(data_dir).expanduser().resolve())}
-    return TrialConfig.model_validate(config)
-
-
 def trial_configs(run_dir: str | Path, data_dir: str | None = None) -> list[TrialConfig]:
-    """The configuration of every trial of a run directory (see ``trial_config_of``)."""
+    """The configuration of every trial of a run directory (``cae.run.record.trial_config_of``:
+    its record, else what it will run; ``data_dir`` replaces where the data are read)."""
     run_dir = Path(run_dir)
-    base = _spec(run_dir).get("trial") or {}
+    base = read_spec(run_dir).get("trial") or {}
     out = []
     for files in trial_dirs(run_dir, outcome=False):  # the configurations alone
         try:
-            out.append(trial_config_of(files, base, data_dir))
+            out.append(trial_config_of(files.record, base, files.point, data_dir))
         except (ValueError, UserError):
             continue  # a hand-edited params.json: no config to take references from
     return out

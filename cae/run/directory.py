@@ -16,6 +16,7 @@ import re
 import threading
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -33,6 +34,14 @@ BASELINES_FILE = "baselines.parquet"  # the reference errors (cae.results.baseli
 
 class RunDirError(UserError):
     """A path or URI that is not a readable cae run directory."""
+
+
+class NotARun(RunDirError):
+    """A path or URI without a run's ``spec.yaml``: not a cae run directory (every reader
+    of a run says so in these words)."""
+
+    def __init__(self, run_dir: str | Path):
+        super().__init__(f"{run_dir} is not a cae run directory (no {SPEC_FILE} in it)")
 
 
 def is_uri(storage: str) -> bool:
@@ -97,27 +106,44 @@ def save_spec(run_dir: str, spec: SweepSpec) -> None:
     write_file(run_dir, SPEC_FILE, text.encode())
 
 
-def load_run_spec(run_dir: str) -> SweepSpec:
-    """The spec a run directory (a local path or a URI) ran with."""
+def _spec_data(run_dir: str | Path) -> Any:
+    """``spec.yaml`` of a run directory (a local path or a URI) as YAML reads it."""
     import pyarrow.fs as pafs
 
-    missing = RunDirError(f"{run_dir} is not a cae run directory (no {SPEC_FILE} in it)")
-    if is_uri(run_dir):
-        fs, path = _filesystem(run_dir)
+    text_dir = str(run_dir)
+    if is_uri(text_dir):
+        fs, path = _filesystem(text_dir)
         if fs.get_file_info(f"{path}/{SPEC_FILE}").type != pafs.FileType.File:
-            raise missing
+            raise NotARun(run_dir)
         with fs.open_input_stream(f"{path}/{SPEC_FILE}") as f:
             text = f.read().decode()
     else:
         path = Path(run_dir) / SPEC_FILE
         if not path.is_file():
-            raise missing
+            raise NotARun(run_dir)
         text = path.read_text()
     try:
-        data = yaml.safe_load(text)
+        return yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise RunDirError(f"{run_dir}/{SPEC_FILE} is not valid YAML: {exc}") from None
-    return validate(SweepSpec, data, f"{run_dir}/{SPEC_FILE}")
+
+
+def read_spec(run_dir: str | Path) -> dict:
+    """The spec a run directory holds, as the plain mapping written into ``spec.yaml``
+    (not validated: what the readers of a finished run take, so that a run opens whatever
+    this cae's defaults and checks have become since); :func:`load_run_spec` validates it."""
+    data = _spec_data(run_dir)
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise RunDirError(f"{run_dir}/{SPEC_FILE} holds {type(data).__name__}, not the "
+                          "mapping of a sweep spec")
+    return data
+
+
+def load_run_spec(run_dir: str) -> SweepSpec:
+    """The spec a run directory (a local path or a URI) ran with, validated."""
+    return validate(SweepSpec, _spec_data(run_dir), f"{run_dir}/{SPEC_FILE}")
 
 
 # ---- mirrors of run directories at URIs ------------------------------------------------------
@@ -173,7 +199,7 @@ def _fetch_run(run_dir: str, dest: Path | None) -> Path:
             with fs.open_input_stream(info.path) as src:
                 target.write_bytes(src.read())
     if not (dest / SPEC_FILE).is_file():
-        raise RunDirError(f"{run_dir} is not a cae run directory (no {SPEC_FILE} in it)")
+        raise NotARun(run_dir)
     return dest
 
 
@@ -183,7 +209,7 @@ def local_copy(run_dir: str) -> Path:
         return fetch_run(run_dir)
     path = Path(run_dir)
     if not (path / SPEC_FILE).is_file():
-        raise RunDirError(f"{run_dir} is not a cae run directory (no {SPEC_FILE} in it)")
+        raise NotARun(run_dir)
     return path
 
 

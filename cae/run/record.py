@@ -7,6 +7,8 @@ columns of ``trials.parquet`` from it, so the tables of a run keep saying what t
 trained after cae's defaults change; a restarted trial goes on with its recorded
 configuration. Trials that have not started have no record: their columns are made from the
 spec with this cae's defaults (what they will run), and say so (``recorded`` False).
+:func:`trial_config_of` is the one answer to "which configuration did this trial run" for
+every reader of a run (the tables, the reference errors, the report's pictures, export).
 
 Torch-free, like ``cae.config.trial``.
 """
@@ -15,9 +17,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
 from typing import Any
 
-from cae.config.points import REPEAT_KEY
+from cae.config.points import REPEAT_KEY, trial_config
 from cae.config.trial import TrialConfig
 from cae.model.plan import describe
 
@@ -72,3 +75,26 @@ def columns(record: dict, recorded: bool = True) -> dict:
         "latent_size": record["latent_size"], "family": record["family"],
         "recorded": recorded,
     }
+
+
+def trial_config_of(record: dict | None, base: dict, point: dict,
+                    data_dir: str | None = None) -> TrialConfig:
+    """The configuration a trial ran: the one its ``record`` (written at its first start)
+    says; without a record (a trial that has not started) the one it will run, its
+    ``point`` applied to the run's ``base`` trial with this cae's defaults.
+
+    ``data_dir`` (``cae resume --data-dir``, ``cae report --data-dir``) replaces where the
+    data are read from: the same images in another place, so the rest of what the trial ran
+    stays as recorded."""
+    if record is None:
+        planned = trial_config(base, point)
+        if not data_dir:
+            return planned
+        config = planned.model_dump(mode="json")
+    else:
+        config = dict(record["config"])
+    if data_dir:
+        config["data"] = {**config["data"],
+                          "data_dir": str(Path(data_dir).expanduser().resolve())}
+    return TrialConfig.model_validate(config)
+
