@@ -442,7 +442,7 @@ def test_a_trial_validates_from_the_recorded_facts_without_the_files(tmp_path, m
     checked = check_spec(spec)
     for cfg in checked.datasets.values():
         load(cfg)
-    assert record_data_facts(spec, checked)
+    assert not record_data_facts(spec, checked)  # the headers had said what loading found
     facts = spec.trial["data"]["facts"]
     assert spec.trial["data"]["path"] == str(root)
     assert [f["image_size"] for f in facts] == [16, 28]
@@ -459,6 +459,63 @@ def test_a_trial_validates_from_the_recorded_facts_without_the_files(tmp_path, m
     assert json.loads(next(iter(checked.datasets)))[0] == "folder"
     with pytest.raises(UserError, match="does not exist"):
         load(cfg.data)  # the pixels themselves need the files
+
+
+@pytest.mark.parametrize("given, checks, refused", [
+    ({}, 1, None),  # the headers say what loading finds
+    ({"image_size": 28, "channels": 1}, 2, None),  # no header read: the skipped file is news
+    ({"image_size": 28, "channels": 3, "task": "colorize"}, 2, "needs images in colour"),
+])
+def test_a_sweep_validates_its_grid_once(tmp_path, monkeypatch, given, checks, refused):
+    """``cae sweep`` records the data directory before it checks the grid, and checks it
+    again after loading the images only when they differ from what the check read of them
+    (then the exact facts can refuse what the headers could not)."""
+    from cae.config.spec import SweepSpec
+    from cae.sweep import driver, plan
+
+    root = gray_folder(tmp_path / "g", 50)
+    (root / "class0" / "broken.png").write_text("not a PNG")
+    calls = []
+    check = plan.check_spec
+    monkeypatch.setattr(plan, "check_spec", lambda *a, **k: calls.append(1) or check(*a, **k))
+    monkeypatch.setattr(driver, "_drive", lambda *a, **k: 0)  # no Ray: what comes before it
+    data = {"dataset": "folder", "path": str(root), "skip_unreadable": True,
+            **{k: v for k, v in given.items() if k != "task"}}
+    trial = {"data": data, "model": SMALL_MODEL, "batch_size": 8,
+             "task": {"name": given.get("task", "reconstruct")}}
+    spec = SweepSpec.model_validate({"trial": trial, "storage": str(tmp_path / "runs"),
+                                     "space": {"lr": {"grid": [0.001, 0.01]}}})
+    if refused:
+        with pytest.raises(UserError, match=refused):
+            driver.new_sweep(spec, "r")
+    else:
+        assert driver.new_sweep(spec, "r") == 0
+        recorded = spec.trial["data"]
+        assert recorded["data_dir"] == str(Path(os.environ["CAE_DATA_DIR"]).resolve())
+        assert [f["images"] for f in recorded["facts"]] == [50]
+    assert len(calls) == checks
+
+
+def test_the_data_dir_is_recorded_for_every_dataset_but_the_sample(tmp_path):
+    from cae.config.spec import SweepSpec
+    from cae.sweep.plan import dataset_names, record_data_dir
+
+    def spec(trial: dict, space: dict | None = None) -> SweepSpec:
+        return SweepSpec.model_validate({"trial": trial, "space": space or {}})
+
+    assert dataset_names(spec({})) == {"sample"}
+    mixed = spec({"data": {"dataset": "sample"}},
+                 {"lr": {"grid": [0.1, 0.2]}, "variant": {"grid": [
+                     {"data.dataset": "mnist"}, {"task.name": "denoise"}]}})
+    assert dataset_names(mixed) == {"sample", "mnist"}
+    overridden = spec({"data": {"dataset": "mnist"}}, {"data.dataset": {"grid": ["sample"]}})
+    assert dataset_names(overridden) == {"sample"}
+    alone = spec({})
+    assert not record_data_dir(alone, None) and "data" not in alone.trial
+    assert record_data_dir(alone, str(tmp_path / "d"))
+    assert alone.trial["data"]["data_dir"] == str((tmp_path / "d").resolve())
+    assert record_data_dir(mixed, None) and mixed.trial["data"]["data_dir"]
+    assert not record_data_dir(spec({"data": "not a mapping"}), None)  # the check says why
 
 
 def test_relative_paths_in_the_space_are_recorded_absolute(tmp_path, monkeypatch):

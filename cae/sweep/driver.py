@@ -55,11 +55,10 @@ def new_sweep(spec: SweepSpec, name: str, *, address: str | None = None,
               console: Console | None = None) -> int:
     """Run ``spec`` into a new run directory ``spec.storage/name``."""
     budget = plan.budget_for(spec, address)
+    plan.record_data_dir(spec, data_dir)  # first: the check validates what the trials run
     checked = plan.check_spec(spec, budget)
     if not plan.attached(address):
         plan.check_local_resources(spec)
-    if plan.record_data_dir(spec, checked, data_dir):
-        checked = plan.check_spec(spec, budget)
     run_dir = f"{rundir.storage_uri(spec.storage).rstrip('/')}/{name}"
     if not rundir.is_uri(run_dir):
         if (Path(run_dir) / rundir.SPEC_FILE).is_file():
@@ -67,7 +66,9 @@ def new_sweep(spec: SweepSpec, name: str, *, address: str | None = None,
                             f"{run_dir}`, or give another --name")
         check_room(run_dir, checked.disk)
     datasets = plan.load_datasets(checked)
-    if plan.record_data_facts(spec, checked):  # a user's images: what was read, exactly
+    # a user's images: what was read, exactly; checked again only where that differs from
+    # what the check read in their headers
+    if plan.record_data_facts(spec, checked):
         checked = plan.check_spec(spec, budget)
 
     def start(callbacks: list) -> None:
@@ -88,7 +89,7 @@ def resume_sweep(run_dir: str, *, address: str | None = None, data_dir: str | No
     run_dir = rundir.storage_uri(run_dir)
     spec = rundir.load_run_spec(run_dir)
     if data_dir:
-        plan.record_data_dir(spec, None, data_dir)  # for this resume, not saved
+        plan.record_data_dir(spec, data_dir)  # for this resume, not saved
     checked = plan.check_spec(spec)
     console = console or Console()
     if _finished(run_dir):  # every trial has ended: nothing to start, no data to load

@@ -18,6 +18,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from cae.config.catalog import USER_DATASETS
 from cae.config.errors import UserError, format_validation_error
 from cae.config.points import apply_point
 from cae.config.spec import AXIS_KINDS, SweepSpec, stratum_of
@@ -48,6 +49,9 @@ class Checked:
     budget: tuple[int, str] | None = None  # bytes one trial may use, and of what
     strata: dict[str, int] = field(default_factory=dict)  # stratum label -> trials
     disk: diskspace.DiskEstimate | None = None  # what the sweep writes to its storage
+    # source key -> what the check read of a user's dataset (its headers, the cache's record
+    # or the spec's recorded facts): ``record_data_facts`` compares the images as loaded
+    facts: dict[str, dict] = field(default_factory=dict)
 
 
 def _validation_values(kind: str, arg: Any) -> list:
@@ -161,7 +165,16 @@ def check_spec(spec: SweepSpec, budget: tuple[int, str] | None = None,
     checked.disk = diskspace.estimate(
         [(seen[k], n * checked.n_trials / n_checks) for k, n in counts.items()],
         fused=spec.fusion() is not None)
+    checked.facts = _user_facts(checked)
     return checked
+
+
+def _user_facts(checked: Checked) -> dict[str, dict]:
+    """The facts each user dataset was validated with (found once per process already)."""
+    from cae.data.userdata import facts
+
+    return {key: facts(cfg) for key, cfg in checked.datasets.items()
+            if cfg.dataset in USER_DATASETS}
 
 
 def check_search(spec: SweepSpec) -> None:
@@ -267,21 +280,47 @@ def _trial_data(spec: SweepSpec) -> dict:
     return data
 
 
-def record_data_dir(spec: SweepSpec, checked: Checked | None, data_dir: str | None) -> bool:
+def record_data_dir(spec: SweepSpec, data_dir: str | None) -> bool:
     """Write where the sweep's datasets live into ``spec.trial`` (so the run directory's
     spec says it, and ``cae report`` and ``cae resume`` read the same files): ``data_dir``,
     else the default root (``$CAE_DATA_DIR`` or the cache). Nothing is recorded for a sweep
-    on the embedded sample alone. Returns whether the spec changed."""
+    on the embedded sample alone, nor into a base trial whose ``data`` is not a mapping (the
+    check says what is wrong with it). Called before :func:`check_spec`, so that the check
+    validates what the trials will run. Returns whether the spec changed."""
     from cae.data.datasets import data_root
 
-    names = {json.loads(k)[0] for k in checked.datasets} if checked else {"?"}
-    if not data_dir and names <= {"sample"}:
+    data = spec.trial.get("data", {})
+    if not isinstance(data, dict) or (data.get("data_dir") and not data_dir):
+        return False
+    if not data_dir and dataset_names(spec) <= {"sample"}:
         return False
     data = _trial_data(spec)
-    if data.get("data_dir") and not data_dir:
-        return False
     data["data_dir"] = str(data_root(data_dir).resolve())
     return True
+
+
+def dataset_names(spec: SweepSpec) -> set[str]:
+    """Every dataset the sweep's trials name (``data.dataset`` with each combination of the
+    axes that can set it), read from the spec as written, before any validation; "?" for
+    one the check will refuse."""
+    axes = spec.axes()
+    keys = [k for k, (kind, arg) in axes.items() if _sets_dataset(k, kind, arg)]
+    names = set()
+    try:
+        for combo in itertools.product(*(_validation_values(*axes[k]) for k in keys)):
+            data = _settings(spec, dict(zip(keys, combo))).get("data", {})
+            names.add(data.get("dataset", "sample") if isinstance(data, dict) else "?")
+    except (UserError, TypeError, AttributeError):
+        names.add("?")
+    return names
+
+
+def _sets_dataset(key: str, kind: str, arg: Any) -> bool:
+    """Whether an axis can set ``data.dataset``: itself, ``data`` whole, or a variant."""
+    if key in ("data", "data.dataset"):
+        return True
+    values = _validation_values(kind, arg) if key.startswith("variant") else []
+    return any(isinstance(v, dict) and ("data" in v or "data.dataset" in v) for v in values)
 
 
 def record_data_facts(spec: SweepSpec, checked: Checked) -> bool:
@@ -289,18 +328,28 @@ def record_data_facts(spec: SweepSpec, checked: Checked) -> bool:
     once loaded (shape, counts, skipped files), and its paths made absolute (in the space's
     values too), so that trials validate their configs on any node without the files, and
     the run's spec says what was read. Call after :func:`load_datasets`. Returns whether the
-    spec changed (then check it again: the exact facts can refuse what the headers could
-    not, such as colorize on images that all turned out grayscale)."""
-    from cae.config.catalog import USER_DATASETS
+    images as loaded differ from what the check validated with (``checked.facts``) in what
+    validation reads: then check the spec again, since the exact facts can refuse what the
+    headers could not (colorize on images that all turned out grayscale, fewer readable
+    images than one batch)."""
     from cae.data.userdata import loaded_facts
 
-    users = [cfg for cfg in checked.datasets.values() if cfg.dataset in USER_DATASETS]
+    users = {key: cfg for key, cfg in checked.datasets.items()
+             if cfg.dataset in USER_DATASETS}
     if not users:
         return False
     _absolute_data_paths(spec)
-    data = _trial_data(spec)
-    data["facts"] = [loaded_facts(cfg) for cfg in users]
-    return True
+    exact = {key: loaded_facts(cfg) for key, cfg in users.items()}
+    _trial_data(spec)["facts"] = list(exact.values())
+    return any(key not in checked.facts or _validated(checked.facts[key]) != _validated(f)
+               for key, f in exact.items())
+
+
+def _validated(facts: dict) -> tuple:
+    """What validating a trial reads of a user dataset's facts (``DataConfig.info``,
+    ``cae.config.datachecks``)."""
+    return (list(facts["shape"]), facts["images"], facts["test_images"],
+            bool(facts.get("grayscale")))
 
 
 def _absolute_data_paths(spec: SweepSpec) -> None:
