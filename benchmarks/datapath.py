@@ -89,7 +89,8 @@ def ours_epoch(trainer) -> float:
 
 
 def _step(trainer, x):
-    from cae.train.trainer import autocast, per_sample_loss
+    from cae.train.hardware import autocast
+    from cae.train.loop import per_sample_loss
 
     with autocast(trainer.precision, trainer.device):
         z = trainer.enc(trainer._inputs(x))

@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for k in sizes:
         pack = Pack(cfgs[:k], data, evaluate_test=False)
-        separate = [Trainer(c, data, batch_seed=pack.batch_seed) for c in cfgs[:k]]
+        separate = [Trainer(c, data) for c in cfgs[:k]]
         pack.train_epoch()  # warm-up
         for t in separate:
             t.train_epoch()

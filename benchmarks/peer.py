@@ -296,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
              ("ours", "asha"), ("peer", "asha")]
     import torch
 
-    from cae.train.trainer import resolve_precision
+    from cae.train.hardware import resolve_precision
 
     default = resolve_precision("auto", torch.device("cpu"))
     other = "bf16" if default == "fp32" else "fp32"

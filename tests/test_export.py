@@ -97,8 +97,8 @@ def exported(run, tmp_path_factory) -> Path:
 def _val_loss(model, cfg: TrialConfig, weights: dict | None = None) -> float:
     """The model's validation loss, computed as a trial computes it."""
     from cae.data.datasets import load, split
+    from cae.train.loop import per_sample_loss
     from cae.train.tasks import make_task
-    from cae.train.trainer import per_sample_loss
 
     if weights is not None:
         model.load_state_dict(weights)

@@ -1,9 +1,9 @@
 """Fused packs against separate runs: real small CAEs on the embedded sample, in float64 on
 the CPU where rounding cannot hide a bug.
 
-A separate run reproduces a member when it sees the same batches (``Trainer(...,
-batch_seed=pack.batch_seed)``) and the same dropout masks (``use_masked_dropout(model,
-seed)``: the masks are a hash of the member's seed, the layer and the step)."""
+A member computes what its trial computes alone: each member sees its own batches (the
+order and distortions of its own seed) and the dropout masks a plain ``Trainer`` draws
+(``MaskedDropout``: a hash of the trial's seed, the layer and the step)."""
 
 import io
 import math
@@ -17,7 +17,7 @@ from cae.data.datasets import load
 from cae.model.network import build_model
 from cae.train.pack import Pack
 from cae.train.packing import pack_key, plan_packs
-from cae.train.stacked import MaskedDropout, use_masked_dropout
+from cae.train.stacked import MaskedDropout
 from cae.train.trainer import Trainer
 
 TOL = 1e-9  # relative, float64
@@ -44,10 +44,9 @@ def _cfg(**kw) -> TrialConfig:
     return TrialConfig.model_validate(base)
 
 
-def _separate(cfg: TrialConfig, batch_seed: int) -> tuple[Trainer, list[dict]]:
-    """A plain run of ``cfg`` on the pack's batches with the pack's dropout masks."""
-    trainer = Trainer(cfg, load(cfg.data), batch_seed=batch_seed)
-    use_masked_dropout(trainer.model, cfg.seed)
+def _separate(cfg: TrialConfig) -> tuple[Trainer, list[dict]]:
+    """A plain run of ``cfg``, unfused."""
+    trainer = Trainer(cfg, load(cfg.data))
     states = []
     trainer.fit(lambda metrics, state: states.append(state()))
     return trainer, states
@@ -86,7 +85,7 @@ def test_pack_reproduces_separate_runs(float64):
     assert reasons == {0: "max_epochs", 1: "max_epochs", 2: "max_epochs", 3: "patience"}
     assert widths == [4, 4, 3]  # member 3 left after epoch 2: the pack shrank
     for member in pack.members:
-        trainer, states = _separate(member.cfg, pack.batch_seed)
+        trainer, states = _separate(member.cfg)
         assert len(member.history) == len(trainer.history) == saved[member.index]["epoch"]
         for got, want in zip(member.history, trainer.history):
             assert got["epoch"] == want["epoch"]
@@ -120,7 +119,7 @@ def test_different_losses_and_penalties_in_one_pack(float64):
     pack = Pack(cfgs, load(cfgs[0].data), evaluate_test=False)
     pack.fit()
     for member, tol in zip(pack.members, (TOL, TOL, 1e-5, 1e-5)):
-        trainer, _ = _separate(member.cfg, pack.batch_seed)
+        trainer, _ = _separate(member.cfg)
         for got, want in zip(member.history, trainer.history, strict=True):
             assert got["val_loss"] == pytest.approx(want["val_loss"], rel=tol)
 
@@ -136,7 +135,7 @@ def test_denoise_groups_and_colorize_rgb_match(float64):
         pack = Pack(cfgs, load(cfgs[0].data))
         pack.fit()
         for member in pack.members:
-            trainer, _ = _separate(member.cfg, pack.batch_seed)
+            trainer, _ = _separate(member.cfg)
             want, got = trainer.history[-1], member.history[-1]
             extra = [k for k in want if k.startswith("val_")]
             assert len(extra) > 1 and set(extra) <= set(got)

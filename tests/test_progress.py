@@ -68,7 +68,7 @@ def test_callback_plain_lines_when_not_a_terminal_and_one_line_per_error(tmp_pat
     cb.setup()
     cb.on_step_end(1, [_trial("RUNNING", 1, 0.5, 0.01)])
     error = tmp_path / "error.txt"
-    error.write_text("Failure # 1\nTraceback ...\n  line\ncae.train.trainer.Diverged: train loss "
+    error.write_text("Failure # 1\nTraceback ...\n  line\ncae.train.loop.Diverged: train loss "
                      "became nan at epoch 2\n")
     bad = _trial("ERROR", 1, 0.9, 1e12, error_file=str(error), trial_id="bad1")
     cb.on_trial_error(2, [], bad)
@@ -77,7 +77,7 @@ def test_callback_plain_lines_when_not_a_terminal_and_one_line_per_error(tmp_pat
     assert lines[0] == ("s: 0/3 done, 1 running, 2 pending; 1/9 trial-epochs; 0:00 elapsed, "
                         "~? left; best val 0.50000 (lr=0.01)")
     errors = [ln for ln in lines if "bad1" in ln]
-    assert errors == ["trial bad1 errored (lr=1e+12; epoch 1): cae.train.trainer.Diverged: "
+    assert errors == ["trial bad1 errored (lr=1e+12; epoch 1): cae.train.loop.Diverged: "
                       "train loss "
                       "became nan at epoch 2"]
     assert lines[-1].startswith("s: 1/3 done, 1 pending, 1 errored; 4/9 trial-epochs")

@@ -8,7 +8,9 @@ import torch
 
 from cae.config.trial import TrialConfig
 from cae.data.datasets import load
-from cae.train.trainer import Diverged, Trainer, autocast, train
+from cae.train.hardware import autocast
+from cae.train.loop import Diverged
+from cae.train.trainer import Trainer, train
 
 
 def _cfg(**kw) -> TrialConfig:
@@ -123,7 +125,7 @@ def test_test_evaluation_leaves_the_last_weights_in_the_model():
 
 
 def test_precision_auto_is_fp32_on_the_cpu_and_bf16_trains():
-    from cae.train.trainer import native_bf16, resolve_precision
+    from cae.train.hardware import native_bf16, resolve_precision
 
     cpu = torch.device("cpu")
     assert resolve_precision("auto", cpu) == "fp32"  # bf16 moved single trials by up to 13%

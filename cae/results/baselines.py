@@ -37,8 +37,8 @@ from cae.config.trial import TrialConfig
 from cae.data.datasets import ImageData, load, split
 from cae.results.tables import parquet_bytes, read_baselines  # noqa: F401
 from cae.run.directory import BASELINES_FILE, write_file
+from cae.train.loop import per_sample_loss
 from cae.train.tasks import Task, make_task
-from cae.train.trainer import per_sample_loss
 
 # Columns of every baselines frame; denoise adds one ``loss_<distortion>`` per distortion.
 COLUMNS = ("dataset", "task", "loss_kind", "baseline", "latent_size", "components", "split",

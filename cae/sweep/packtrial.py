@@ -1,17 +1,19 @@
 """Fused sweeps on Ray Tune: the sweep's trials grouped into packs, one Tune trial per pack.
 
 With ``fuse`` on (``SweepSpec.fusion``), the trials are the same as without it (the same
-points, repeats and random draws, in the same shuffled order: ``cae.sweep.packplan``), grouped
-into packs of up to ``max_members`` trials that may fuse (``cae.train.packing``). Each pack is one
-Tune trial with the sweep's resources (``run_pack``, around ``cae.train.pack.Pack``); its config
-is ``{"pack": [point, ...]}``. Every epoch it writes each member's checkpoint into the
-member's own folder of the pack's directory (``cae.run.packfiles``: the tables read a member
-as a trial), then reports the pack's epoch to Tune with the pack's checkpoint, from which a
-restarted pack goes on exactly. Members stop by their own patience or max_epochs; the
-scheduler is FIFO (``SweepSpec`` refuses the others with fusion).
+points, repeats and random draws, in the same shuffled order: ``cae.sweep.packplan``),
+grouped into packs of up to ``max_members`` trials that may fuse (``cae.train.packing``).
+Each pack is one Tune trial with the sweep's resources (``run_pack``, around
+``cae.train.pack.Pack``); its config is ``{"pack": [point, ...]}``. Every epoch it writes
+each member's checkpoint into the member's own folder of the pack's directory
+(``cae.run.packfiles``: the tables read a member as a trial), then reports the pack's epoch
+to Tune with the pack's checkpoint, from which a restarted pack goes on exactly, through
+the same resume branches as a trial (``cae.sweep.trainable.go_on``). Members stop by their
+own patience or max_epochs; the scheduler is FIFO (``SweepSpec`` refuses the others with
+fusion).
 
-Why one Tune trial per pack rather than one per member: the members must share one process
-and one batch stream, and a Tune trial is a process; Tune's view of a member would have to
+Why one Tune trial per pack rather than one per member: the members share one process and
+one stack of weights, and a Tune trial is a process; Tune's view of a member would have to
 be made up. The member tables, checkpoints and report are each member's own.
 """
 
@@ -30,7 +32,13 @@ from cae.data.datasets import ImageData
 from cae.run import checkpoints, packfiles
 from cae.run.directory import write_file
 from cae.run.diskspace import CHECKPOINTS_KEPT
-from cae.sweep.trainable import here_and_source, recorded_config, report_epoch, static_facts
+from cae.sweep.trainable import (
+    go_on,
+    here_and_source,
+    recorded_config,
+    report_epoch,
+    static_facts,
+)
 from cae.train.pack import Pack
 
 # ---- one pack as a Tune trial ---------------------------------------------------------------
@@ -57,6 +65,18 @@ def _save_member(folder: str, epoch: int, state: dict, history: dict) -> None:
         fs.delete_dir(old)
 
 
+def _take_over_members(source: str, folders: list[str]) -> None:
+    """A pack that takes over an earlier pack's directory copies each member's newest
+    checkpoint into its own member folders: the tables leave the earlier members out, and
+    a member that had already stopped trains no more epochs to write a checkpoint of its
+    own."""
+    for folder in folders:
+        earlier = f"{source}/{folder.rstrip('/').rsplit('/', 1)[-1]}"
+        found = checkpoints.load_newest(*checkpoints.filesystem(earlier))
+        if found is not None:
+            _save_member(folder, int(found.state["epoch"]), found.state, found.history)
+
+
 def run_pack(config: dict, base: dict, datasets: dict[str, ImageData], run_dir: str,
              adopt: dict[str, str] | None = None, threads: int = 1) -> None:
     """Train one fused pack, its members reporting as trials (see the module doc)."""
@@ -65,8 +85,7 @@ def run_pack(config: dict, base: dict, datasets: dict[str, ImageData], run_dir: 
     here, source = here_and_source(run_dir, config, adopt)
     folders = [f"{here}/{packfiles.member_name(i)}" for i in range(len(points))]
     current = [trial_config(base, p) for p in points]
-    fused = {"pack": here.rstrip("/").rsplit("/", 1)[-1], "members": len(points),
-             "batch_seed": current[0].seed}  # cae.train.pack.Pack's default
+    fused = {"pack": here.rstrip("/").rsplit("/", 1)[-1], "members": len(points)}
     # each member recorded as a trial is (cae.sweep.trainable), with its pack and its point
     cfgs = [recorded_config(f, f"{source}/{packfiles.member_name(i)}", c, p, depth=2,
                             extra={"fused": fused},
@@ -75,14 +94,15 @@ def run_pack(config: dict, base: dict, datasets: dict[str, ImageData], run_dir: 
     key = cfgs[0].data.source_key()
     pack = Pack(cfgs, datasets[key])
     found = checkpoints.load_newest(*checkpoints.filesystem(source))
-    if found is not None:
-        if found.state.get("final"):
-            tune.report(found.state["final"])  # every member had stopped: nothing to train
-            return
+    if source != here:  # taken over: each member's checkpoints so far go on in its folder
+        _take_over_members(source, folders)
+    if found is not None and not found.state.get("final"):
         pack.load_state_dict(found.state)
-    pack_id = tune.get_context().get_trial_id()
     static = static_facts(pack, datasets[key])
     summary = list((found.history.get("epochs") if found else None) or [])
+    if go_on(found, here, source, summary, static):  # as a trial does
+        return
+    pack_id = tune.get_context().get_trial_id()
 
     def on_epoch(metrics: dict[int, dict], state_fn) -> None:
         for i, m in metrics.items():

@@ -108,6 +108,36 @@ def report_epoch(metrics: dict, state: dict, history: dict) -> None:
         tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
 
 
+def go_on(found: checkpoints.Found | None, here: str, source: str, epochs: list[dict],
+          static: dict) -> bool:
+    """What a trial (or a pack) reports before it trains on from ``found``, its newest
+    checkpoint, whose epochs so far are ``epochs``. True when it had already finished
+    before an interruption: nothing is left to train.
+
+    When Tune's view is behind (a restore from an older state, a torn newest checkpoint, a
+    trial taken over from ``source``), the last epoch is reported again first, so that the
+    scheduler decides on it before any new one; a trial taken over also keeps its history
+    in its own directory."""
+    if found is None:
+        return False
+    if found.state.get("final"):
+        if source == here:
+            tune.report(found.state["final"])
+        else:
+            report_epoch(found.state["final"], found.state, found.history)
+        return True
+    if source != here or found.skipped or checkpoints.epoch_of(found.history) > _ray_epoch():
+        note = {}
+        if source != here or found.skipped:
+            where = found.name if source == here else f"{found.path.rsplit('/', 2)[-2]}/" \
+                f"{found.name}"
+            skipped = f" ({'; '.join(found.skipped)})" if found.skipped else ""
+            note = {"resumed_from": f"{where}{skipped}"}
+        report_epoch({**epochs[-1], **static, **note, "reported_again": True}, found.state,
+                     {"epochs": epochs, "static": static, "final": None})
+    return False
+
+
 def run_trial(point: dict, base: dict, datasets: dict[str, ImageData], run_dir: str,
               adopt: dict[str, str] | None = None, threads: int = 1) -> None:
     """Train one trial, reporting every epoch to Ray Tune (used with tune.with_parameters).
@@ -125,29 +155,10 @@ def run_trial(point: dict, base: dict, datasets: dict[str, ImageData], run_dir: 
     found = checkpoints.load_newest(*checkpoints.filesystem(source))
     trainer = Trainer(cfg, datasets[key])
     static = static_facts(trainer, datasets[key])
-    if found is not None and found.state.get("final"):
-        # finished before an interruption: nothing to train (a trial taken over keeps the
-        # history in its own directory too)
-        if source == here:
-            tune.report(found.state["final"])
-        else:
-            report_epoch(found.state["final"], found.state, found.history)
-        return
-    if found is not None:
+    if found is not None and not found.state.get("final"):
         trainer.load_state_dict(found.state)
-        if source != here or found.skipped or checkpoints.epoch_of(found.history) \
-                > _ray_epoch():
-            # Tune's view is behind (a restore from an older state, a torn checkpoint, a
-            # trial taken over): report where the trial really is, so that the scheduler
-            # decides on that epoch before any new one
-            note = {}
-            if source != here or found.skipped:
-                where = found.name if source == here else f"{found.path.rsplit('/', 2)[-2]}/" \
-                    f"{found.name}"
-                skipped = f" ({'; '.join(found.skipped)})" if found.skipped else ""
-                note = {"resumed_from": f"{where}{skipped}"}
-            report_epoch({**trainer.history[-1], **static, **note, "reported_again": True},
-                    found.state, {"epochs": trainer.history, "static": static, "final": None})
+    if go_on(found, here, source, trainer.history, static):
+        return
 
     def on_epoch(metrics: dict, state_fn) -> None:
         report = {**metrics, **static}
@@ -156,6 +167,6 @@ def run_trial(point: dict, base: dict, datasets: dict[str, ImageData], run_dir: 
             report.update(trainer.test())
             state["final"] = report
         report_epoch(report, state, {"epochs": trainer.history, "static": static,
-                                "final": state.get("final")})
+                                     "final": state.get("final")})
 
     trainer.fit(on_epoch)

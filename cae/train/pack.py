@@ -8,19 +8,19 @@ backward), so each step costs a few wide kernels instead of K times many small o
 
 What the members share and what they keep, and how a plain run reproduces a member:
 
-- **The batches.** Every member sees the same batch at every step: the order and the random
-  distortions of ``cae.train.trainer.Trainer`` with ``batch_seed`` = the pack's (by default the
-  first member's seed). A plain ``Trainer(cfg, batch_seed=...)`` sees the same batches, so a
-  member's own seed decides its initial weights and dropout masks, not its data order.
+- **The batches.** Each member sees its own batches: the order and the random distortions
+  its trial has unfused (``cae.train.loop.batch_order`` from the member's seed), stacked into
+  (K, B, ...) inputs that ``vmap`` hands each member its row of. So fusing is a speed
+  setting, not another experiment: a member computes what its trial computes alone.
 - **Dropout.** ``nn.Dropout`` draws from the global generator, so K members under vmap could
-  not each match a plain run. Members use :class:`MaskedDropout` instead: its mask is a hash
-  of (member seed, layer, step, element), with the member's own rate; stateless, so it is
-  the same in a pack, in a plain run given the same layers (:func:`use_masked_dropout`), and
-  after a resume. Its buffers are not persistent: state dicts keep plain CAE keys.
+  not each match a plain run. Members, and plain trials alike, use :class:`MaskedDropout`:
+  its mask is a hash of (member seed, layer, step, element), with the member's own rate;
+  stateless, so it is the same in a pack, in a plain trial, and after a resume. Its buffers
+  are not persistent: state dicts keep plain CAE keys.
 - **The optimiser.** :class:`BatchedAdam` is ``torch.optim.Adam(weight_decay=...)`` (L2
   added to the gradient, as the trials use it) with one learning rate and weight decay per
   member, on the flat stack: a handful of kernels per step whatever the number of tensors.
-- **Stopping.** Each member keeps its own best epoch, patience and ``max_epochs``; a member
+- **Stopping.** Each member keeps its own ``cae.train.loop.Stopping`` rule; a member
   that stops leaves the pack with its test errors measured on its best weights (one that
   diverges leaves without them), the caller saves its checkpoint, and the pack shrinks (at
   once when eager; under ``compile`` when half the slots are empty, so shapes, and
@@ -33,7 +33,6 @@ What the members share and what they keep, and how a plain run reproduces a memb
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -41,46 +40,53 @@ from dataclasses import dataclass, field
 import torch
 from torch.func import stack_module_state
 
-from cae.config.trial import SEED_STRIDE, TrialConfig
+from cae.config.trial import TrialConfig
 from cae.data.datasets import ImageData, load, split, to_device
 from cae.model.network import CAE, build_model
+from cae.train.hardware import autocast, compiler, mark_step, resolve_device, resolve_precision
+from cae.train.loop import Stopping, batch_order, evaluate, member_losses
 from cae.train.packing import pack_key
 from cae.train.stacked import BatchedAdam, Layout, Stack, run_stack, use_masked_dropout
 from cae.train.tasks import make_task
-from cae.train.trainer import (
-    autocast,
-    compiler,
-    epoch_metrics,
-    mark_step,
-    per_sample_loss,
-    resolve_device,
-    resolve_precision,
-    stop_reason,
-)
 
 # ---- members ----------------------------------------------------------------------------
 
 
 @dataclass
 class Member:
-    """One trial of the pack: its config and its own early-stopping state and history."""
+    """One trial of the pack: its config, its stopping rule and its history."""
 
     index: int
     cfg: TrialConfig
-    best_val: float = math.inf
-    best_epoch: int = 0
-    bad_epochs: int = 0
+    stopping: Stopping
     best_state: dict | None = None
     history: list[dict] = field(default_factory=list)
     stop_reason: str = ""  # "" while it trains
     error: str = ""  # why it diverged
     test: dict = field(default_factory=dict)
     final: dict | None = None  # set by the caller (the last report), saved with the pack
+    gen: torch.Generator | None = None  # its batches' order and distortions
+
+    @property
+    def best_val(self) -> float:
+        return self.stopping.best_val
+
+    @property
+    def best_epoch(self) -> int:
+        return self.stopping.best_epoch
 
     def record(self) -> dict:
-        return {k: getattr(self, k) for k in ("best_val", "best_epoch", "bad_epochs",
-                                              "best_state", "history", "stop_reason", "error",
-                                              "test", "final")}
+        """What a pack's checkpoint keeps of the member."""
+        return {**self.stopping.state(),
+                **{k: getattr(self, k) for k in ("best_state", "history", "stop_reason",
+                                                 "error", "test", "final")}}
+
+    def load(self, record: dict, device: torch.device) -> None:
+        self.stopping.load(record)
+        for key in ("best_state", "history", "stop_reason", "error", "test", "final"):
+            setattr(self, key, record[key])
+        if self.best_state is not None:
+            self.best_state = {k: v.to(device) for k, v in self.best_state.items()}
 
 
 # ---- the pack ----------------------------------------------------------------------------
@@ -91,11 +97,10 @@ EpochCallback = Callable[[dict[int, dict], Callable[[], dict]], None]
 class Pack:
     """K fusable trials trained together; ``fit`` runs the epochs (see the module doc).
 
-    ``batch_seed`` (default: the first member's seed) fixes the batches every member sees.
     Members are named by their index in ``cfgs``."""
 
     def __init__(self, cfgs: list[TrialConfig], data: ImageData | None = None,
-                 batch_seed: int | None = None, evaluate_test: bool = True):
+                 evaluate_test: bool = True):
         if not cfgs:
             raise ValueError("a pack needs at least one member")
         keys = {pack_key(c) for c in cfgs}
@@ -103,8 +108,7 @@ class Pack:
             raise ValueError("these trials cannot fuse: they differ in more than "
                              "cae.train.packing.FUSABLE")
         c0 = self.cfg = cfgs[0]
-        self.members = [Member(i, c) for i, c in enumerate(cfgs)]
-        self.batch_seed = c0.seed if batch_seed is None else batch_seed
+        self.members = [Member(i, c, Stopping.of(c)) for i, c in enumerate(cfgs)]
         self.evaluate_test = evaluate_test
         self.device = resolve_device(c0.device)
         self.precision = resolve_precision(c0.precision, self.device)
@@ -122,7 +126,8 @@ class Pack:
         self.edge_names = [f"{n}.weight" for n in names]
         _, buffers = stack_module_state(models)
         flat = torch.stack([self.layout.row(dict(m.named_parameters())) for m in models])
-        self.gen = torch.Generator(device=self.device)
+        for member in self.members:
+            member.gen = torch.Generator(device=self.device)
         self.epoch = 0
         self._install(list(range(len(cfgs))), flat, buffers, None)
 
@@ -186,19 +191,6 @@ class Pack:
             self._set_slots(slots)
 
     # ---- one epoch ----------------------------------------------------------------------
-    def _losses(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Per-sample losses (K, B) of outputs (K, B, ...) against the shared target y (B, ...),
-        each row with its member's loss."""
-        k, b = out.shape[:2]
-        target = y.unsqueeze(0).expand(k, *y.shape)
-        if len(set(self.kinds)) == 1:
-            return per_sample_loss(self.kinds[0], out.flatten(0, 1),
-                                   target.flatten(0, 1)).view(k, b)
-        rows = []
-        for r, kind in enumerate(self.kinds):
-            rows.append(per_sample_loss(kind, out[r], y))
-        return torch.stack(rows)
-
     def _penalty(self, z: torch.Tensor) -> torch.Tensor:
         """Each member's activity (on its latents z (K, B, ...)) and edge L2 penalties (K,),
         as ``CAE.penalty`` computes them."""
@@ -216,70 +208,50 @@ class Pack:
             total = total + c["edge_l2"] * sq
         return total
 
-    def train_epoch(self) -> list[float]:
-        """One epoch of every slot on the shared batches: each slot's mean training loss."""
-        self.stack.train()
+    def _batches(self) -> list[tuple[torch.Tensor, torch.Tensor, int]]:
+        """The epoch's steps: each slot's inputs and targets stacked (K, B, ...) and the
+        batch size; each member's from its own order and generator, an empty slot's a copy
+        of the first member's (it trains nothing)."""
         train = self.splits.train
         n, bs = train.shape[0], self.cfg.batch_size
-        self.gen.manual_seed(self.batch_seed * SEED_STRIDE + self.epoch)  # as Trainer's
-        perm = torch.randperm(n, generator=self.gen, device=self.device)
-        total = torch.zeros(len(self.slots), device=self.device, dtype=self.dtype)
+        live = [self.members[s] for s in self.slots if s is not None]
+        perms = {m.index: batch_order(m.gen, m.cfg.seed, self.epoch, n) for m in live}
+        steps = []
         for start in range(0, n, bs):
-            idx = perm[start:start + bs]
-            x, y, _ = self.task.batch(train[idx], idx, self.gen)
+            own = {}
+            for m in live:
+                idx = perms[m.index][start:start + bs]
+                own[m.index] = self.task.batch(train[idx], idx, m.gen)[:2]
+            rows = [own[s] if s is not None else own[live[0].index] for s in self.slots]
+            steps.append((torch.stack([x for x, _ in rows]), torch.stack([y for _, y in rows]),
+                          min(bs, n - start)))
+        return steps
+
+    def train_epoch(self) -> list[float]:
+        """One epoch of every slot, each on its member's batches: each slot's mean training
+        loss."""
+        self.stack.train()
+        n = self.splits.train.shape[0]
+        total = torch.zeros(len(self.slots), device=self.device, dtype=self.dtype)
+        for x, y, size in self._batches():
             mark_step(self.cfg.compile, self.device)
             with autocast(self.precision, self.device):
-                z, out = self.forward(x.to(self.dtype))
-            losses = self._losses(out, y).mean(1) + self._penalty(z)  # (K,)
+                z, out = self.forward(x.to(self.dtype))  # (K, B, ...)
+            losses = member_losses(self.kinds, out, y).mean(1) + self._penalty(z)  # (K,)
             self.stack.flat.grad = None
             torch.where(self.alive, losses, 0).sum().backward()
             self.opt.step(self.stack.flat, self.stack.flat.grad)
-            total += losses.detach() * idx.numel()
+            total += losses.detach() * size
         return [t / n for t in total.tolist()]  # the one host sync of the epoch
 
-    @torch.inference_mode()
     def evaluate(self, prepared: tuple, run: Callable | None = None) -> list[dict]:
-        """Each slot's mean loss over a prepared split, per distortion group and the task's
-        extra errors (colorize: in RGB), in fp32, as ``Trainer.evaluate``; ``run(x)`` is the
-        stack to evaluate."""
-        x_all, y_all, groups = prepared
+        """Each slot's errors over a prepared split (``cae.train.loop.evaluate``, as a
+        trial's); ``run(x)`` is the stack to evaluate."""
         self.stack.eval()
         run = run or self.forward
-        n, eb = x_all.shape[0], self.cfg.eval_batch_size
-        names = self.task.group_names or []
-        sums = per_group = counts = None
-        extra: dict[str, torch.Tensor] = {}
-        for start in range(0, n, eb):
-            x, y = x_all[start:start + eb], y_all[start:start + eb]
-            mark_step(self.cfg.compile, self.device)
-            out = run(x.to(self.dtype))[1]  # (K, B, ...)
-            losses = self._losses(out, y).double()  # (K, B)
-            k = losses.shape[0]
-            if sums is None:
-                sums = torch.zeros(k, device=self.device, dtype=torch.float64)
-                per_group = torch.zeros(k, len(names), device=self.device, dtype=torch.float64)
-                counts = torch.zeros_like(per_group)
-            sums += losses.sum(1)
-            if names:
-                g = groups[start:start + eb]
-                per_group.index_add_(1, g, losses)
-                counts.index_add_(1, g, torch.ones_like(losses))
-            xs = x.unsqueeze(0).expand(k, *x.shape).flatten(0, 1)
-            ys = y.unsqueeze(0).expand(k, *y.shape).flatten(0, 1)
-            for key, err in self.task.extra_errors(xs, out.flatten(0, 1), ys).items():
-                extra[key] = extra.get(key, 0.0) + err.double().view(k, -1).sum(1)
-        results = []
-        sums = sums.tolist()  # the one host sync of the evaluation
-        extras = {key: total.tolist() for key, total in extra.items()}
-        per_group, counts = per_group.tolist(), counts.tolist()
-        for r in range(len(sums)):
-            result = {"loss": sums[r] / n}
-            for j, name in enumerate(names):
-                c = counts[r][j]
-                result[f"loss_{name}"] = per_group[r][j] / c if c else math.nan
-            result.update({key: totals[r] / n for key, totals in extras.items()})
-            results.append(result)
-        return results
+        return evaluate(lambda x: run(x.to(self.dtype))[1], prepared, self.task, self.kinds,
+                        self.cfg.eval_batch_size,
+                        lambda: mark_step(self.cfg.compile, self.device))
 
     # ---- the run --------------------------------------------------------------------------
     def fit(self, on_epoch: EpochCallback | None = None) -> dict[int, str]:
@@ -314,21 +286,14 @@ class Pack:
         return {m.index: m.stop_reason for m in self.members}
 
     def _member_epoch(self, member: Member, row: int, train_loss: float, val: dict) -> dict:
-        """Early stopping of one member after an epoch, as ``Trainer.fit``: its metrics."""
-        cfg = member.cfg
-        if not math.isfinite(train_loss):
-            member.error = f"train loss became {train_loss} at epoch {self.epoch}"
-        elif not math.isfinite(val["loss"]):
-            member.error = f"val loss became {val['loss']} at epoch {self.epoch}"
-        elif val["loss"] < member.best_val - cfg.min_delta:
-            member.best_val, member.best_epoch, member.bad_epochs = val["loss"], self.epoch, 0
+        """One member's epoch by the rule ``Trainer.fit`` follows: its metrics. A member
+        that diverges leaves the pack (a trial alone would raise)."""
+        member.error = Stopping.divergence(self.epoch, train_loss, val["loss"]) or ""
+        if not member.error and member.stopping.update(self.epoch, val["loss"]):
             member.best_state = self._weights(row)
-        else:
-            member.bad_epochs += 1
-        metrics = epoch_metrics(self.epoch, train_loss, val, member.best_val,
-                                member.best_epoch)
+        metrics = member.stopping.metrics(self.epoch, train_loss, val)
         member.stop_reason = "diverged" if member.error else (
-            stop_reason(cfg, self.epoch, member.bad_epochs) or "")
+            member.stopping.reason(self.epoch) or "")
         if member.stop_reason:
             metrics["stop_reason"] = member.stop_reason
         return metrics
@@ -368,13 +333,11 @@ class Pack:
             "model": self._weights(row),
             "optimizer": self.opt.member_state(row, self.layout, cfg.lr, cfg.weight_decay),
             "epoch": self.epoch,
-            "best_val": member.best_val,
-            "best_epoch": member.best_epoch,
-            "bad_epochs": member.bad_epochs,
+            **member.stopping.state(),
             "best_model": member.best_state,
             "history": member.history,
             "final": member.final,
-            "pack": {"batch_seed": self.batch_seed, "members": len(self.members)},
+            "pack": {"members": len(self.members)},
         }
 
     def state_dict(self) -> dict:
@@ -382,7 +345,6 @@ class Pack:
         return {
             "kind": "fused-pack",
             "epoch": self.epoch,
-            "batch_seed": self.batch_seed,
             "slots": list(self.slots),
             "flat": self.stack.flat.detach().clone(),
             "buffers": {k: v.clone() for k, v in self.stack.stacked_buffers().items()},
@@ -397,12 +359,8 @@ class Pack:
             raise ValueError(f"the checkpoint holds a pack of {len(state['members'])} members, "
                              f"this pack has {len(self.members)}")
         self.epoch = int(state["epoch"])
-        self.batch_seed = int(state["batch_seed"])
         for member, record in zip(self.members, state["members"]):
-            for key, value in record.items():
-                setattr(member, key, value)
-            if member.best_state is not None:
-                member.best_state = {k: v.to(self.device) for k, v in member.best_state.items()}
+            member.load(record, self.device)
         buffers = {k: v.to(self.device) for k, v in state["buffers"].items()}
         moments = (state["exp_avg"].to(self.device), state["exp_avg_sq"].to(self.device))
         self._install(list(state["slots"]), state["flat"].to(self.device), buffers, moments,

@@ -56,6 +56,14 @@ class MaskedDropout(nn.Module):
         return x * (keep / (1 - self.rate)).to(x.dtype)
 
 
+def set_dropout_step(model: nn.Module, step: int) -> None:
+    """Set every :class:`MaskedDropout` of ``model`` to its mask stream's ``step`` (the
+    training steps taken so far): a resumed trial draws the masks it would have drawn."""
+    for layer in model.modules():
+        if isinstance(layer, MaskedDropout):
+            layer.step.fill_(step)
+
+
 def use_masked_dropout(model: CAE, seed: int) -> CAE:
     """Replace the model's ``nn.Dropout`` layers by :class:`MaskedDropout` with the same
     rates and ``seed`` (in place; the state dict's keys do not change)."""
@@ -94,8 +102,8 @@ class Layout:
 
 class Stack(nn.Module):
     """The pack's tensors, flat weights (K, P) and stacked buffers, and the vmapped CAE:
-    ``forward(x)`` runs every member on the same ``x`` (B, C, H, W) and returns the latents
-    (K, B, ...) and outputs (K, B, C', H, W)."""
+    ``forward(x)`` runs every member on its own inputs ``x`` (K, B, C, H, W) and returns
+    the latents (K, B, ...) and outputs (K, B, C', H, W)."""
 
     def __init__(self, base: CAE, layout: Layout, flat: torch.Tensor,
                  buffers: dict[str, torch.Tensor]):
@@ -119,8 +127,9 @@ class Stack(nn.Module):
 
 
 def run_stack(base: CAE, params: dict, buffers: dict, x: torch.Tensor):
-    """The CAE ``base`` (its structure and train/eval mode) with each member's tensors, on the
-    shared input ``x``: (latents (K, B, ...), outputs (K, B, ...))."""
+    """The CAE ``base`` (its structure and train/eval mode) with each member's tensors, on
+    each member's inputs ``x`` (K, B, ...), or on inputs shared by all (B, ...): (latents
+    (K, B, ...), outputs (K, B, ...))."""
     state = {**params, **buffers}
     enc = {k.removeprefix("encoder."): v for k, v in state.items() if k.startswith("encoder.")}
     dec = {k.removeprefix("decoder."): v for k, v in state.items() if k.startswith("decoder.")}
@@ -129,7 +138,8 @@ def run_stack(base: CAE, params: dict, buffers: dict, x: torch.Tensor):
         z = functional_call(base.encoder, enc_state, (x,))
         return z, functional_call(base.decoder, dec_state, (z,))
 
-    return vmap(one, in_dims=(0, 0, None), randomness="different")(enc, dec, x)
+    own = x.dim() == 5  # (K, B, C, H, W): each member its own images
+    return vmap(one, in_dims=(0, 0, 0 if own else None), randomness="different")(enc, dec, x)
 
 
 class BatchedAdam:

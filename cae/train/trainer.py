@@ -1,10 +1,13 @@
-"""One training run in plain PyTorch: epochs, validation, patience, final test evaluation.
+"""One trial in plain PyTorch: epochs, validation, patience, final test evaluation.
 
-No Ray here. ``train`` calls ``on_epoch(metrics, checkpoint)`` after every epoch, which is
+No Ray here. ``fit`` calls ``on_epoch(metrics, checkpoint)`` after every epoch, which is
 how the sweep's trainable reports to Ray Tune and saves checkpoints, and how ``cae train``
-prints its lines; ``resume`` continues from such a checkpoint. The data stay on the device
-as uint8; batches are indexed, converted and distorted there; losses are summed on the
-device and read once per epoch, so there is no host synchronisation per step.
+prints its lines; ``load_state_dict`` continues from such a checkpoint. The rules (batch
+order, loss, evaluation, stopping) are ``cae.train.loop``'s, shared with the members of a
+pack, and dropout is :class:`~cae.train.stacked.MaskedDropout` as in a pack, so a trial
+computes the same losses fused or not. The data stay on the device as uint8; batches are
+indexed, converted and distorted there; losses are summed on the device and read once per
+epoch, so there is no host synchronisation per step.
 """
 
 from __future__ import annotations
@@ -14,21 +17,18 @@ import json
 import math
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-from cae.config.trial import SEED_STRIDE, TrialConfig
+from cae.config.trial import TrialConfig
 from cae.data.datasets import ImageData, load, split, to_device
 from cae.model.network import CAE, build_model, count_params
+from cae.train.hardware import autocast, compiler, mark_step, resolve_device, resolve_precision
+from cae.train.loop import Diverged, Stopping, batch_order, evaluate, per_sample_loss
+from cae.train.stacked import set_dropout_step, use_masked_dropout
 from cae.train.tasks import make_task
-
-
-class Diverged(RuntimeError):
-    """The training loss became NaN or infinite."""
 
 
 @dataclass
@@ -46,109 +46,14 @@ class TrainResult:
     best_state: dict | None = None  # the best epoch's weights (a state dict)
 
 
-def native_bf16(device: torch.device) -> bool:
-    """Whether ``device`` runs bf16 matrix maths in hardware: a CUDA GPU with bf16, or a CPU
-    with AVX512-BF16 or AMX (elsewhere bf16 is emulated, slower than fp32)."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
-
-
-def resolve_precision(name: str, device: torch.device) -> str:
-    """``auto`` means bf16 on a CUDA GPU that runs it natively, else fp32.
-
-    Not on the CPU, even with AVX512-BF16: there (2 cores, docs/performance.md) bf16 moved
-    single trials' best validation loss by up to 2.5% (peer grid) and 13% (quickstart)
-    against fp32, more than the 1% a sweep's answer may move, for sweeps 1.5x and 1.17x
-    faster; the best trial stayed the same. ``precision: bf16`` asks for it."""
-    if name == "auto":
-        return "bf16" if device.type == "cuda" and native_bf16(device) else "fp32"
-    return name
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` means CUDA when there is a GPU, else the CPU."""
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device 'cuda' was asked for but no CUDA GPU is available")
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
-
-
-def per_sample_loss(kind: str, out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Loss of each sample, (B,), averaged over its pixels; computed in float32 (in float64
-    for a float64 model, as the exactness tests run)."""
-    dtype = torch.promote_types(out.dtype, torch.float32)
-    out, target = out.to(dtype), target.to(dtype)
-    if kind == "mse":
-        loss = F.mse_loss(out, target, reduction="none")
-    elif kind == "l1":
-        loss = F.l1_loss(out, target, reduction="none")
-    else:
-        loss = F.binary_cross_entropy(out.clamp(1e-6, 1 - 1e-6), target, reduction="none")
-    return loss.flatten(1).mean(1)
-
-
-def compiler(mode: str) -> Callable[[torch.nn.Module], torch.nn.Module]:
-    """What ``compile: none | default | reduce-overhead`` does to a module: nothing, or
-    ``torch.compile`` in that mode with static shapes (``reduce-overhead`` records CUDA
-    graphs: one per batch shape, so a run has at most two per pass, the full batches and
-    the last one)."""
-    if mode == "none":
-        return lambda m: m
-    import torch._dynamo
-
-    # a fused pack compiles once per stack width and batch shape (cae.train.pack): more than
-    # dynamo's default 8 variants of one function, after which it would silently run eager
-    for name in ("recompile_limit", "cache_size_limit"):
-        if hasattr(torch._dynamo.config, name):
-            setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 64))
-    return lambda m: torch.compile(m, mode=mode, dynamic=False)
-
-
-def mark_step(mode: str, device: torch.device) -> None:
-    """Tell CUDA graphs a new step begins, so the previous step's outputs may be reused."""
-    if mode == "reduce-overhead" and device.type == "cuda":
-        torch.compiler.cudagraph_mark_step_begin()
-
-
-def autocast(precision: str, device: torch.device):
-    """The training forward pass's context: bf16 autocast, or nothing for fp32."""
-    if precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return nullcontext()
-
-
-def epoch_metrics(epoch: int, train_loss: float, val: dict, best_val: float,
-                  best_epoch: int) -> dict:
-    """What a trial (or a pack's member) reports after an epoch; ``best_val_loss`` and
-    ``best_epoch`` by the rule its best weights follow (an improvement must beat
-    ``min_delta``), which the tables take as the trial's own."""
-    return {"epoch": epoch, "train_loss": train_loss, "val_loss": val["loss"],
-            **{f"val_{k}": v for k, v in val.items() if k != "loss"},
-            "best_val_loss": best_val, "best_epoch": best_epoch}
-
-
-def stop_reason(cfg: TrialConfig, epoch: int, bad_epochs: int) -> str | None:
-    """Why a trial stops after ``epoch`` (its patience ran out, or its last epoch), if it
-    does."""
-    if cfg.patience and bad_epochs >= cfg.patience:
-        return "patience"
-    return "max_epochs" if epoch >= cfg.max_epochs else None
-
-
 class Trainer:
-    """Holds the model, optimiser, data and task of one run; ``fit`` runs the epochs.
+    """Holds the model, optimiser, data and task of one trial; ``fit`` runs the epochs.
 
-    ``batch_seed`` (default: the trial's seed) seeds the order of the training batches and
-    their random distortions; a fused pack's members see the batches of their pack's
-    ``batch_seed`` (``cae.train.pack``), and a plain run given the same one sees the same."""
+    The batches' order and random distortions follow the trial's seed
+    (``cae.train.loop.batch_order``), as they do for the same trial in a pack."""
 
-    def __init__(self, cfg: TrialConfig, data: ImageData | None = None,
-                 batch_seed: int | None = None):
+    def __init__(self, cfg: TrialConfig, data: ImageData | None = None):
         self.cfg = cfg
-        self.batch_seed = cfg.seed if batch_seed is None else batch_seed
         self.device = resolve_device(cfg.device)
         self.precision = resolve_precision(cfg.precision, self.device)
         torch.manual_seed(cfg.seed)
@@ -156,10 +61,11 @@ class Trainer:
         splits = split(data, cfg.data.val_fraction, cfg.data.split_seed)
         self.splits = to_device(splits, self.device)
         self.task = make_task(cfg.task)
-        self.model = build_model(cfg.model, seed=cfg.seed).to(self.device)
+        model = use_masked_dropout(build_model(cfg.model, seed=cfg.seed).to(self.device),
+                                   cfg.seed)
         self.cuda = self.device.type == "cuda"
         # channels_last is faster for these small convs on CUDA and on the CPU (oneDNN) alike.
-        self.model = self.model.to(memory_format=torch.channels_last)
+        self.model = model.to(memory_format=torch.channels_last)
         self.dtype = next(self.model.parameters()).dtype  # float64 only in exactness tests
         # Encoder and decoder are compiled separately so the latent stays reachable for
         # the activity penalty.
@@ -171,19 +77,26 @@ class Trainer:
         self.gen = torch.Generator(device=self.device)
         # The validation inputs are prepared once, identically for every trial and epoch.
         self.val = self.task.eval_inputs(self.splits.val, seed=cfg.task.eval_seed)
+        self.steps_per_epoch = math.ceil(self.splits.train.shape[0] / cfg.batch_size)
         self.epoch = 0
-        self.best_val = math.inf
-        self.best_epoch = 0
-        self.bad_epochs = 0
+        self.stopping = Stopping.of(cfg)
         self.best_state: dict | None = None
         self.history: list[dict] = []
         self.final: dict | None = None  # the last epoch's metrics, once the run has ended
 
+    @property
+    def best_val(self) -> float:
+        return self.stopping.best_val
+
+    @property
+    def best_epoch(self) -> int:
+        return self.stopping.best_epoch
+
     # ---- state for checkpoints -----------------------------------------------------
     def state_dict(self) -> dict:
         """Everything a resumed run needs to continue exactly as if uninterrupted: the
-        weights, the optimiser, the early-stopping state and the global random state
-        (dropout draws from it), on the CPU and on CUDA."""
+        weights, the optimiser, the early-stopping state and the global random state, on the
+        CPU and on CUDA. A pack's member saves the same keys (``Pack.member_state``)."""
         rng = {"cpu": torch.get_rng_state()}
         if self.cuda:
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
@@ -192,9 +105,7 @@ class Trainer:
             "rng": rng,
             "optimizer": self.opt.state_dict(),
             "epoch": self.epoch,
-            "best_val": self.best_val,
-            "best_epoch": self.best_epoch,
-            "bad_epochs": self.bad_epochs,
+            **self.stopping.state(),
             "best_model": self.best_state,
             "history": self.history,
             "final": self.final,
@@ -204,12 +115,12 @@ class Trainer:
         self.model.load_state_dict(state["model"])
         self.opt.load_state_dict(state["optimizer"])
         self.epoch = int(state["epoch"])
-        self.best_val = float(state["best_val"])
-        self.best_epoch = int(state["best_epoch"])
-        self.bad_epochs = int(state["bad_epochs"])
+        self.stopping.load(state)
         self.best_state = state.get("best_model")
         self.history = list(state.get("history", []))
         self.final = state.get("final")
+        # dropout masks are a function of the training steps so far
+        set_dropout_step(self.model, self.epoch * self.steps_per_epoch)
         rng = state.get("rng") or {}
         if "cpu" in rng:
             torch.set_rng_state(rng["cpu"])
@@ -225,8 +136,7 @@ class Trainer:
         model.train()
         train = self.splits.train
         n = train.shape[0]
-        self.gen.manual_seed(self.batch_seed * SEED_STRIDE + self.epoch)  # resumable sequence
-        perm = torch.randperm(n, generator=self.gen, device=self.device)
+        perm = batch_order(self.gen, cfg.seed, self.epoch, n)
         total = torch.zeros((), device=self.device)
         for start in range(0, n, cfg.batch_size):
             idx = perm[start : start + cfg.batch_size]
@@ -242,38 +152,14 @@ class Trainer:
             total += loss.detach() * idx.numel()
         return float(total) / n  # the one host sync of the epoch
 
-    @torch.inference_mode()
     def evaluate(self, prepared: tuple) -> dict:
         """Mean loss over a prepared split, per distortion group, and the task's extra
-        errors (colorize: in RGB), computed in fp32."""
-        x_all, y_all, groups = prepared
+        errors (colorize: in RGB), computed in fp32 whatever the training precision: every
+        trial's (and the baselines') errors are measured alike."""
         self.model.eval()
-        n = x_all.shape[0]
-        sums = torch.zeros((), device=self.device, dtype=torch.float64)
-        extra: dict[str, torch.Tensor] = {}
-        names = self.task.group_names or []
-        per_group = torch.zeros(len(names), device=self.device, dtype=torch.float64)
-        counts = torch.zeros(len(names), device=self.device, dtype=torch.float64)
-        for start in range(0, n, self.cfg.eval_batch_size):
-            x = x_all[start : start + self.cfg.eval_batch_size]
-            y = y_all[start : start + self.cfg.eval_batch_size]
-            # in fp32 whatever the training precision: every trial's (and the baselines')
-            # errors are measured alike, and bf16 rounding does not move the ranking
-            mark_step(self.cfg.compile, self.device)
-            out = self.dec(self.enc(self._inputs(x)))
-            losses = per_sample_loss(self.cfg.loss, out, y).double()
-            sums += losses.sum()
-            if names:
-                g = groups[start : start + self.cfg.eval_batch_size]
-                per_group.index_add_(0, g, losses)
-                counts.index_add_(0, g, torch.ones_like(losses))
-            for key, errors in self.task.extra_errors(x, out, y).items():
-                extra[key] = extra.get(key, 0.0) + errors.double().sum()
-        result = {"loss": float(sums) / n}
-        for name, s, c in zip(names, per_group.tolist(), counts.tolist()):
-            result[f"loss_{name}"] = s / c if c else math.nan
-        result.update({key: float(total) / n for key, total in extra.items()})
-        return result
+        return evaluate(lambda x: self.dec(self.enc(self._inputs(x))).unsqueeze(0), prepared,
+                        self.task, [self.cfg.loss], self.cfg.eval_batch_size,
+                        lambda: mark_step(self.cfg.compile, self.device))[0]
 
     # ---- the run --------------------------------------------------------------------
     def fit(self, on_epoch: Callable[[dict, Callable[[], dict]], None] | None = None) -> str:
@@ -281,27 +167,21 @@ class Trainer:
 
         The last epoch's metrics carry ``stop_reason``, so ``on_epoch`` knows it is the last.
         """
-        cfg = self.cfg
-        if cfg.patience and self.bad_epochs >= cfg.patience:
+        if self.stopping.exhausted():
             return "patience"  # resumed from the checkpoint of a run that had already ended
-        while self.epoch < cfg.max_epochs:
+        while self.epoch < self.cfg.max_epochs:
             t0 = time.perf_counter()
             train_loss = self.train_epoch()
             self.epoch += 1
-            if not math.isfinite(train_loss):
-                raise Diverged(f"train loss became {train_loss} at epoch {self.epoch}")
             val = self.evaluate(self.val)
-            if not math.isfinite(val["loss"]):
-                raise Diverged(f"val loss became {val['loss']} at epoch {self.epoch}")
-            if val["loss"] < self.best_val - cfg.min_delta:
-                self.best_val, self.best_epoch, self.bad_epochs = val["loss"], self.epoch, 0
+            problem = Stopping.divergence(self.epoch, train_loss, val["loss"])
+            if problem:
+                raise Diverged(problem)
+            if self.stopping.update(self.epoch, val["loss"]):
                 self.best_state = copy.deepcopy(self.model.state_dict())
-            else:
-                self.bad_epochs += 1
-            metrics = epoch_metrics(self.epoch, train_loss, val, self.best_val,
-                                    self.best_epoch)
+            metrics = self.stopping.metrics(self.epoch, train_loss, val)
             metrics["epoch_time_s"] = time.perf_counter() - t0
-            stop = stop_reason(cfg, self.epoch, self.bad_epochs)
+            stop = self.stopping.reason(self.epoch)
             if stop:
                 metrics["stop_reason"] = stop
             self.history.append(metrics)
