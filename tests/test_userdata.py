@@ -125,6 +125,22 @@ def test_grayscale_folder_keeps_its_pixels_and_one_channel(tmp_path):
     assert again.paths == first  # the same order every time (seeded)
 
 
+def test_a_symbolic_link_back_to_a_parent_folder_is_left_out_once(tmp_path, capsys):
+    """A link that loops back to a folder above it is not followed again (it would repeat
+    the folder's images without end): one line names it, and every image is read once."""
+    root = gray_folder(tmp_path / "g", 30)
+    os.symlink("..", root / "class1" / "deeper" / "up")  # g/class1/deeper/up -> g/class1
+    os.symlink("loop.png", root / "class0" / "loop.png")  # a link to itself
+    spec = write_spec(tmp_path, {"dataset": "folder", "path": str(root)})
+    assert main(["sweep", str(spec), "--dry-run"]) == 0
+    d = load(DataConfig(dataset="folder", path=str(root)))
+    assert d.train.shape[0] + d.test.shape[0] == 30
+    out = capsys.readouterr().out
+    up = f"data: left out {root}/class1/deeper/up: a symbolic link back to a folder above it"
+    assert out.count(up) == 1, out
+    assert out.count(f"data: left out {root}/class0/loop.png: cannot be followed") == 1, out
+
+
 def test_resize_and_crop_is_centred_and_keeps_the_aspect_ratio(tmp_path):
     wide = np.zeros((20, 40), np.uint8)
     wide[:, 10:30] = 255  # white in the centre square, black on both sides

@@ -42,11 +42,13 @@ def say(line: str) -> None:
 
 @dataclass
 class Listing:
-    """The image files under a folder: relative paths (sorted) and (size, mtime in ns)."""
+    """The image files under a folder: relative paths (sorted) and (size, mtime in ns), and
+    the symbolic links left out (``scan``)."""
 
     root: str
     names: np.ndarray  # (N,) bytes (the file system's encoding), sorted
     stats: np.ndarray  # (N, 2) int64
+    left_out: list[str] = field(default_factory=list)  # "relative path: why"
 
     def __len__(self) -> int:
         return len(self.names)
@@ -87,7 +89,8 @@ class Images:
 
 
 def listing(path: str, where: str) -> Listing:
-    """Every image file under ``path`` (a clear error for a missing, wrong or empty one)."""
+    """Every image file under ``path`` (a clear error for a missing, wrong or empty one);
+    each symbolic link left out is named in one line, once per process."""
     p = Path(path)
     if not p.exists():
         raise DataError(f"{where}: {path} does not exist")
@@ -95,22 +98,35 @@ def listing(path: str, where: str) -> Listing:
         raise DataError(f"{where}: {path} is a file, and dataset 'folder' reads a folder of "
                         "images (for a .npy or .npz file use dataset: arrays)")
     found = scan(path)
+    for note in found.left_out:
+        if (path, note) not in _SAID:
+            _SAID.add((path, note))
+            say(f"data: left out {os.path.join(path, note)}")
     if len(found) == 0:
         kinds = ", ".join(s.lstrip(".").upper() for s in imagefiles.IMAGE_SUFFIXES)
         raise DataError(f"{where}: {path} holds no image files ({kinds}) at any depth")
     return found
 
 
+_SAID: set[tuple[str, str]] = set()  # the links left out that ``listing`` has named
+
+
 def scan(root: str) -> Listing:
     """Every image file under ``root`` at any depth, sorted by relative path; hidden files
     and folders are left out. Sizes and times go straight into compact arrays: a listing of
     60,000 files holds their names (as bytes, in one array) and 16 bytes each, nothing
-    more."""
+    more.
+
+    Symbolic links are followed, but a folder is never entered from inside itself: a link
+    back to a folder above it (a loop, which would repeat its images without end) is left
+    out, as is a link that cannot be followed (one that leads back to itself);
+    ``left_out`` names them."""
     from array import array
 
-    names, stats, stack = [], array("q"), [(root, "")]
+    names, stats, left_out = [], array("q"), []
+    stack = [(root, "", (_folder_id(root),))]
     while stack:
-        folder, rel = stack.pop()
+        folder, rel, above = stack.pop()
         try:
             entries = os.scandir(folder)
         except OSError as exc:
@@ -119,8 +135,17 @@ def scan(root: str) -> Listing:
             for e in entries:
                 if e.name.startswith("."):
                     continue
-                if e.is_dir():
-                    stack.append((e.path, f"{rel}{e.name}/"))
+                try:
+                    is_dir = e.is_dir()
+                    folder_id = _folder_id(e) if is_dir else None
+                except OSError as exc:  # a link to itself, or to what cannot be looked at
+                    left_out.append(f"{rel}{e.name}: cannot be followed ({exc.strerror})")
+                    continue
+                if folder_id in above:
+                    left_out.append(f"{rel}{e.name}: a symbolic link back to a folder above "
+                                    f"it ({os.path.realpath(e.path)}), not followed again")
+                elif is_dir:
+                    stack.append((e.path, f"{rel}{e.name}/", (*above, folder_id)))
                 elif e.name.lower().endswith(imagefiles.IMAGE_SUFFIXES) and e.is_file():
                     st = e.stat()
                     names.append(os.fsencode(rel + e.name))
@@ -129,7 +154,13 @@ def scan(root: str) -> Listing:
     del names
     order = np.argsort(raw, kind="stable")  # bytes order: UTF-8 sorts as the characters do
     table = np.frombuffer(stats, dtype=np.int64).reshape(-1, 2)[order]
-    return Listing(root, raw[order], table)
+    return Listing(root, raw[order], table, sorted(left_out))
+
+
+def _folder_id(folder: str | os.DirEntry) -> tuple[int, int]:
+    """What tells one folder from another however it is reached: (device, inode)."""
+    st = folder.stat() if isinstance(folder, os.DirEntry) else os.stat(folder)
+    return st.st_dev, st.st_ino
 
 
 def key_of(want: Want, main: Listing, test: Listing | None) -> str:
@@ -272,6 +303,7 @@ def headers(files: _Files, key: str, pool=None) -> Headers:
 
 def forget() -> None:
     _HEADERS.clear()
+    _SAID.clear()
 
 
 def resolve(want: Want, files: _Files, heads: Headers) -> tuple[list[int], bool]:

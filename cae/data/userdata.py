@@ -1,7 +1,8 @@
 """Your own images as a dataset: every image under a folder, or the images of an array file.
 
 ``data: {dataset: folder, path: DIR}`` reads every PNG, JPEG, BMP, TIFF and WebP file under
-DIR at any depth (sorted paths; hidden files left out), converts each to ``channels`` (1:
+DIR at any depth (sorted paths; hidden files left out; symbolic links followed, except one
+back to a folder above it, which is named and left out), converts each to ``channels`` (1:
 grayscale, 3: RGB; default 1 when every image is grayscale, else 3) and to ``image_size``
 (a centred resize-and-crop that keeps the aspect ratio; needed when the images differ in
 size), and keeps them as uint8 ``(N, C, H, W)`` like every other dataset.
