@@ -115,6 +115,19 @@ def _results(n: int, names: list[str], sums: list, per_group: list, counts: list
     return results
 
 
+# ---- a trial's checkpoint -----------------------------------------------------------------
+
+
+def trial_checkpoint(model: dict, optimizer: dict, epoch: int, stopping: Stopping,
+                     best_model: dict | None, history: list[dict], final: dict | None,
+                     **extra) -> dict:
+    """The one checkpoint schema of a trial, alone (``Trainer.state_dict``) or a pack's
+    member (``Pack.member_state``): either loads into a plain CAE and ``torch.optim.Adam``,
+    and ``cae.run.checkpoints`` reads both alike."""
+    return {"model": model, "optimizer": optimizer, "epoch": epoch, **stopping.state(),
+            "best_model": best_model, "history": history, "final": final, **extra}
+
+
 # ---- when a trial stops --------------------------------------------------------------------
 
 

@@ -44,7 +44,7 @@ from cae.config.trial import TrialConfig
 from cae.data.datasets import ImageData, load, split, to_device
 from cae.model.network import CAE, build_model
 from cae.train.hardware import autocast, compiler, mark_step, resolve_device, resolve_precision
-from cae.train.loop import Stopping, batch_order, evaluate, member_losses
+from cae.train.loop import Stopping, batch_order, evaluate, member_losses, trial_checkpoint
 from cae.train.packing import pack_key
 from cae.train.stacked import BatchedAdam, Layout, Stack, run_stack, use_masked_dropout
 from cae.train.tasks import make_task
@@ -329,16 +329,11 @@ class Pack:
         CAE and its Adam); only while it is in the pack (up to its last ``on_epoch``)."""
         member, row = self.members[index], self.slots.index(index)
         cfg = member.cfg
-        return {
-            "model": self._weights(row),
-            "optimizer": self.opt.member_state(row, self.layout, cfg.lr, cfg.weight_decay),
-            "epoch": self.epoch,
-            **member.stopping.state(),
-            "best_model": member.best_state,
-            "history": member.history,
-            "final": member.final,
-            "pack": {"members": len(self.members)},
-        }
+        return trial_checkpoint(
+            self._weights(row),
+            self.opt.member_state(row, self.layout, cfg.lr, cfg.weight_decay),
+            self.epoch, member.stopping, member.best_state, member.history, member.final,
+            pack={"members": len(self.members)})
 
     def state_dict(self) -> dict:
         """The whole pack, for a resume that continues exactly as if uninterrupted."""

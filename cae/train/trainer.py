@@ -26,7 +26,14 @@ from cae.config.trial import TrialConfig
 from cae.data.datasets import ImageData, load, split, to_device
 from cae.model.network import CAE, build_model, count_params
 from cae.train.hardware import autocast, compiler, mark_step, resolve_device, resolve_precision
-from cae.train.loop import Diverged, Stopping, batch_order, evaluate, per_sample_loss
+from cae.train.loop import (
+    Diverged,
+    Stopping,
+    batch_order,
+    evaluate,
+    per_sample_loss,
+    trial_checkpoint,
+)
 from cae.train.stacked import set_dropout_step, use_masked_dropout
 from cae.train.tasks import make_task
 
@@ -100,16 +107,9 @@ class Trainer:
         rng = {"cpu": torch.get_rng_state()}
         if self.cuda:
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
-        return {
-            "model": self.model.state_dict(),
-            "rng": rng,
-            "optimizer": self.opt.state_dict(),
-            "epoch": self.epoch,
-            **self.stopping.state(),
-            "best_model": self.best_state,
-            "history": self.history,
-            "final": self.final,
-        }
+        return trial_checkpoint(self.model.state_dict(), self.opt.state_dict(), self.epoch,
+                                self.stopping, self.best_state, self.history, self.final,
+                                rng=rng)
 
     def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
