@@ -108,3 +108,28 @@ def test_a_sweep_checks_the_internals_before_ray_starts(monkeypatch, tmp_path, c
                "--name", "r", "--no-report"])
     err = capsys.readouterr().err
     assert rc == 2 and "ray 2.61.0 is installed" in err and "Traceback" not in err
+
+
+def test_a_scheduler_taking_results_one_at_a_time_says_so_to_tune():
+    from ray.tune.schedulers import FIFOScheduler, TrialScheduler
+
+    @ri.results_one_at_a_time
+    class OneByOne(TrialScheduler):
+        pass
+
+    assert not OneByOne().supports_buffered_results
+    assert FIFOScheduler().supports_buffered_results  # Tune's default is left alone
+    scheduler = FIFOScheduler()
+    ri.set_buffered_results(scheduler, False)
+    assert not scheduler.supports_buffered_results and FIFOScheduler().supports_buffered_results
+
+
+def test_the_optuna_study_of_a_searcher_is_reachable():
+    optuna = pytest.importorskip("optuna")
+    from ray import tune
+    from ray.tune.search.optuna import OptunaSearch
+
+    searcher = OptunaSearch(space={"lr": tune.uniform(0.0, 1.0)}, metric="loss", mode="min")
+    searcher.suggest("t1")
+    study = ri.optuna_study(searcher)
+    assert isinstance(study, optuna.Study) and len(study.trials) == 1

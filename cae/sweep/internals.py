@@ -120,7 +120,22 @@ def _sets_attribute(module: str, cls: str, attribute: str) -> bool:
                and isinstance(n.ctx, ast.Store) for n in ast.walk(_class(module, cls)))
 
 
+def _returns_attribute(module: str, cls: str, method: str, attribute: str) -> bool:
+    """Whether ``cls.method`` returns ``self.<attribute>``."""
+    for node in _class(module, cls).body:
+        if isinstance(node, ast.FunctionDef) and node.name == method:
+            return any(isinstance(n, ast.Return) and isinstance(n.value, ast.Attribute)
+                       and n.value.attr == attribute for n in ast.walk(node))
+    return False
+
+
 CONTROLLER = "ray.tune.execution.tune_controller"
+SCHEDULER = "ray.tune.schedulers.trial_scheduler"
+OPTUNA = "ray.tune.search.optuna.optuna_search"
+# Tune asks a scheduler whether it may be handed several results of a trial at once through
+# the property ``TrialScheduler.supports_buffered_results``, which reads this class
+# attribute and has no setter.
+BUFFERED_RESULTS = "_supports_buffered_results"
 
 
 def _status_read_after_on_trial_add() -> bool:
@@ -171,6 +186,10 @@ CHECKS: tuple[tuple[str, Any], ...] = (
       for logger, starts in TUNE_SAID_BY_CAE.items() for start in starts),
     ("TuneController.add_trial files a trial by its status after on_trial_add",
      lambda: _status_read_after_on_trial_add()),
+    (f"TrialScheduler.supports_buffered_results returns self.{BUFFERED_RESULTS}",
+     lambda: _returns_attribute(SCHEDULER, "TrialScheduler", "supports_buffered_results",
+                                BUFFERED_RESULTS)),
+    ("OptunaSearch._ot_study", lambda: _sets_attribute(OPTUNA, "OptunaSearch", "_ot_study")),
     ("tune.fit stops gracefully on SIGUSR1",
      lambda: any(isinstance(n, ast.Attribute) and n.attr == "SIGUSR1"
                  for n in ast.walk(_tree("ray.tune.tune")))),
@@ -214,6 +233,26 @@ def mark_for_experiment_state(controller: Any, trial: Any) -> None:
     ``controller`` is what Tune hands a scheduler (a wrapper around the TuneController)."""
     inner = getattr(controller, "_tune_controller", controller)
     inner._mark_trial_to_checkpoint(trial)
+
+
+def set_buffered_results(scheduler: Any, supported: bool) -> None:
+    """Tell Tune whether ``scheduler`` (a scheduler class or one scheduler) may be handed
+    several results of a trial at once; a scheduler that pauses a trial exactly at a rung
+    must see each result before the next epoch is trained."""
+    setattr(scheduler, BUFFERED_RESULTS, supported)
+
+
+def results_one_at_a_time(cls: type) -> type:
+    """Class decorator: Tune hands the scheduler each result on its own
+    (``set_buffered_results``)."""
+    set_buffered_results(cls, False)
+    return cls
+
+
+def optuna_study(searcher: Any) -> Any:
+    """The Optuna study behind one of Tune's ``OptunaSearch`` (the trials TPE has seen),
+    which Tune keeps in a private attribute."""
+    return searcher._ot_study
 
 
 def keep_paused(trial: Any) -> None:
