@@ -121,3 +121,26 @@ def test_an_os_error_deep_inside_is_a_bug_but_a_bad_path_is_input(tmp_path, caps
     spec.write_bytes(b"\xff\xfe\x00 not yaml")
     assert main(["sweep", str(spec), "--dry-run"]) == 2
     assert "cae: error:" in capsys.readouterr().err
+
+
+def test_a_local_ray_is_started_in_token_mode_without_its_notice(monkeypatch):
+    """Ray prints "Token authentication is enabled for this Ray cluster..." whenever it
+    starts with the mode unset; cae sets the mode Ray would choose, before ray is first
+    imported, and leaves a mode the user set alone (a real sweep's output:
+    tests/test_sweep.py)."""
+    import os
+
+    from cae.sweep import tuner
+
+    monkeypatch.delenv(tuner.AUTH_MODE_ENV, raising=False)
+    monkeypatch.delitem(sys.modules, "ray", raising=False)  # as in a fresh `cae sweep`
+    tuner.token_auth_without_notice()
+    assert os.environ[tuner.AUTH_MODE_ENV] == "token"
+    monkeypatch.setenv(tuner.AUTH_MODE_ENV, "disabled")
+    tuner.token_auth_without_notice()
+    assert os.environ[tuner.AUTH_MODE_ENV] == "disabled"
+    monkeypatch.delenv(tuner.AUTH_MODE_ENV)
+    monkeypatch.setitem(sys.modules, "ray", object())  # imported already: Ray's own way
+    tuner.token_auth_without_notice()
+    assert tuner.AUTH_MODE_ENV not in os.environ
+

@@ -146,8 +146,10 @@ def test_killed_driver_then_resume_finishes_without_rerunning(tmp_path):
            "--name", name, *SMALL, "--set", "scheduler.kind=fifo",
            "--set", "trial.max_epochs=3", "--set", "trial.patience=null",
            "--set", "trial.data.train_limit=2000"]  # long enough to be caught mid-way
-    proc = subprocess.Popen(cmd, cwd=tmp_path, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_MODE"}  # as a user's shell
+    with open(tmp_path / "console.txt", "wb") as console:
+        proc = subprocess.Popen(cmd, cwd=tmp_path, start_new_session=True, env=env,
+                                stdout=console, stderr=subprocess.STDOUT)
     deadline = time.time() + 300
     while time.time() < deadline and len(_finished_trials(run_dir)) < 3:
         time.sleep(0.5)
@@ -156,6 +158,9 @@ def test_killed_driver_then_resume_finishes_without_rerunning(tmp_path):
     proc.wait()
     before = _finished_trials(run_dir)
     assert 3 <= len(before) < 16, "the sweep should have been interrupted mid-way"
+    said = (tmp_path / "console.txt").read_text()
+    assert f"sweep quickstart: 16 trials -> {run_dir}" in said, said
+    assert "Token authentication" not in said  # cae's local Ray: no notice of Ray's
 
     assert main(["resume", str(run_dir), "--no-report"]) == 0
     trials = pd.read_parquet(run_dir / "trials.parquet")

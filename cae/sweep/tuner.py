@@ -8,6 +8,7 @@ What is checked before Ray starts is ``cae.sweep.plan``; what drives a sweep fro
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Sequence
 from contextlib import contextmanager
 
@@ -134,6 +135,7 @@ def init_ray(address: str | None, dashboard: bool = False) -> bool:
         # for report and checkpoint together), so the warning is only noise here.
         os.environ.setdefault(internals.SYNC_WARNING_ENV, "0")
     import ray
+        token_auth_without_notice()
 
     if ray.is_initialized():
         return False
@@ -146,6 +148,22 @@ def init_ray(address: str | None, dashboard: bool = False) -> bool:
 
 
 @contextmanager
+# Ray's switch for token authentication (``disabled`` or ``token``), read when ray is first
+# imported; documented in Ray's security guide.
+AUTH_MODE_ENV = "RAY_AUTH_MODE"
+
+
+def token_auth_without_notice() -> None:
+    """A Ray started here uses token authentication, as Ray's default has it, without the
+    notice Ray prints at each start while the mode is left unset ("Token authentication is
+    enabled for this Ray cluster. Set RAY_AUTH_MODE=disabled to opt out"): cae's local Ray
+    listens on 127.0.0.1 alone, and the notice asks nothing of the user. Only before ray
+    is first imported (a process that imported it already keeps Ray's own default, since
+    Ray reads the mode on import); a mode the user set wins."""
+    if "ray" not in sys.modules:
+        os.environ.setdefault(AUTH_MODE_ENV, "token")
+
+
 def ray_session(address: str | None, dashboard: bool = False):
     """Ray for the length of one sweep: shut down afterwards if this call started it."""
     started = init_ray(address, dashboard)
