@@ -267,7 +267,7 @@ def card(model: CAE, cfg: TrialConfig, row: pd.Series, run_dir: str,
 
     latent = int(model.plan.latent_size)
     c, h, w = cfg.data.info().shape
-    shape_in = f"{cfg.model.in_channels}x{h}x{w}"
+    shape_in = f"{cfg.model.in_channels}, {h}, {w}"  # as torch writes a tensor's shape
     task = cfg.task.name
     note = {"colorize": " (the luma Y of YCbCr; the decoder gives the chroma CbCr)",
             "denoise": " (a distorted image; the decoder gives the clean one)"}.get(task, "")
@@ -295,7 +295,7 @@ def card(model: CAE, cfg: TrialConfig, row: pd.Series, run_dir: str,
 {table}
 
 `encoder.pt2`: images (B, {shape_in}) float32 in [0, 1]{note} -> latents (B, {latent}).
-`decoder.pt2`: latents (B, {latent}) -> images (B, {cfg.model.out_channels}x{h}x{w}). Any batch
+`decoder.pt2`: latents (B, {latent}) -> images (B, {cfg.model.out_channels}, {h}, {w}). Any batch
 size; they need torch alone:
 
 ```python

@@ -60,6 +60,25 @@ def test_select_picks_the_best_trained_to_the_end():
 # ---- a real run ------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("task, shape_in, shape_out", [
+    ("reconstruct", "(B, 1, 28, 28)", "(B, 1, 28, 28)"),
+    ("colorize", "(B, 1, 32, 32)", "(B, 2, 32, 32)"),
+])
+def test_the_model_card_writes_shapes_as_torch_does(task, shape_in, shape_out):
+    from cae.export import card
+    from cae.model.network import build_model
+
+    data = {"dataset": "cifar10", "download": False} if task == "colorize" else {}
+    cfg = TrialConfig.model_validate({"task": {"name": task}, "data": data,
+                                      "model": {"channels": [4], "latent_dim": 4}})
+    row = pd.Series({"trial_id": "e_00001", "best_epoch": 3, "best_val_loss": 0.01,
+                     "test_loss": 0.02})
+    text = card(build_model(cfg.model), cfg, row, "runs/r", None)
+    assert f"`encoder.pt2`: images {shape_in} float32" in text
+    assert f"-> images {shape_out}. Any batch" in text
+    assert f"x: {shape_in} in [0, 1]" in text
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> tuple[Path, Path]:
     """A sweep over latent sizes 4 and 8 on a folder of 240 real 28x28 images: (run dir,
@@ -195,6 +214,7 @@ def test_exported_programs_run_without_cae(run, exported, tmp_path):
         pca = base[(base["baseline"] == "pca") & (base["split"] == "val")
                    & (base["latent_size"] == latent)]["loss"].iloc[0]
         assert f"| PCA at latent {latent}, val | {pca:.5g} |" in card
+        assert "images (B, 1, 28, 28) float32" in card and "images (B, 1, 28, 28). Any" in card
         assert TrialConfig.model_validate(json.loads((d / "config.json").read_text())) == cfg
 
         x = torch.rand(5, 1, 28, 28)
