@@ -134,8 +134,8 @@ def init_ray(address: str | None, dashboard: bool = False) -> bool:
         # local disk a snapshot is a file copy (benchmarks/overhead.py: 6.5 ms per epoch
         # for report and checkpoint together), so the warning is only noise here.
         os.environ.setdefault(internals.SYNC_WARNING_ENV, "0")
-    import ray
         token_auth_without_notice()
+    import ray
 
     if ray.is_initialized():
         return False
@@ -147,7 +147,6 @@ def init_ray(address: str | None, dashboard: bool = False) -> bool:
     return True
 
 
-@contextmanager
 # Ray's switch for token authentication (``disabled`` or ``token``), read when ray is first
 # imported; documented in Ray's security guide.
 AUTH_MODE_ENV = "RAY_AUTH_MODE"
@@ -164,6 +163,7 @@ def token_auth_without_notice() -> None:
         os.environ.setdefault(AUTH_MODE_ENV, "token")
 
 
+@contextmanager
 def ray_session(address: str | None, dashboard: bool = False):
     """Ray for the length of one sweep: shut down afterwards if this call started it."""
     started = init_ray(address, dashboard)
