@@ -114,8 +114,9 @@ class FuseConfig(Strict):
 
     ``fuse: auto`` turns it on only for trials on a GPU (``resources.gpu`` > 0 or
     ``device: cuda``): on a CPU a pack runs slower than its members one by one
-    (docs/performance.md). The first version supports ``scheduler.kind: fifo`` and grid
-    search only; members stop by their own patience or max_epochs."""
+    (docs/performance.md). Packs run with ``scheduler.kind: fifo`` and grid search only (a
+    scheduler or a searcher sees one Tune trial per pack, not its members); members stop by
+    their own patience or max_epochs."""
 
     max_members: int = Field(32, ge=1, le=4096)
     auto: bool = False

@@ -28,8 +28,9 @@ from cae.model import plan as arch
 if TYPE_CHECKING:
     from cae.config.trial import ModelConfig, TrialConfig
 
-# A Python process with torch and cae imported measured 614 MiB resident here
-# (benchmarks/memory.py); a Ray worker adds its own libraries.
+# What a trial's process holds before its first tensor: Python with torch and cae imported
+# (benchmarks/memory.py measures it; docs/performance.md has the figure), and room for a
+# Ray worker's own libraries.
 RUNTIME_BYTES = 768 * 2**20
 
 

@@ -143,8 +143,8 @@ def _newest_result_time(run_dir: Path) -> float | None:
 
 
 def _state_written(run_dir: Path) -> float | None:
-    """When Ray Tune last saved the experiment state here (it does every ~10 s while the
-    sweep's driver lives)."""
+    """When Ray Tune last saved the experiment state here (it does so every few seconds
+    while the sweep's driver lives)."""
     times = [p.stat().st_mtime for p in run_dir.glob(EXPERIMENT_STATE.format("*"))]
     return max(times) if times else None
 

@@ -23,9 +23,11 @@ from cae.model import plan as arch
 if TYPE_CHECKING:
     from cae.config.trial import TrialConfig
 
-# Measured on the quickstart and Study B's sweeps (cae 0.1, Ray 2.60): Tune's logs per
-# epoch (result.json, progress.csv, events file) and per trial (params, record, error),
-# torch's overhead per saved tensor, the state files per trial, and the report.
+# What a sweep writes besides its checkpoints' tensors, each rounded up from the files of
+# real sweeps (the quickstart's and Study B's): Tune's logs per epoch (result.json,
+# progress.csv, events file) and per trial (params, record, error), torch's overhead per
+# saved tensor, the state files per trial, and the report. Too high errs on the safe side:
+# it refuses a sweep that would have fitted, never starts one that fills the disk.
 LOG_BYTES_PER_EPOCH = 6 * 1024
 TRIAL_FILES_BYTES = 16 * 1024
 TENSOR_OVERHEAD_BYTES = 1024

@@ -1,11 +1,11 @@
 """What ``cae sweep`` and ``cae resume`` do between their arguments and their last line.
 
-A sweep: the spec checked (``cae.sweep.plan``), the storage checked for room, the datasets loaded
-once, the run directory's lease taken (``cae.run.lease``), Ray started (or attached to), the
-Tuner run with the console (``cae.sweep.progress``) and the run's guard (``cae.sweep.guard``), and
-the
-run finished (``cae.results.finish``: tables, reference errors, report). A resume does the same on
-an existing run directory, after repairing a state file cut short (``cae.run.state``).
+A sweep: the spec checked (``cae.sweep.plan``), the storage checked for room, the datasets
+loaded once, the run directory's lease taken (``cae.run.lease``), Ray started (or attached
+to), the Tuner run with the console (``cae.sweep.progress``) and the run's guard
+(``cae.sweep.guard``), and the run finished (``cae.results.finish``: tables, reference
+errors, report). A resume does the same on an existing run directory, after repairing a
+state file cut short (``cae.run.state``).
 
 Exit status: 0 when every trial has finished, ``EXIT_INTERRUPTED`` (3) when the sweep was
 stopped (Ctrl-C, SIGUSR1 or SIGTERM, a job's time limit) with trials left to run, for

@@ -76,11 +76,12 @@ def run_config(spec: SweepSpec, name: str, storage: str, callbacks: Sequence = (
 
 @contextmanager
 def console(verbose: bool):
-    """Ray Tune's console output for one ``fit``. Quiet (not ``verbose``): Ray 2.60 still
-    prints a configuration box and result paths at ``verbose=0`` with its new output engine,
-    logs each trial failure with its traceback, prints the traceback of failed tasks nobody
-    fetched, and logs an interruption with Tuner.restore as the way back; cae's callbacks
-    say each of these in a line (``cae.sweep.internals`` names what is turned off)."""
+    """Ray Tune's console output for one ``fit``. Quiet (not ``verbose``): at ``verbose=0``
+    Tune's new output engine prints a configuration box and result paths all the same,
+    Tune logs each trial failure with its traceback, Ray prints the traceback of failed
+    tasks nobody fetched, and Tune logs an interruption with Tuner.restore as the way back;
+    cae's callbacks say each of these in a line (``cae.sweep.internals`` names what is
+    turned off)."""
     if verbose:
         yield
         return
@@ -107,7 +108,7 @@ def environ(values: dict[str, str]):
 
 def pending_trials(spec: SweepSpec) -> dict[str, str]:
     """How many trials Tune may keep waiting for resources. For any searcher but its own
-    grid generator Ray 2.60 allows one, so a cluster (or two cores) fills one trial at a
+    grid generator Ray allows one, so a cluster (or two cores) fills one trial at a
     time; the shuffled grid knows all its trials up front, so it gets what Ray gives a
     grid (at least 200, or 1.1 per CPU of the cluster: the autoscaler sees the demand);
     TPE learns from finished trials, so it gets one per CPU. A value the user set wins."""
@@ -131,8 +132,8 @@ def init_ray(address: str | None, dashboard: bool = False) -> bool:
         os.environ.setdefault(internals.LOOPBACK_ENV, "0")
         # Tune snapshots the experiment state every couple of checkpoints of a trial
         # (CheckpointConfig.num_to_keep) and warns when that happens within seconds; on a
-        # local disk a snapshot is a file copy (benchmarks/overhead.py: 6.5 ms per epoch
-        # for report and checkpoint together), so the warning is only noise here.
+        # local disk a snapshot is a file copy, cheap beside an epoch (benchmarks/overhead.py
+        # measures it), so the warning is only noise here.
         os.environ.setdefault(internals.SYNC_WARNING_ENV, "0")
         token_auth_without_notice()
     import ray
