@@ -1,7 +1,7 @@
 """A sweep on a simulated clock: the project's real scheduler and searcher, fake trials.
 
 ``simulate`` builds the searcher and the scheduler exactly as a sweep does
-(``cae.schedule.search.make_searcher``, ``cae.sweep.tuner.scheduler``) and plays Ray Tune's
+(``cae.schedule.create_searcher``, ``cae.sweep.tuner.scheduler``) and plays Ray Tune's
 controller
 against them (``ray.tune.execution.tune_controller.TuneController``, reduced to what a
 scheduler sees): trials are created from the searcher while fewer than ``max_pending`` wait
@@ -133,10 +133,10 @@ class SimController:
 
     def __init__(self, spec: SweepSpec, work_of: Callable[[dict], Work], workers: int,
                  costs: Costs, max_pending: int | None = None):
-        from cae.schedule.search import make_searcher
+        from cae.schedule import create_searcher
         from cae.sweep.tuner import param_space, scheduler
 
-        searcher, total = make_searcher(spec, param_space(spec))
+        searcher, total = create_searcher(spec, param_space(spec))
         searcher.set_search_properties(METRIC, MODE, {})
         self.search_alg = _Search(searcher, total)
         from cae.config.trial import TrialConfig

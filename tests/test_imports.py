@@ -132,6 +132,29 @@ def test_readers_of_a_run_never_import_ray(module):
     assert not importers, f"{module} reaches Ray through {importers}"
 
 
+def test_private_ray_names_only_in_the_checked_internals():
+    """A name of Ray's that starts with an underscore (a module, a class's attribute, a
+    hook a cae class overrides) is used only in ``cae.sweep.internals``, where each is
+    checked against Ray's source when a sweep starts."""
+    private = {"_supports_buffered_results", "_ot_study", "_mark_trial_to_checkpoint",
+               "_tune_controller", "_local_tuner", "_private"}
+    found = []
+    for mod, path in MODULES.items():
+        if mod == "cae.sweep.internals":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            name = (node.attr if isinstance(node, ast.Attribute) else
+                    node.id if isinstance(node, ast.Name) else
+                    node.name if isinstance(node, ast.FunctionDef) else None)
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith(
+                    "ray") and ("._" in node.module or any(a.name.startswith("_")
+                                                            for a in node.names)):
+                found.append(f"{mod}: from {node.module} import ...")
+            elif name in private:
+                found.append(f"{mod}: {name}")
+    assert not found, found
+
+
 def test_the_library_never_imports_the_cli():
     for mod, deps in GRAPH.items():
         if mod != "cae.cli":

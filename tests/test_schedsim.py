@@ -64,7 +64,9 @@ COSTS = sim.Costs(new_worker_s=1.0, segment_s=0.05, result_s=0.02, final_s=0.2,
 def test_the_simulator_drives_the_real_searcher_and_schedulers():
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-    from cae.schedule.schedulers import ShuffledSearcher, StratifiedScheduler, SyncHalvingScheduler
+    from cae.schedule.grid import ShuffledSearcher
+    from cae.schedule.halving import SyncHalvingScheduler
+    from cae.schedule.schedulers import StratifiedScheduler
 
     for name, sub in (("asha", ASHAScheduler), ("sha", SyncHalvingScheduler),
                       ("default", SyncHalvingScheduler)):

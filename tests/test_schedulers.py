@@ -13,13 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from cae.schedule.schedulers import (
-    StratifiedScheduler,
-    SyncHalvingScheduler,
-    make_scheduler,
-    shuffled_search,
-    stratum_of,
-)
+from cae.config.spec import stratum_of
+from cae.schedule import create_scheduler
+from cae.schedule.grid import shuffled_search
+from cae.schedule.halving import SyncHalvingScheduler
+from cae.schedule.schedulers import StratifiedScheduler
 
 MAX_T = 9  # rungs at 1 and 3 with grace 1, reduction factor 3
 LATENTS, QUALITIES = [4, 8], [0.1, 0.2, 0.3, 0.4]
@@ -39,7 +37,7 @@ def _space(quality_order=QUALITIES, latent_first=False):
     return dict(axes[::-1] if latent_first else axes)
 
 
-# ---- stratum_of, make_scheduler, shuffled_search (no Ray runtime) -----------------------
+# ---- stratum_of, create_scheduler, shuffled_search (no Ray runtime) ---------------------
 
 
 def test_stratum_of_plain_list_and_variant_values():
@@ -56,24 +54,24 @@ def test_stratum_of_plain_list_and_variant_values():
         stratum_of(config, ["model.kernel"])
 
 
-def test_make_scheduler_kinds():
+def test_create_scheduler_kinds():
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-    assert isinstance(make_scheduler("fifo", [], max_t=12, grace_period=1,
+    assert isinstance(create_scheduler("fifo", [], max_t=12, grace_period=1,
                                      reduction_factor=3), FIFOScheduler)
     for kind, cls in (("asha", ASHAScheduler), ("sha", SyncHalvingScheduler)):
-        s = make_scheduler(kind, ["model.latent_dim"], max_t=12, grace_period=1,
+        s = create_scheduler(kind, ["model.latent_dim"], max_t=12, grace_period=1,
                            reduction_factor=3)
         assert isinstance(s, StratifiedScheduler) and isinstance(s._factory(), cls)
         # the same metric/mode in tune.TuneConfig agree; another metric is refused
         assert s.set_search_properties("val_loss", "min")
         assert not s.set_search_properties("train_loss", None)
-    assert not make_scheduler("sha", [], max_t=12, grace_period=1,
+    assert not create_scheduler("sha", [], max_t=12, grace_period=1,
                               reduction_factor=3).supports_buffered_results
     assert SyncHalvingScheduler(max_t=12, grace_period=1, reduction_factor=3).rungs == [1, 3, 9]
     assert SyncHalvingScheduler(max_t=12, grace_period=2, reduction_factor=2.5).rungs == [2, 5]
     with pytest.raises(ValueError, match="'hyperband' is not one of asha, sha, fifo"):
-        make_scheduler("hyperband", [], max_t=12, grace_period=1, reduction_factor=3)
+        create_scheduler("hyperband", [], max_t=12, grace_period=1, reduction_factor=3)
 
 
 def test_shuffled_search_order_is_seeded_and_covers_the_grid():
@@ -141,7 +139,7 @@ def _simulate(points: list[dict], seed: int, stratify=("model.latent_dim",)) -> 
     second epoch, (0.1, 4) ends itself (patience) after 2. Returns {(quality, latent): epochs}."""
     rng = random.Random(seed)
     points = rng.sample(points, len(points))
-    sched = make_scheduler("sha", list(stratify), max_t=MAX_T, grace_period=1,
+    sched = create_scheduler("sha", list(stratify), max_t=MAX_T, grace_period=1,
                            reduction_factor=3)
     ctrl = _Controller(sched)
     trials = [_Trial(p, f"id{rng.randrange(10**6):06d}") for p in points]
@@ -191,7 +189,7 @@ def test_sha_outcome_does_not_depend_on_start_or_arrival_order():
 def test_sha_ties_are_broken_by_config_not_by_trial_id():
     points = [{"quality": 0.1, "model.latent_dim": 4, "name": n} for n in "dcba"]
     for seed in range(5):
-        sched = make_scheduler("sha", [], max_t=MAX_T, grace_period=1, reduction_factor=3)
+        sched = create_scheduler("sha", [], max_t=MAX_T, grace_period=1, reduction_factor=3)
         ctrl = _Controller(sched)
         trials = [_Trial(p, f"id{i}") for i, p in enumerate(random.Random(seed).sample(points, 4))]
         for t in trials:
@@ -240,7 +238,7 @@ def _simulate_ahead(points: list[dict], seed: int, work_ahead: bool, slots: int,
     from cae.schedule.schedulers import speculation_marks
 
     rng = random.Random(seed)
-    sched = make_scheduler("sha", ["model.latent_dim"], max_t=MAX_T, grace_period=1,
+    sched = create_scheduler("sha", ["model.latent_dim"], max_t=MAX_T, grace_period=1,
                            reduction_factor=3, work_ahead=work_ahead)
     marks = speculation_marks(sched)
     ctrl = _AheadController(sched)
@@ -417,7 +415,7 @@ def _fit(tmp_path, name, kind, stratify, seed=None, quality_order=QUALITIES,
 
     from cae.schedule.schedulers import speculation_marks
 
-    scheduler = make_scheduler(kind, stratify, max_t=MAX_T, grace_period=1,
+    scheduler = create_scheduler(kind, stratify, max_t=MAX_T, grace_period=1,
                                reduction_factor=3, work_ahead=work_ahead)
     space, search = _space(quality_order, latent_first), {}
     if seed is not None:
@@ -607,7 +605,7 @@ def test_the_real_trainable_pauses_and_resumes_under_stratified_sha(ray_local, t
         tune_config=tune.TuneConfig(
             metric="val_loss", mode="min", search_alg=search.search_alg,
             num_samples=search.num_samples, reuse_actors=True,
-            scheduler=make_scheduler("sha", ["model.latent_dim"], max_t=3, grace_period=1,
+            scheduler=create_scheduler("sha", ["model.latent_dim"], max_t=3, grace_period=1,
                                      reduction_factor=2)),
         run_config=tune.RunConfig(name="real", storage_path=str(tmp_path), verbose=0),
     )
@@ -637,7 +635,7 @@ def test_a_restored_trial_waiting_at_a_rung_stays_paused_until_chosen():
     train past the rung before the rung is decided."""
     from ray.tune.experiment import Trial
 
-    sched = make_scheduler("sha", ["model.latent_dim"], max_t=6, grace_period=1,
+    sched = create_scheduler("sha", ["model.latent_dim"], max_t=6, grace_period=1,
                            reduction_factor=2)
     ctrl = _Controller(sched)
     waiting = Trial("fn", config={"model.latent_dim": 4, "q": 1}, trial_id="w", stub=True)

@@ -16,6 +16,7 @@ import yaml
 
 from cae.cli import main
 from cae.config.spec import load_spec
+from cae.sweep.internals import optuna_study
 
 pytest.importorskip("optuna")
 
@@ -161,7 +162,7 @@ def _studies(run_dir: Path) -> list:
     newest = sorted(glob.glob(str(run_dir / "searcher-state-*.pkl")))[-1]
     with open(newest, "rb") as f:
         state = pickle.load(f)
-    return [(p, sub._ot_study) for p, sub in zip(state["_points"], state["_subs"])]
+    return [(p, optuna_study(sub)) for p, sub in zip(state["_points"], state["_subs"])]
 
 
 @pytest.mark.slow

@@ -3,36 +3,29 @@
 Ray's ASHA promotes whichever trial reaches an empty rung first, so the grid's first values
 win. Remedies: ``StratifiedScheduler`` halves separately per stratum (e.g. per
 ``model.latent_dim``), so each stratum's best trains to the end; ``SyncHalvingScheduler``
-(``kind: sha``, in ``cae.schedule.halving``) decides a rung only when the whole stratum has reached
-it, independent of order; ``shuffled_search`` starts grid trials in a seeded shuffled
-order.
+(``kind: sha``, in ``cae.schedule.halving``, working ahead in ``cae.schedule.workahead``)
+decides a rung only when the whole stratum has reached it, independent of order;
+``cae.schedule.grid`` starts grid trials in a seeded shuffled order.
 """
 
 from __future__ import annotations
 
-import functools
 import math
-import pickle
 from collections.abc import Callable, Sequence
-from typing import NamedTuple
 
-import numpy as np
 from ray.tune import Callback
 from ray.tune.experiment import Trial
-from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
-from ray.tune.search import Searcher
-from ray.tune.search.variant_generator import generate_variants
+from ray.tune.schedulers import TrialScheduler
 
-from cae.config.points import REPEAT_KEY
 from cae.config.spec import stratum_of
-from cae.schedule.halving import (  # noqa: F401 (SyncHalvingScheduler re-exported)
+from cae.schedule.halving import (
     SPECULATIVE,
     SPECULATIVE_VALUE,
-    CostBook,
-    SyncHalvingScheduler,
-    _agree,
-    _search_finished,
+    MetricModeScheduler,
+    search_finished,
 )
+from cae.schedule.workahead import CostBook
+from cae.sweep.internals import set_buffered_results
 
 # ---- one scheduler per stratum ----------------------------------------------------------
 
@@ -50,7 +43,7 @@ class _StratumView:
         return getattr(self._controller, name)
 
 
-class StratifiedScheduler(TrialScheduler):
+class StratifiedScheduler(MetricModeScheduler):
     """One scheduler per stratum (``stratum_of(trial.config, stratify)``), made lazily by a
     picklable ``factory``; every callback goes to the trial's stratum's scheduler, so trials
     of different strata are never compared. No stratify keys: a single stratum. The same
@@ -59,20 +52,19 @@ class StratifiedScheduler(TrialScheduler):
     # With work ahead, what runs next (``_rank``): with many trials per worker the sweep is
     # bound by throughput, and plain SHA's order serves it (stratum by stratum, so that
     # strata finish one after the other and their last epochs overlap the others' work);
-    # no early promotions there (``eager``): every worker is busy anyway, and promoting
-    # early would only reorder the work; with few it is bound by its longest chain of
-    # epochs: new trials first (a rung waits for every trial of its stratum), then promoted
-    # ones, each costliest first over all strata. Last, a trial to train ahead
-    # (``SyncHalvingScheduler``).
+    # no early promotions there (``promote_early``): every worker is busy anyway, and
+    # promoting early would only reorder the work; with few it is bound by its longest chain
+    # of epochs: new trials first (a rung waits for every trial of its stratum), then
+    # promoted ones, each costliest first over all strata. Last, a trial to train ahead
+    # (``WorkAheadScheduler``).
     KINDS = ("pending", "promoted", "ahead")
     TRIALS_PER_WORKER = 6
 
     def __init__(self, factory: Callable[[], TrialScheduler], stratify: Sequence[str] = (),
                  metric: str | None = None, mode: str | None = None):
-        super().__init__()
-        self._factory, self._keys = factory, list(stratify)
-        self._metric, self._mode, self._spec = metric, mode, {}
-        self._supports_buffered_results = factory().supports_buffered_results
+        super().__init__(metric, mode)
+        self._factory, self._keys, self._spec = factory, list(stratify), {}
+        set_buffered_results(self, factory().supports_buffered_results)
         self._strata: dict[tuple, TrialScheduler] = {}
         self._members: dict[tuple, list[Trial]] = {}
         self._stratum: dict[str, tuple] = {}
@@ -81,7 +73,7 @@ class StratifiedScheduler(TrialScheduler):
         self._calls = 0
 
     def set_search_properties(self, metric: str | None, mode: str | None, **spec) -> bool:
-        if not _agree(self, metric, mode):
+        if not super().set_search_properties(metric, mode):
             return False
         self._spec = spec
         return all(s.set_search_properties(self._metric, self._mode, **spec)
@@ -96,10 +88,11 @@ class StratifiedScheduler(TrialScheduler):
         again = trial.trial_id in self._stratum  # a retried trial is added again
         key = self._stratum[trial.trial_id] = stratum_of(trial.config, self._keys)
         if key not in self._strata:
-            self._strata[key], self._members[key] = self._factory(), []
-            if hasattr(self._strata[key], "costs"):
-                self._strata[key].costs = self._costs  # what an epoch costs, learnt once
-            self._strata[key].set_search_properties(self._metric, self._mode, **self._spec)
+            sub = self._strata[key] = self._factory()
+            self._members[key] = []
+            if getattr(sub, "work_ahead", False):
+                sub.share_costs(self._costs)  # what an epoch costs, learnt once
+            sub.set_search_properties(self._metric, self._mode, **self._spec)
         self._members[key] += [] if again else [trial]
         self._call("on_trial_add", tune_controller, trial)
 
@@ -114,7 +107,7 @@ class StratifiedScheduler(TrialScheduler):
     def _rank(self, kind: str, index: int, priority: tuple, bound: bool) -> tuple:
         """Where a stratum's candidate of ``kind`` goes (lower first); ``index``: the
         stratum's place in the order strata appeared; ``priority``: (-seconds per epoch,
-        creation order) from ``SyncHalvingScheduler.candidates``."""
+        creation order) from ``WorkAheadScheduler.candidates``."""
         if kind == "ahead":
             return (math.inf, 0, priority)
         if bound:  # plain SHA's order: stratum by stratum, promoted first, creation order
@@ -141,7 +134,7 @@ class StratifiedScheduler(TrialScheduler):
         return False
 
     def speculation(self, trial_id: str) -> tuple[int, float] | None:
-        """See ``SyncHalvingScheduler.speculation``."""
+        """See ``WorkAheadScheduler.speculation``."""
         key = self._stratum.get(trial_id)
         sub = self._strata.get(key)
         return sub.speculation(trial_id) if hasattr(sub, "speculation") else None
@@ -157,14 +150,14 @@ class StratifiedScheduler(TrialScheduler):
 
     def choose_trial_to_run(self, tune_controller) -> Trial | None:
         """Every stratum's choice (SHA decides rungs there too), the first in stratum order;
-        with ``work_ahead`` (``SyncHalvingScheduler.candidates``): by ``KINDS``, the best
+        with ``work_ahead`` (``WorkAheadScheduler.candidates``): by ``KINDS``, the best
         candidate over all strata."""
         chosen, best, bound = None, None, None
         for index, (key, sub) in enumerate(self._strata.items()):
             view = _StratumView(tune_controller, self._members[key])
             if getattr(sub, "work_ahead", False):
                 bound = self._throughput_bound(tune_controller) if bound is None else bound
-                sub.eager = not bound
+                sub.promote_early(not bound)
                 for kind, (priority, trial) in sub.candidates(view).items():
                     rank = self._rank(kind, index, priority, bound)
                     if best is None or rank < best[0]:
@@ -173,7 +166,7 @@ class StratifiedScheduler(TrialScheduler):
                 chosen = chosen or sub.choose_trial_to_run(view)
         if chosen is None and best is not None:
             chosen = best[1]
-        blocked = chosen is None and not _search_finished(tune_controller)
+        blocked = chosen is None and not search_finished(tune_controller)
         status = {t.status for t in tune_controller.get_trials()} if blocked else set()
         if Trial.PAUSED in status and status <= {Trial.PAUSED, Trial.TERMINATED, Trial.ERROR}:
             raise RuntimeError(  # would wait forever: fail with the reason instead
@@ -186,24 +179,6 @@ class StratifiedScheduler(TrialScheduler):
         lines = [f"Stratified by {', '.join(self._keys) or '(one stratum)'}:"]
         lines += [f"  {k}: {s.debug_string()}" for k, s in self._strata.items()]
         return "\n".join(lines)
-
-
-def make_scheduler(kind: str, stratify: Sequence[str] = (), *, max_t: int, grace_period: int,
-                   reduction_factor: float, metric: str = "val_loss", mode: str = "min",
-                   time_attr: str = "epoch", work_ahead: bool = False) -> TrialScheduler:
-    """The scheduler of a sweep: ``asha`` (Ray's ASHA) or ``sha`` (synchronous; with
-    ``work_ahead``, see ``SyncHalvingScheduler``) per stratum of ``stratify``, or ``fifo``
-    (every trial to the end; stratify does not matter)."""
-    if kind == "fifo":
-        return FIFOScheduler()
-    cls = {"asha": ASHAScheduler, "sha": SyncHalvingScheduler}.get(kind)
-    if cls is None:
-        raise ValueError(f"scheduler.kind: {kind!r} is not one of asha, sha, fifo")
-    extra = {"work_ahead": work_ahead} if kind == "sha" else {}
-    factory = functools.partial(cls, time_attr=time_attr, max_t=max_t,
-                                grace_period=grace_period, reduction_factor=reduction_factor,
-                                **extra)
-    return StratifiedScheduler(factory, stratify, metric=metric, mode=mode)
 
 
 class SpeculationMarks(Callback):
@@ -224,69 +199,3 @@ class SpeculationMarks(Callback):
 def speculation_marks(scheduler: TrialScheduler) -> SpeculationMarks:
     """The callback a sweep with ``scheduler`` adds to its run config."""
     return SpeculationMarks(scheduler)
-
-
-# ---- grid trials in a seeded shuffled order ---------------------------------------------
-
-
-class ShuffledSearcher(Searcher):
-    """Hands out a fixed list of trial configs in order (see ``shuffled_search``); Tune
-    saves its state in the experiment directory, so ``Tuner.restore`` goes on from there."""
-
-    def __init__(self, configs: list[dict]):
-        super().__init__()
-        self._configs, self._next = configs, 0
-
-    def suggest(self, trial_id: str) -> dict | None:
-        if self._next >= len(self._configs):
-            return Searcher.FINISHED
-        self._next += 1
-        return self._configs[self._next - 1]
-
-    def on_trial_complete(self, trial_id: str, result: dict | None = None,
-                          error: bool = False) -> None:
-        pass  # the list is fixed: results do not change what comes next
-
-    def save(self, checkpoint_path: str) -> None:
-        with open(checkpoint_path, "wb") as f:
-            pickle.dump((self._configs, self._next), f)
-
-    def restore(self, checkpoint_path: str) -> None:
-        with open(checkpoint_path, "rb") as f:
-            self._configs, self._next = pickle.load(f)
-
-
-class ShuffledSearch(NamedTuple):
-    """What ``tune.Tuner`` needs: ``param_space=param_space`` (empty: the searcher owns the
-    space), ``tune.TuneConfig(search_alg=search_alg, num_samples=num_samples)``."""
-
-    search_alg: ShuffledSearcher
-    param_space: dict
-    num_samples: int  # trials in all: grid points x repeats
-
-
-def shuffled_search(param_space: dict, num_samples: int, seed: int) -> ShuffledSearch:
-    """Every grid point ``num_samples`` times, random axes sampled, in a seeded random order.
-
-    Ray's own variant generation (``generate_variants``, as the default search uses) expands
-    the grid and samples ``tune.uniform`` & co. with a generator seeded by ``seed``; the
-    whole list is then shuffled with it, so the same seed gives the same trials in the same
-    order. Each trial's ``config`` is the resolved point: the same flat dotted keys (lists
-    and ``variant*`` mappings as values) as without shuffling.
-
-    Trade-off: a custom searcher, as Ray's BasicVariantGenerator cannot shuffle and its
-    ``points_to_evaluate`` breaks on list- or dict-valued grid values. The list is built up
-    front (memory grows with the trials); Ray keeps one trial pending at a time for a custom
-    searcher (unless ``max_concurrent_trials`` or ``TUNE_MAX_PENDING_TRIALS_PG`` says
-    otherwise), slowing the start of a big cluster sweep; trial names list every key.
-    """
-    if num_samples < 1:
-        raise ValueError(f"num_samples must be at least 1 (got {num_samples})")
-    rng = np.random.default_rng(seed)
-    # Over a grid, the repeats of a point differ by their ``repeat`` (and so by their seed,
-    # see ``cae.config.trial.trial_config``).
-    configs = [{**spec, REPEAT_KEY: r} if num_samples > 1 else spec
-               for r in range(num_samples)
-               for _, spec in generate_variants(param_space, random_state=rng)]
-    order = rng.permutation(len(configs))
-    return ShuffledSearch(ShuffledSearcher([configs[i] for i in order]), {}, len(configs))

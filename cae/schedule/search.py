@@ -26,6 +26,7 @@ from ray.tune.search import Searcher
 from cae.config.points import REPEAT_KEY
 from cae.config.spec import SweepSpec
 from cae.run.outcomes import OWN_ENDS
+from cae.sweep.internals import optuna_study
 
 # What TPE minimises per trial: the best validation loss it reached before it ended (the
 # scheduler's metric ``val_loss`` is the latest epoch's).
@@ -124,25 +125,7 @@ class GridTPESearcher(Searcher):
 
     def studies(self) -> list[tuple[dict, Any]]:
         """(grid point, its Optuna study): what TPE has seen, for inspection and tests."""
-        return [(p, s._ot_study) for p, s in zip(self._points, self._subs)]
-
-
-def make_searcher(spec: SweepSpec, param_space: dict) -> tuple[Searcher, int]:
-    """The searcher of a sweep and the number of trials it hands out; Tune's own
-    ``param_space`` stays empty (the searcher hands out whole trial configs).
-
-    ``grid``: every grid point x num_samples (repeats with their own seeds), in a seeded
-    shuffled order, so that no axis value systematically starts first
-    (``cae.schedule.schedulers.shuffled_search``; ``param_space`` is
-    ``cae.sweep.tuner.param_space``).
-    ``optuna``: one TPE search per grid point (``optuna_search``)."""
-    if spec.search.kind == "optuna":
-        searcher = optuna_search(spec)
-        return searcher, searcher.total
-    from cae.schedule.schedulers import shuffled_search
-
-    search = shuffled_search(param_space, spec.num_samples, spec.seed)
-    return search.search_alg, search.num_samples
+        return [(p, optuna_study(s)) for p, s in zip(self._points, self._subs)]
 
 
 def optuna_search(spec: SweepSpec, seed: int | None = None) -> GridTPESearcher:

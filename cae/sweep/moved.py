@@ -4,7 +4,8 @@ Tune pickles a sweep's schedulers, searchers and callbacks into the run director
 (``tuner.pkl``, the searcher's and the callbacks' state) by module path and class name, and
 ``cae resume`` unpickles them. A run made before a name moved must still resume, so this is
 the one table of moved modules (old -> new) and renamed names ((old module, old name) -> (new
-module, new name)), served to the unpickler by :func:`old_names` for the length of a resume.
+module, new name): a name that left its module's new home, or a class whose calls a function
+answers now), served to the unpickler by :func:`old_names` for the length of a resume.
 An old module path that is a package now (``cae.config``, ``cae.data``, ``cae.train``,
 ``cae.sweep``, ``cae.results``) is not served: nothing of those modules was ever pickled by
 Tune (the trainable is handed to ``Tuner.restore`` again, the configs are plain data).
@@ -48,7 +49,13 @@ MOVED_MODULES = {
 }
 
 # (old module, old name) -> (new module, new name), where a name changed as it moved.
-RENAMED: dict[tuple[str, str], tuple[str, str]] = {}
+RENAMED: dict[tuple[str, str], tuple[str, str]] = {
+    # the scheduler of kind sha took work_ahead=; working ahead is a subclass now, and an
+    # old run's pickled factory calls the function that picks the class
+    ("cae.halving", "SyncHalvingScheduler"): ("cae.schedule.workahead", "sync_halving"),
+    ("cae.halving", "CostBook"): ("cae.schedule.workahead", "CostBook"),
+    ("cae.schedulers", "ShuffledSearcher"): ("cae.schedule.grid", "ShuffledSearcher"),
+}
 
 
 def resolve(old_module: str, name: str) -> Any:

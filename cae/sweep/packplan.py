@@ -18,7 +18,7 @@ from cae.train.packing import FUSABLE, pack_memory, plan_packs
 def trial_points(spec: SweepSpec, space: dict) -> list[dict]:
     """Every trial's point, in the order the unfused grid search hands them out (``space``:
     ``cae.sweep.tuner.param_space(spec)``)."""
-    from cae.schedule.schedulers import shuffled_search
+    from cae.schedule.grid import shuffled_search
 
     search = shuffled_search(space, spec.num_samples, spec.seed)
     return [search.search_alg.suggest(str(i)) for i in range(search.num_samples)]
@@ -63,8 +63,8 @@ def describe(spec: SweepSpec, space: dict, budget: tuple[int, str] | None = None
 
 def pack_searcher(spec: SweepSpec, space: dict, budget: tuple[int, str] | None = None):
     """The searcher handing out one ``{"pack": [point, ...]}`` config per pack, and their
-    number (as ``cae.schedule.search.make_searcher``)."""
-    from cae.schedule.schedulers import ShuffledSearcher
+    number (as ``cae.schedule.create_searcher``)."""
+    from cae.schedule.grid import ShuffledSearcher
 
     configs = [{PACK_KEY: points} for points, _ in packs(spec, space, budget)]
     return ShuffledSearcher(configs), len(configs)

@@ -37,12 +37,12 @@ def param_space(spec: SweepSpec) -> dict:
 
 def scheduler(spec: SweepSpec, max_epochs: int):
     """ASHA or SHA per stratum (``cae.schedule.schedulers``), or FIFO."""
-    from cae.schedule.schedulers import make_scheduler
+    from cae.schedule import create_scheduler
 
     s = spec.scheduler
-    return make_scheduler(s.kind, s.stratify, max_t=s.max_t or max_epochs,
-                          grace_period=s.grace_period, reduction_factor=s.reduction_factor,
-                          metric=METRIC, mode=MODE, work_ahead=s.work_ahead)
+    return create_scheduler(s.kind, s.stratify, max_t=s.max_t or max_epochs,
+                            grace_period=s.grace_period, reduction_factor=s.reduction_factor,
+                            metric=METRIC, mode=MODE, work_ahead=s.work_ahead)
 
 
 def wrapped_trainable(spec: SweepSpec, datasets: dict, run_dir: str,
@@ -184,8 +184,8 @@ def fit(spec: SweepSpec, datasets: dict, run_dir: str, checked: Checked,
     ``wrapped_trainable``."""
     from ray import tune
 
+    from cae.schedule import create_searcher
     from cae.schedule.schedulers import speculation_marks
-    from cae.schedule.search import make_searcher
 
     storage, name = run_dir.rstrip("/").rsplit("/", 1)
     if spec.fusion():  # one Tune trial per fused pack (cae.sweep.packtrial)
@@ -195,7 +195,7 @@ def fit(spec: SweepSpec, datasets: dict, run_dir: str, checked: Checked,
         searcher, n_trials = pack_searcher(spec, param_space(spec), checked.budget)
         trainable = wrapped_pack_trainable(spec, datasets, run_dir, adopt)
     else:
-        searcher, n_trials = make_searcher(spec, param_space(spec))
+        searcher, n_trials = create_searcher(spec, param_space(spec))
         trainable = wrapped_trainable(spec, datasets, run_dir, adopt)
     sched = scheduler(spec, checked.max_epochs)
     # the scheduler's marks on results trained ahead of a rung (saved with the tuner, so a
