@@ -9,7 +9,8 @@ Everything here takes the ``trials`` and ``epochs`` frames of :mod:`cae.results.
 """
 
 from cae.report.axes import axis_effects, axis_importance, parallel_coordinates
-from cae.report.figures import distortion_errors, latent_vs_error, loss_evolution, pareto_front
+from cae.report.curves import loss_evolution
+from cae.report.figures import distortion_errors, latent_vs_error, pareto_front
 from cae.report.page import build_report, write_report
 from cae.report.pictures import sample_pictures, trial_samples
 from cae.report.run import Run, best_trials, load_run, swept_axes

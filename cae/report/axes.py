@@ -15,7 +15,8 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from cae.report.figures import LOG_TICKS, METRIC_TITLES, _empty
+from cae.report.curves import LOG_TICKS, _empty
+from cae.report.figures import METRIC_TITLES
 from cae.report.run import (
     axis_kind,
     axis_labels,
