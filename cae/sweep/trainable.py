@@ -30,7 +30,7 @@ from cae.config.trial import TrialConfig
 from cae.data.datasets import ImageData
 from cae.run import checkpoints
 from cae.run.directory import write_file
-from cae.run.record import RECORD_FILE, make_record
+from cae.run.record import RECORD_FILE, make_record, trial_config_of
 from cae.run.state import point_key
 from cae.sweep import internals
 from cae.train.trainer import Trainer
@@ -84,10 +84,8 @@ def recorded_config(here: str, source: str, current: TrialConfig, point: dict, *
         for name, data in (files or {}).items():
             write_file(here, name, data)
         write_file(here, RECORD_FILE, json.dumps(record).encode())
-    config = dict(record["config"])
     # where the data are read from may differ on a resume (cae resume --data-dir)
-    config["data"] = {**config["data"], "data_dir": current.data.data_dir}
-    return TrialConfig.model_validate(config)
+    return trial_config_of(record, {}, point, current.data.data_dir)
 
 
 def _ray_epoch() -> int:
