@@ -1,5 +1,6 @@
 """A sweep spec, typed and validated: a base trial, the axes to search over, the scheduler,
-resources, search, fusion and storage (one trial's configuration is ``cae.config.trial``).
+resources, search, fusion, storage and the experiment trackers (one trial's configuration
+is ``cae.config.trial``).
 
 Like every config it is a pydantic model with ``extra="forbid"``: a misspelt key is an
 error naming the field. ``load_spec`` reads a YAML file with ``--set`` overrides.
@@ -122,6 +123,53 @@ class FuseConfig(Strict):
     auto: bool = False
 
 
+MLFLOW_SCHEMES = ("http", "https", "databricks", "sqlite", "postgresql", "mysql", "mssql")
+
+
+class MlflowTracking(Strict):
+    """An MLflow tracking server (``http://host:5000``) or database (``sqlite:///mlflow.db``);
+    ``experiment`` defaults to the sweep's name. MLflow's file store (``./mlruns``, a plain
+    path or ``file:``) is deprecated by MLflow and refused here."""
+
+    uri: str = Field(min_length=1)
+    experiment: str | None = Field(None, min_length=1)
+
+    @field_validator("uri")
+    @classmethod
+    def _not_the_file_store(cls, value: str) -> str:
+        scheme = value.split(":", 1)[0].split("+", 1)[0].lower() if ":" in value else ""
+        if scheme not in MLFLOW_SCHEMES:
+            raise ValueError(
+                f"{value!r} is not a tracking server or database: give http(s)://HOST:PORT "
+                "(a server started with `mlflow server --backend-store-uri "
+                "sqlite:///mlflow.db`) or sqlite:///PATH; MLflow's file store (./mlruns) is "
+                "deprecated")
+        return value
+
+
+class WandbTracking(Strict):
+    """A Weights & Biases project. ``offline`` writes each trial's run under the run
+    directory's ``wandb/`` without an account or network (``wandb sync`` uploads it later);
+    ``group`` defaults to the run directory's name."""
+
+    project: str = Field(min_length=1)
+    entity: str | None = None
+    mode: Literal["online", "offline"] = "online"
+    group: str | None = Field(None, min_length=1)
+
+
+class TrackingConfig(Strict):
+    """Experiment trackers that get every trial of the sweep as a run (``cae.track``): its
+    configuration, its losses epoch by epoch and its outcome, logged from the driver."""
+
+    mlflow: MlflowTracking | None = None
+    wandb: WandbTracking | None = None
+
+    def named(self) -> list[str]:
+        """The trackers this block names, in a fixed order."""
+        return [name for name in ("mlflow", "wandb") if getattr(self, name) is not None]
+
+
 class SweepSpec(Strict):
     """A sweep: a base trial, the axes to search over, the scheduler, resources, storage.
 
@@ -147,6 +195,7 @@ class SweepSpec(Strict):
     max_failures: int = Field(1, ge=0)
     storage: str = "runs"
     fuse: FuseConfig | None = None  # absent: every trial on its own
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
     @field_validator("fuse", mode="before")
     @classmethod
