@@ -14,9 +14,9 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from cae.config.base import Strict
 from cae.config.errors import UserError, validate
 from cae.config.points import REPEAT_KEY, parse_overrides, set_dotted
-from cae.config.trial import Strict
 from cae.config.yamlfile import load_yaml
 
 

@@ -16,10 +16,12 @@ import json
 import os
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
+from cae.config.base import Strict
 from cae.config.catalog import DATASETS, DISTORTIONS, TASKS, USER_DATASETS, DatasetInfo
 from cae.config.datachecks import check_channels, check_enough
+from cae.config.optim import OptimizerConfig, ScheduleConfig
 from cae.config.presets import preset_dict
 from cae.model.plan import plan
 
@@ -36,12 +38,6 @@ MAX_IMAGE_SIZE = 4096
 # resumes exactly and differs between seeds. The repeats of a grid point shift the seed by
 # the same stride (``cae.config.points``), so their streams never overlap either.
 SEED_STRIDE = 1_000_003
-
-
-class Strict(BaseModel):
-    """The base of every config: unknown keys are errors, fields stay assignable."""
-
-    model_config = ConfigDict(extra="forbid", frozen=False, validate_assignment=False)
 
 
 class ModelConfig(Strict):
@@ -300,6 +296,9 @@ class TrialConfig(Strict):
     task: TaskConfig = Field(default_factory=TaskConfig)
     lr: float = Field(1e-3, gt=0.0)
     weight_decay: float = Field(0.0, ge=0.0)
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    grad_clip: float | None = Field(None, gt=0.0)  # the gradient's largest norm, per step
     batch_size: int = Field(128, ge=1, le=1 << 20)
     eval_batch_size: int = Field(1024, ge=1, le=1 << 20)
     max_epochs: int = Field(10, ge=1, le=100_000)
@@ -344,6 +343,9 @@ class TrialConfig(Strict):
                     f"'{self.task.name}' needs {value}"
                 )
             setattr(self.model, key, value)
+        if self.schedule.warmup_epochs >= self.max_epochs:
+            raise ValueError(f"schedule.warmup_epochs is {self.schedule.warmup_epochs}: it "
+                             f"must be below max_epochs ({self.max_epochs})")
         if self.loss == "bce" and self.model.output_activation != "sigmoid":
             raise ValueError("loss 'bce' needs model.output_activation 'sigmoid'")
         if self.data.dataset in USER_DATASETS:

@@ -17,9 +17,11 @@ What the members share and what they keep, and how a plain run reproduces a memb
   its mask is a hash of (member seed, layer, step, element), with the member's own rate;
   stateless, so it is the same in a pack, in a plain trial, and after a resume. Its buffers
   are not persistent: state dicts keep plain CAE keys.
-- **The optimiser.** :class:`BatchedAdam` is ``torch.optim.Adam(weight_decay=...)`` (L2
-  added to the gradient, as the trials use it) with one learning rate and weight decay per
-  member, on the flat stack: a handful of kernels per step whatever the number of tensors.
+- **The optimiser.** :class:`~cae.train.optimizers.BatchedOptimizer` is the members' one
+  ``optimizer.name`` (Adam, AdamW or SGD) stepped on the flat stack, each member with its own
+  learning rate, weight decay, betas, momentum and clipping norm; each member's learning-rate
+  schedule is its own (a ``torch.optim.lr_scheduler`` over a stand-in optimiser whose rate
+  the pack reads): a handful of kernels per step whatever the number of tensors.
 - **Stopping.** Each member keeps its own ``cae.train.loop.Stopping`` rule; a member
   that stops leaves the pack with its test errors measured on its best weights (one that
   diverges leaves without them), the caller saves its checkpoint, and the pack shrinks (at
@@ -33,6 +35,7 @@ What the members share and what they keep, and how a plain run reproduces a memb
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -45,8 +48,15 @@ from cae.data.datasets import ImageData, load, split, to_device
 from cae.model.network import CAE, build_model
 from cae.train.hardware import autocast, compiler, mark_step, resolve_device, resolve_precision
 from cae.train.loop import Stopping, batch_order, evaluate, member_losses, trial_checkpoint
+from cae.train.optimizers import (
+    BUFFERS,
+    BatchedOptimizer,
+    Schedule,
+    make_optimizer,
+    member_settings,
+)
 from cae.train.packing import pack_key
-from cae.train.stacked import BatchedAdam, Layout, Stack, run_stack, use_masked_dropout
+from cae.train.stacked import Layout, Stack, run_stack, use_masked_dropout
 from cae.train.tasks import make_task
 
 # ---- members ----------------------------------------------------------------------------
@@ -54,18 +64,31 @@ from cae.train.tasks import make_task
 
 @dataclass
 class Member:
-    """One trial of the pack: its config, its stopping rule and its history."""
+    """One trial of the pack: its config, its stopping rule, its batches' generator, its
+    learning-rate schedule (over ``stand_in``, an optimiser of its trial's kind holding only
+    the rate) and its history."""
 
     index: int
     cfg: TrialConfig
     stopping: Stopping
+    gen: torch.Generator  # its batches' order and distortions
+    stand_in: torch.optim.Optimizer
+    schedule: Schedule
     best_state: dict | None = None
     history: list[dict] = field(default_factory=list)
     stop_reason: str = ""  # "" while it trains
     error: str = ""  # why it diverged
     test: dict = field(default_factory=dict)
     final: dict | None = None  # set by the caller (the last report), saved with the pack
-    gen: torch.Generator | None = None  # its batches' order and distortions
+
+    @classmethod
+    def start(cls, index: int, cfg: TrialConfig, device: torch.device,
+              steps_per_epoch: int) -> Member:
+        stand_in = make_optimizer([torch.zeros(1)], cfg)
+        schedule = Schedule(stand_in, cfg, steps_per_epoch)
+        stand_in.step()  # moves nothing (no gradient); tells torch's schedulers it steps
+        return cls(index, cfg, Stopping.of(cfg), torch.Generator(device=device), stand_in,
+                   schedule)
 
     @property
     def best_val(self) -> float:
@@ -77,12 +100,13 @@ class Member:
 
     def record(self) -> dict:
         """What a pack's checkpoint keeps of the member."""
-        return {**self.stopping.state(),
+        return {**self.stopping.state(), "schedule": self.schedule.state_dict(),
                 **{k: getattr(self, k) for k in ("best_state", "history", "stop_reason",
                                                  "error", "test", "final")}}
 
     def load(self, record: dict, device: torch.device) -> None:
         self.stopping.load(record)
+        self.schedule.load_state_dict(record.get("schedule"))
         for key in ("best_state", "history", "stop_reason", "error", "test", "final"):
             setattr(self, key, record[key])
         if self.best_state is not None:
@@ -103,12 +127,15 @@ class Pack:
                  evaluate_test: bool = True):
         if not cfgs:
             raise ValueError("a pack needs at least one member")
+        names = sorted({c.optimizer.name for c in cfgs})
+        if len(names) > 1:
+            raise ValueError(f"a pack's members share one batched optimiser, and these name "
+                             f"several (optimizer.name: {', '.join(names)}): pack them apart")
         keys = {pack_key(c) for c in cfgs}
         if len(keys) > 1:
             raise ValueError("these trials cannot fuse: they differ in more than "
                              "cae.train.packing.FUSABLE")
         c0 = self.cfg = cfgs[0]
-        self.members = [Member(i, c, Stopping.of(c)) for i, c in enumerate(cfgs)]
         self.evaluate_test = evaluate_test
         self.device = resolve_device(c0.device)
         self.precision = resolve_precision(c0.precision, self.device)
@@ -126,8 +153,10 @@ class Pack:
         self.edge_names = [f"{n}.weight" for n in names]
         _, buffers = stack_module_state(models)
         flat = torch.stack([self.layout.row(dict(m.named_parameters())) for m in models])
-        for member in self.members:
-            member.gen = torch.Generator(device=self.device)
+        steps_per_epoch = math.ceil(self.splits.train.shape[0] / c0.batch_size)
+        self.members = [Member.start(i, c, self.device, steps_per_epoch)
+                        for i, c in enumerate(cfgs)]
+        self.per_step = any(m.schedule.name == "onecycle" for m in self.members)
         self.epoch = 0
         self._install(list(range(len(cfgs))), flat, buffers, None)
 
@@ -138,14 +167,13 @@ class Pack:
 
     # ---- slots: which member each row of the stack holds ---------------------------------
     def _install(self, slots: list[int | None], flat: torch.Tensor, buffers: dict,
-                 moments: tuple | None, steps: int = 0) -> None:
-        """Put ``flat`` (K, P), ``buffers`` and Adam's ``moments`` in place for ``slots``
-        (member index per row, None for an empty row)."""
+                 moments: dict | None, steps: int = 0) -> None:
+        """Put ``flat`` (K, P), ``buffers`` and the optimiser's ``moments`` (its state
+        tensors by name) in place for ``slots`` (member index per row, None: empty)."""
         self.stack = Stack(self.base, self.layout, flat.detach().clone(), buffers)
-        self.opt = BatchedAdam(self.stack.flat, None, None)
-        if moments is not None:
-            self.opt.exp_avg.copy_(moments[0])
-            self.opt.exp_avg_sq.copy_(moments[1])
+        self.opt = BatchedOptimizer(self.cfg.optimizer.name, self.stack.flat)
+        for name, value in (moments or {}).items():
+            self.opt.buffers[name].copy_(value)
         self.opt.steps = steps
         self._set_slots(slots)
         self.forward = compiler(self.cfg.compile)(self.stack)
@@ -161,12 +189,18 @@ class Pack:
         self.alive = torch.tensor([s is not None for s in slots], device=self.device)
         self.kinds = [self.members[s].cfg.loss if s is not None else self.cfg.loss
                       for s in slots]  # each row's loss
-        self.opt.lr, self.opt.weight_decay = per(lambda c: c.lr), per(lambda c: c.weight_decay)
+        cfgs = [self.members[s].cfg if s is not None else None for s in slots]
+        self.opt.set(member_settings(cfgs, self._rates(), self.device),
+                     clipping=any(c is not None and c.grad_clip for c in cfgs))
         self.coef = {name: per(lambda c, n=name: getattr(c.model, n)).to(self.dtype)
                      for name in ("activity_l1", "activity_l2", "edge_l2")}
         # which penalties any member has, known on the host: no device sync per step
         self.penalties = {name: any(getattr(self.members[s].cfg.model, name)
                                     for s in slots if s is not None) for name in self.coef}
+
+    def _rates(self) -> list[float]:
+        """Each row's learning rate now, by its member's schedule (0: an empty row)."""
+        return [self.members[s].schedule.lr if s is not None else 0.0 for s in self.slots]
 
     def live(self) -> list[int]:
         """Indices of the members still training."""
@@ -179,13 +213,13 @@ class Pack:
         flat = self.stack.flat.detach()
         with torch.no_grad():
             flat[rows] = 0  # an empty row computes finite nothing until the stack shrinks
-            self.opt.exp_avg[rows] = 0
-            self.opt.exp_avg_sq[rows] = 0
+            for value in self.opt.buffers.values():
+                value[rows] = 0
         keep = [r for r, s in enumerate(slots) if s is not None]
         if keep and (self.cfg.compile == "none" or len(keep) <= len(slots) // 2):
             idx = torch.tensor(keep, device=self.device)
             buffers = {k: v[idx] for k, v in self.stack.stacked_buffers().items()}
-            moments = (self.opt.exp_avg[idx], self.opt.exp_avg_sq[idx])
+            moments = {name: value[idx] for name, value in self.opt.buffers.items()}
             self._install([slots[r] for r in keep], flat[idx], buffers, moments, self.opt.steps)
         else:  # same shapes: nothing to recompile
             self._set_slots(slots)
@@ -241,6 +275,11 @@ class Pack:
             self.stack.flat.grad = None
             torch.where(self.alive, losses, 0).sum().backward()
             self.opt.step(self.stack.flat, self.stack.flat.grad)
+            if self.per_step:
+                for s in self.live():
+                    self.members[s].schedule.after_step()
+                self.opt.set({"lr": torch.tensor(self._rates(), dtype=torch.float64,
+                                                 device=self.device)})
             total += losses.detach() * size
         return [t / n for t in total.tolist()]  # the one host sync of the epoch
 
@@ -275,6 +314,8 @@ class Pack:
                 m["epoch_time_s"] = elapsed
                 if "stop_reason" in m:
                     leaving.append(i)
+            self.opt.set({"lr": torch.tensor(self._rates(), dtype=torch.float64,
+                                             device=self.device)})
             if self.evaluate_test:
                 self._test([i for i in leaving if not self.members[i].error])
             for i, m in metrics.items():
@@ -292,6 +333,9 @@ class Pack:
         if not member.error and member.stopping.update(self.epoch, val["loss"]):
             member.best_state = self._weights(row)
         metrics = member.stopping.metrics(self.epoch, train_loss, val)
+        metrics["lr"] = member.schedule.epoch_lr  # its last step's, as a trial's
+        if not member.error:
+            member.schedule.after_epoch(val["loss"])
         member.stop_reason = "diverged" if member.error else (
             member.stopping.reason(self.epoch) or "")
         if member.stop_reason:
@@ -326,14 +370,15 @@ class Pack:
     # ---- checkpoints -----------------------------------------------------------------------
     def member_state(self, index: int) -> dict:
         """Member ``index``'s checkpoint in ``Trainer.state_dict``'s format (loads into a plain
-        CAE and its Adam); only while it is in the pack (up to its last ``on_epoch``)."""
+        CAE, its ``torch.optim`` optimiser and schedule); only while it is in the pack (up to
+        its last ``on_epoch``)."""
         member, row = self.members[index], self.slots.index(index)
-        cfg = member.cfg
+        group = {k: v for k, v in member.stand_in.param_groups[0].items() if k != "params"}
         return trial_checkpoint(
             self._weights(row),
-            self.opt.member_state(row, self.layout, cfg.lr, cfg.weight_decay),
+            self.opt.member_state(row, self.layout.names, self.layout.views, group),
             self.epoch, member.stopping, member.best_state, member.history, member.final,
-            pack={"members": len(self.members)})
+            schedule=member.schedule.state_dict(), pack={"members": len(self.members)})
 
     def state_dict(self) -> dict:
         """The whole pack, for a resume that continues exactly as if uninterrupted."""
@@ -343,8 +388,7 @@ class Pack:
             "slots": list(self.slots),
             "flat": self.stack.flat.detach().clone(),
             "buffers": {k: v.clone() for k, v in self.stack.stacked_buffers().items()},
-            "exp_avg": self.opt.exp_avg.clone(),
-            "exp_avg_sq": self.opt.exp_avg_sq.clone(),
+            **{name: value.clone() for name, value in self.opt.buffers.items()},
             "steps": self.opt.steps,
             "members": [m.record() for m in self.members],
         }
@@ -357,7 +401,7 @@ class Pack:
         for member, record in zip(self.members, state["members"]):
             member.load(record, self.device)
         buffers = {k: v.to(self.device) for k, v in state["buffers"].items()}
-        moments = (state["exp_avg"].to(self.device), state["exp_avg_sq"].to(self.device))
+        moments = {name: state[name].to(self.device) for name in BUFFERS[self.opt.name]}
         self._install(list(state["slots"]), state["flat"].to(self.device), buffers, moments,
                       int(state["steps"]))
         # saved during the last epoch of some members: they leave now, as they did then

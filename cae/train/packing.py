@@ -3,8 +3,10 @@
 Trials fuse (``cae.train.pack``) when their tensors have the same shapes: the same layers, batch
 sizes, data, task, device, precision and compile mode. What may differ between members is
 what only changes numbers, never shapes: the seed (initial weights, dropout masks), the
-learning rate, weight decay, dropout rates, activity and edge penalties, the loss, the
-initialisation scheme, and the stopping rule (max_epochs, patience, min_delta). A dropout
+learning rate and its schedule, weight decay, the optimiser's betas, eps and momentum,
+gradient clipping, dropout rates, activity and edge penalties, the loss, the initialisation
+scheme, and the stopping rule (max_epochs, patience, min_delta). The optimiser's name is
+not: one batched optimiser steps a pack. A dropout
 layer is part of the shape (a rate of 0 means no layer), so a member with dropout and one
 without do not fuse, whereas rates 0.1 and 0.3 do.
 
@@ -27,6 +29,8 @@ if TYPE_CHECKING:
 # Settings a pack's members may differ in (dotted TrialConfig keys).
 FUSABLE = (
     "seed", "lr", "weight_decay", "loss", "max_epochs", "patience", "min_delta",
+    "optimizer.momentum", "optimizer.nesterov", "optimizer.betas", "optimizer.eps",
+    "schedule", "grad_clip",
     "model.dropout", "model.dropout_std", "model.dense_dropout", "model.edge_dropout",
     "model.activity_l1", "model.activity_l2", "model.edge_l2", "model.init", "model.preset",
 )

@@ -2,8 +2,8 @@
 
 K copies of one CAE become one flat ``(K, P)`` parameter and ``(K, ...)`` buffers
 (:class:`Layout`, :class:`Stack`), run side by side with ``torch.func.vmap``
-(:func:`run_stack`); :class:`BatchedAdam` steps them with one learning rate and weight decay
-per member; :class:`MaskedDropout` gives every member its own dropout masks, reproducibly.
+(:func:`run_stack`); :class:`MaskedDropout` gives every member (and every plain trial) its
+own dropout masks, reproducibly. ``cae.train.optimizers`` steps the stack.
 """
 
 from __future__ import annotations
@@ -140,44 +140,3 @@ def run_stack(base: CAE, params: dict, buffers: dict, x: torch.Tensor):
 
     own = x.dim() == 5  # (K, B, C, H, W): each member its own images
     return vmap(one, in_dims=(0, 0, 0 if own else None), randomness="different")(enc, dec, x)
-
-
-class BatchedAdam:
-    """``torch.optim.Adam(params, lr, weight_decay=wd)`` for K members at once on a flat
-    (K, P) parameter: one learning rate and weight decay per member (a member with lr 0 and
-    weight decay 0 does not move). The same element-wise steps as torch's, so a member's
-    weights equal a plain run's (to rounding)."""
-
-    def __init__(self, flat: torch.Tensor, lr: torch.Tensor, weight_decay: torch.Tensor,
-                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
-        self.lr, self.weight_decay = lr, weight_decay  # (K,) float64
-        self.betas, self.eps = betas, eps
-        self.exp_avg = torch.zeros_like(flat)
-        self.exp_avg_sq = torch.zeros_like(flat)
-        self.steps = 0
-
-    @torch.no_grad()
-    def step(self, flat: torch.Tensor, grad: torch.Tensor) -> None:
-        b1, b2 = self.betas
-        self.steps += 1
-        col = (-1, *([1] * (flat.dim() - 1)))
-        grad = grad.addcmul(flat, self.weight_decay.to(flat.dtype).view(col))
-        self.exp_avg.lerp_(grad, 1 - b1)
-        self.exp_avg_sq.mul_(b2).addcmul_(grad, grad, value=1 - b2)
-        bias1, bias2 = 1 - b1**self.steps, 1 - b2**self.steps
-        step_size = (self.lr / bias1).to(flat.dtype).view(col)
-        denom = (self.exp_avg_sq.sqrt() / bias2**0.5).add_(self.eps)
-        flat.addcdiv_(self.exp_avg * -step_size, denom)
-
-    def member_state(self, slot: int, layout: Layout, lr: float, weight_decay: float) -> dict:
-        """One member's optimiser state as ``torch.optim.Adam.state_dict()`` gives it."""
-        template = torch.optim.Adam([torch.zeros(1)], lr=lr, weight_decay=weight_decay,
-                                    betas=self.betas, eps=self.eps).state_dict()
-        group = {**template["param_groups"][0], "params": list(range(len(layout.names)))}
-        m = layout.views(self.exp_avg[slot:slot + 1])
-        v = layout.views(self.exp_avg_sq[slot:slot + 1])
-        dtype = torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
-        state = {i: {"step": torch.tensor(float(self.steps), dtype=dtype),
-                     "exp_avg": m[n][0].clone(), "exp_avg_sq": v[n][0].clone()}
-                 for i, n in enumerate(layout.names)}
-        return {"state": state, "param_groups": [group]}

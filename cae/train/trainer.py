@@ -34,6 +34,7 @@ from cae.train.loop import (
     per_sample_loss,
     trial_checkpoint,
 )
+from cae.train.optimizers import Schedule, make_optimizer
 from cae.train.stacked import set_dropout_step, use_masked_dropout
 from cae.train.tasks import make_task
 
@@ -78,13 +79,12 @@ class Trainer:
         # the activity penalty.
         wrap = compiler(cfg.compile)
         self.enc, self.dec = wrap(self.model.encoder), wrap(self.model.decoder)
-        self.opt = torch.optim.Adam(
-            self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay
-        )
+        self.steps_per_epoch = math.ceil(self.splits.train.shape[0] / cfg.batch_size)
+        self.opt = make_optimizer(self.model.parameters(), cfg)
+        self.schedule = Schedule(self.opt, cfg, self.steps_per_epoch)
         self.gen = torch.Generator(device=self.device)
         # The validation inputs are prepared once, identically for every trial and epoch.
         self.val = self.task.eval_inputs(self.splits.val, seed=cfg.task.eval_seed)
-        self.steps_per_epoch = math.ceil(self.splits.train.shape[0] / cfg.batch_size)
         self.epoch = 0
         self.stopping = Stopping.of(cfg)
         self.best_state: dict | None = None
@@ -109,11 +109,12 @@ class Trainer:
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
         return trial_checkpoint(self.model.state_dict(), self.opt.state_dict(), self.epoch,
                                 self.stopping, self.best_state, self.history, self.final,
-                                rng=rng)
+                                schedule=self.schedule.state_dict(), rng=rng)
 
     def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
         self.opt.load_state_dict(state["optimizer"])
+        self.schedule.load_state_dict(state.get("schedule"))
         self.epoch = int(state["epoch"])
         self.stopping.load(state)
         self.best_state = state.get("best_model")
@@ -148,7 +149,10 @@ class Trainer:
             loss = per_sample_loss(cfg.loss, out, y).mean() + model.penalty(z)
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
+            if cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             self.opt.step()
+            self.schedule.after_step()
             total += loss.detach() * idx.numel()
         return float(total) / n  # the one host sync of the epoch
 
@@ -180,6 +184,8 @@ class Trainer:
             if self.stopping.update(self.epoch, val["loss"]):
                 self.best_state = copy.deepcopy(self.model.state_dict())
             metrics = self.stopping.metrics(self.epoch, train_loss, val)
+            metrics["lr"] = self.schedule.epoch_lr  # its last step's
+            self.schedule.after_epoch(val["loss"])
             metrics["epoch_time_s"] = time.perf_counter() - t0
             stop = self.stopping.reason(self.epoch)
             if stop:
