@@ -228,7 +228,7 @@ def check() -> None:
 def mark_for_experiment_state(controller: Any, trial: Any) -> None:
     """Have Tune write ``trial``'s new status into the next experiment-state snapshot.
 
-    Ray 2.60 does this only for trials with an actor: a PAUSED trial that a scheduler
+    Tune does this only for trials with an actor: a PAUSED trial that a scheduler
     stops would stay PAUSED on disk (and read as unfinished) though it is TERMINATED.
     ``controller`` is what Tune hands a scheduler (a wrapper around the TuneController)."""
     inner = getattr(controller, "_tune_controller", controller)
