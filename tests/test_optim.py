@@ -209,3 +209,17 @@ def test_a_member_checkpoint_resumes_its_schedule_in_a_plain_trial(float64):
         [h["lr"] for h in pack.members[0].history], rel=TOL)
     assert math.isclose(trainer.history[-1]["val_loss"],
                         pack.members[0].history[-1]["val_loss"], rel_tol=1e-9)
+
+
+def test_the_dry_run_says_when_a_plateau_schedule_may_never_act(capsys):
+    from pathlib import Path
+
+    from cae.cli import main
+
+    quickstart = str(Path(__file__).resolve().parents[1] / "sweeps" / "quickstart.yaml")
+    assert main(["sweep", quickstart, "--dry-run", "--set", "trial.schedule.name=plateau"]) == 0
+    notes = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("note:")]
+    assert any("patience (3)" in n and "may never act" in n for n in notes)
+    assert any("scheduler.grace_period" in n for n in notes)
+    assert main(["sweep", quickstart, "--dry-run", "--set", "trial.schedule.name=cosine"]) == 0
+    assert "may never act" not in capsys.readouterr().out

@@ -66,6 +66,7 @@ def summarize(checked: Checked) -> str:
     lines.append(f"resources per trial: {spec.resources.cpu:g} cpu, {spec.resources.gpu:g} gpu")
     if checked.disk is not None:
         lines.append(f"storage: about {checked.disk} written to {spec.storage}")
+    lines += [f"note: {note}" for note in checked.notes]
     return "\n".join(lines)
 
 

@@ -52,6 +52,7 @@ class Checked:
     # source key -> what the check read of a user's dataset (its headers, the cache's record
     # or the spec's recorded facts): ``record_data_facts`` compares the images as loaded
     facts: dict[str, dict] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # legal, but worth saying before a run
 
 
 def _validation_values(kind: str, arg: Any) -> list:
@@ -136,6 +137,26 @@ def _check_scheduler(spec: SweepSpec, checked: Checked, to_run: bool) -> None:
                         "concurrency through resources.cpu / resources.gpu instead")
 
 
+def schedule_notes(spec: SweepSpec, cfg: TrialConfig) -> list[str]:
+    """What may keep a trial's learning-rate schedule from acting: ``plateau`` lowers the
+    rate after ``plateau_patience`` + 1 epochs without improvement, and a trial stopped
+    sooner (by its own patience, or by the scheduler at its grace period) never sees it."""
+    s, notes = cfg.schedule, []
+    if s.name != "plateau":
+        return notes
+    waits = s.plateau_patience + 1
+    if cfg.patience is not None and cfg.patience <= waits:
+        notes.append(f"schedule 'plateau' lowers the rate after {waits} epochs without "
+                     f"improvement, and patience ({cfg.patience}) stops the trial by then: "
+                     "the schedule may never act")
+    grace = spec.scheduler.grace_period
+    if spec.scheduler.kind != "fifo" and grace is not None and grace <= waits:
+        notes.append(f"schedule 'plateau' waits {waits} epochs and the scheduler may stop "
+                     f"trials at epoch {grace} (scheduler.grace_period): for those the "
+                     "schedule may never act")
+    return notes
+
+
 def check_spec(spec: SweepSpec, budget: tuple[int, str] | None = None,
                to_run: bool = True) -> Checked:
     """Validate the base trial and every grid point (with the ends of random ranges).
@@ -160,6 +181,7 @@ def check_spec(spec: SweepSpec, budget: tuple[int, str] | None = None,
             seen[key] = _validate(data, where)
             _add(checked, seen[key], point, where)
     _check_scheduler(spec, checked, to_run)
+    checked.notes = sorted({n for cfg in seen.values() for n in schedule_notes(spec, cfg)})
     checked.strata = strata(spec)
     # each combination stands for an equal share of the trials
     checked.disk = diskspace.estimate(
