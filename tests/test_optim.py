@@ -223,3 +223,22 @@ def test_the_dry_run_says_when_a_plateau_schedule_may_never_act(capsys):
     assert any("scheduler.grace_period" in n for n in notes)
     assert main(["sweep", quickstart, "--dry-run", "--set", "trial.schedule.name=cosine"]) == 0
     assert "may never act" not in capsys.readouterr().out
+
+
+def test_the_loss_figure_shows_scheduled_rates_on_a_second_axis():
+    import pandas as pd
+
+    from cae.report.curves import loss_evolution
+
+    trials = pd.DataFrame({"trial_id": ["a", "b"], "best_val_loss": [0.1, 0.2],
+                           "stop_reason": ["max_epochs"] * 2, "status": ["TERMINATED"] * 2,
+                           "epochs": [3, 3]})
+    epochs = pd.DataFrame({"trial_id": ["a"] * 3 + ["b"] * 3, "epoch": [1, 2, 3] * 2,
+                           "val_loss": [0.3, 0.2, 0.1, 0.4, 0.3, 0.2],
+                           "train_loss": [0.3, 0.2, 0.1, 0.4, 0.3, 0.2],
+                           "lr": [0.01, 0.005, 0.001, 0.01, 0.01, 0.01]})
+    rates = [t for t in loss_evolution(trials, epochs).data if t.name.endswith("learning rate")]
+    assert [list(t.y) for t in rates] == [[0.01, 0.005, 0.001], [0.01] * 3]
+    assert {t.yaxis for t in rates} == {"y3"}  # the training panel's second axis
+    epochs["lr"] = 0.01  # constant rates: nothing to show
+    assert not [t for t in loss_evolution(trials, epochs).data if "learning rate" in t.name]

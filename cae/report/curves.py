@@ -61,17 +61,23 @@ def loss_evolution(
     are thin grey lines, one legend entry each (click to hide or isolate) up to
     ``max_individual`` of them, else merged into one trace per panel whose hover names the
     trial. Curves end where a trial stopped, so ASHA's early stops are visibly shorter, and
-    a marker per stop reason sits on the last validation point.
+    a marker per stop reason sits on the last validation point. When the best trials'
+    learning rate changes over their epochs (a schedule), it is drawn dotted on a second
+    axis of the training panel.
     """
     title = "Loss evolution: every trial, the best few highlighted"
     if epochs.empty or "val_loss" not in epochs:
         return _empty(title, "no epochs reported yet")
-    fig = make_subplots(rows=1, cols=2, shared_yaxes=True, horizontal_spacing=0.04,
-                        subplot_titles=("validation loss", "training loss"))
     best = best_trials(trials, n_best)
     best_ids = [str(t) for t in best["trial_id"]]
+    rates = _scheduled_rates(epochs, best_ids)
+    fig = make_subplots(rows=1, cols=2, shared_yaxes=True, horizontal_spacing=0.04,
+                        subplot_titles=("validation loss", "training loss"),
+                        specs=[[{}, {"secondary_y": rates is not None}]])
     _grey_curves(fig, epochs[~epochs["trial_id"].astype(str).isin(best_ids)], max_individual)
     _best_curves(fig, epochs, best)
+    if rates is not None:
+        _rate_curves(fig, rates, best)
     _stop_markers(fig, trials, epochs)
     fig.update_yaxes(type="log", title_text="loss (log)", row=1, col=1, **LOG_TICKS)
     fig.update_yaxes(type="log", row=1, col=2, **LOG_TICKS)
@@ -128,6 +134,36 @@ def _best_curves(fig: go.Figure, epochs: pd.DataFrame, best: pd.DataFrame) -> No
                 legendgroup=f"t{tid}", showlegend=col == 1,
                 hovertemplate=f"#{rank} trial {short_id(tid)}<br>epoch %{{x}}<br>%{{y:.4g}}"
                               "<extra></extra>"), row=1, col=col)
+
+
+def _scheduled_rates(epochs: pd.DataFrame, ids: list[str]) -> pd.DataFrame | None:
+    """The epochs of trials ``ids`` when their learning rate changed over them, else None."""
+    if "lr" not in epochs:
+        return None
+    mine = epochs[epochs["trial_id"].astype(str).isin(ids)]
+    varies = mine.groupby(mine["trial_id"].astype(str))["lr"].nunique(dropna=True) > 1
+    return mine if varies.any() else None
+
+
+def _rate_curves(fig: go.Figure, rates: pd.DataFrame, best: pd.DataFrame) -> None:
+    """Each best trial's learning rate per epoch, dotted, on the training panel's second
+    (log) axis, in its trial's colour and legend group."""
+    by_trial = dict(tuple(rates.groupby(rates["trial_id"].astype(str))))
+    for rank, (_, row) in enumerate(best.iterrows(), start=1):
+        tid = str(row["trial_id"])
+        if tid not in by_trial:
+            continue
+        curve = by_trial[tid].sort_values("epoch")
+        fig.add_trace(go.Scatter(
+            x=curve["epoch"].to_numpy("float32"), y=curve["lr"].to_numpy("float64"),
+            mode="lines", line=dict(color=BEST_COLORS[(rank - 1) % len(BEST_COLORS)],
+                                    width=1.5, dash="dot"),
+            name=f"#{rank} learning rate", legendgroup=f"t{tid}", showlegend=False,
+            hovertemplate=f"#{rank} trial {short_id(tid)}<br>epoch %{{x}}<br>"
+                          "learning rate %{y:.3g}<extra></extra>"),
+            row=1, col=2, secondary_y=True)
+    fig.update_yaxes(type="log", title_text="learning rate (dotted)", row=1, col=2,
+                     secondary_y=True, showgrid=False)
 
 
 _STOP_STYLES = {
