@@ -89,6 +89,9 @@ def test_an_interrupted_run_of_the_old_layout_reads_without_ray(tmp_path):
     out = _cli(["status", str(run)], tmp_path)
     assert out.returncode == 0, out.stderr
     assert "interrupted" in out.stdout and "cae resume" in out.stdout
+    out = _cli(["report", str(run)], tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert (run / "report.html").stat().st_size > 10_000
 
 
 def test_every_moved_name_of_the_old_layout_resolves():
