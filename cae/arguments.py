@@ -1,5 +1,6 @@
 """The ``cae`` command's arguments: one subcommand each for train, models, data, sweep,
-resume, status, export, report, export-models and encode (``cae.cli`` runs them)."""
+resume, status, export, report, track, export-models and encode (``cae.cli`` runs
+them)."""
 
 from __future__ import annotations
 
@@ -80,6 +81,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="leave out the test-sample pictures and, if the run has none yet, the "
                         "reference errors (no dataset or checkpoints loaded)")
     _refresh_option(p)
+
+    p = sub.add_parser("track", help="send a run's trials to MLflow or W&B (finished, running "
+                                     "or interrupted; only what the tracker lacks); no Ray")
+    _run_dir(p)
+    p.add_argument("--mlflow", metavar="URI",
+                   help="MLflow tracking server or database (http://127.0.0.1:5000, "
+                        "sqlite:///mlflow.db); default: the spec's tracking: block")
+    p.add_argument("--experiment", help="MLflow experiment (default: the sweep's name)")
+    p.add_argument("--wandb-project", metavar="PROJECT", help="W&B project")
+    p.add_argument("--wandb-entity", metavar="ENTITY", help="W&B entity (team or user)")
+    p.add_argument("--wandb-mode", choices=["online", "offline"],
+                   help="W&B online, or offline: runs written under RUN_DIR/wandb for "
+                        "`wandb sync` (default: the spec's, else online)")
 
     p = sub.add_parser("export-models", help="write trained models of a run: torch.export "
                                              "programs, weights, config and a card per trial")

@@ -54,7 +54,7 @@ def cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
-# ---- cae sweep / resume / status / export / report ------------------------------------
+# ---- cae sweep / resume / status / export / report / track ---------------------------------
 
 
 def _console(args: argparse.Namespace):
@@ -123,6 +123,15 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_track(args: argparse.Namespace) -> int:
+    from cae.track.send import track_run
+
+    track_run(args.run_dir, mlflow=args.mlflow, experiment=args.experiment,
+              wandb_project=args.wandb_project, wandb_entity=args.wandb_entity,
+              wandb_mode=args.wandb_mode)
+    return 0
+
+
 # ---- cae export-models / encode -----------------------------------------------------------
 
 
@@ -145,7 +154,8 @@ def cmd_encode(args: argparse.Namespace) -> int:
 
 COMMANDS = {"train": cmd_train, "models": cmd_models, "data": cmd_data, "sweep": cmd_sweep,
             "resume": cmd_resume, "status": cmd_status, "export": cmd_export,
-            "report": cmd_report, "export-models": cmd_export_models, "encode": cmd_encode}
+            "report": cmd_report, "track": cmd_track, "export-models": cmd_export_models,
+            "encode": cmd_encode}
 
 
 def main(argv: list[str] | None = None) -> int:

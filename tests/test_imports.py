@@ -175,7 +175,10 @@ LAYERS = (
     ("plan and run directory", ("cae.sweep.plan", "cae.sweep.dryrun", "cae.run")),
     ("results", ("cae.results.tables",)),
     ("readers", ("cae.results", "cae.report", "cae.export")),
-    ("ray", ("cae.schedule", "cae.sweep")),
+    # tracker runs from the tables' rows and from the driver's results; the Ray Tune
+    # callback that hands those over runs in the sweep
+    ("tracking", ("cae.track",)),
+    ("ray", ("cae.schedule", "cae.sweep", "cae.track.callback")),
     ("driver", ("cae.sweep.driver",)),
     ("command line", ("cae.cli", "cae.arguments", "cae")),
 )

@@ -3,8 +3,9 @@
 A sweep: the spec checked (``cae.sweep.plan``), the storage checked for room, the datasets
 loaded once, the run directory's lease taken (``cae.run.lease``), Ray started (or attached
 to), the Tuner run with the console (``cae.sweep.progress``) and the run's guard
-(``cae.sweep.guard``), and the run finished (``cae.results.finish``: tables, reference
-errors, report). A resume does the same on an existing run directory, after repairing a
+(``cae.sweep.guard``), the spec's trackers fed as results arrive (``cae.track``), and the
+run finished (``cae.results.finish``: tables, reference errors, report; then the trackers
+get the tables). A resume does the same on an existing run directory, after repairing a
 state file cut short (``cae.run.state``).
 
 Exit status: 0 when every trial has finished, ``EXIT_INTERRUPTED`` (3) when the sweep was
@@ -28,6 +29,7 @@ from cae.run.diskspace import StorageFull, check_room, free_bytes, mib
 from cae.run.lease import Holder, Lease
 from cae.run.outcomes import all_finished
 from cae.sweep import plan
+from cae.track.send import check_packages
 
 EXIT_DONE, EXIT_INTERRUPTED = 0, 3
 
@@ -54,6 +56,7 @@ def new_sweep(spec: SweepSpec, name: str, *, address: str | None = None,
               data_dir: str | None = None, force: bool = False,
               console: Console | None = None) -> int:
     """Run ``spec`` into a new run directory ``spec.storage/name``."""
+    check_packages(spec.tracking)  # a tracker named without its package: before anything
     budget = plan.budget_for(spec, address)
     plan.record_data_dir(spec, data_dir)  # first: the check validates what the trials run
     checked = plan.check_spec(spec, budget)
@@ -88,6 +91,7 @@ def resume_sweep(run_dir: str, *, address: str | None = None, data_dir: str | No
     """Continue the interrupted sweep of ``run_dir`` (see ``cae.sweep.tuner.resume``)."""
     run_dir = rundir.storage_uri(run_dir)
     spec = rundir.load_run_spec(run_dir)
+    check_packages(spec.tracking)
     if data_dir:
         plan.record_data_dir(spec, data_dir)  # for this resume, not saved
     checked = plan.check_spec(spec)
@@ -95,7 +99,8 @@ def resume_sweep(run_dir: str, *, address: str | None = None, data_dir: str | No
     if _finished(run_dir):  # every trial has ended: nothing to start, no data to load
         print(f"resuming {run_dir}: every trial of the run has finished; nothing to resume",
               flush=True)
-        return _end(run_dir, spec, checked.n_trials, console, data_dir, None)
+        return _end(run_dir, spec, checked.n_trials, console, data_dir, None,
+                    _tracking(spec, run_dir, _stderr))
     datasets = plan.load_datasets(checked)
 
     def start(callbacks: list) -> None:
@@ -162,8 +167,9 @@ def _drive(run_dir: str, spec: SweepSpec, checked: plan.Checked,
         bar = progress.for_run(spec, checked, run_dir, console.report_every,
                                final_report=console.no_report, verbose=console.verbose)
         guard.say = bar.say
+        tracking = _tracking(spec, run_dir, bar.say)
         try:
-            start([bar, guard])
+            start([bar, guard, *_tracking_callbacks(tracking)])
         except Exception as exc:
             if guard.storage_full(str(exc)):
                 raise _full(run_dir) from exc
@@ -172,7 +178,24 @@ def _drive(run_dir: str, spec: SweepSpec, checked: plan.Checked,
         raise _full(run_dir)
     if guard.stopped:
         raise UserError(f"{guard.stopped}; this driver stopped its sweep")
-    return _end(run_dir, spec, checked.n_trials, console, data_dir, datasets)
+    return _end(run_dir, spec, checked.n_trials, console, data_dir, datasets, tracking)
+
+
+def _tracking(spec: SweepSpec, run_dir: str, say: Callable[[str], None]):
+    """The trackers of the spec's ``tracking:`` block, fed in the background (or None)."""
+    if not spec.tracking.named():
+        return None
+    from cae.track.send import SweepTracking
+
+    return SweepTracking(spec, run_dir, say=say)
+
+
+def _tracking_callbacks(tracking) -> list:
+    if tracking is None:
+        return []
+    from cae.track.callback import TrackingCallback
+
+    return [TrackingCallback(tracking)]
 
 
 def _lost(holder: Holder | None) -> str:
@@ -189,8 +212,9 @@ def _full(run_dir: str) -> StorageFull:
 
 
 def _end(run_dir: str, spec: SweepSpec, n_trials: int, console: Console,
-         data_dir: str | None, datasets: dict | None) -> int:
-    """Finish the run (the report's failure costs one line) and choose the exit status."""
+         data_dir: str | None, datasets: dict | None, tracking=None) -> int:
+    """Finish the run (the report's failure costs one line), send its tables to the
+    trackers, and choose the exit status."""
     from cae.results.finish import finish, summary
 
     try:
@@ -202,8 +226,11 @@ def _end(run_dir: str, spec: SweepSpec, n_trials: int, console: Console,
         _stderr(f"cae: the report could not be written ({type(exc).__name__}: {exc}); the "
                 f"results are complete: try `cae report {run_dir}`")
         done = finish(run_dir, report=False, references=False, say=lambda t: None)
+    complete = all_finished(done.frames.trials, n_trials)
     print(summary(done.frames.trials, run_dir, spec.swept(), n_trials))
     if done.report_at:
         print(f"report: {done.report_at}")
+    if tracking is not None:
+        tracking.finish(done.frames.trials, done.frames.epochs, done.report, complete)
     print(f"run directory: {run_dir}")
-    return EXIT_DONE if all_finished(done.frames.trials, n_trials) else EXIT_INTERRUPTED
+    return EXIT_DONE if complete else EXIT_INTERRUPTED
