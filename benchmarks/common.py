@@ -59,26 +59,42 @@ def _gpu() -> str | None:
 
 
 def machine() -> dict:
-    """Where the figures were taken: OS, CPU, cores, versions, GPU, load when starting."""
-    import torch
+    """Where the figures were taken: OS, CPU, cores, versions, GPU, load when starting.
 
+    Never fails: a library that cannot be imported (missing, or built for another torch,
+    whose import may raise any error) is recorded as None, with the error beside it."""
     info = {
         "platform": platform.platform(),
         "python": platform.python_version(),
         "cpu": _cpu_model(),
         "cpu_count": os.cpu_count(),
-        "torch": torch.__version__,
-        "torch_threads_default": torch.get_num_threads(),
-        "gpu": _gpu(),
-        "device": "cuda" if _gpu() else "cpu",
     }
-    for mod in ("torchvision", "ray"):
-        try:
-            info[mod] = __import__(mod).__version__
-        except ImportError:
-            info[mod] = None
+    for mod in ("torch", "torchvision", "ray"):
+        info[mod], error = _version(mod)
+        if error:
+            info[f"{mod}_error"] = error
+    try:
+        import torch
+
+        info["torch_threads_default"] = torch.get_num_threads()
+    except Exception:  # noqa: BLE001 - recorded above as torch_error
+        info["torch_threads_default"] = None
+    info["gpu"] = _gpu()
+    info["device"] = "cuda" if info["gpu"] else "cpu"
     info["load_avg_start"] = [round(x, 2) for x in os.getloadavg()]
     return info
+
+
+def _version(mod: str) -> tuple[str | None, str | None]:
+    """A module's version, or None and why (its import may fail in any way)."""
+    try:
+        return str(__import__(mod).__version__), None
+    except ModuleNotFoundError as exc:
+        if exc.name == mod:
+            return None, None  # not installed: nothing to explain
+        return None, f"{type(exc).__name__}: {exc}"[:300]
+    except Exception as exc:  # noqa: BLE001 - a machine record must never fail
+        return None, f"{type(exc).__name__}: {exc}"[:300]
 
 
 def now() -> str:
@@ -144,6 +160,52 @@ def _cell(x) -> str:
 def median(xs) -> float:
     xs = [x for x in xs if not math.isnan(x)]
     return statistics.median(xs) if xs else float("nan")
+
+
+class CompileCounts:
+    """What ``torch.compile`` did from now on, read from torch._dynamo's own records:
+    frames compiled, recompiles (a compile of code compiled before, with dynamo's reason:
+    a new shape, grad mode, a tensor's requires_grad), graph breaks (with their reasons)
+    and the seconds spent compiling (forward graphs: dynamo's whole compile; backward
+    graphs: inductor's). Costs nothing where nothing compiles."""
+
+    _kept = False
+
+    def __init__(self):
+        self._start = self._raw()
+
+    @staticmethod
+    def _raw() -> tuple[int, dict]:
+        if "torch._dynamo" not in sys.modules:
+            return 0, {}
+        from torch._dynamo import utils
+
+        if not CompileCounts._kept:  # keep every compile's record (the default: the last 64)
+            utils.set_compilation_metrics_limit(100_000)
+            CompileCounts._kept = True
+        return len(utils.get_compilation_metrics()), dict(utils.counters["graph_break"])
+
+    def now(self) -> dict:
+        """The counts since this object was made."""
+        n0, breaks0 = self._start
+        n, breaks = self._raw()
+        records, backward = [], []
+        if n:
+            from torch._dynamo import utils
+
+            for m in utils.get_compilation_metrics()[n0:n]:
+                # a backward graph (compiled at the first backward) has no frame of its own
+                (records if m.co_name is not None else backward).append(m)
+        new_breaks = {k: v - breaks0.get(k, 0) for k, v in breaks.items()
+                      if v > breaks0.get(k, 0)}
+        reasons = [m.recompile_reason for m in records if m.recompile_reason]
+        return {"compiles": len(records), "recompiles": len(reasons),
+                "graph_breaks": sum(new_breaks.values()),
+                "graph_break_reasons": [str(k)[:200] for k in new_breaks][:5],
+                "recompile_reasons": sorted({r[:160] for r in reasons})[:8],
+                "compile_s": round(sum(m.entire_frame_compile_time_s or 0.0 for m in records)
+                                   + sum(m.inductor_compile_time_s or 0.0 for m in backward),
+                                   2)}
 
 
 def shared_data_dir() -> Path | None:

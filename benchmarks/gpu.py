@@ -1,35 +1,69 @@
-"""On one GPU, in at most 7 minutes: trials per hour with one trial per GPU, 8 processes per
+"""On one GPU, in at most 6 minutes: trials per hour with one trial per GPU, 8 processes per
 GPU, CUDA graphs and fused packs, the GPU's busy share in each, and our data path against a
 DataLoader. Writes ``benchmarks/results/gpu.json`` after every case, so a run cut short
 still leaves what it measured.
 
-Cases (each with a time budget; one that would start with less left than it needs is
-skipped with a note, and one that runs out of its budget reports what it finished):
+Cases, in the order they run:
 
-a. ``check``: one trial trains on CUDA in bf16 (``precision: auto``), its data on the GPU.
+a. ``check``: one trial trains on CUDA in bf16 (``precision: auto``), its data and weights
+   on the GPU (devices compared as ``torch.device``: "cuda" is "cuda:0" when 0 is current).
 b. ``one_per_gpu``: a 32-trial grid of small CAEs (the quickstart's base model on the
    embedded Fashion-MNIST sample, 3 epochs, learning rate x weight decay x seed), one trial
    after another in this process, as with ``resources.gpu: 1``: trials per hour.
+e. ``packs``: the grid as fused packs (``cae.train.pack``) of 8, 32 and 64 members (64: the
+   grid with twice the seeds), eager and with CUDA graphs.
 c. ``eighth_gpu``: the same grid over 8 processes sharing the GPU, as ``resources.gpu:
-   0.125`` runs it (without Ray's own start-up, which the sweep adds to both).
-d. ``graphs``: (b) with ``compile: reduce-overhead`` (CUDA graphs); compile time apart.
-e. ``packs``: the grid as fused packs (``cae.train.pack``) of 8, 32 and 64 members (64: the grid
-   with twice the seeds), eager and with CUDA graphs.
+   0.125`` runs it (without Ray's own start-up, which the sweep adds to both); the processes
+   are killed and reaped however the case ends.
 f. ``datapath``: Study A's default CAE, batch 32, one epoch over 50,000 32x32x3 images
    (SYNTHETIC uint8: CIFAR-10 cannot be downloaded there; the speed does not depend on the
-   pixels): our device-resident data against a DataLoader of PIL images with ToTensor.
+   pixels): our device-resident data against a DataLoader of PIL images with ToTensor. Both
+   sides warm up first (ours: an epoch; the DataLoader: its workers started and their first
+   batches through the step) and are timed alike: the loss summed on the device, one
+   synchronisation at the end.
+d. ``graphs``: (b) with ``compile: reduce-overhead`` (CUDA graphs); compile time apart.
+
+**Time.** ``--budget`` seconds (360) are split between the cases in proportion to their
+shares (``CASES``), less ``RESERVE_S`` for writing the results, so the budgets add up to the
+total. Each case ends at its planned time from the start (what a case leaves goes to those
+after it); it checks that deadline between epochs (of a trial, of a pack) and stops there,
+keeping what it finished (``stopped: deadline``, rates from the epochs done). A case whose
+minimum no longer fits is skipped with a note. A watchdog ends the run ``GRACE_S`` after the
+total (workers killed, results written). ``--dry`` prints the plan and runs nothing.
+
+**Compiles.** Each case records what ``torch.compile`` did (``compile``: graphs compiled,
+dynamo's recompiles with their reasons, graph breaks, seconds) and, for trials and packs,
+the compiles after their first epoch and per trial. Expected: no graph break, nothing
+compiled after the first epoch, nothing for a second trial of the same shapes.
 
 ``gpu_busy`` is NVML's utilization.gpu (the share of time a kernel was running, sampled
-every 0.1 s; nvidia-smi when pynvml is missing) averaged over a case. The summary:
+every 0.1 s; under MIG, where that is not reported, GPM's graphics activity of the GPU
+instance; nvidia-smi when pynvml is missing) averaged over a case. The summary:
 ``trials_per_hour_speedup`` = the best trials per hour of (c), (d), (e) over (b);
 ``gpu_busy`` of that best case; goals >= 10x, >= 80%, and >= 5x for (f).
 
-    python benchmarks/gpu.py            # on a CUDA GPU, about 7 minutes
-    python benchmarks/gpu.py --smoke    # the same cases on the CPU, tiny, < 1 minute
+    python benchmarks/gpu.py            # on a CUDA GPU, about 6 minutes
+    python benchmarks/gpu.py --dry      # the plan: cases, sizes, budgets
+    python benchmarks/gpu.py --smoke    # the same cases on the CPU, tiny, about 3 minutes
 
-``--smoke`` writes ``gpu-smoke.json``; it compiles with the ``aot_eager`` backend (traced,
-not code-generated: inductor needs minutes on two cores), so it proves the script, not
-speed.
+``--smoke`` writes ``gpu-smoke.json``. It compiles with the real inductor backend (C++
+kernels built by gcc against Python's headers; ``--backend aot_eager`` traces only, in
+seconds), for a trial and a pack, training and evaluation, so that a graph break or a
+recompile shows here first; it proves the script, not speed. What the CPU cannot show, and
+the device meets first:
+
+- CUDA graphs. ``reduce-overhead`` records them for CUDA tensors only: on the CPU inductor
+  skips them (``cudagraph_skips``). On the device cudagraph trees record a graph per shape
+  (full and last batch, training and evaluation), and evaluation runs under
+  ``torch.inference_mode`` between training steps (``mark_step`` before each batch); a new
+  trial's parameters live at new addresses, so each trial records its graphs again (in
+  (d)'s time per trial and the graph pool's memory); a pack records anew per stack width.
+  MaskedDropout's step counter is a buffer mutated in the graph; cudagraph trees must keep
+  it as a static input or they skip (``cudagraph_skips`` then says so).
+- Triton: the kernels, their compile (in parallel on the device's cores), and its launcher,
+  built at first use with the C compiler against Python's headers (``toolchain`` records
+  both before any case).
+- bf16 autocast under compile (``precision: auto`` is fp32 on a CPU).
 """
 
 from __future__ import annotations
@@ -37,8 +71,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
+import sysconfig
+import tempfile
 import threading
 import time
 from contextlib import contextmanager, suppress
@@ -47,25 +85,54 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # (puts the repository root on sys.path)
 
-NO_GPU = "gpu.py needs a CUDA GPU (or --smoke to run its cases on the CPU)"
+NO_GPU = "gpu.py needs a CUDA GPU (or --smoke to run its cases on the CPU; --dry for the plan)"
 BASE_MODEL = {"channels": [4, 8], "bottleneck": "dense", "dense": [64], "latent_dim": 8}
-# seconds per case: (needed to start, budget)
-BUDGETS = {"a_check": (10, 30), "b_one_per_gpu": (20, 45), "e_packs": (20, 160),
-           "c_eighth_gpu": (30, 75), "f_datapath": (20, 60), "d_graphs": (30, 150)}
-ORDER = ["a_check", "b_one_per_gpu", "e_packs", "c_eighth_gpu", "f_datapath", "d_graphs"]
+# the smoke run's: the same kinds of layers in one stage, half the kernels to compile
+SMOKE_MODEL = {"channels": [4], "bottleneck": "dense", "dense": [32], "latent_dim": 8}
+# per case: (seconds it needs to start, its share of the budget), in the order they run
+CASES = {"a_check": (10, 25), "b_one_per_gpu": (20, 40), "e_packs": (20, 105),
+         "c_eighth_gpu": (30, 60), "f_datapath": (20, 45), "d_graphs": (30, 75)}
+ORDER = list(CASES)
+BUDGET_S, SMOKE_BUDGET_S = 360, 600
+RESERVE_S = 10  # kept back from the cases: writing the results, the summary
+GRACE_S = 30  # the watchdog fires this long after the whole budget
 
 
-# ---- sizes ------------------------------------------------------------------------------
+# ---- sizes and the plan ---------------------------------------------------------------
 
 
 def sizes(smoke: bool) -> dict:
+    """The cases' sizes. Evaluation batches divide the validation and test splits exactly,
+    and in a smoke run the training batches divide the training split, so that each pass
+    compiles one shape."""
     if smoke:
-        return {"device": "cpu", "train_limit": 300, "epochs": 1, "trials": 4, "procs": 2,
-                "packs": [2, 4], "graph_packs": [2], "graph_trials": 2, "study_images": 1000,
-                "loader_workers": 0, "threads": 1}
-    return {"device": "cuda", "train_limit": None, "epochs": 3, "trials": 32, "procs": 8,
+        return {"device": "cpu", "model": SMOKE_MODEL, "train_limit": 300, "test_limit": 30,
+                "batch_size": 135, "eval_batch_size": 30, "epochs": 2, "trials": 4,
+                "procs": 2, "packs": [2, 4], "graph_packs": [2], "graph_trials": 2,
+                "study_images": 1000, "loader_workers": 1, "threads": 1}
+    return {"device": "cuda", "model": BASE_MODEL, "train_limit": None, "test_limit": None,
+            "batch_size": 128, "eval_batch_size": 200, "epochs": 3, "trials": 32, "procs": 8,
             "packs": [8, 32, 64], "graph_packs": [8, 32, 64], "graph_trials": 32,
             "study_images": 50_000, "loader_workers": 8, "threads": 2}
+
+
+def plan(total: float, smoke: bool = False, names: list[str] | None = None
+         ) -> dict[str, dict]:
+    """Each case's ``need``, ``budget`` and planned end (``ends_at``, seconds from the start),
+    for ``names`` (all cases by default) in their order: the budgets split
+    ``total - RESERVE_S`` by the cases' shares and add up to it exactly. In a smoke run
+    every case runs (its need is 1 s): the smoke run proves the script."""
+    names = [n for n in ORDER if names is None or n in names]
+    usable = max(0.0, total - RESERVE_S)
+    shares = sum(CASES[n][1] for n in names)
+    out, ends_at = {}, 0.0
+    for i, name in enumerate(names):
+        need, share = CASES[name]
+        budget = usable - ends_at if i == len(names) - 1 else round(usable * share / shares, 1)
+        ends_at = round(ends_at + budget, 1)
+        out[name] = {"need": 1 if smoke else need, "budget": round(budget, 1),
+                     "ends_at": ends_at}
+    return out
 
 
 def grid(n: int, s: dict, **extra) -> list[dict]:
@@ -73,19 +140,57 @@ def grid(n: int, s: dict, **extra) -> list[dict]:
     out = []
     for i in range(n):
         out.append({
-            "data": {"dataset": "sample", "train_limit": s["train_limit"]},
-            "task": {"name": "reconstruct"}, "model": dict(BASE_MODEL),
+            "data": {"dataset": "sample", "train_limit": s["train_limit"],
+                     "test_limit": s["test_limit"]},
+            "task": {"name": "reconstruct"}, "model": dict(s["model"]),
             "lr": [0.001, 0.002, 0.003, 0.005][i % 4], "weight_decay": [0.0, 1e-4][i // 4 % 2],
-            "seed": i // 8, "batch_size": 128, "max_epochs": s["epochs"], "patience": None,
-            "device": s["device"], **extra})
+            "seed": i // 8, "batch_size": s["batch_size"],
+            "eval_batch_size": s["eval_batch_size"], "max_epochs": s["epochs"],
+            "patience": None, "device": s["device"], **extra})
     return out
+
+
+def print_plan(total: float, smoke: bool, backend: str, names: list[str] | None = None) -> None:
+    rows = [(name, p["need"], p["budget"], p["ends_at"])
+            for name, p in plan(total, smoke, names).items()]
+    rows.append(("(reserve: the results)", "", RESERVE_S, total))
+    print(f"gpu.py {'--smoke ' if smoke else ''}plan: {total:.0f} s in all, compile backend "
+          f"{backend}, watchdog at {total + GRACE_S:.0f} s")
+    print(common.table(rows, ("case", "needs s", "budget s", "ends at s")))
+    print("sizes: " + json.dumps(sizes(smoke)))
+
+
+# ---- deadlines --------------------------------------------------------------------------
+
+
+class OutOfTime(Exception):
+    """A case's deadline passed: raised between two epochs, so what finished is kept."""
+
+
+class Deadline:
+    """When a case must end (``at``, ``time.time()``) and its own budget in seconds."""
+
+    def __init__(self, at: float, budget: float | None = None):
+        self.at, self.budget = at, budget
+
+    def left(self) -> float:
+        return self.at - time.time()
+
+    def passed(self) -> bool:
+        return self.left() <= 0
+
+    def check(self) -> None:
+        if self.passed():
+            raise OutOfTime
 
 
 # ---- the GPU's busy share -------------------------------------------------------------------
 
 
 class Busy:
-    """Samples utilization.gpu (percent of time a kernel ran) in a thread, all run long."""
+    """Samples the GPU's busy share (percent of time a kernel ran) in a thread, all run
+    long: NVML's utilization.gpu; under MIG, where NVML does not report it, GPM's graphics
+    activity of our GPU instance; else nvidia-smi. ``source`` says which (or why none)."""
 
     def __init__(self, period: float = 0.1):
         self.period, self.samples, self.source = period, [], None
@@ -100,18 +205,50 @@ class Busy:
 
             pynvml.nvmlInit()
             handle = pynvml.nvmlDeviceGetHandleByIndex(0)
-            pynvml.nvmlDeviceGetUtilizationRates(handle)
         except Exception:  # noqa: BLE001 - no NVML: try nvidia-smi
             return None
+        try:
+            pynvml.nvmlDeviceGetUtilizationRates(handle)
+        except Exception as exc:  # noqa: BLE001 - under MIG: not supported
+            return self._gpm(pynvml, handle, exc)
         self.source = "nvml"
         return lambda: float(pynvml.nvmlDeviceGetUtilizationRates(handle).gpu)
+
+    def _gpm(self, nv, handle, why: Exception):
+        """GPM's GRAPHICS_UTIL (the share of time any kernel ran) between two samples of our
+        MIG instance (Hopper and later); None, with the reason in ``source``, elsewhere."""
+        try:
+            if nv.nvmlDeviceGetMigMode(handle)[0] != getattr(nv, "NVML_DEVICE_MIG_ENABLE", 1):
+                raise RuntimeError(f"utilization.gpu: {why}")
+            instance = nv.nvmlDeviceGetGpuInstanceId(nv.nvmlDeviceGetMigDeviceHandleByIndex(
+                handle, 0))
+            samples = [nv.nvmlGpmSampleAlloc(), nv.nvmlGpmSampleAlloc()]
+            nv.nvmlGpmMigSampleGet(handle, instance, samples[0])
+
+            def read() -> float:
+                nv.nvmlGpmMigSampleGet(handle, instance, samples[1])
+                get = nv.c_nvmlGpmMetricsGet_t()
+                get.version, get.numMetrics = nv.NVML_GPM_METRICS_GET_VERSION, 1
+                get.sample1, get.sample2 = samples
+                get.metrics[0].metricId = nv.NVML_GPM_METRIC_GRAPHICS_UTIL
+                nv.nvmlGpmMetricsGet(get)
+                samples.reverse()  # this sample starts the next interval
+                return float(get.metrics[0].value)
+
+            read()
+        except Exception as exc:  # noqa: BLE001 - a diagnostic only: say why there is none
+            self.source = f"none (NVML: {type(exc).__name__}: {exc})"[:200]
+            return None
+        self.source, self.period = "nvml-gpm (MIG)", 0.2
+        return read
 
     def _smi(self):
         cmd = ["nvidia-smi", "--id=0", "--query-gpu=utilization.gpu",
                "--format=csv,noheader,nounits"]
         try:
-            subprocess.run(cmd, check=True, capture_output=True, timeout=5)
-        except (OSError, subprocess.SubprocessError):
+            out = subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=5)
+            float(out.stdout.split()[0])  # "[N/A]" under MIG
+        except (OSError, subprocess.SubprocessError, ValueError, IndexError):
             return None
         self.source, self.period = "nvidia-smi", 0.5
         return lambda: float(subprocess.run(cmd, check=False, capture_output=True, text=True,
@@ -132,66 +269,84 @@ class Busy:
 
 
 class Run:
-    """The results so far, written whole after every case; the time left."""
+    """The results so far, written whole after every case; the plan and the time left."""
 
     def __init__(self, args, s: dict):
         self.args, self.s = args, s
-        self.t_end = time.time() + args.budget
+        self.t0 = time.time()
+        self.t_end = self.t0 + args.budget
+        self.plan = plan(args.budget, args.smoke, args.cases)
         self.started, self.info = common.now(), common.machine()
+        self.info["toolchain"] = toolchain()
         self.cases: dict = {}
         self.busy = Busy()
         self.out = args.out or common.results_path("gpu", False, "smoke" if args.smoke else None)
         # a case that hangs (a compilation, a driver) must not cost the results so far
-        watchdog = threading.Timer(args.budget + 90, self._overrun)
+        watchdog = threading.Timer(args.budget + GRACE_S, self._overrun)
         watchdog.daemon = True
         watchdog.start()
 
     def _overrun(self) -> None:
-        late = self.args.budget + 90
+        late = self.args.budget + GRACE_S
         self.cases["watchdog"] = {"status": "error", "error": f"still running {late:.0f} s after "
                                   "the start: stopped; the cases above are what finished"}
+        kill_all(list(LIVE))
         with suppress(Exception):
             self.write()
         print("gpu.py: out of time, results written", file=sys.stderr, flush=True)
         os._exit(3)
 
-    def left(self) -> float:
-        return self.t_end - time.time()
-
     @contextmanager
     def case(self, name: str):
-        """Run a case if its minimum fits in what is left; yield its deadline (or None)."""
-        need, budget = BUDGETS[name]
-        if self.args.smoke:  # every case runs: the smoke run proves the script
-            need, budget = 1, 120
-        result: dict = {}
+        """Run a case if its minimum fits before its planned end; yield its deadline (or
+        None) and its result. An error ends the case, not the run; an interruption (SIGTERM,
+        ^C) is recorded and written before it goes on up."""
+        p = self.plan[name]
+        deadline = Deadline(self.t0 + p["ends_at"], p["budget"])
+        result: dict = {"budget_s": p["budget"]}
         self.cases[name] = result
-        if self.left() < need:
-            result.update(status="skipped", note=f"{self.left():.0f} s left, needs {need} s")
+        if deadline.left() < p["need"]:
+            result.update(status="skipped",
+                          note=f"{max(0.0, deadline.left()):.0f} s left, needs {p['need']} s")
             yield None, result
-        else:
-            t0 = time.time()
-            print(f"{name} ...", flush=True)
-            try:
-                yield min(t0 + budget, self.t_end), result
-                result.setdefault("status", "ok")
-            except Exception as exc:  # noqa: BLE001 - one case failing must not lose the rest
-                result.update(status="error", error=f"{type(exc).__name__}: {exc}")
+            self.write()
+            return
+        t0, counts = time.time(), common.CompileCounts()
+        print(f"{name} ...", flush=True)
+        try:
+            yield deadline, result
+            result.setdefault("status", "ok")
+        except Exception as exc:  # noqa: BLE001 - one case failing must not lose the rest
+            result.update(status="error", error=f"{type(exc).__name__}: {exc}"[:2000])
+        except BaseException:
+            result.update(status="interrupted")
+            raise
+        finally:
             result["case_s"] = round(time.time() - t0, 2)
             result.setdefault("gpu_busy", self.busy.between(t0, time.time()))
-        self.write()
+            result["compile"] = counts.now()
+            self.write()
 
     def write(self) -> None:
         figures = {"what": __doc__.split("\n\n")[0], "smoke": self.args.smoke,
-                   "budget_s": self.args.budget, "busy_source": self.busy.source,
+                   "backend": self.args.backend, "budget_s": self.args.budget,
+                   "plan": self.plan, "busy_source": self.busy.source,
                    "sizes": self.s, "cases": self.cases,
                    **summary(self.cases, judged=not self.args.smoke)}
         common.write_results(self.out, "gpu", self.info, figures, self.started)
 
 
+def toolchain() -> dict:
+    """What inductor needs at its first compile (on the CPU for its C++ kernels, on a GPU for
+    Triton's launcher): a C compiler and Python's headers."""
+    include = Path(sysconfig.get_paths()["include"])
+    return {"cc": shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc"),
+            "python_h": (include / "Python.h").is_file(), "python_include": str(include)}
+
+
 def summary(cases: dict, judged: bool = True) -> dict:
-    """The best speed-up over (b), its GPU busy share, and the goals (not in a smoke run,
-    whose figures prove the script, not the speed)."""
+    """The best speed-up over (b), its GPU busy share, the goals (not in a smoke run, whose
+    figures prove the script, not the speed), and each case's compile counts."""
     base = (cases.get("b_one_per_gpu") or {}).get("trials_per_hour")
     rows = []
     for name in ("c_eighth_gpu", "d_graphs"):
@@ -212,6 +367,10 @@ def summary(cases: dict, judged: bool = True) -> dict:
         "trials_per_hour_speedup >= 10": _met(out["trials_per_hour_speedup"], 10),
         "gpu_busy >= 0.8": _met(out["gpu_busy"], 0.8),
         "datapath ratio >= 5": _met(data.get("ratio"), 5)}
+    out["compile_counts"] = {
+        name: {k: r["compile"][k] for k in ("compiles", "recompiles", "graph_breaks")}
+        | {"after_first_epoch": r.get("compiles_after_first_epoch")}
+        for name, r in cases.items() if (r.get("compile") or {}).get("compiles")}
     return out
 
 
@@ -222,25 +381,49 @@ def _met(value, goal) -> bool | None:
 # ---- trials -------------------------------------------------------------------------------
 
 
-def run_trials(dicts: list[dict], data, deadline: float) -> dict:
-    """Trials one after another (each: Trainer, fit, test) until done or the deadline."""
+def run_trials(dicts: list[dict], data, deadline: Deadline) -> dict:
+    """Trials one after another (each: Trainer, fit, test) until done or the deadline,
+    checked before each trial and after each epoch: a trial cut short counts its epochs.
+    Compiled, also what each trial compiled and what compiled after the first epoch."""
     from cae.config.trial import TrialConfig
     from cae.train.trainer import Trainer
 
-    t0, done, first = time.time(), 0, None
+    t0, done, epochs, first, stopped = time.time(), 0, 0, None, None
+    counts, after_first, per_trial = common.CompileCounts(), None, []
+
+    def on_epoch(_metrics, _state) -> None:
+        nonlocal epochs, after_first
+        epochs += 1
+        if after_first is None:
+            after_first = common.CompileCounts()
+        deadline.check()
+
     for d in dicts:
-        if time.time() > deadline:
+        if deadline.passed():
+            stopped = "deadline"
             break
-        trainer = Trainer(TrialConfig.model_validate(d), data)
-        trainer.fit()
-        trainer.test()
-        done += 1
+        mine = common.CompileCounts()
+        try:
+            trainer = Trainer(TrialConfig.model_validate(d), data)
+            trainer.fit(on_epoch)
+            trainer.test()
+            done += 1
+        except OutOfTime:
+            stopped = "deadline"
+        per_trial.append(mine.now()["compiles"])
         first = first or time.time() - t0
+        if stopped:
+            break
     _sync()
     wall = time.time() - t0
-    return {"trials": len(dicts), "done": done, "wall_s": round(wall, 2),
-            "first_trial_s": round(first or 0, 2),
-            "trials_per_hour": round(done / wall * 3600, 1) if done else None}
+    trials = epochs / dicts[0]["max_epochs"]  # trials' worth of epochs, a partial one too
+    out = {"trials": len(dicts), "done": done, "epochs": epochs, "stopped": stopped,
+           "wall_s": round(wall, 2), "first_trial_s": round(first or 0, 2),
+           "trials_per_hour": round(trials / wall * 3600, 1) if epochs else None}
+    if counts.now()["compiles"]:
+        out.update(compiles_per_trial=per_trial,
+                   compiles_after_first_epoch=after_first.now()["compiles"])
+    return out
 
 
 def _sync() -> None:
@@ -248,6 +431,31 @@ def _sync() -> None:
 
     if torch.cuda.is_available():
         torch.cuda.synchronize()
+
+
+def same_device(a, b) -> bool:
+    """Whether ``a`` and ``b`` name one device (``torch.device`` equality), an index left out
+    read as the current one's: "cuda" is "cuda:0" while device 0 is current."""
+    import torch
+
+    a, b = torch.device(a), torch.device(b)
+    if a.type == b.type and (a.index is None) != (b.index is None):
+        current = torch.cuda.current_device() if (
+            a.type == "cuda" and torch.cuda.is_available()) else 0
+        a = torch.device(a.type, current if a.index is None else a.index)
+        b = torch.device(b.type, current if b.index is None else b.index)
+    return a == b
+
+
+def check_passed(device, data_device, weights_device, precision: str,
+                 val_loss: list[float]) -> bool:
+    """(a)'s verdict: the loss fell, data and weights are on the trial's device, and a CUDA
+    trial runs in bf16."""
+    ok = (val_loss[-1] < val_loss[0] and same_device(data_device, device)
+          and same_device(weights_device, device))
+    if str(device).startswith("cuda"):
+        ok = ok and precision == "bf16"
+    return ok
 
 
 def case_check(run: Run, data, deadline, result) -> None:
@@ -258,48 +466,97 @@ def case_check(run: Run, data, deadline, result) -> None:
 
     d = grid(1, run.s)[0] | {"max_epochs": 2}
     trainer = Trainer(TrialConfig.model_validate(d), data)
-    trainer.fit()
+    try:
+        trainer.fit(lambda _m, _s: deadline.check())
+    except OutOfTime:
+        result["stopped"] = "deadline"
     h = trainer.history
     cuda = trainer.device.type == "cuda"
+    data_device, weights_device = (trainer.splits.train.device,
+                                   next(trainer.model.parameters()).device)
     result.update(
         device=str(trainer.device), precision=trainer.precision,
-        data_device=str(trainer.splits.train.device),
-        weights_device=str(next(trainer.model.parameters()).device),
+        data_device=str(data_device), weights_device=str(weights_device),
         val_loss=[round(x["val_loss"], 5) for x in h],
         images_per_s=round(trainer.splits.train.shape[0] / h[-1]["epoch_time_s"], 1),
-        peak_memory_mib=round(torch.cuda.max_memory_allocated() / 2**20, 1) if cuda else None)
-    ok = h[-1]["val_loss"] < h[0]["val_loss"] and result["data_device"] == str(trainer.device)
-    if cuda:
-        ok = ok and trainer.precision == "bf16" and result["data_device"].startswith("cuda")
-    result["passed"] = ok
+        peak_memory_mib=round(torch.cuda.max_memory_allocated() / 2**20, 1) if cuda else None,
+        passed=check_passed(trainer.device, data_device, weights_device, trainer.precision,
+                            [x["val_loss"] for x in h]))
 
 
-def case_eighth(run: Run, deadline, result) -> None:
+# ---- (c) processes sharing the GPU ------------------------------------------------------------
+
+LIVE: set = set()  # worker processes running now: the watchdog kills them too
+
+
+def kill_all(procs) -> None:
+    """Kill every process of ``procs`` still running, then reap them all."""
+    for p in procs:
+        if p.poll() is None:
+            with suppress(OSError):
+                p.kill()
+    for p in procs:
+        with suppress(Exception):
+            p.wait(timeout=10)
+    LIVE.difference_update(procs)
+
+
+def run_workers(cmds: list[list[str]], env: dict, wait_until: float,
+                procs: list | None = None) -> list[dict]:
+    """Start every command, wait for all of them until ``wait_until``, and return each one's
+    last line of output as JSON. However this ends (an error, a worker failing or running
+    late, an interruption) no worker is left running: all are killed and reaped. ``procs``
+    receives the processes (for a test to look at)."""
+    procs = [] if procs is None else procs
+    logs: list = []
+    with tempfile.TemporaryDirectory(prefix="cae-gpu-workers-") as tmp:
+        try:
+            for i, cmd in enumerate(cmds):
+                out, err = (open(Path(tmp) / f"{i}.{k}", "w+") for k in ("out", "err"))
+                logs.append((out, err))
+                procs.append(subprocess.Popen(cmd, stdout=out, stderr=err, text=True, env=env))
+                LIVE.add(procs[-1])
+            reports = []
+            for p, (out, err) in zip(procs, logs):
+                try:
+                    p.wait(timeout=max(1.0, wait_until - time.time()))
+                except subprocess.TimeoutExpired:
+                    raise RuntimeError("a worker was still running after the case's "
+                                       "deadline: all killed") from None
+                out.seek(0)
+                err.seek(0)
+                if p.returncode != 0:
+                    raise RuntimeError(f"worker failed ({p.returncode}): {err.read()[-1500:]}")
+                reports.append(json.loads(out.read().strip().splitlines()[-1]))
+            return reports
+        finally:
+            kill_all(procs)
+            for out, err in logs:
+                out.close()
+                err.close()
+
+
+def case_eighth(run: Run, deadline: Deadline, result) -> None:
     """``procs`` worker processes, each running its share of the grid one after another."""
     n, procs = run.s["trials"], run.s["procs"]
     dicts = grid(n, run.s)
     env = {**os.environ, "OMP_NUM_THREADS": str(run.s["threads"])}
     t0 = time.time()
-    workers = [subprocess.Popen(
-        [sys.executable, __file__, "--worker", json.dumps({
-            "trials": dicts[i::procs], "deadline": deadline, "smoke": run.args.smoke,
-            "threads": run.s["threads"]})],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-        for i in range(procs)]
-    reports = []
-    for w in workers:
-        out, err = w.communicate(timeout=max(10, deadline - time.time() + 60))
-        if w.returncode != 0:
-            raise RuntimeError(f"worker failed ({w.returncode}): {err[-1500:]}")
-        reports.append(json.loads(out.strip().splitlines()[-1]))
+    cmds = [[sys.executable, __file__, "--worker", json.dumps({
+        "trials": dicts[i::procs], "deadline": deadline.at, "backend": run.args.backend,
+        "threads": run.s["threads"]})] for i in range(procs)]
+    # a worker stops at the deadline after its epoch (and the test of a finished trial)
+    reports = run_workers(cmds, env, deadline.at + 30)
     wall = time.time() - t0
-    done = sum(r["done"] for r in reports)
+    done, epochs = sum(r["done"] for r in reports), sum(r["epochs"] for r in reports)
+    trials = epochs / dicts[0]["max_epochs"]
     span = max(r["t_end"] for r in reports) - min(r["t_ready"] for r in reports)
-    result.update(processes=procs, trials=n, done=done, wall_s=round(wall, 2),
-                  span_s=round(span, 2),
+    result.update(processes=procs, trials=n, done=done, epochs=epochs,
+                  stopped="deadline" if any(r["stopped"] for r in reports) else None,
+                  wall_s=round(wall, 2), span_s=round(span, 2),
                   startup_s=round(min(r["t_ready"] for r in reports) - t0, 2),
-                  trials_per_hour=round(done / wall * 3600, 1) if done else None,
-                  trials_per_hour_span=round(done / span * 3600, 1) if done else None)
+                  trials_per_hour=round(trials / wall * 3600, 1) if epochs else None,
+                  trials_per_hour_span=round(trials / span * 3600, 1) if epochs else None)
 
 
 def worker(spec: str) -> int:
@@ -308,6 +565,7 @@ def worker(spec: str) -> int:
     import torch
 
     torch.set_num_threads(job["threads"])
+    use_backend(job["backend"])
     from cae.config.trial import DataConfig
     from cae.data.datasets import load
 
@@ -315,9 +573,13 @@ def worker(spec: str) -> int:
     if torch.cuda.is_available():
         torch.zeros(1, device="cuda")  # the CUDA context, before the clock starts
     t_ready = time.time()
-    r = run_trials(job["trials"], data, job["deadline"])
-    print(json.dumps({"t_ready": t_ready, "t_end": time.time(), "done": r["done"]}))
+    r = run_trials(job["trials"], data, Deadline(job["deadline"]))
+    print(json.dumps({"t_ready": t_ready, "t_end": time.time(), "done": r["done"],
+                      "epochs": r["epochs"], "stopped": r["stopped"]}))
     return 0
+
+
+# ---- (d) CUDA graphs, (e) packs ------------------------------------------------------------
 
 
 def case_graphs(run: Run, data, deadline, result) -> None:
@@ -340,8 +602,9 @@ def _cudagraph_skips() -> int:
         return -1
 
 
-def case_packs(run: Run, data, deadline, result) -> None:
-    """Packs of each size, eager then with CUDA graphs, each until done or out of time."""
+def case_packs(run: Run, data, deadline: Deadline, result) -> None:
+    """Packs of each size, eager then with CUDA graphs, each until done or the deadline
+    (checked between epochs: a pack cut short counts its members' epochs)."""
     from cae.config.trial import TrialConfig
     from cae.train.pack import Pack
 
@@ -350,29 +613,47 @@ def case_packs(run: Run, data, deadline, result) -> None:
         for k in sizes_:
             row = {"members": k, "compile": mode}
             rows.append(row)
-            if time.time() > deadline - 5:
+            if deadline.left() < 5:
                 row.update(status="skipped", note="the case's budget is spent")
                 continue
             cfgs = [TrialConfig.model_validate(d) for d in grid(k, run.s, compile=mode)]
-            t0 = time.time()
-            skips = _cudagraph_skips()
+            t0, counts, skips = time.time(), common.CompileCounts(), _cudagraph_skips()
+            epochs: list[float] = []
+            after_first = []
+
+            def on_epoch(m, _s, epochs=epochs, after_first=after_first):
+                epochs.append(next(iter(m.values()))["epoch_time_s"])
+                if not after_first:
+                    after_first.append(common.CompileCounts())
+                deadline.check()
+
             try:
-                pack = Pack(cfgs, data)
-                epochs: list[float] = []
-                pack.fit(lambda m, _s, e=epochs: e.append(next(iter(m.values()))["epoch_time_s"]))
-                _sync()
+                Pack(cfgs, data).fit(on_epoch)
+                row["status"] = "ok"
+            except OutOfTime:
+                row.update(status="partial", stopped="deadline")
             except Exception as exc:  # noqa: BLE001 - report it, go on with the others
-                row.update(status="error", error=f"{type(exc).__name__}: {exc}")
+                row.update(status="error", error=f"{type(exc).__name__}: {exc}"[:2000])
                 continue
+            _sync()
             wall = time.time() - t0
             steady = common.median(epochs[1:]) if len(epochs) > 1 else None
-            row.update(status="ok", wall_s=round(wall, 2), epoch_s=[round(e, 3) for e in epochs],
-                       trials_per_hour=round(k / wall * 3600, 1),
-                       trials_per_hour_steady=round(k * 3600 / (steady * len(epochs)), 1)
+            trials = k * len(epochs) / cfgs[0].max_epochs
+            row.update(wall_s=round(wall, 2), epochs=len(epochs),
+                       epoch_s=[round(e, 3) for e in epochs],
+                       trials_per_hour=round(trials / wall * 3600, 1) if epochs else None,
+                       trials_per_hour_steady=round(k * 3600 / (steady * cfgs[0].max_epochs), 1)
                        if steady else None,
-                       gpu_busy=run.busy.between(t0, time.time()),
-                       cudagraph_skips=_cudagraph_skips() - skips if mode != "none" else None)
+                       gpu_busy=run.busy.between(t0, time.time()))
+            if mode != "none":
+                row.update(compile_counts=counts.now(), cudagraph_skips=_cudagraph_skips() - skips,
+                           compiles_after_first_epoch=after_first[0].now()["compiles"]
+                           if after_first else None)
             print(f"  pack of {k}, compile {mode}: {wall:.1f} s", flush=True)
+    late = [r["compiles_after_first_epoch"] for r in rows
+            if r.get("compiles_after_first_epoch") is not None]
+    if late:
+        result["compiles_after_first_epoch"] = sum(late)
 
 
 # ---- (f) the data path ------------------------------------------------------------------
@@ -396,8 +677,29 @@ class RGBImages:
         return self.to_tensor(Image.fromarray(self.images[i])), 0
 
 
-def case_datapath(run: Run, deadline, result) -> None:
-    """One epoch each after a warm-up, ours first; a side stops at its share of the time."""
+def loader_side(step, loader, to_device, sync, warmup: int, limit_s: float
+                ) -> tuple[float, int]:
+    """The DataLoader's side of (f), timed as ours is: ``warmup`` batches through the step
+    first (the workers started, their queues filled, the step's kernels chosen), then
+    batches until the loader ends or ``limit_s`` passes, the loss summed on the device and
+    one ``sync`` at the end (ours: one per epoch). Seconds and images timed."""
+    batches = iter(loader)
+    for _ in range(warmup):
+        x, _ = next(batches)
+        step(to_device(x))
+    sync()
+    t0, seen, total = time.perf_counter(), 0, 0.0
+    for x, _ in batches:
+        total = total + step(to_device(x)).detach()
+        seen += x.shape[0]
+        if time.perf_counter() - t0 > limit_s:
+            break
+    sync()
+    return time.perf_counter() - t0, seen
+
+
+def case_datapath(run: Run, deadline: Deadline, result) -> None:
+    """Each side warmed up, then timed alike; the DataLoader's side stops at its share."""
     import datapath
     import torch
 
@@ -417,24 +719,21 @@ def case_datapath(run: Run, deadline, result) -> None:
     ours, theirs = Trainer(cfg, data), Trainer(cfg, data)
     assert ours.splits.train.shape[0] == n
     hwc = ours.splits.train.permute(0, 2, 3, 1).cpu().numpy()  # the same images, as HWC
+    workers = run.s["loader_workers"]
     loader = torch.utils.data.DataLoader(
-        RGBImages(hwc), batch_size=32, shuffle=True, num_workers=run.s["loader_workers"],
-        pin_memory=ours.cuda, persistent_workers=run.s["loader_workers"] > 0)
-    share = (deadline - time.time()) / 2.5
-    ours_s = datapath.ours_epoch(ours)  # warm-up
-    ours_s = datapath.ours_epoch(ours)
+        RGBImages(hwc), batch_size=32, shuffle=True, num_workers=workers,
+        pin_memory=ours.cuda, persistent_workers=workers > 0)
+    share = min(deadline.left(), deadline.budget or deadline.left()) / 2.5
+    datapath.ours_epoch(ours)  # warm-up
+    ours_s = datapath.ours_epoch(ours)  # one host sync (the epoch's loss), then the device's
     theirs.model.train()
-    t0, seen = time.time(), 0
-    for x, _ in loader:  # the tutorial's loop: .to(device), loss.item() per step
-        datapath._step(theirs, x.to(theirs.device, non_blocking=True)).item()
-        seen += x.shape[0]
-        if time.time() - t0 > share:
-            break
-    _sync()
-    theirs_s = time.time() - t0
+    warmup = max(4, 2 * workers * 2)  # two rounds of every worker's prefetched batches
+    theirs_s, seen = loader_side(
+        lambda x: datapath._step(theirs, x), loader,
+        lambda x: x.to(theirs.device, non_blocking=True), _sync, warmup, share)
     ips_ours, ips_theirs = n / ours_s, seen / theirs_s
     result.update(model="study_a_default", images=n, batch_size=32,
-                  precision=ours.precision, loader_workers=run.s["loader_workers"],
+                  precision=ours.precision, loader_workers=workers, loader_warmup=warmup,
                   ours_images_per_s=round(ips_ours, 1),
                   dataloader_images_per_s=round(ips_theirs, 1),
                   dataloader_images_timed=seen, ratio=round(ips_ours / ips_theirs, 2))
@@ -443,18 +742,24 @@ def case_datapath(run: Run, deadline, result) -> None:
 # ---- main ---------------------------------------------------------------------------------
 
 
-def smoke_compile() -> None:
-    """On the CPU, compile with aot_eager: dynamo and AOTAutograd trace everything a GPU run
-    compiles, in seconds (inductor's C++ code generation takes minutes on two cores)."""
+def use_backend(backend: str) -> None:
+    """Compile with ``backend`` instead of inductor (``aot_eager``: dynamo and AOTAutograd
+    trace everything inductor compiles, in seconds, without generating code)."""
+    if backend == "inductor":
+        return
     import torch
 
+    import cae.train.hardware
     import cae.train.pack
     import cae.train.trainer
 
+    real = cae.train.hardware.compiler
+
     def compiler(mode):
+        wrap = real(mode)  # dynamo's settings, as a real run has them
         if mode == "none":
-            return lambda m: m
-        return lambda m: torch.compile(m, backend="aot_eager", dynamic=False)
+            return wrap
+        return lambda m: torch.compile(m, backend=backend, dynamic=False)
 
     cae.train.trainer.compiler = cae.train.pack.compiler = compiler
 
@@ -462,31 +767,43 @@ def smoke_compile() -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--smoke", action="store_true", help="the cases on the CPU, tiny sizes")
-    p.add_argument("--budget", type=float, help="seconds for all cases (420; 600 --smoke)")
+    p.add_argument("--dry", action="store_true", help="print the plan of cases; run nothing")
+    p.add_argument("--budget", type=float,
+                   help=f"seconds for all cases ({BUDGET_S}; {SMOKE_BUDGET_S} --smoke)")
+    p.add_argument("--backend", default="inductor", choices=["inductor", "aot_eager", "eager"],
+                   help="torch.compile's backend for the compiled cases (inductor)")
+    p.add_argument("--cases", type=lambda v: v.split(","), metavar="a_check,d_graphs,...",
+                   help="only these cases (a second try: the budget is split between them)")
     p.add_argument("--out", type=Path)
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    unknown = set(args.cases or []) - set(ORDER)
+    if unknown:
+        p.error(f"no case {', '.join(sorted(unknown))}; the cases: {', '.join(ORDER)}")
     if args.worker:
-        if json.loads(args.worker)["smoke"]:
-            smoke_compile()
         return worker(args.worker)
+    args.budget = args.budget or (SMOKE_BUDGET_S if args.smoke else BUDGET_S)
+    if args.dry:
+        print_plan(args.budget, args.smoke, args.backend, args.cases)
+        return 0
 
     import torch
 
     if not args.smoke and not torch.cuda.is_available():
         print(NO_GPU, file=sys.stderr)
         return 2
-    args.budget = args.budget or (600 if args.smoke else 420)
+    # `timeout` sends SIGTERM: end through the cases' handlers (results written, workers
+    # killed) instead of dying where we stand
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     s = sizes(args.smoke)
     torch.set_num_threads(s["threads"])
-    if args.smoke:
-        smoke_compile()
+    use_backend(args.backend)
     from cae.config.trial import DataConfig
     from cae.data.datasets import load
 
     run = Run(args, s)
-    data = load(DataConfig.model_validate({"dataset": "sample",
-                                           "train_limit": s["train_limit"]}))
+    data = load(DataConfig.model_validate({"dataset": "sample", "train_limit": s["train_limit"],
+                                           "test_limit": s["test_limit"]}))
     cases = {
         "a_check": lambda d, r: case_check(run, data, d, r),
         "b_one_per_gpu": lambda d, r: r.update(run_trials(grid(s["trials"], s), data, d)),
@@ -495,14 +812,17 @@ def main(argv: list[str] | None = None) -> int:
         "f_datapath": lambda d, r: case_datapath(run, d, r),
         "d_graphs": lambda d, r: case_graphs(run, data, d, r),
     }
-    for name in ORDER:
-        with run.case(name) as (deadline, result):
-            if deadline is not None:
-                cases[name](deadline, result)
-        print(f"  {name}: {json.dumps({k: v for k, v in result.items() if k != 'packs'})}",
-              flush=True)
+    try:
+        for name in run.plan:
+            with run.case(name) as (deadline, result):
+                if deadline is not None:
+                    cases[name](deadline, result)
+            print(f"  {name}: {json.dumps({k: v for k, v in result.items() if k != 'packs'})}",
+                  flush=True)
+    finally:
+        kill_all(list(LIVE))
     print(json.dumps(summary(run.cases, judged=not args.smoke), indent=1))
-    print(f"wrote {run.out}")
+    print(f"wrote {run.out} ({time.time() - run.t0:.0f} s)")
     return 0
 
 
