@@ -242,3 +242,22 @@ def test_the_loss_figure_shows_scheduled_rates_on_a_second_axis():
     assert {t.yaxis for t in rates} == {"y3"}  # the training panel's second axis
     epochs["lr"] = 0.01  # constant rates: nothing to show
     assert not [t for t in loss_evolution(trials, epochs).data if "learning rate" in t.name]
+
+
+def test_a_configuration_keeps_its_id_when_the_new_settings_are_at_their_defaults():
+    """config_id of a trial at Adam/constant/no clipping is the id it had before these
+    settings existed (the hash of its settings without them); away from the defaults they
+    count."""
+    import hashlib
+    import json
+
+    from cae.run.record import config_id
+
+    dump = _cfg().model_dump(mode="json")
+    legacy = {k: v for k, v in dump.items()
+              if k not in ("seed", "optimizer", "schedule", "grad_clip")}
+    assert config_id(dump) == hashlib.sha1(
+        json.dumps(legacy, sort_keys=True).encode()).hexdigest()[:10]
+    assert config_id(_cfg(schedule={"name": "cosine"}).model_dump(mode="json")) \
+        != config_id(dump)
+    assert config_id(_cfg(grad_clip=1.0).model_dump(mode="json")) != config_id(dump)

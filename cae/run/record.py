@@ -20,6 +20,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from cae.config.optim import OptimizerConfig, ScheduleConfig
 from cae.config.points import REPEAT_KEY, trial_config
 from cae.config.trial import TrialConfig
 from cae.model.plan import describe
@@ -47,9 +48,19 @@ def family(cfg: TrialConfig) -> str:
 
 
 def config_id(dump: dict) -> str:
-    """Trials that differ by their seed alone (the repeats of one configuration) share it."""
-    unseeded = json.dumps({k: v for k, v in dump.items() if k != "seed"}, sort_keys=True)
-    return hashlib.sha1(unseeded.encode()).hexdigest()[:10]
+    """Trials that differ by their seed alone (the repeats of one configuration) share it.
+
+    Settings added to TrialConfig later count only away from their defaults, so that a
+    configuration keeps its id across cae versions (the default is what trials ran before
+    the setting existed)."""
+    unseeded = {k: v for k, v in dump.items()
+                if k != "seed" and not (k in _ADDED and v == _ADDED[k])}
+    return hashlib.sha1(json.dumps(unseeded, sort_keys=True).encode()).hexdigest()[:10]
+
+
+# TrialConfig's settings added after config ids were first written, at their defaults
+_ADDED = {"optimizer": OptimizerConfig().model_dump(mode="json"),
+          "schedule": ScheduleConfig().model_dump(mode="json"), "grad_clip": None}
 
 
 def make_record(cfg: TrialConfig, point: dict[str, Any]) -> dict:
