@@ -173,13 +173,13 @@ LAYERS = (
                 "cae.run.outcomes", "cae.train.packing")),
     ("core", ("cae.model", "cae.data", "cae.train")),
     ("plan and run directory", ("cae.sweep.plan", "cae.sweep.dryrun", "cae.run")),
-    ("results", ("cae.results.tables",)),
+    ("results", ("cae.results.tables", "cae.results.learning")),
     ("readers", ("cae.results", "cae.report", "cae.export")),
     # tracker runs from the tables' rows and from the driver's results; the Ray Tune
     # callback that hands those over runs in the sweep
     ("tracking", ("cae.track",)),
     ("ray", ("cae.schedule", "cae.sweep", "cae.track.callback")),
-    ("driver", ("cae.sweep.driver",)),
+    ("driver", ("cae.sweep.driver", "cae.sweep.extend")),
     ("command line", ("cae.cli", "cae.arguments", "cae")),
 )
 

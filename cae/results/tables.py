@@ -27,6 +27,7 @@ from cae.config.errors import UserError
 from cae.config.points import REPEAT_KEY, apply_point
 from cae.config.spec import SchedulerConfig, rungs
 from cae.config.trial import TrialConfig
+from cae.results.learning import curve_facts
 from cae.run import outcomes, packfiles
 from cae.run import state as runstate
 from cae.run.checkpoints import newest_history
@@ -220,8 +221,19 @@ def trial_row(files: TrialFiles, by_epoch: dict[int, dict], state: TrialState | 
     config = columns(files.record) if files.record else _planned_columns(
         json.dumps([base, files.point], sort_keys=True))
     trial_id = files.trial_id or (state.trial_id if state else files.name)
-    return {"trial_id": trial_id, **config,
-            **_outcome(files, by_epoch, state, scheduler, halving)}
+    outcome = _outcome(files, by_epoch, state, scheduler, halving)
+    vals = [r.get("val_loss") for e, r in by_epoch.items() if e <= outcome["epochs"]]
+    return {"trial_id": trial_id, **config, **outcome,
+            **curve_facts(vals, config.get("min_delta"), outcome["stop_reason"]),
+            **_extension(files.record)}
+
+
+def _extension(record: dict | None) -> dict:
+    """Where a trial of ``cae extend`` came from: the trial it trains on (``<run>/<trial
+    dir>``) and the epoch it took over at."""
+    if not record or "extends" not in record:
+        return {}
+    return {"extends": record["extends"], "extended_at": record.get("extended_at")}
 
 
 # ---- the run ---------------------------------------------------------------------------
