@@ -153,7 +153,7 @@ def sections(run: Run, pictures: bool = True,
         ("best-latent", "Best per latent size",
          "At each latent size, the best trial among those trained to the end (early-stopped "
          "ones reached their error in fewer epochs), beside the PCA reference at that size "
-         "(vs PCA below 1: the autoencoder beats the best linear one).",
+         "(vs PCA below 1: the autoencoder beats the best linear one)." + _learning_text(run),
          f'<div class="scroll" style="max-height:none">'
          f'{frame_html(best_per_latent(t, spec, run.baselines))}</div>'),
         ("latent", "Latent size versus error",
@@ -169,6 +169,12 @@ def sections(run: Run, pictures: bool = True,
          "How much each swept axis matters: for each value, the best and the median error of "
          "the trials with it. A wide spread of the best means the axis matters.",
          _fig_html(axes.axis_importance(t, spec))),
+        ("importance", "Which settings mattered",
+         "The swept axes weighed against each other: PED-ANOVA (Optuna) asks how differently "
+         "each axis's values are spread among the best fifth of the trials than among all; "
+         "an axis the best trials agree on decides the loss. Bars: each axis's share of the "
+         "sum; the black line over each, its interval over bootstrap resamples of the "
+         "trials.", _importance_html(run)),
         ("parallel", "Parallel coordinates",
          "Over the swept axes, coloured by validation loss; drag along an axis to keep only "
          "the trials in that range.",
@@ -192,6 +198,32 @@ def sections(run: Run, pictures: bool = True,
                 "Best validation loss first; click a column header to sort by it.",
                 f'<div class="scroll">{table_html(t, spec)}</div>'))
     return out
+
+
+def _importance_html(run: Run) -> str:
+    """The importance section: the run's ``importance.parquet`` (computed from its tables
+    when it has none), as bars, or the note saying why there is no number."""
+    from cae.report.importance import has_numbers, importance_html, method_html, notes_html
+    from cae.results.importance import importance, read_importance
+
+    frame = read_importance(run.path) if run.path is not None else None
+    if frame is None:
+        frame = importance(run.trials, run.epochs, run.spec)
+    if not has_numbers(frame):
+        return notes_html({run.name: frame}) or "<p>No swept axes.</p>"
+    return method_html(frame) + importance_html(frame)
+
+
+def _learning_text(run: Run) -> str:
+    """What the table's ``still improving`` column means, when a winner has it."""
+    from cae.results.learning import still_learning_lines
+
+    lines = still_learning_lines(run.trials, str(run.path or "RUN_DIR"))
+    if not lines:
+        return ""
+    return (" Winners marked 'still improving' stopped at max_epochs while their validation "
+            "loss was still falling, so more epochs may change the order; "
+            f"{lines[1].strip()} trains them on.")
 
 
 def build_report(run: Run, pictures: bool = True, n_best: int = 5) -> str:

@@ -16,6 +16,7 @@ import plotly.graph_objects as go
 
 from cae.report.figures import repeat_spread
 from cae.report.run import axis_labels, short_id, swept_axes
+from cae.results.learning import gain_text
 from cae.run.outcomes import trained_to_the_end
 
 _FACTS = ("family", "params", "latent_size")
@@ -56,7 +57,8 @@ def best_per_latent(trials: pd.DataFrame, spec: dict,
     the end (its swept axes, params, validation and test error, epochs), how many trials of
     that size ran to the end, the spread over the winner's repeats, and the PCA reference at
     that size (with the winner's error relative to it: below 1 beats PCA; "PCA exact" where
-    the latent is as large as the input, so PCA reproduces it without error)."""
+    the latent is as large as the input, so PCA reproduces it without error); a winner that
+    stopped at max_epochs while still improving says so (``cae.results.learning``)."""
     cols = ["latent_size", "trained_to_end", "trial"]
     if trials.empty or "latent_size" not in trials:
         return pd.DataFrame(columns=cols)
@@ -79,6 +81,8 @@ def best_per_latent(trials: pd.DataFrame, spec: dict,
                 row[a] = axis_labels(ran.loc[[best.name]], a).iloc[0]
             for c in ("params", "best_val_loss", "test_loss", "epochs"):
                 row[c] = best.get(c)
+            if _still_improving(best):  # at max_epochs: more epochs may change the order
+                row["still improving"] = gain_text(best)
             cid = best.get("config_id")
             if cid in spread.index:
                 s = spread.loc[cid]
@@ -92,6 +96,11 @@ def best_per_latent(trials: pd.DataFrame, spec: dict,
                                  if row["PCA val"] > 0 else "PCA exact")
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def _still_improving(best: pd.Series) -> bool:
+    flag = best.get("still_improving")
+    return str(best.get("stop_reason")) == "max_epochs" and bool(flag) and not pd.isna(flag)
 
 
 def frame_html(df: pd.DataFrame, css: str = "best") -> str:

@@ -1,4 +1,5 @@
-"""The end of a run, one way for every caller: the tables, the reference errors, the report.
+"""The end of a run, one way for every caller: the tables, the importance of the swept axes
+(``cae.results.importance``), the reference errors, the report.
 
 ``cae sweep`` and ``cae resume`` call ``finish`` when Ray Tune returns; the live report calls
 it every few minutes while a sweep runs, without the reference errors and the pictures
@@ -17,6 +18,8 @@ from pathlib import Path
 import pandas as pd
 
 from cae.config.errors import UserError
+from cae.results.importance import write_importance
+from cae.results.learning import still_learning_lines
 from cae.results.tables import (
     EPOCHS_FILE,
     TRIALS_FILE,
@@ -83,6 +86,8 @@ def finish(run_dir: str, *, report: bool = True, pictures: bool = True,
     local = rundir.local_copy(run_dir)
     frames = export(local)
     rundir.publish(run_dir, *table_paths(local))
+    rundir.publish(run_dir, write_importance(local, frames.trials, frames.epochs,
+                                             rundir.read_spec(local)))
     for note in frames.notes:
         say(f"cae: note: {note}")
     if references:
@@ -116,6 +121,7 @@ def summary(trials: pd.DataFrame, run_dir: str, axes: list[str] | None = None,
         if axes:
             lines.append("  " + ", ".join(f"{k}={v}" for k, v in axes.items()))
     lines.append(f"results: {run_dir}/{TRIALS_FILE} and {EPOCHS_FILE}")
+    lines += still_learning_lines(trials, run_dir)
     unfinished = unfinished_count(trials, n_trials)
     if unfinished:
         lines.append(f"{unfinished} trials did not finish; continue with: cae resume {run_dir}")
