@@ -1,7 +1,8 @@
 """The loss curves of a sweep (``loss_evolution``): every trial's validation and training
 loss per epoch on log axes, the best few highlighted, a marker where each trial stopped; and
 the drawing basics the report's other figures share with it (an empty figure that says why,
-loss-axis ticks, the best trials' colours).
+loss-axis ticks, the best trials' colours). A run of ``cae extend`` holds each trial's old
+epochs and its new ones as one curve, marked where the new ones begin.
 
 It takes the ``trials`` / ``epochs`` frames of ``cae.results.tables`` and returns a
 ``plotly.graph_objects.Figure``; it reads no files. It stays small at scale: a thousand
@@ -79,6 +80,7 @@ def loss_evolution(
     if rates is not None:
         _rate_curves(fig, rates, best)
     _stop_markers(fig, trials, epochs)
+    _extension_markers(fig, trials, epochs)
     fig.update_yaxes(type="log", title_text="loss (log)", row=1, col=1, **LOG_TICKS)
     fig.update_yaxes(type="log", row=1, col=2, **LOG_TICKS)
     fig.update_xaxes(title_text="epoch", tickformat="d", rangemode="tozero")
@@ -212,3 +214,26 @@ def _stop_markers(fig: go.Figure, trials: pd.DataFrame, epochs: pd.DataFrame) ->
             text=[short_id(t) for t in ids],
             hovertemplate=f"trial %{{text}}: {label} after epoch %{{x}}<extra></extra>"),
             row=1, col=1)
+
+
+def _extension_markers(fig: go.Figure, trials: pd.DataFrame, epochs: pd.DataFrame) -> None:
+    """A run of ``cae extend``: where each trial's old epochs end and the new ones begin
+    (one curve holds both; the marker sits on the epoch it took over at)."""
+    if "extended_at" not in trials or epochs.empty:
+        return
+    at = trials.dropna(subset=["extended_at"])
+    if at.empty:
+        return
+    where = dict(zip(at["trial_id"].astype(str), at["extended_at"].astype(int)))
+    e = epochs[epochs["trial_id"].astype(str).map(where) == epochs["epoch"]]
+    if e.empty:
+        return
+    origin = dict(zip(at["trial_id"].astype(str), at["extends"].astype(str)))
+    fig.add_trace(go.Scatter(
+        x=e["epoch"].to_numpy("float32"), y=_positive(e["val_loss"]), mode="markers",
+        marker=dict(symbol="line-ns-open", size=16, color="#444", line=dict(width=2)),
+        name=f"extended from here ({len(e)})", legendgroup="extended",
+        text=[origin[str(t)] for t in e["trial_id"]],
+        hovertemplate="continues %{text}<br>new epochs after epoch %{x}<extra></extra>"),
+        row=1, col=1)
+

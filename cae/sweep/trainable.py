@@ -12,7 +12,11 @@ A restarted trial goes on from the newest checkpoint in its directory that can b
 whole (``cae.run.checkpoints``), which after a restore from an older state can be newer than
 the one Tune hands it: it then first reports that checkpoint's last epoch again, so that the
 scheduler decides on it as if nothing had happened. A trial of a rebuilt run takes over the
-directory of the earlier trial with its search-space point (``adopt``).
+directory of the earlier trial with its search-space point (``adopt``). A trial of
+``cae extend`` takes over a finished trial of another run the same way (``adopt`` names it
+in full): it starts from that trial's newest checkpoint, the last epoch's whole state (a
+trial trained to ``max_epochs`` while still improving ends on its best epoch), trains on to
+its own, higher ``max_epochs``, and its record says which trial it ``extends``.
 """
 
 from __future__ import annotations
@@ -35,16 +39,61 @@ from cae.run.state import point_key
 from cae.sweep import internals
 from cae.train.trainer import Trainer
 
+EXTENSION_FILE = "extends.json"  # a cae extend run's sources (cae.sweep.extend)
+
 
 def here_and_source(run_dir: str, point: dict, adopt: dict[str, str] | None) -> tuple[str, str]:
     """This trial's directory, and the one it goes on from: its own, or, when it has no
-    checkpoint yet and ``adopt`` names an earlier directory for its point (a run whose
-    state was lost, ``cae.run.state.orphans``), that one."""
+    checkpoint yet and ``adopt`` names an earlier directory for its point, that one: a
+    directory of this run (a run whose state was lost, ``cae.run.state.orphans``), or by
+    its full path or URI a trial of another run that this one trains on (``cae extend``)."""
     here = f"{run_dir.rstrip('/')}/{internals.trial_dir_name()}"
-    if adopt and point_key(point) in adopt and not checkpoints.list_checkpoints(
+    adopt = {**extension_sources(run_dir), **(adopt or {})}
+    if point_key(point) in adopt and not checkpoints.list_checkpoints(
             *checkpoints.filesystem(here)):
-        return here, f"{run_dir.rstrip('/')}/{adopt[point_key(point)]}"
+        where = adopt[point_key(point)]
+        outside = "://" in where or where.startswith("/")
+        return here, where if outside else f"{run_dir.rstrip('/')}/{where}"
     return here, here
+
+
+def extension_sources(run_dir: str) -> dict[str, str]:
+    """The trials of other runs that the points of a ``cae extend`` run train on (point key
+    -> full path or URI), as ``cae.sweep.extend`` wrote them into ``EXTENSION_FILE``; {}
+    for any other run."""
+    fs, path = checkpoints.filesystem(run_dir)
+    try:
+        with fs.open_input_stream(f"{path}/{EXTENSION_FILE}") as f:
+            return dict(json.loads(f.read())["sources"])
+    except FileNotFoundError:
+        return {}
+
+
+def extension_of(run_dir: str, source: str) -> str | None:
+    """How the record of a trial names the trial of another run it trains on: relative to
+    the storage the two runs share (``<run>/<trial dir>``), else in full; None for a source
+    in this run."""
+    run_dir = run_dir.rstrip("/")
+    if source.startswith(run_dir + "/"):
+        return None
+    storage = run_dir.rsplit("/", 1)[0] + "/"
+    return source.removeprefix(storage) if source.startswith(storage) else source
+
+
+def extended(found: checkpoints.Found, cfg: TrialConfig) -> checkpoints.Found:
+    """A finished trial's newest checkpoint made the start of its extension: no final
+    report (it trains on to ``cfg.max_epochs``), its last epoch no longer its end, and a
+    fresh patience where it had run out (an extension of a trial stopped by patience gets
+    ``patience`` epochs to improve)."""
+    state = dict(found.state, final=None)
+    history = [dict(h) for h in state.get("history") or []]
+    if history:
+        history[-1].pop("stop_reason", None)
+    state["history"] = history
+    if cfg.patience and int(state.get("bad_epochs", 0)) >= cfg.patience:
+        state["bad_epochs"] = 0
+    return checkpoints.Found(found.path, state, {**found.history, "epochs": history,
+                                                  "final": None}, found.skipped)
 
 
 def static_facts(runner, data: ImageData) -> dict:
@@ -149,8 +198,16 @@ def run_trial(point: dict, base: dict, datasets: dict[str, ImageData], run_dir: 
     if key not in datasets:  # check_spec loads every grid value: a bug if this happens
         raise RuntimeError(f"no dataset loaded for {key}; loaded: {', '.join(datasets)}")
     here, source = here_and_source(run_dir, point, adopt)
-    cfg = recorded_config(here, source, current, point)
     found = checkpoints.load_newest(*checkpoints.filesystem(source))
+    extends = extension_of(run_dir, source)
+    if extends is None:
+        cfg = recorded_config(here, source, current, point)
+    elif found is None:  # cae extend checked that it had one: it went since
+        raise RuntimeError(f"{source}: no whole checkpoint left to train on from")
+    else:  # cae extend: this run's point says what it runs, the old trial where it starts
+        cfg = recorded_config(here, here, current, point, extra={
+            "extends": extends, "extended_at": int(found.state["epoch"])})
+        found = extended(found, cfg)
     trainer = Trainer(cfg, datasets[key])
     static = static_facts(trainer, datasets[key])
     if found is not None and not found.state.get("final"):
