@@ -1,6 +1,6 @@
 """The ``cae`` command's arguments: one subcommand each for train, models, data, sweep,
-resume, status, export, report, track, export-models and encode (``cae.cli`` runs
-them)."""
+resume, status, extend, compare, export, report, track, export-models and encode
+(``cae.cli`` runs them)."""
 
 from __future__ import annotations
 
@@ -67,6 +67,35 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", help="how far a run is (running, finished or interrupted): "
                                       "trials, trial-epochs, the best so far; no Ray")
     _run_dir(p)
+    p.add_argument("--importance", action="store_true",
+                   help="also the importance of each swept axis (PED-ANOVA, with its "
+                        "bootstrap interval)")
+
+    p = sub.add_parser("extend", help="train chosen trials of a finished run N more epochs, "
+                                      "from their checkpoints, as a new run")
+    _run_dir(p)
+    p.add_argument("--epochs", type=int, required=True, metavar="N",
+                   help="epochs to train each chosen trial on from its last one")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--best-per", metavar="COLUMN",
+                       help="the best trial trained to the end at each value of a "
+                            "trials.parquet column (latent_size, model.channels, ...)")
+    which.add_argument("--trial", nargs="+", metavar="ID",
+                       help="these trials (default: the best)")
+    p.add_argument("--name", help="the new run directory's name (default: "
+                                  "RUN-extend-TIMESTAMP)")
+    p.add_argument("--storage", help="where the new run directory goes (default: beside the "
+                                     "old one)")
+    p.add_argument("--address", help="Ray cluster to attach to")
+    _data_dir(p, recorded=True)
+    _console_options(p)
+    _refresh_option(p)
+
+    p = sub.add_parser("compare", help="runs side by side in one HTML page: best per latent "
+                                       "size with PCA, the winners' curves, importance, "
+                                       "spec differences; no Ray")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="two or more run directories")
+    p.add_argument("-o", "--output", required=True, help="the HTML file to write")
 
     p = sub.add_parser("export", help="write trials.parquet and epochs.parquet of a run "
                                       "(finished, running or interrupted)")

@@ -111,6 +111,27 @@ def cmd_status(args: argparse.Namespace) -> int:
     from cae.results.status import run_status
 
     print(run_status(args.run_dir).text())
+    if args.importance:
+        from cae.results.importance import importance_of, importance_text
+
+        print(importance_text(importance_of(args.run_dir)))
+    return 0
+
+
+def cmd_extend(args: argparse.Namespace) -> int:
+    from cae.sweep.extend import extend_run
+
+    return extend_run(args.run_dir, args.epochs, best_per=args.best_per, trial_ids=args.trial,
+                      name=args.name, storage=args.storage, address=args.address,
+                      data_dir=args.data_dir, force=args.force, console=_console(args))
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from cae.report.compare import write_compare
+
+    if not Path(args.output).expanduser().resolve().parent.is_dir():
+        raise UserError(f"--output {args.output}: its folder does not exist")
+    print(f"compare: {write_compare(args.run_dirs, args.output)}")
     return 0
 
 
@@ -153,7 +174,8 @@ def cmd_encode(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"train": cmd_train, "models": cmd_models, "data": cmd_data, "sweep": cmd_sweep,
-            "resume": cmd_resume, "status": cmd_status, "export": cmd_export,
+            "resume": cmd_resume, "status": cmd_status, "extend": cmd_extend,
+            "compare": cmd_compare, "export": cmd_export,
             "report": cmd_report, "track": cmd_track, "export-models": cmd_export_models,
             "encode": cmd_encode}
 

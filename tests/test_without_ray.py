@@ -1,7 +1,7 @@
 """A finished run opens where Ray cannot be imported at all (a notebook, a serving box, a
-colleague's laptop with another Ray): ``load_model``, ``cae report``, ``cae status``,
-``cae export``, ``cae export-models`` and ``cae encode`` run in a fresh interpreter whose
-``import ray`` fails. And a run made before cae's modules moved still opens."""
+colleague's laptop with another Ray): ``load_model``, ``cae report``, ``cae status`` (with
+``--importance``), ``cae export``, ``cae compare``, ``cae export-models`` and ``cae encode``
+run in a fresh interpreter whose ``import ray`` fails. And a run made before cae's modules moved still opens."""
 
 import json
 import pickle
@@ -67,6 +67,23 @@ def test_status_report_and_export_without_ray(run, tmp_path):
     assert out.returncode == 0, out.stderr
     page = (run / "report.html").read_text()
     assert "latent" in page and len(page) > 10_000
+
+
+def test_importance_and_compare_without_ray(run, tmp_path):
+    """The new readers of a run: ``cae status --importance`` (and the importance.parquet
+    ``cae export`` writes) and ``cae compare`` of two runs."""
+    out = _cli(["status", str(run), "--importance"], tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "importance of the swept axes" in out.stdout
+    out = _cli(["export", str(run)], tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert (run / "importance.parquet").is_file()
+    other = tmp_path / "other"
+    shutil.copytree(RECORDED, other)
+    page = tmp_path / "compare.html"
+    out = _cli(["compare", str(run), str(other), "-o", str(page)], tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert page.read_text().count("Plotly.newPlot") == 2
 
 
 def test_export_models_and_encode_without_ray(run, tmp_path):

@@ -1,0 +1,362 @@
+"""Explaining a sweep: which settings mattered (importance), which winners were still
+learning (``still_improving``, ``cae extend``), and runs side by side (``cae compare``).
+
+The fast tier checks each piece on made-up tables and on the recorded run; the slow tier
+on real sweeps: one built to have a known answer (the learning rate decides the loss, the
+evaluation batch size does not), a trial trained 4 epochs and extended by 4 against one
+trained 8 in the first place (equal to the bit on the CPU), and a comparison page of two
+small runs rendered in Chromium.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from cae.cli import main
+from cae.results.importance import IMPORTANCE_FILE, importance, min_trials
+from cae.results.learning import curve_facts, still_learning, still_learning_lines
+
+REPO = Path(__file__).resolve().parents[1]
+RECORDED = REPO / "tests" / "data" / "recorded-run"
+
+
+# ---- still learning ----------------------------------------------------------------------
+
+
+def test_a_falling_curve_cut_at_two_epochs_is_still_improving():
+    facts = curve_facts([0.20, 0.15], 0.0, "max_epochs")
+    assert facts["still_improving"] and facts["improvement_rate"] == pytest.approx(0.25)
+    assert math.isnan(facts["remaining_gain"])  # two epochs say nothing about the level
+
+
+def test_a_trial_stopped_by_patience_is_not_still_improving():
+    # the last epochs got worse: patience stopped it, whatever came before
+    assert not curve_facts([0.3, 0.2, 0.21, 0.22], 0.0, "patience")["still_improving"]
+    # falling, but by less than its own min_delta per epoch: not an improvement
+    assert not curve_facts([0.30, 0.29, 0.28], 0.05, "max_epochs")["still_improving"]
+    # levelled off: less than 0.5% per epoch
+    assert not curve_facts([0.3, 0.2, 0.2, 0.1999, 0.1998], 0.0, "max_epochs")[
+        "still_improving"]
+
+
+def test_what_is_left_extrapolates_shrinking_improvements():
+    # improvements 0.5, 0.25, 0.125: halving, so 0.125 more is left below 1.125
+    facts = curve_facts([2.0, 1.5, 1.25, 1.125], 0.0, "max_epochs")
+    assert facts["remaining_gain"] == pytest.approx(0.125 / 1.125)
+    assert math.isinf(curve_facts([2.0, 1.9, 1.7, 1.3], 0.0, "max_epochs")["remaining_gain"])
+
+
+def _winners(rows: list[tuple]) -> pd.DataFrame:
+    return pd.DataFrame(rows, columns=["trial_id", "latent_size", "best_val_loss", "epochs",
+                                       "status", "stop_reason", "still_improving",
+                                       "improvement_rate", "remaining_gain"])
+
+
+def test_the_winners_still_improving_at_max_epochs_are_flagged_with_the_command():
+    t = _winners([("x_1", 4, 0.10, 12, "TERMINATED", "max_epochs", True, 0.02, 0.1),
+                  ("x_2", 4, 0.20, 12, "TERMINATED", "max_epochs", True, 0.05, math.inf),
+                  ("x_3", 8, 0.05, 7, "TERMINATED", "patience", False, 0.0, 0.0),
+                  ("x_4", 16, 0.04, 12, "TERMINATED", "max_epochs", False, 0.001, 0.0)])
+    assert list(still_learning(t)["trial_id"]) == ["x_1"]  # the winner at 4 alone
+    lines = still_learning_lines(t, "runs/r")
+    assert "latent_size 4 (trial 1: -2.0%/epoch, ~10% left)" in lines[0]
+    assert lines[1].strip() == "train them on: cae extend runs/r --epochs 12 --best-per " \
+                               "latent_size"
+
+
+# ---- importance --------------------------------------------------------------------------
+
+SPEC = {"trial": {}, "space": {"lr": {"loguniform": [1e-5, 1e-2]},
+                               "eval_batch_size": {"grid": [50, 100, 200]}}}
+
+
+def _made_up(n: int, seed: int = 0, stop: str = "max_epochs") -> tuple:
+    """``n`` trials whose loss is decided by lr (with noise), not by eval_batch_size."""
+    rng = np.random.default_rng(seed)
+    lr = 10 ** rng.uniform(-5, -2, n)
+    trials = pd.DataFrame({
+        "trial_id": [f"t_{i}" for i in range(n)], "lr": lr,
+        "eval_batch_size": np.tile([50, 100, 200], n)[:n],
+        "best_val_loss": 0.1 + (np.log10(lr) + 5) ** 2 / 100 + rng.normal(0, 1e-3, n),
+        "epochs": 4, "status": "TERMINATED", "stop_reason": stop})
+    epochs = pd.DataFrame({"trial_id": np.repeat(trials["trial_id"], 4), "epoch":
+                           np.tile([1, 2, 3, 4], n), "val_loss": 1.0})
+    return trials, epochs
+
+
+def test_importance_ranks_the_deciding_axis_first_with_an_interval():
+    trials, epochs = _made_up(40)
+    trials["best_val_loss"] = -trials["best_val_loss"]  # lower is better: the highest lr
+    frame = importance(trials, epochs, SPEC, n_boot=60)
+    assert list(frame["axis"]) == ["lr", "eval_batch_size"]
+    lr, inert = frame.iloc[0], frame.iloc[1]
+    assert lr["importance"] > 0.8 and lr["low"] > inert["high"]
+    assert (frame["low"] <= frame["importance"]).all()
+    assert (frame["importance"] <= frame["high"]).all()
+    assert frame["importance"].sum() == pytest.approx(1.0)
+    assert set(frame["trials_used"]) == {40} and "PED-ANOVA" in frame["method"].iloc[0]
+    assert "trained to its own end" in frame["budget"].iloc[0]
+
+
+def test_too_few_trials_give_a_note_not_a_number():
+    trials, epochs = _made_up(min_trials() - 1)
+    frame = importance(trials, epochs, SPEC)
+    assert frame["importance"].isna().all() and len(frame) == 2
+    assert f"at least {min_trials()}" in frame["note"].iloc[0]
+    assert f"this run has {min_trials() - 1}" in frame["note"].iloc[0]
+
+
+def test_trials_stopped_by_the_scheduler_are_compared_at_the_rung_all_reached():
+    trials, epochs = _made_up(30)
+    trials.loc[:9, ["stop_reason", "epochs"]] = ["sha", 2]
+    epochs["val_loss"] = 1.0 / epochs["epoch"]  # later epochs are better: they must not count
+    frame = importance(trials, epochs, SPEC, n_boot=20)
+    assert "up to epoch 2" in frame["budget"].iloc[0]
+
+
+def test_status_prints_the_importance_or_why_there_is_none(tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(RECORDED, run)
+    assert main(["status", str(run), "--importance"]) == 0
+    out = capsys.readouterr().out
+    assert "importance of the swept axes" in out and "one swept axis" in out
+
+
+def test_export_writes_the_importance_file(tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(RECORDED, run)
+    assert main(["export", str(run)]) == 0
+    frame = pd.read_parquet(run / IMPORTANCE_FILE)
+    assert list(frame["axis"]) == ["model.latent_dim"] and frame["note"].iloc[0]
+    trials = pd.read_parquet(run / "trials.parquet")
+    assert {"still_improving", "improvement_rate", "remaining_gain"} <= set(trials.columns)
+
+
+# ---- extend: the new run's spec -----------------------------------------------------------
+
+
+def test_the_extension_spec_reproduces_each_trial_with_more_epochs(tmp_path):
+    from cae.config.points import trial_config
+    from cae.run import directory as rundir
+    from cae.run.state import point_key
+    from cae.sweep.extend import _sources, extension_spec
+
+    run = tmp_path / "run"
+    shutil.copytree(RECORDED, run)
+    trials = pd.read_parquet(run / "trials.parquet")
+    sources = _sources(str(run), [row for _, row in trials.iterrows()], None)
+    spec, adopt = extension_spec(rundir.load_run_spec(str(run)), sources, 3)
+    assert spec.swept() == ["variant"] and spec.scheduler.kind == "fifo"
+    points = spec.space["variant"]["grid"]
+    assert len(points) == 2 and spec.trial["max_epochs"] == 2 + 3
+    for s, mapping in zip(sources, points):
+        want = {**s.config.model_dump(mode="json"), "max_epochs": 5}
+        assert trial_config(spec.trial, {"variant": mapping}).model_dump(mode="json") == want
+        assert adopt[point_key({"variant": mapping})] == s.location
+        assert s.location.endswith(s.row["trial_dir"])
+
+
+def test_extend_refuses_a_schedule_fixed_by_max_epochs(tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(RECORDED, run)
+    for record in run.glob("*/trial.json"):
+        data = json.loads(record.read_text())
+        data["config"]["schedule"] = {"name": "cosine"}
+        record.write_text(json.dumps(data))
+    assert main(["extend", str(run), "--epochs", "2"]) == 2
+    assert "cosine schedule" in capsys.readouterr().err
+
+
+# ---- compare ------------------------------------------------------------------------------
+
+
+def _decoded(value):
+    """Plotly's typed arrays (``{"dtype": "f4", "bdata": base64}``) as lists."""
+    if isinstance(value, dict) and "bdata" in value:
+        return np.frombuffer(base64.b64decode(value["bdata"]), dtype=value["dtype"]).tolist()
+    if isinstance(value, dict):
+        return {k: _decoded(v) for k, v in value.items()}
+    return value
+
+
+def plotly_data(page: str) -> list[list[dict]]:
+    """The traces of every Plotly figure embedded in an HTML page, arrays decoded."""
+    figures, decoder = [], json.JSONDecoder()
+    for m in re.finditer(r'Plotly\.newPlot\(\s*"[^"]+",\s*', page):
+        traces, _ = decoder.raw_decode(page, m.end())
+        figures.append([_decoded(t) for t in traces])
+    return figures
+
+
+def test_compare_draws_both_runs_and_lists_the_spec_differences(tmp_path, capsys):
+    one, two = tmp_path / "first", tmp_path / "second"
+    shutil.copytree(RECORDED, one)
+    shutil.copytree(RECORDED, two)
+    spec = yaml.safe_load((two / "spec.yaml").read_text())
+    spec["trial"]["batch_size"] = 32
+    (two / "spec.yaml").write_text(yaml.safe_dump(spec))
+    out = tmp_path / "compare.html"
+    assert main(["compare", str(one), str(two), "-o", str(out)]) == 0
+    page = out.read_text()
+    assert "trial.batch_size" in page and "not on one scale" not in page
+    figures = plotly_data(page)
+    best, curves = figures[0], figures[1]
+    assert {t["name"] for t in best} == {"first: best", "first: PCA", "second: best",
+                                         "second: PCA"}
+    assert {t["name"] for t in curves} == {"first", "second"}
+
+
+def test_load_runs_stacks_the_tables_for_the_notebook(tmp_path):
+    import cae
+
+    one, two = tmp_path / "a", tmp_path / "b"
+    shutil.copytree(RECORDED, one)
+    shutil.copytree(RECORDED, two)
+    runs = cae.load_runs(one, two)
+    assert list(runs.runs) == ["a", "b"] and set(runs.trials["run"]) == {"a", "b"}
+    assert len(runs.epochs) == 2 * len(runs.runs["a"].epochs)
+    assert runs.differences().empty and not runs.by_ratio
+    assert set(runs.best()["run"]) == {"a", "b"}
+
+
+# ---- slow: real sweeps -------------------------------------------------------------------
+
+
+KNOWN = """
+name: known
+trial:
+  data: {dataset: sample, train_limit: 400, test_limit: 100}
+  model: {channels: [4], dense: [], latent_dim: 8}
+  batch_size: 64
+  max_epochs: 2
+  patience: null
+space:
+  lr: {loguniform: [0.00001, 0.01]}
+  eval_batch_size: {grid: [50, 100, 200]}
+num_samples: 10
+scheduler: {kind: fifo}
+resources: {cpu: 1}
+"""
+
+
+@pytest.mark.slow
+def test_a_sweep_with_a_known_answer_ranks_its_axes_right(tmp_path, capsys):
+    """The learning rate (1e-5 to 1e-2) decides the loss after 2 epochs; the evaluation batch
+    size changes nothing but rounding. Importance must say so, with intervals apart; the
+    best trial, cut at 2 epochs on a falling curve, is still improving."""
+    spec = tmp_path / "known.yaml"
+    spec.write_text(KNOWN)
+    assert main(["sweep", str(spec), "--storage", str(tmp_path), "--name", "known",
+                 "--no-report", "--report-every", "0"]) == 0
+    out = capsys.readouterr().out
+    run = tmp_path / "known"
+    frame = pd.read_parquet(run / IMPORTANCE_FILE)
+    assert list(frame["axis"]) == ["lr", "eval_batch_size"], frame
+    assert frame["low"].iloc[0] > frame["high"].iloc[1], frame
+    assert frame["trials_used"].iloc[0] == 30
+    trials = pd.read_parquet(run / "trials.parquet")
+    best = trials.loc[trials["best_val_loss"].idxmin()]
+    assert best["stop_reason"] == "max_epochs" and bool(best["still_improving"])
+    assert "still improving at max_epochs" in out and f"cae extend {run}" in out
+    assert main(["status", str(run), "--importance"]) == 0
+    assert re.search(r"lr\s+\d\.\d\d \(", capsys.readouterr().out)
+
+
+BASE = """
+name: {name}
+trial:
+  data: {{dataset: sample, train_limit: 300, test_limit: 100}}
+  model: {{channels: [4], dense: [16], bottleneck: dense, latent_dim: 4, dropout: 0.1}}
+  batch_size: 32
+  lr: 0.003
+  max_epochs: {epochs}
+  patience: null
+space:
+  variant: {{grid: {variants}}}
+scheduler: {{kind: fifo}}
+resources: {{cpu: 1}}
+"""
+
+
+def _sweep(tmp_path: Path, name: str, epochs: int, variants: str) -> Path:
+    spec = tmp_path / f"{name}.yaml"
+    spec.write_text(BASE.format(name=name, epochs=epochs, variants=variants))
+    assert main(["sweep", str(spec), "--storage", str(tmp_path), "--name", name,
+                 "--no-report", "--report-every", "0"]) == 0
+    return tmp_path / name
+
+
+@pytest.mark.slow
+def test_four_epochs_then_four_more_equal_eight_to_the_bit(tmp_path, capsys):
+    """A trial trained 4 epochs (patience off) and extended by 4 has every epoch's train
+    and validation loss of the same trial trained 8 epochs in the first place; its record
+    names where it came from and its curve holds the old epochs and the new. In the same
+    run a trial stopped by patience (min_delta 1) is not still improving."""
+    from cae.report.curves import loss_evolution
+
+    eight = _sweep(tmp_path, "eight", 8, "[{}]")
+    four = _sweep(tmp_path, "four", 4, "[{}, {patience: 1, min_delta: 1.0}]")
+    trials4 = pd.read_parquet(four / "trials.parquet")
+    stopped = trials4[trials4["stop_reason"] == "patience"]
+    assert len(stopped) == 1 and not bool(stopped["still_improving"].iloc[0])
+    cut = trials4[trials4["stop_reason"] == "max_epochs"].iloc[0]
+    assert bool(cut["still_improving"]) and cut["epochs"] == 4
+    assert main(["extend", str(four), "--epochs", "4", "--trial", cut["trial_id"],
+                 "--name", "four-plus", "--no-report", "--report-every", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "from epoch 4 to 8" in out
+    ext = tmp_path / "four-plus"
+    trials = pd.read_parquet(ext / "trials.parquet")
+    assert len(trials) == 1 and trials["epochs"].iloc[0] == 8
+    assert trials["extends"].iloc[0] == f"four/{cut['trial_dir']}"
+    assert trials["extended_at"].iloc[0] == 4
+    record = json.loads(next(ext.glob("*/trial.json")).read_text())
+    assert record["extends"] == f"four/{cut['trial_dir']}" and record["config"]["max_epochs"] == 8
+    got = pd.read_parquet(ext / "epochs.parquet").sort_values("epoch")
+    want = pd.read_parquet(eight / "epochs.parquet").sort_values("epoch")
+    assert list(got["epoch"]) == list(range(1, 9))
+    for col in ("train_loss", "val_loss"):
+        assert got[col].tolist() == want[col].tolist(), col  # to the bit
+    fig = loss_evolution(trials, pd.read_parquet(ext / "epochs.parquet"))
+    marks = [t for t in fig.data if t.name.startswith("extended from here")]
+    assert len(marks) == 1 and list(marks[0].x) == [4]
+    assert [len(t.x) for t in fig.data if t.name.startswith("#1 trial")] == [8, 8]
+
+
+@pytest.mark.slow
+def test_compare_page_of_two_runs_renders_with_both_runs_data(small_run, tmp_path):
+    """Two small real runs on different tasks: the page compares them by the ratio to each
+    one's PCA, says so, every figure holds both runs, and Chromium draws it without
+    errors."""
+    from test_report_browser import CHROMIUM, page_errors, render
+
+    one, two = small_run("reconstruct"), small_run("denoise")
+    out = tmp_path / "compare.html"
+    assert main(["compare", str(one), str(two), "-o", str(out)]) == 0
+    page = out.read_text()
+    assert "compared by the ratio to each run&#x27;s own PCA" in page
+    figures = plotly_data(page)
+    assert len(figures) == 2  # 8 trials each: too few for importance, a note instead
+    assert "too few trials" in page
+    for traces in figures:
+        names = " ".join(t.get("name") or "" for t in traces)
+        assert one.name in names and two.name in names, names
+    ratios = [y for t in figures[0] for y in t["y"] if y is not None]
+    assert ratios and all(0 < y < 20 for y in ratios)
+    if CHROMIUM is None:
+        pytest.skip("Chromium is not installed (Debian: apt-get install chromium)")
+    probe, log = render(out, tmp_path / "profile")
+    assert probe["errors"] == [] and page_errors(log) == []
+    assert len(probe["plots"]) == 2
+    for p in probe["plots"]:
+        assert p["width"] > 300 and p["height"] > 150 and p["scatter"] >= 2, p
