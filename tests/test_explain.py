@@ -344,7 +344,7 @@ def test_compare_page_of_two_runs_renders_with_both_runs_data(small_run, tmp_pat
     out = tmp_path / "compare.html"
     assert main(["compare", str(one), str(two), "-o", str(out)]) == 0
     page = out.read_text()
-    assert "compared by the ratio to each run&#x27;s own PCA" in page
+    assert "compared by the ratio to each run's own PCA" in page
     figures = plotly_data(page)
     assert len(figures) == 2  # 8 trials each: too few for importance, a note instead
     assert "too few trials" in page
