@@ -167,45 +167,48 @@ class CompileCounts:
     frames compiled, recompiles (a compile of code compiled before, with dynamo's reason:
     a new shape, grad mode, a tensor's requires_grad), graph breaks (with their reasons)
     and the seconds spent compiling (forward graphs: dynamo's whole compile; backward
-    graphs: inductor's). Costs nothing where nothing compiles."""
-
-    _kept = False
+    graphs: inductor's). Imports torch._dynamo (a second or two, once): make one outside
+    a timed window. Never fails: a torch without these records gives ``error``."""
 
     def __init__(self):
-        self._start = self._raw()
+        try:
+            from torch._dynamo import utils
+
+            # keep every compile's record (by default the last 64), so that counts from
+            # two moments subtract
+            utils.set_compilation_metrics_limit(100_000)
+            self._start = self._raw()
+        except Exception as exc:  # noqa: BLE001 - a diagnostic must not stop a benchmark
+            self._start = exc
 
     @staticmethod
-    def _raw() -> tuple[int, dict]:
-        if "torch._dynamo" not in sys.modules:
-            return 0, {}
+    def _raw() -> tuple[list, dict]:
         from torch._dynamo import utils
 
-        if not CompileCounts._kept:  # keep every compile's record (the default: the last 64)
-            utils.set_compilation_metrics_limit(100_000)
-            CompileCounts._kept = True
-        return len(utils.get_compilation_metrics()), dict(utils.counters["graph_break"])
+        return utils.get_compilation_metrics(), dict(utils.counters["graph_break"])
 
     def now(self) -> dict:
         """The counts since this object was made."""
-        n0, breaks0 = self._start
-        n, breaks = self._raw()
-        records, backward = [], []
-        if n:
-            from torch._dynamo import utils
-
-            for m in utils.get_compilation_metrics()[n0:n]:
+        try:
+            if isinstance(self._start, Exception):
+                raise self._start
+            (old, breaks0), (records, breaks) = self._start, self._raw()
+            frames, backward = [], []
+            for m in records[len(old):]:
                 # a backward graph (compiled at the first backward) has no frame of its own
-                (records if m.co_name is not None else backward).append(m)
-        new_breaks = {k: v - breaks0.get(k, 0) for k, v in breaks.items()
-                      if v > breaks0.get(k, 0)}
-        reasons = [m.recompile_reason for m in records if m.recompile_reason]
-        return {"compiles": len(records), "recompiles": len(reasons),
+                (frames if m.co_name is not None else backward).append(m)
+            new_breaks = {k: v - breaks0.get(k, 0) for k, v in breaks.items()
+                          if v > breaks0.get(k, 0)}
+            reasons = [m.recompile_reason for m in frames if m.recompile_reason]
+            seconds = (sum(m.entire_frame_compile_time_s or 0.0 for m in frames)
+                       + sum(m.inductor_compile_time_s or 0.0 for m in backward))
+        except Exception as exc:  # noqa: BLE001 - a diagnostic must not stop a benchmark
+            return {"error": f"{type(exc).__name__}: {exc}"[:300]}
+        return {"compiles": len(frames), "recompiles": len(reasons),
                 "graph_breaks": sum(new_breaks.values()),
                 "graph_break_reasons": [str(k)[:200] for k in new_breaks][:5],
                 "recompile_reasons": sorted({r[:160] for r in reasons})[:8],
-                "compile_s": round(sum(m.entire_frame_compile_time_s or 0.0 for m in records)
-                                   + sum(m.inductor_compile_time_s or 0.0 for m in backward),
-                                   2)}
+                "compile_s": round(seconds, 2)}
 
 
 def shared_data_dir() -> Path | None:

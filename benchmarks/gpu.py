@@ -311,11 +311,12 @@ class Run:
             yield None, result
             self.write()
             return
-        t0, counts = time.time(), common.CompileCounts()
+        counts = common.CompileCounts()
+        t0 = time.time()
         print(f"{name} ...", flush=True)
         try:
             yield deadline, result
-            result.setdefault("status", "ok")
+            result.setdefault("status", "partial" if result.get("stopped") else "ok")
         except Exception as exc:  # noqa: BLE001 - one case failing must not lose the rest
             result.update(status="error", error=f"{type(exc).__name__}: {exc}"[:2000])
         except BaseException:
@@ -388,13 +389,14 @@ def run_trials(dicts: list[dict], data, deadline: Deadline) -> dict:
     from cae.config.trial import TrialConfig
     from cae.train.trainer import Trainer
 
+    compiled = any(d.get("compile", "none") != "none" for d in dicts)
+    after_first, per_trial = None, []
     t0, done, epochs, first, stopped = time.time(), 0, 0, None, None
-    counts, after_first, per_trial = common.CompileCounts(), None, []
 
     def on_epoch(_metrics, _state) -> None:
         nonlocal epochs, after_first
         epochs += 1
-        if after_first is None:
+        if compiled and after_first is None:
             after_first = common.CompileCounts()
         deadline.check()
 
@@ -402,7 +404,7 @@ def run_trials(dicts: list[dict], data, deadline: Deadline) -> dict:
         if deadline.passed():
             stopped = "deadline"
             break
-        mine = common.CompileCounts()
+        mine = common.CompileCounts() if compiled else None
         try:
             trainer = Trainer(TrialConfig.model_validate(d), data)
             trainer.fit(on_epoch)
@@ -410,7 +412,8 @@ def run_trials(dicts: list[dict], data, deadline: Deadline) -> dict:
             done += 1
         except OutOfTime:
             stopped = "deadline"
-        per_trial.append(mine.now()["compiles"])
+        if compiled:
+            per_trial.append(mine.now().get("compiles"))
         first = first or time.time() - t0
         if stopped:
             break
@@ -420,9 +423,9 @@ def run_trials(dicts: list[dict], data, deadline: Deadline) -> dict:
     out = {"trials": len(dicts), "done": done, "epochs": epochs, "stopped": stopped,
            "wall_s": round(wall, 2), "first_trial_s": round(first or 0, 2),
            "trials_per_hour": round(trials / wall * 3600, 1) if epochs else None}
-    if counts.now()["compiles"]:
-        out.update(compiles_per_trial=per_trial,
-                   compiles_after_first_epoch=after_first.now()["compiles"])
+    if compiled:
+        out.update(compiles_per_trial=per_trial, compiles_after_first_epoch=after_first.now().get(
+            "compiles") if after_first else None)
     return out
 
 
@@ -617,13 +620,14 @@ def case_packs(run: Run, data, deadline: Deadline, result) -> None:
                 row.update(status="skipped", note="the case's budget is spent")
                 continue
             cfgs = [TrialConfig.model_validate(d) for d in grid(k, run.s, compile=mode)]
-            t0, counts, skips = time.time(), common.CompileCounts(), _cudagraph_skips()
+            counts = common.CompileCounts() if mode != "none" else None
+            t0, skips = time.time(), _cudagraph_skips()
             epochs: list[float] = []
             after_first = []
 
             def on_epoch(m, _s, epochs=epochs, after_first=after_first):
                 epochs.append(next(iter(m.values()))["epoch_time_s"])
-                if not after_first:
+                if counts and not after_first:
                     after_first.append(common.CompileCounts())
                 deadline.check()
 
@@ -647,11 +651,11 @@ def case_packs(run: Run, data, deadline: Deadline, result) -> None:
                        gpu_busy=run.busy.between(t0, time.time()))
             if mode != "none":
                 row.update(compile_counts=counts.now(), cudagraph_skips=_cudagraph_skips() - skips,
-                           compiles_after_first_epoch=after_first[0].now()["compiles"]
+                           compiles_after_first_epoch=after_first[0].now().get("compiles")
                            if after_first else None)
             print(f"  pack of {k}, compile {mode}: {wall:.1f} s", flush=True)
     late = [r["compiles_after_first_epoch"] for r in rows
-            if r.get("compiles_after_first_epoch") is not None]
+            if isinstance(r.get("compiles_after_first_epoch"), int)]
     if late:
         result["compiles_after_first_epoch"] = sum(late)
 

@@ -5,6 +5,7 @@ Everything on the CPU: CI has no GPU."""
 
 import builtins
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -133,6 +134,21 @@ def test_workers_are_killed_and_reaped_when_late():
     assert all(p.returncode is not None for p in procs) and not gpu.LIVE
 
 
+def test_workers_are_killed_and_reaped_when_the_run_is_stopped():
+    """SIGTERM (``timeout``) ends gpu.py through SystemExit: no worker outlives it."""
+    procs: list = []
+    cmds = [[sys.executable, "-c", "import time; time.sleep(120)"]] * 2
+    old = signal.signal(signal.SIGALRM, lambda *_: sys.exit(143))
+    signal.alarm(2)
+    try:
+        with pytest.raises(SystemExit):
+            gpu.run_workers(cmds, {}, time.time() + 100, procs)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+    assert len(procs) == 2 and all(p.returncode is not None for p in procs) and not gpu.LIVE
+
+
 def test_workers_report_their_last_line():
     cmds = [[sys.executable, "-c", f"print('noise'); print('{{\"n\": {i}}}')"] for i in range(3)]
     assert gpu.run_workers(cmds, {}, time.time() + 60) == [{"n": 0}, {"n": 1}, {"n": 2}]
@@ -240,7 +256,7 @@ def test_busy_under_mig_reads_gpm(monkeypatch):
 # ---- the compiled paths: no graph break, nothing compiled after the first epoch ----------------
 
 
-def _compiled_cfgs(backend_seed: int = 0):
+def _compiled_cfgs():
     from cae.config.trial import TrialConfig
 
     base = {"data": {"dataset": "sample", "train_limit": 120, "test_limit": 12},
@@ -251,57 +267,83 @@ def _compiled_cfgs(backend_seed: int = 0):
     return [TrialConfig.model_validate(base | {"seed": s}) for s in (0, 1)]
 
 
-@pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor",
-                                                               marks=pytest.mark.slow)])
-def test_trial_and_pack_steps_compile_without_graph_breaks(backend, monkeypatch):
-    """The training and evaluation steps of a trial and of a pack, with batchnorm and
-    MaskedDropout (the per-member hash, the step buffer it mutates): no graph break,
-    nothing compiled after the first epoch, nothing for a second trial, and the compiled
-    trial computes the eager one's losses. ``aot_eager`` traces what inductor compiles in
-    seconds; inductor itself (C++ kernels from gcc) takes minutes on two cores: slow."""
+# inductor builds C++ kernels with gcc: minutes on two cores (more under load), so slow
+BACKENDS = ["aot_eager", pytest.param("inductor", marks=[pytest.mark.slow,
+                                                         pytest.mark.timeout(1800)])]
+
+
+@pytest.fixture
+def backend(request, monkeypatch):
+    """Trials and packs compile with ``request.param`` (``aot_eager``: dynamo and
+    AOTAutograd trace what inductor compiles, in seconds), from a clean dynamo cache."""
     import torch._dynamo
 
     import cae.train.pack
     import cae.train.trainer
+
+    if request.param != "inductor":
+        for module in (cae.train.trainer, cae.train.pack):  # restored after the test
+            monkeypatch.setattr(module, "compiler", module.compiler)
+        gpu.use_backend(request.param)
+    torch._dynamo.reset()
+    return request.param
+
+
+def _mark_first_epoch(marks: list):
+    """An ``on_epoch`` that starts counting compiles when the first epoch ends."""
+    return lambda *_: marks or marks.append(common.CompileCounts())
+
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+def test_trial_steps_compile_without_graph_breaks(backend):
+    """A trial's training and evaluation steps with batchnorm and MaskedDropout (its hash,
+    the step buffer it mutates): no graph break, nothing compiled after the first epoch,
+    nothing for a second trial of the same shapes, and the eager trial's losses."""
     from cae.data.datasets import load
-    from cae.train.pack import Pack
     from cae.train.trainer import Trainer
 
-    if backend != "inductor":
-        monkeypatch.setattr(cae.train.trainer, "compiler", cae.train.trainer.compiler)
-        monkeypatch.setattr(cae.train.pack, "compiler", cae.train.pack.compiler)
-        gpu.use_backend(backend)
-    torch._dynamo.reset()
     cfgs = _compiled_cfgs()
     data = load(cfgs[0].data)
     eager = Trainer(cfgs[0].model_copy(update={"compile": "none"}), data)
     eager.fit()
-
-    def first_epoch_mark(marks):
-        return lambda *_: marks or marks.append(common.CompileCounts())
-
     counts = common.CompileCounts()
-    for i, cfg in enumerate(cfgs):  # two trials of one architecture
+    for i, cfg in enumerate(cfgs):
         before, marks = common.CompileCounts(), []
         trainer = Trainer(cfg, data)
-        trainer.fit(first_epoch_mark(marks))
+        trainer.fit(_mark_first_epoch(marks))
         trainer.test()
-        assert marks[0].now()["compiles"] == 0, marks[0].now()  # after the first epoch
+        assert marks[0].now()["compiles"] == 0, marks[0].now()
         if i == 0:
             assert [h["val_loss"] for h in trainer.history] == pytest.approx(
                 [h["val_loss"] for h in eager.history], rel=1e-4)
         else:
             assert before.now()["compiles"] == 0, before.now()  # no recompile per trial
-    trial = counts.now()
-    assert trial["graph_breaks"] == 0, trial["graph_break_reasons"]
-    assert trial["compiles"] >= 2  # a training and an evaluation graph at least
+    c = counts.now()
+    assert c["graph_breaks"] == 0, c["graph_break_reasons"]
+    assert c["compiles"] >= 2, c  # a training and an evaluation graph at least
 
-    marks: list = []
-    Pack(cfgs, data).fit(first_epoch_mark(marks))
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+def test_pack_steps_compile_without_graph_breaks(backend):
+    """A pack's vmapped steps (batchnorm per member, each member's dropout hash): no graph
+    break, nothing compiled after the first epoch, and the eager pack's losses."""
+    from cae.data.datasets import load
+    from cae.train.pack import Pack
+
+    cfgs = _compiled_cfgs()
+    data = load(cfgs[0].data)
+    eager = Pack([c.model_copy(update={"compile": "none"}) for c in cfgs], data)
+    eager.fit()
+    counts, marks = common.CompileCounts(), []
+    pack = Pack(cfgs, data)
+    pack.fit(_mark_first_epoch(marks))
     assert marks[0].now()["compiles"] == 0, marks[0].now()
-    pack = counts.now()
-    assert pack["graph_breaks"] == 0, pack["graph_break_reasons"]
-    assert pack["compiles"] > trial["compiles"]  # the stack's graphs compiled too
+    c = counts.now()
+    assert c["graph_breaks"] == 0, c["graph_break_reasons"]
+    assert c["compiles"] >= 2, c
+    for a, b in zip(eager.members, pack.members):
+        assert [h["val_loss"] for h in b.history] == pytest.approx(
+            [h["val_loss"] for h in a.history], rel=1e-4)
 
 
 # ---- the whole script on the CPU -------------------------------------------------------------
