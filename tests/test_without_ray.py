@@ -1,7 +1,8 @@
 """A finished run opens where Ray cannot be imported at all (a notebook, a serving box, a
 colleague's laptop with another Ray): ``load_model``, ``cae report``, ``cae status`` (with
 ``--importance``), ``cae export``, ``cae compare``, ``cae export-models`` and ``cae encode``
-run in a fresh interpreter whose ``import ray`` fails. And a run made before cae's modules moved still opens."""
+run in a fresh interpreter whose ``import ray`` fails. And a run made before cae's modules
+moved still opens."""
 
 import json
 import pickle

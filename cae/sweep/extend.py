@@ -23,14 +23,13 @@ the first place gives.
 from __future__ import annotations
 
 import copy
-import json
 from dataclasses import dataclass
 from datetime import datetime
 
 import pandas as pd
 
 from cae.config.errors import UserError
-from cae.config.points import trial_config
+from cae.config.points import apply_point, trial_config
 from cae.config.spec import SweepSpec
 from cae.config.trial import TrialConfig
 from cae.run import checkpoints
@@ -38,7 +37,7 @@ from cae.run import directory as rundir
 from cae.run.outcomes import unfinished_mask
 from cae.run.record import trial_config_of
 from cae.run.state import point_key
-from cae.sweep.trainable import EXTENSION_FILE
+from cae.sweep.extension import write_sources
 
 # Schedules whose shape is fixed by max_epochs: raising it changes every epoch's rate
 # (onecycle cannot even step past its planned steps), so the extension would not continue
@@ -122,7 +121,9 @@ def _point(base: dict, target: dict) -> dict:
 def extension_spec(old: SweepSpec, sources: list[Source],
                    epochs: int) -> tuple[SweepSpec, dict[str, str]]:
     """The new run's spec, and its points' sources (``adopt``: point key -> location)."""
-    base = copy.deepcopy(old.trial)
+    # the old space's fixed values belong to every trial: into the base, out of the points
+    base = apply_point(copy.deepcopy(old.trial), {k: v for k, (kind, v) in old.axes().items()
+                                                  if kind == "fixed"})
     lengths = {s.epoch + epochs for s in sources}
     if len(lengths) == 1:
         base["max_epochs"] = lengths.pop()
@@ -161,8 +162,7 @@ def extend_run(run_dir: str, epochs: int, *, best_per: str | None = None,
                    f"{datetime.now():%Y%m%d-%H%M%S}"
     new_dir = f"{rundir.storage_uri(spec.storage).rstrip('/')}/{name}"
     if rundir.is_uri(new_dir) or not (rundir.local_path(new_dir) / rundir.SPEC_FILE).is_file():
-        # where the trials find their sources, on a resume too
-        rundir.write_file(new_dir, EXTENSION_FILE, json.dumps({"sources": adopt}).encode())
+        write_sources(new_dir, adopt)  # where its trials start, on a resume too
     for s in sources:
         print(f"extending trial {s.label} ({s.row['trial_dir']}): from epoch {s.epoch} to "
               f"{s.epoch + epochs}", flush=True)

@@ -37,9 +37,8 @@ from cae.run.directory import write_file
 from cae.run.record import RECORD_FILE, make_record, trial_config_of
 from cae.run.state import point_key
 from cae.sweep import internals
+from cae.sweep.extension import read_sources
 from cae.train.trainer import Trainer
-
-EXTENSION_FILE = "extends.json"  # a cae extend run's sources (cae.sweep.extend)
 
 
 def here_and_source(run_dir: str, point: dict, adopt: dict[str, str] | None) -> tuple[str, str]:
@@ -48,25 +47,13 @@ def here_and_source(run_dir: str, point: dict, adopt: dict[str, str] | None) -> 
     directory of this run (a run whose state was lost, ``cae.run.state.orphans``), or by
     its full path or URI a trial of another run that this one trains on (``cae extend``)."""
     here = f"{run_dir.rstrip('/')}/{internals.trial_dir_name()}"
-    adopt = {**extension_sources(run_dir), **(adopt or {})}
+    adopt = {**read_sources(run_dir), **(adopt or {})}  # cae extend's sources, if any
     if point_key(point) in adopt and not checkpoints.list_checkpoints(
             *checkpoints.filesystem(here)):
         where = adopt[point_key(point)]
         outside = "://" in where or where.startswith("/")
         return here, where if outside else f"{run_dir.rstrip('/')}/{where}"
     return here, here
-
-
-def extension_sources(run_dir: str) -> dict[str, str]:
-    """The trials of other runs that the points of a ``cae extend`` run train on (point key
-    -> full path or URI), as ``cae.sweep.extend`` wrote them into ``EXTENSION_FILE``; {}
-    for any other run."""
-    fs, path = checkpoints.filesystem(run_dir)
-    try:
-        with fs.open_input_stream(f"{path}/{EXTENSION_FILE}") as f:
-            return dict(json.loads(f.read())["sources"])
-    except FileNotFoundError:
-        return {}
 
 
 def extension_of(run_dir: str, source: str) -> str | None:
