@@ -93,8 +93,8 @@ def axis_values(trials: pd.DataFrame, key: str) -> pd.Series:
         col = trials[key]
         numeric = pd.api.types.is_numeric_dtype(col) and not pd.api.types.is_bool_dtype(col)
         return col.astype(float) if numeric else col.astype(str)
-    parts = [trials[c].map(lambda v, c=c: "" if _missing(v) else f"{c.removeprefix(key + '.')}"
-                           f"={v}") for c in cols]
+    parts = [trials[c].map(lambda v, c=c: "" if _missing(v) or v == "{}" else
+                           f"{c.removeprefix(key + '.')}={v}") for c in cols]
     if not parts:
         return pd.Series("-", index=trials.index)
     out = parts[0]
@@ -171,14 +171,25 @@ class Inputs:
         return hashlib.sha1(text.encode()).hexdigest()[:16]
 
 
+def swept_axes(spec: dict) -> dict[str, tuple[str, object]]:
+    """The axes of a run's spec (as written in its ``spec.yaml``) that vary, as
+    ``SweepSpec.axes`` reads them, without validating the spec: a run opens whatever this
+    cae's checks have become since it ran."""
+    from cae.config.spec import AXIS_KINDS
+
+    space = spec.get("space") if isinstance(spec, dict) else None
+    out = {}
+    for key, value in (space if isinstance(space, dict) else {}).items():
+        if isinstance(value, dict) and len(value) == 1 and next(iter(value)) in AXIS_KINDS:
+            out[key] = next(iter(value.items()))
+    return out
+
+
 def inputs(trials: pd.DataFrame, epochs: pd.DataFrame, spec: dict) -> Inputs:
     """The swept axes of ``spec`` that ``trials`` has columns for, and the trials that
     count with their comparable loss (``comparable_losses``)."""
-    from cae.config.spec import SweepSpec
-
-    swept = SweepSpec.model_validate(spec).axes() if spec else {}
-    axes = {k: v for k, v in swept.items() if v[0] != "fixed"
-            and any(c == k or c.startswith(k + ".") for c in trials.columns)}
+    axes = {k: v for k, v in swept_axes(spec).items()
+            if any(c == k or c.startswith(k + ".") for c in trials.columns)}
     if trials.empty:
         return Inputs(axes, trials, pd.Series(dtype=float), "")
     losses, budget = comparable_losses(trials, epochs)
