@@ -12,8 +12,9 @@ the same rows sent twice leave each epoch there once.
 - per epoch (step = epoch): every numeric column of ``epochs`` (losses, each distortion's
   validation error, the learning rate where trials report one, epoch time), with
   ``trained_ahead`` (1 for an epoch trained ahead of an undecided rung by the scheduler);
-- at the end: best validation loss and epoch, test losses, epochs, wall time, failures as
-  metrics; status and stop reason as tags (they change on a resume).
+- at the end, every other column of the trial's row: the numbers (best validation loss and
+  epoch, test losses, epochs, wall time, failures, ...) as metrics, the rest (status, stop
+  reason, where it ran) as tags, since they change on a resume.
 """
 
 from __future__ import annotations
@@ -26,11 +27,15 @@ from typing import Any
 
 import pandas as pd
 
-# A trial's outcome columns of ``trials``: sent as end metrics or as tags, not as params.
-SUMMARY_METRICS = ("best_val_loss", "best_epoch", "last_val_loss", "epochs",
-                   "speculative_epochs", "wall_time_s", "num_failures")
-OUTCOME_TAGS = ("status", "stop_reason", "device", "precision", "node", "hostname",
-                "data_loaded", "trial_dir")
+from cae.config.trial import TrialConfig
+
+# The columns of ``trials`` that say what a trial ran (``cae.run.record.columns``): every
+# setting of a TrialConfig (its first dotted part a field of it), its point's repeat and
+# variants, and what its record adds; sent as params. Every other column is its outcome:
+# numbers as end metrics, the rest as tags (they change on a resume). ``device`` and
+# ``precision`` are both a setting and where the trial ran; the tables keep the latter.
+RECORD_COLUMNS = ("repeat", "config_id", "params", "latent_size", "family", "recorded")
+RAN_ON = ("device", "precision")
 NOT_SENT = ("trial_id", "node_id")  # the trial id is the run's key; the node is in ``node``
 TRAINED_AHEAD, SPECULATIVE = "trained_ahead", "speculative"
 TRIAL_ID_TAG, RUN_TAG, KIND_TAG = "cae.trial_id", "cae.run", "cae.kind"
@@ -125,17 +130,28 @@ def epoch_metrics(row: dict) -> dict[str, float]:
     return out
 
 
+def is_setting(column: str) -> bool:
+    """Whether a ``trials`` column says what the trial ran (a param), not how it went."""
+    return column not in RAN_ON and (
+        column.split(".", 1)[0] in TrialConfig.model_fields or column in RECORD_COLUMNS
+        or column.startswith("variant"))
+
+
 def trial_run(row: dict, epochs: list[dict], axes: list[str], sweep_running: bool) -> TrialRun:
     """A trial's tracker run from its ``trials`` row and its ``epochs`` rows; ``axes``: the
     swept keys (for the run's name); ``sweep_running``: whether its sweep is running (a
     trial that has not ended is then running, else stopped)."""
     trial_id = str(row["trial_id"])
-    summary = {k: x for k, v in row.items()
-               if (k in SUMMARY_METRICS or k.startswith("test_")) and (x := _number(v)) is not None}
-    tags = {k: str(row[k]) for k in OUTCOME_TAGS if k in row and not _absent(row[k])}
-    params = {k: param_text(v) for k, v in row.items()
-              if k not in NOT_SENT and k not in SUMMARY_METRICS and k not in OUTCOME_TAGS
-              and not k.startswith("test_")}
+    params, summary, tags = {}, {}, {}
+    for key, value in row.items():
+        if key in NOT_SENT:
+            continue
+        if is_setting(key):
+            params[key] = param_text(value)
+        elif not isinstance(value, str) and (x := _number(value)) is not None:
+            summary[key] = x
+        elif not _absent(value):
+            tags[key] = str(value)
     steps = {int(e["epoch"]): epoch_metrics(e) for e in epochs}
     return TrialRun(trial_id, run_name(trial_id, row, axes), params, tags, steps, summary,
                     state_of(str(row.get("status", "")), sweep_running))
