@@ -228,6 +228,73 @@ def test_a_tracker_whose_package_is_missing_is_one_error_before_ray(monkeypatch,
     assert not ray.is_initialized() and not (tmp_path / "x").exists()
 
 
+class FlakyTracker:
+    """A tracker that refuses its first ``fail`` sends, or takes ``delay`` seconds a send."""
+
+    kind, label, errors = "fake", "the fake tracker", (ConnectionError,)
+
+    def __init__(self, fail: int = 0, delay: float = 0.0):
+        self.fail, self.delay, self.got, self.forgotten = fail, delay, {}, 0
+
+    def trial(self, run):
+        time.sleep(self.delay)
+        if self.fail:
+            self.fail -= 1
+            raise ConnectionError("connection refused")
+        self.got[run.trial_id] = run
+
+    def sweep(self, run):
+        pass
+
+    def forget(self):
+        self.forgotten += 1
+
+    def close(self):
+        pass
+
+
+def _runs(n: int = 3, epoch: int = 1):
+    trials = pd.read_parquet(RECORDED / "trials.parquet")
+    epochs = pd.read_parquet(RECORDED / "epochs.parquet")
+    return table_runs(trials, epochs[epochs["epoch"] == epoch], [], sweep_running=True)[:n]
+
+
+def test_a_feed_keeps_what_a_failing_tracker_did_not_take_and_says_so_once():
+    from cae.track.feed import Feed
+
+    said, tracker = [], FlakyTracker(fail=1)
+    feed = Feed(tracker, said.append, retry_s=600)
+    feed.put(_runs(epoch=1))
+    _until(lambda: feed.failure is not None, 30, "the first send")
+    feed.put(lambda: _runs(epoch=2))  # made on the feed's thread, merged with what waits
+    feed.put(lambda: _runs(epoch=2))  # (not sent until the retry: at the close here)
+    assert feed.close(wait_s=30) == 0
+    assert len(said) == 1 and "the fake tracker did not take" in said[0]
+    assert tracker.forgotten == 1 and set(tracker.got) == {"0e284241", "a32044ca"}
+    assert all(sorted(run.steps) == [1, 2] for run in tracker.got.values())
+
+
+def test_a_slow_or_broken_tracker_does_not_hold_the_sweep(monkeypatch):
+    from cae.track.feed import Feed
+
+    reported = []  # what a thread that broke prints (its traceback, with the bug)
+    monkeypatch.setattr(threading, "excepthook", lambda args: reported.append(args.exc_type))
+
+    slow = Feed(FlakyTracker(delay=30), lambda text: None)
+    slow.put(_runs())
+    start = time.monotonic()
+    assert slow.close(wait_s=0.5) >= 1  # not sent yet: said so, not waited for
+    assert time.monotonic() - start < 5
+
+    class Broken(FlakyTracker):
+        def trial(self, run):
+            raise TypeError("a bug")  # not a tracker's error: the thread's traceback says so
+
+    broken = Feed(Broken(), lambda text: None)
+    broken.put(_runs())
+    assert broken.close(wait_s=10) >= 1 and reported == [TypeError]
+
+
 # ---- cae track ----------------------------------------------------------------------------
 
 

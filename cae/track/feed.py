@@ -63,6 +63,7 @@ class Feed:
         self._trials: dict[str, TrialRun] = {}  # waiting to be sent
         self._sweep: SweepRun | None = None
         self._retry_at = 0.0
+        self._closed = False  # the thread reached its end (it did not break on the way)
         self._thread = threading.Thread(target=self._loop, name=f"cae-track-{tracker.kind}",
                                         daemon=True)  # never holds the process at its exit
         self._thread.start()
@@ -76,9 +77,10 @@ class Feed:
         returns how many trials (and the sweep's run) were not sent."""
         self._queue.put(_CLOSE)
         self._thread.join(wait_s)
-        if self._thread.is_alive():  # still waiting for the tracker: it may finish later
-            return max(1, len(self._trials) + (self._sweep is not None))
-        return len(self._trials) + (self._sweep is not None)
+        left = len(self._trials) + (self._sweep is not None)
+        if self._thread.is_alive() or not self._closed:  # still sending, or it broke (a
+            return max(1, left + self._queue.qsize() - 1)  # bug: its traceback is printed)
+        return left
 
     # ---- the feed's thread -----------------------------------------------------------------
 
@@ -112,6 +114,7 @@ class Feed:
             self.tracker.close()
         except self.tracker.errors as exc:
             self._failed(exc)
+        self._closed = True
 
     def _send(self) -> None:
         try:
