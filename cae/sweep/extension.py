@@ -25,9 +25,11 @@ def write_sources(run_dir: str, sources: dict[str, str]) -> None:
 
 def read_sources(run_dir: str) -> dict[str, str]:
     """The sources ``write_sources`` recorded; {} for a run not made by ``cae extend``."""
+    import pyarrow.fs as pafs
+
     fs, path = checkpoints.filesystem(run_dir)
-    try:
-        with fs.open_input_stream(f"{path}/{EXTENSION_FILE}") as f:
-            return dict(json.loads(f.read())["sources"])
-    except FileNotFoundError:
+    where = f"{path.rstrip('/')}/{EXTENSION_FILE}"
+    if fs.get_file_info(where).type != pafs.FileType.File:  # no error to tell from others
         return {}
+    with fs.open_input_stream(where) as f:
+        return dict(json.loads(f.read())["sources"])
