@@ -106,8 +106,10 @@ def finish(run_dir: str, *, report: bool = True, pictures: bool = True,
 def summary(trials: pd.DataFrame, run_dir: str, axes: list[str] | None = None,
             n_trials: int = 0) -> str:
     """The lines ``cae sweep`` and ``cae resume`` end with: counts, the best trial (its
-    values of the swept ``axes``), where the results are, and, when some of the sweep's
-    ``n_trials`` will still run (started or not), how to continue."""
+    values of the swept ``axes``), where the results are, the best trials per latent size
+    still improving at max_epochs with the ``cae extend`` command that trains them on
+    (``cae.results.learning``), and, when some of the sweep's ``n_trials`` will still run
+    (started or not), how to continue."""
     counts = ", ".join(f"{n} {s.lower()}" for s, n in trials["status"].value_counts().items())
     lines = [f"\ntrials: {len(trials)} ({counts}); trial-epochs: {int(trials['epochs'].sum())}"]
     best = best_trial(trials)
