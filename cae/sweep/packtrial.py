@@ -132,7 +132,7 @@ def _pack_report(pack: Pack, metrics: dict[int, dict]) -> dict:
     vals = [m["val_loss"] for m in metrics.values()]
     finite = [v for v in vals if math.isfinite(v)]
     return {"epoch": pack.epoch, "val_loss": min(finite, default=float("nan")),
-            "best_val_loss": min((pack.members[i].best_val for i in metrics),
+            "best_val_loss": min((pack.members[i].stopping.best_val for i in metrics),
                                  default=float("nan")),
             "pack_members": len(metrics),
             "members_stopped": sum(1 for m in pack.members if m.stop_reason),

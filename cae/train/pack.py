@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -89,14 +89,6 @@ class Member:
         stand_in.step()  # moves nothing (no gradient); tells torch's schedulers it steps
         return cls(index, cfg, Stopping.of(cfg), torch.Generator(device=device), stand_in,
                    schedule)
-
-    @property
-    def best_val(self) -> float:
-        return self.stopping.best_val
-
-    @property
-    def best_epoch(self) -> int:
-        return self.stopping.best_epoch
 
     def record(self) -> dict:
         """What a pack's checkpoint keeps of the member."""
@@ -242,24 +234,22 @@ class Pack:
             total = total + c["edge_l2"] * sq
         return total
 
-    def _batches(self) -> list[tuple[torch.Tensor, torch.Tensor, int]]:
-        """The epoch's steps: each slot's inputs and targets stacked (K, B, ...) and the
-        batch size; each member's from its own order and generator, an empty slot's a copy
-        of the first member's (it trains nothing)."""
+    def _batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
+        """The epoch's steps, one at a time: each slot's inputs and targets stacked
+        (K, B, ...) and the batch size; each member's from its own order and generator, an
+        empty slot's a copy of the first member's (it trains nothing)."""
         train = self.splits.train
         n, bs = train.shape[0], self.cfg.batch_size
         live = [self.members[s] for s in self.slots if s is not None]
         perms = {m.index: batch_order(m.gen, m.cfg.seed, self.epoch, n) for m in live}
-        steps = []
         for start in range(0, n, bs):
             own = {}
             for m in live:
                 idx = perms[m.index][start:start + bs]
                 own[m.index] = self.task.batch(train[idx], idx, m.gen)[:2]
             rows = [own[s] if s is not None else own[live[0].index] for s in self.slots]
-            steps.append((torch.stack([x for x, _ in rows]), torch.stack([y for _, y in rows]),
-                          min(bs, n - start)))
-        return steps
+            yield (torch.stack([x for x, _ in rows]), torch.stack([y for _, y in rows]),
+                   min(bs, n - start))
 
     def train_epoch(self) -> list[float]:
         """One epoch of every slot, each on its member's batches: each slot's mean training
