@@ -97,6 +97,23 @@ def test_repair_sets_a_torn_state_aside_for_the_copy(run):
     assert runstate.repair(run) is None  # nothing left to repair
 
 
+def test_repair_sets_a_session_aside_for_a_torn_searcher_state(run):
+    """A full disk can cut the searcher's pickle short while the experiment state is whole:
+    Tune's restore would then fail on the pickle, so the session goes aside all the same."""
+    searcher = max(run.glob("searcher-state-*.pkl"))
+    whole = searcher.read_bytes()
+    assert runstate.keep_copy(run) is False  # the copy holds this state already
+    for keep in (0.0, 0.5, 0.99):
+        _cut(searcher, keep) if keep else searcher.write_bytes(b"")
+        assert runstate.keep_copy(run) is None  # a torn state is never copied
+        said = runstate.repair(run)
+        assert said.startswith(f"{searcher.name} could not be read (cut short)"), said
+        assert "last good copy" in said
+        assert searcher.read_bytes() == whole
+        assert Path(f"{searcher}{runstate.TORN_SUFFIX}").is_file()
+        assert runstate.repair(run) is None
+
+
 def test_a_torn_checkpoint_falls_back_to_the_one_before(run):
     trial = next(run.glob("run_trial_*"))
     fs, path = checkpoints.filesystem(trial)

@@ -9,8 +9,9 @@ atomically: a full disk or a driver killed mid-copy leaves the newest one cut sh
   cae keeps in ``.cae-state/``, else no statuses at all (each trial's own files then say
   whether it ended), with a note saying which;
 - while a sweep runs, the driver copies the newest state (every file of its session) into
-  ``.cae-state/`` whenever it parses and has changed (``keep_copy``);
-- before ``cae resume``, ``repair`` sets a torn session's files aside (``*.torn``) and puts
+  ``.cae-state/`` whenever every file of it is whole and it has changed (``keep_copy``);
+- before ``cae resume``, ``repair`` sets a torn session's files aside (``*.torn``: any of
+  them cut short, the searcher's pickle as much as the experiment state) and puts
   the last good copy in their place, so that ``Tuner.restore`` reads a whole state; trials
   created after that copy (their directories exist, the copy does not know them) are the
   ``orphans``, which the resumed trials with the same search-space point take over.
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickletools
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -96,6 +98,34 @@ def _age(newer: Path, older: Path) -> str:
     return f"{seconds:.0f} s older"
 
 
+def _whole(path: Path) -> bool:
+    """Whether one of Tune's state files is whole: the experiment state as Tune's JSON, the
+    others (pickles, whatever their suffix says) when their opcodes run to the pickle's STOP,
+    walked with ``pickletools`` so that nothing is imported or built (a reader without Ray
+    can judge a searcher's state), or else when they parse as JSON."""
+    if path.name.startswith("experiment_state-"):
+        return _parse(path) is not None
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return False
+    try:
+        for _ in pickletools.genops(data):
+            pass
+        return bool(data)
+    except ValueError:
+        pass
+    try:
+        json.loads(data)
+        return True
+    except ValueError:  # UnicodeDecodeError included
+        return False
+
+
+def _session_whole(folder: Path, session: str) -> bool:
+    return all(_whole(p) for p in _session_files(folder, session))
+
+
 def _session_of(path: Path) -> str:
     return path.name[len("experiment_state-"):-len(".json")]
 
@@ -106,49 +136,57 @@ def _session_files(folder: Path, session: str) -> list[Path]:
 
 
 def keep_copy(run_dir: Path) -> bool | None:
-    """Copy the newest session's state files into ``.cae-state/`` if its experiment state
-    parses and differs from the copy there. Returns whether it copied, None when there is
-    no whole state to copy yet. Local runs only (at a URI each file is written whole)."""
+    """Copy the newest session's state files into ``.cae-state/`` if every one of them is
+    whole and they differ from the copy there. Returns whether it copied, None when there
+    is no whole state to copy yet. Local runs only (at a URI each file is written whole)."""
     sessions = _sessions(run_dir)
-    if not sessions or _parse(sessions[0]) is None:
+    if not sessions:
         return None
     session = _session_of(sessions[0])
+    files = {p.name: p.read_bytes() for p in _session_files(run_dir, session)}
     copy_dir = run_dir / COPY_DIR
-    kept = copy_dir / sessions[0].name
-    if kept.is_file() and kept.read_bytes() == sessions[0].read_bytes():
+    if not _session_whole(run_dir, session):
+        return None
+    if files == {p.name: p.read_bytes() for p in _session_files(copy_dir, session)}:
         return False
-    for path in _session_files(run_dir, session):
-        write_file(copy_dir, path.name, path.read_bytes())  # whole, the folder made if needed
-    if _parse(kept) is None:  # the state was being rewritten while it was copied
-        kept.unlink()
+    for name, data in files.items():
+        write_file(copy_dir, name, data)  # whole, the folder made if needed
+    if not _session_whole(copy_dir, session):  # rewritten while it was read: not a state
+        for name in files:
+            (copy_dir / name).unlink(missing_ok=True)
         return None
     return True
 
 
 def repair(run_dir: Path) -> str | None:
-    """Before a resume: if the newest experiment state cannot be read, set its session's
-    files aside (``*.torn``) and put cae's last good copy of that session in their place
-    (or leave Tune the older sessions). Returns what was done, or None if nothing was."""
+    """Before a resume: if any state file of the newest session cannot be read whole, set
+    the session's files aside (``*.torn``) and put cae's last good copy of that session in
+    their place (or leave Tune the older sessions). Returns what was done, or None if
+    nothing was."""
     sessions = _sessions(run_dir)
-    if not sessions or _parse(sessions[0]) is not None:
+    if not sessions:
         return None
     session = _session_of(sessions[0])
+    torn = [p.name for p in _session_files(run_dir, session) if not _whole(p)]
+    if not torn:
+        return None
     for path in _session_files(run_dir, session):
         os.replace(path, path.with_name(path.name + TORN_SUFFIX))
+    what = f"{' and '.join(torn)} could not be read (cut short)"
     copy_dir = run_dir / COPY_DIR
     kept = copy_dir / sessions[0].name
-    if _parse(kept) is not None:
+    if kept.is_file() and _session_whole(copy_dir, session):
         for path in _session_files(copy_dir, session):
             shutil.copyfile(path, run_dir / path.name)
-        return (f"{sessions[0].name} could not be read (cut short); set aside as "
-                f"{sessions[0].name}{TORN_SUFFIX}, the run goes on from cae's last good copy "
-                f"of it ({_age(sessions[0].with_name(sessions[0].name + TORN_SUFFIX), kept)})")
-    older = [p for p in sessions[1:] if _parse(p) is not None]
+        return (f"{what}; session {session} set aside ({TORN_SUFFIX}), the run goes on from "
+                f"cae's last good copy of it "
+                f"({_age(sessions[0].with_name(sessions[0].name + TORN_SUFFIX), kept)})")
+    older = [p for p in sessions[1:] if _session_whole(run_dir, _session_of(p))]
     if older:
-        return (f"{sessions[0].name} could not be read (cut short); set aside, the run goes on "
-                f"from the previous session's state {older[0].name}")
-    return (f"{sessions[0].name} could not be read (cut short) and there is no earlier state; "
-            "set aside: the sweep starts again, each trial going on from its own checkpoints")
+        return (f"{what}; session {session} set aside, the run goes on from the previous "
+                f"session's state {older[0].name}")
+    return (f"{what} and there is no earlier state; session {session} set aside: the sweep "
+            "starts again, each trial going on from its own checkpoints")
 
 
 def orphans(run_dir: Path, known: set[str]) -> dict[str, str]:
