@@ -5,6 +5,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from cae.sweep.internals import LOOPBACK_ENV
 
@@ -13,6 +14,16 @@ REPO = Path(__file__).resolve().parents[1]
 # Local Ray binds to 127.0.0.1 only (as `cae sweep` sets before importing ray); set here too
 # because tests import ray before any sweep starts.
 os.environ.setdefault(LOOPBACK_ENV, "0")
+
+
+@pytest.fixture
+def float64():
+    """Tensors made in the test default to float64 (bit-level comparisons of fused and
+    separate runs)."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
 
 
 @pytest.fixture(scope="session")

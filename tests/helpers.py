@@ -1,11 +1,15 @@
-"""Helpers several test modules share: finding a test's own processes, killing a trial."""
+"""Helpers several test modules share: finding a test's own processes, killing trials, a
+tiny trial config."""
 
 from __future__ import annotations
 
 import json
 import os
+import random
 import signal
+import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -52,3 +56,49 @@ def free_port() -> int:
 def epochs_reported(run_dir: Path) -> int:
     """Result lines the trials of a run directory have written (every epoch reported)."""
     return sum(len(p.read_text().splitlines()) for p in run_dir.glob("*/result.json"))
+
+
+def kill_running_at_random(proc: subprocess.Popen, run_dir: Path, pattern: str, every: int,
+                           first_at: int | None = None,
+                           running: Callable[[dict], bool] = lambda last: True,
+                           kills: int = 3, seed: int = 0) -> int:
+    """While the sweep ``proc`` runs, SIGKILL the worker of one running trial (a random one
+    of the ``pattern`` glob under ``run_dir`` whose last result row has no ``stop_reason``
+    and passes ``running``) once ``first_at`` epochs (default ``every``) are reported, then
+    after every ``every`` more, ``kills`` times. Returns how many kills landed."""
+    rng, landed, next_at = random.Random(seed), 0, every if first_at is None else first_at
+    while proc.poll() is None and landed < kills:
+        time.sleep(0.1)
+        if epochs_reported(run_dir) < next_at:
+            continue
+        pids = set()
+        for result in run_dir.glob(f"{pattern}/result.json"):
+            lines = result.read_text().splitlines()
+            last = json.loads(lines[-1]) if lines else None
+            if last is not None and "stop_reason" not in last and running(last):
+                pids.add(last["pid"])
+        for pid in rng.sample(sorted(pids), min(1, len(pids))):
+            try:
+                os.kill(pid, signal.SIGKILL)
+                landed += 1
+                next_at = epochs_reported(run_dir) + every
+            except ProcessLookupError:
+                pass
+    return landed
+
+
+def tiny_config(max_epochs: int = 3, **kw):
+    """A small trial config on the embedded sample (120 training images, two convs, latent
+    4, BatchNorm, no early stopping, CPU); ``model_<key>`` sets a model setting."""
+    from cae.config.trial import TrialConfig
+
+    base = {"data": {"dataset": "sample", "train_limit": 120, "test_limit": 40},
+            "lr": 0.003, "batch_size": 36, "eval_batch_size": 64, "max_epochs": max_epochs,
+            "patience": None, "device": "cpu",
+            "model": {"channels": [2, 4], "dense": [16], "latent_dim": 4, "batchnorm": True}}
+    for key, value in kw.items():
+        if key.startswith("model_"):
+            base["model"][key.removeprefix("model_")] = value
+        else:
+            base[key] = value
+    return TrialConfig.model_validate(base)

@@ -5,7 +5,6 @@ every epoch's validation loss equal to that of an undisturbed run of the same sp
 
 import json
 import os
-import random
 import shutil
 import signal
 import subprocess
@@ -16,7 +15,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-from helpers import epochs_reported
+from helpers import epochs_reported, kill_running_at_random
 
 from cae.cli import main
 
@@ -188,23 +187,7 @@ def test_trial_processes_killed_at_random_lose_nothing(tmp_path, undisturbed):
     of those running), three times; Tune retries each from its last checkpoint."""
     run_dir = tmp_path / "c"
     proc = _start(_spec_file(tmp_path), tmp_path, "c")
-    rng, kills, next_at = random.Random(0), 0, 2
-    while proc.poll() is None and kills < 3:
-        time.sleep(0.1)
-        if epochs_reported(run_dir) < next_at:
-            continue
-        pids = set()
-        for result in run_dir.glob("*/result.json"):
-            lines = result.read_text().splitlines()
-            if lines and "stop_reason" not in json.loads(lines[-1]):
-                pids.add(json.loads(lines[-1])["pid"])
-        for pid in rng.sample(sorted(pids), min(1, len(pids))):
-            try:
-                os.kill(pid, signal.SIGKILL)
-                kills += 1
-                next_at = epochs_reported(run_dir) + 3
-            except ProcessLookupError:
-                pass
+    kills = kill_running_at_random(proc, run_dir, "*", every=3, first_at=2)
     out, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err
     assert kills >= 2, "too few kills landed"

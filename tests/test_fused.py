@@ -10,6 +10,7 @@ import math
 
 import pytest
 import torch
+from helpers import tiny_config
 
 from cae.config.errors import UserError, validate
 from cae.config.trial import TrialConfig
@@ -23,25 +24,8 @@ from cae.train.trainer import Trainer
 TOL = 1e-9  # relative, float64
 
 
-@pytest.fixture
-def float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
-
-
 def _cfg(**kw) -> TrialConfig:
-    base = {"data": {"dataset": "sample", "train_limit": 120, "test_limit": 40},
-            "lr": 0.003, "batch_size": 36, "eval_batch_size": 64, "max_epochs": 3,
-            "patience": None, "device": "cpu",
-            "model": {"channels": [2, 4], "dense": [16], "latent_dim": 4, "batchnorm": True}}
-    for key, value in kw.items():
-        if key.startswith("model_"):
-            base["model"][key.removeprefix("model_")] = value
-        else:
-            base[key] = value
-    return TrialConfig.model_validate(base)
+    return tiny_config(**{"max_epochs": 3, **kw})
 
 
 def _separate(cfg: TrialConfig) -> tuple[Trainer, list[dict]]:

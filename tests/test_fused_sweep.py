@@ -174,14 +174,10 @@ def test_pack_processes_killed_at_random_lose_nothing(tmp_path):
     """Two packs of four, 4 epochs; a running pack's worker is SIGKILLed after every second
     epoch reported (a random one of those running), three times; Tune retries each from its
     checkpoint, and every member's losses equal an undisturbed fused run's, bit for bit."""
-    import os
-    import random
-    import signal
     import subprocess
     import sys
-    import time
 
-    from helpers import epochs_reported
+    from helpers import kill_running_at_random
 
     path = _write(tmp_path, **{"trial.max_epochs": 4, "max_failures": 3})
     assert main(["sweep", str(path), "--storage", str(tmp_path), "--name", "u",
@@ -191,24 +187,8 @@ def test_pack_processes_killed_at_random_lose_nothing(tmp_path):
                              str(tmp_path), "--name", "k", "--no-report", "--report-every", "0"],
                             cwd=tmp_path, start_new_session=True, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    rng, kills, next_at = random.Random(0), 0, 1
-    while proc.poll() is None and kills < 3:
-        time.sleep(0.1)
-        if epochs_reported(run_dir) < next_at:
-            continue
-        pids = set()
-        for result in run_dir.glob("run_pack_*/result.json"):
-            lines = result.read_text().splitlines()
-            if lines and "stop_reason" not in json.loads(lines[-1]) \
-                    and json.loads(lines[-1]).get("members_stopped", 0) < 4:
-                pids.add(json.loads(lines[-1])["pid"])
-        for pid in rng.sample(sorted(pids), min(1, len(pids))):
-            try:
-                os.kill(pid, signal.SIGKILL)
-                kills += 1
-                next_at = epochs_reported(run_dir) + 2
-            except ProcessLookupError:
-                pass
+    kills = kill_running_at_random(proc, run_dir, "run_pack_*", every=2, first_at=1,
+                                   running=lambda last: last.get("members_stopped", 0) < 4)
     out, err = proc.communicate(timeout=900)
     assert proc.returncode == 0, err
     assert kills >= 2, "too few kills landed"

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from helpers import tiny_config
 from pydantic import ValidationError
 
 from cae.config.trial import TrialConfig
@@ -21,21 +22,8 @@ TOL = 1e-9
 TOL_STATE = 1e-6
 
 
-@pytest.fixture
-def float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
-
-
 def _cfg(**kw) -> TrialConfig:
-    base = {"data": {"dataset": "sample", "train_limit": 120, "test_limit": 40},
-            "lr": 0.003, "batch_size": 36, "eval_batch_size": 64, "max_epochs": 4,
-            "patience": None, "device": "cpu",
-            "model": {"channels": [2, 4], "dense": [16], "latent_dim": 4, "batchnorm": True}}
-    base.update(kw)
-    return TrialConfig.model_validate(base)
+    return tiny_config(**{"max_epochs": 4, **kw})
 
 
 # ---- settings ------------------------------------------------------------------------------
