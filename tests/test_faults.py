@@ -122,26 +122,30 @@ def _resume(run_dir: Path, capsys) -> tuple[int, str]:
     return rc, captured.out + captured.err
 
 
-@pytest.mark.parametrize("copy", ["kept", "lost"])
-def test_a_killed_driver_and_a_torn_state_lose_nothing(tmp_path, undisturbed, capsys, copy):
-    """The state file cut short; with cae's last good copy of it the run goes on from that
-    copy, without one every trial takes its own directory over again."""
+@pytest.mark.parametrize(("copy", "torn"), [
+    ("kept", "experiment_state"), ("lost", "experiment_state"), ("kept", "searcher-state")])
+def test_a_killed_driver_and_a_torn_state_lose_nothing(tmp_path, undisturbed, capsys, copy, torn):
+    """A state file cut short (the experiment state by half, or the searcher's pickle left
+    empty, as a full disk leaves them); with cae's last good copy of the session the run goes
+    on from that copy, without one every trial takes its own directory over again."""
     run_dir = tmp_path / "k"
     proc = _start(_spec_file(tmp_path), tmp_path, "k")
     _wait_for(lambda: epochs_reported(run_dir) >= 6, "six reported epochs")
     _kill_driver(proc)  # the driver and the Ray it started, as in a crash
-    state = max(run_dir.glob("experiment_state-*.json"))
-    text = state.read_text()
-    state.write_text(text[: len(text) // 2])  # cut short, as a full disk leaves it
+    state = max(run_dir.glob(f"{torn}-*"))
+    data = state.read_bytes()
+    state.write_bytes(data[: len(data) // 2] if torn == "experiment_state" else b"")
     if copy == "lost":
         shutil.rmtree(run_dir / ".cae-state", ignore_errors=True)
 
     assert main(["status", str(run_dir)]) == 0
     out = capsys.readouterr().out
-    assert "interrupted" in out and "could not be read" in out, out
+    assert "interrupted" in out, out
+    if torn == "experiment_state":
+        assert "could not be read" in out, out
     rc, said = _resume(run_dir, capsys)
     assert rc == 0, said
-    assert "could not be read" in said and "taking over the run directory" in said
+    assert f"{state.name} could not be read" in said and "taking over the run directory" in said
     if copy == "lost":
         assert "no earlier state" in said, said
     _check_whole(run_dir, undisturbed)

@@ -139,7 +139,8 @@ def test_optuna_missing_is_a_user_error(monkeypatch, capsys):
     monkeypatch.setattr(metadata, "version", version)
     assert main(["sweep", OPTUNA, "--dry-run"]) == 2
     err = capsys.readouterr().err
-    assert "needs the optuna package" in err and "cae-sweep[optuna]" in err
+    assert "needs the optuna package >= 3.6 (it is not installed)" in err
+    assert "pip install 'optuna>=3.6'" in err
 
 
 def test_dry_run_says_how_the_search_runs(capsys):

@@ -276,6 +276,31 @@ def test_datasets_and_variants_in_space_are_what_each_trial_ran(tmp_path, data_c
     assert main(["report", str(run_dir), "--data-dir", str(data_copy), "-o",
                  str(tmp_path / "r.html")]) == 0
     assert main(["resume", str(run_dir), "--data-dir", str(data_copy), "--no-report"]) == 0
+    # the data moved: the pictures of a recorded mnist trial read them where --data-dir says
+    from cae.data.datasets import DatasetUnavailable, clear_cache
+    from cae.report.pictures import trial_samples
+
+    mnist = trials[trials["data.dataset"] == "mnist"].iloc[0]
+    moved = tmp_path / "moved"
+    data_copy.rename(moved)
+    try:
+        clear_cache()
+        with pytest.raises(DatasetUnavailable, match=str(data_copy.resolve())):
+            trial_samples(run_dir, mnist, saved, max_samples=50)
+        shown = trial_samples(run_dir, mnist, saved, max_samples=50, data_dir=str(moved))
+        assert shown.picks == ["best", "median", "worst"] and shown.mean_error > 0
+        capsys.readouterr()
+        assert main(["report", str(run_dir), "--data-dir", str(moved), "-o",
+                     str(tmp_path / "moved.html")]) == 0
+        from plotly.offline import get_plotlyjs
+
+        page = (tmp_path / "moved.html").read_text()
+        pictures = page.count("base64,") - get_plotlyjs().count("base64,")
+        assert pictures == 3 * 3 * 3  # three trials, mnist among them: input, output, target
+
+    finally:
+        moved.rename(data_copy)
+        clear_cache()
     assert len(pd.read_parquet(run_dir / "trials.parquet")) == 4
 
 

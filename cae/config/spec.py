@@ -93,8 +93,8 @@ class SearchConfig(Strict):
     axes (uniform, loguniform, randint, choice) are proposed by Optuna's TPE, which learns
     from the trials already finished; each grid point gets its own TPE search of
     ``num_samples`` trials (its first ``startup_trials`` drawn at random; default
-    ``max(2, min(10, num_samples // 3))``), seeded from the spec's seed. Needs the ``optuna``
-    extra (``pip install 'cae-sweep[optuna]'``).
+    ``max(2, min(10, num_samples // 3))``), seeded from the spec's seed (Optuna >= 3.6, a
+    dependency of cae-sweep).
     """
 
     kind: Literal["grid", "optuna"] = "grid"

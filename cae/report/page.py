@@ -193,7 +193,7 @@ def sections(run: Run, pictures: bool = True,
         out.append(("pictures", "Pictures",
                     "The best trials on their test samples: the best, median and worst sample "
                     "by its own squared error, beside the target.",
-                    _fig_html(sample_pictures(run.path, t, spec))))
+                    _fig_html(sample_pictures(run.path, t, spec, data_dir=run.data_dir))))
     out.append(("table", "All trials",
                 "Best validation loss first; click a column header to sort by it.",
                 f'<div class="scroll">{table_html(t, spec)}</div>'))
@@ -256,8 +256,7 @@ def write_report(run_dir: str | Path, out: str | Path | None = None,
     """
     run = run if run is not None else load_run(run_dir)
     if data_dir:
-        trial = run.spec.setdefault("trial", {})
-        trial.setdefault("data", {})["data_dir"] = str(Path(data_dir).expanduser().resolve())
+        run.data_dir = data_dir
     out = Path(out) if out is not None else Path(run_dir) / "report.html"
     write_file(out.parent, out.name, build_report(run, pictures=pictures).encode("utf-8"))
     return out

@@ -60,9 +60,10 @@ def _rgb(images) -> np.ndarray:
 
 def trial_samples(
     run_dir: str | Path, trial: pd.Series, spec: dict, max_samples: int | None = 2000,
-    batch: int = 500,
+    batch: int = 500, data_dir: str | None = None,
 ) -> Samples:
-    """Best, median and worst of the first ``max_samples`` test samples of one trial.
+    """Best, median and worst of the first ``max_samples`` test samples of one trial
+    (``data_dir``: the dataset read from there, not from where the trial ran).
 
     Raises FileNotFoundError when the trial has no checkpoint yet; dataset errors
     (``cae.data.datasets.DatasetUnavailable``) pass through.
@@ -81,7 +82,7 @@ def trial_samples(
     if found is None:
         raise FileNotFoundError(f"trial {trial['trial_id']} has no checkpoint yet")
     files = read_trial(trial_dir, outcome=False)
-    cfg = trial_config_of(files.record, spec.get("trial") or {}, files.point)
+    cfg = trial_config_of(files.record, spec.get("trial") or {}, files.point, data_dir)
     state = found.state
     model = build_model(cfg.model, seed=cfg.seed)
     model.load_state_dict(state.get("best_model") or state["model"])
@@ -159,9 +160,10 @@ def pictures_figure(samples: list[Samples], task: str = "reconstruct") -> go.Fig
 
 def sample_pictures(
     run_dir: str | Path, trials: pd.DataFrame, spec: dict, n_trials: int = PICTURED_TRIALS,
-    max_samples: int | None = 2000,
+    max_samples: int | None = 2000, data_dir: str | None = None,
 ) -> go.Figure:
-    """Pictures of the ``n_trials`` best trials that have a checkpoint (see module doc).
+    """Pictures of the ``n_trials`` best trials that have a checkpoint (see module doc);
+    ``data_dir`` as in :func:`trial_samples`.
 
     Trials whose checkpoint cannot be read (a run still writing, an interrupted one) are
     passed over; when none can be shown the figure says why.
@@ -175,7 +177,8 @@ def sample_pictures(
         if len(samples) == n_trials:
             break
         try:
-            samples.append(trial_samples(run_dir, trial, spec, max_samples=max_samples))
+            samples.append(trial_samples(run_dir, trial, spec, max_samples=max_samples,
+                                         data_dir=data_dir))
         except Exception as exc:  # noqa: BLE001 - one unreadable trial must not end the report
             msg = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             reasons.append(f"trial {short_id(trial['trial_id'])}: {msg}")

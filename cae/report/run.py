@@ -34,6 +34,7 @@ class Run:
     path: Path | None = None
     baselines: pd.DataFrame | None = None  # cae.results.baselines' reference errors, if written
     notes: list[str] = field(default_factory=list)  # what the reader should be told
+    data_dir: str | None = None  # where the pictures read the dataset, if not where it ran
 
     @property
     def name(self) -> str:

@@ -210,10 +210,10 @@ def check_search(spec: SweepSpec) -> None:
     except metadata.PackageNotFoundError:
         version = None
     parts = [int(x) if x.isdigit() else 0 for x in (version or "0.0").split(".")[:2]]
-    if version is None or parts < [3, 4]:
+    if version is None or parts < [3, 6]:
         found = "it is not installed" if version is None else f"found {version}"
-        raise SpecError(f"search.kind: 'optuna' needs the optuna package >= 3.4 ({found}); "
-                        "install it with pip install 'cae-sweep[optuna]'")
+        raise SpecError(f"search.kind: 'optuna' needs the optuna package >= 3.6 ({found}); "
+                        "install it with pip install 'optuna>=3.6'")
 
 
 def strata(spec: SweepSpec) -> dict[str, int]:
