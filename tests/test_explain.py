@@ -155,7 +155,7 @@ def test_the_extension_spec_reproduces_each_trial_with_more_epochs(tmp_path):
     shutil.copytree(RECORDED, run)
     trials = pd.read_parquet(run / "trials.parquet")
     sources = _sources(str(run), [row for _, row in trials.iterrows()], None)
-    spec, adopt = extension_spec(rundir.load_run_spec(str(run)), sources, 3)
+    spec, adopt, carried = extension_spec(rundir.load_run_spec(str(run)), sources, 3)
     assert spec.swept() == ["variant"] and spec.scheduler.kind == "fifo"
     points = spec.space["variant"]["grid"]
     assert len(points) == 2 and spec.trial["max_epochs"] == 2 + 3
@@ -163,6 +163,7 @@ def test_the_extension_spec_reproduces_each_trial_with_more_epochs(tmp_path):
         want = {**s.config.model_dump(mode="json"), "max_epochs": 5}
         assert trial_config(spec.trial, {"variant": mapping}).model_dump(mode="json") == want
         assert adopt[point_key({"variant": mapping})] == s.location
+        assert carried[point_key({"variant": mapping})] == s.epoch == 2
         assert s.location.endswith(s.row["trial_dir"])
 
 
@@ -315,7 +316,14 @@ def test_four_epochs_then_four_more_equal_eight_to_the_bit(tmp_path, capsys):
                  "--name", "four-plus", "--no-report", "--report-every", "0"]) == 0
     out = capsys.readouterr().out
     assert "from epoch 4 to 8" in out
+    # the counts are of the epochs this run trained, beside those it carried over
+    assert any("1/1 done; 4/4 trial-epochs" in line for line in out.splitlines()), out
+    assert "trial-epochs: 4 (besides the 4 the extended trials had trained)" in out, out
     ext = tmp_path / "four-plus"
+    extension = json.loads((ext / "extends.json").read_text())
+    assert list(extension["carried"].values()) == [4] and extension["more_epochs"] == 4
+    assert main(["status", str(ext)]) == 0
+    assert "trial-epochs: 4 of at most 4" in capsys.readouterr().out
     trials = pd.read_parquet(ext / "trials.parquet")
     assert len(trials) == 1 and trials["epochs"].iloc[0] == 8
     assert trials["extends"].iloc[0] == f"four/{cut['trial_dir']}"

@@ -172,7 +172,8 @@ LAYERS = (
     ("config", ("cae.config", "cae.model.memory", "cae.run.diskspace", "cae.run.record",
                 "cae.run.outcomes", "cae.train.packing")),
     ("core", ("cae.model", "cae.data", "cae.train")),
-    ("plan and run directory", ("cae.sweep.plan", "cae.sweep.dryrun", "cae.run")),
+    ("plan and run directory", ("cae.sweep.plan", "cae.sweep.dryrun", "cae.sweep.extension",
+                                "cae.run")),
     ("results", ("cae.results.tables", "cae.results.learning")),
     ("readers", ("cae.results", "cae.report", "cae.export")),
     # tracker runs from the tables' rows and from the driver's results; the Ray Tune

@@ -22,6 +22,7 @@ from cae.data.userdata import skipped_note
 from cae.report import axes, figures
 from cae.report.run import Run, axis_labels, best_trials, load_run, short_id
 from cae.report.table import SORT_JS, best_per_latent, frame_html, table_html
+from cae.results.tables import carried_epochs, trained_epochs
 from cae.run.directory import write_file
 from cae.run.outcomes import trained_to_the_end, unfinished_mask
 
@@ -84,7 +85,9 @@ def header_html(run: Run) -> str:
         _fact("trials", f"{n}"),
         _fact("by status", ", ".join(f"{c} {s.lower()}" for s, c in statuses.items()) or "-"),
         _fact("stopped by", ", ".join(f"{c} {r}" for r, c in reasons.items()) or "-"),
-        _fact("trial-epochs", f"{int(t['epochs'].sum()) if n else 0:,}"),
+        _fact("trial-epochs", f"{trained_epochs(t):,}" + (
+            f" (besides {carried_epochs(t):,} carried over from the trials extended)"
+            if carried_epochs(t) else "")),
         _fact("compute time (sum of trials)",
               _duration(float(t["wall_time_s"].fillna(0).sum()) if n else 0.0)),
     ]

@@ -25,9 +25,11 @@ from cae.results.tables import (
     TRIALS_FILE,
     Frames,
     best_trial,
+    carried_epochs,
     export,
     read_baselines,
     table_paths,
+    trained_epochs,
     trial_configs,
 )
 from cae.run import directory as rundir
@@ -111,7 +113,9 @@ def summary(trials: pd.DataFrame, run_dir: str, axes: list[str] | None = None,
     (``cae.results.learning``), and, when some of the sweep's ``n_trials`` will still run
     (started or not), how to continue."""
     counts = ", ".join(f"{n} {s.lower()}" for s, n in trials["status"].value_counts().items())
-    lines = [f"\ntrials: {len(trials)} ({counts}); trial-epochs: {int(trials['epochs'].sum())}"]
+    carried = carried_epochs(trials)
+    lines = [f"\ntrials: {len(trials)} ({counts}); trial-epochs: {trained_epochs(trials)}"
+             + (f" (besides the {carried} the extended trials had trained)" if carried else "")]
     best = best_trial(trials)
     if best is not None:
         keys = axes or []

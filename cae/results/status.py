@@ -46,6 +46,17 @@ def planned_trial_epochs(spec: SweepSpec, n_trials: int, max_epochs: int,
     return total
 
 
+def work(spec: SweepSpec, checked, extension=None) -> tuple[int, int]:
+    """(at most, expected) trial-epochs a run trains: the dry run's figures (``checked``,
+    ``cae.sweep.plan.check_spec``), or for a run of ``cae extend`` (``extension``,
+    ``cae.sweep.extension.read_extension``) the epochs its trials train on, not those they
+    carry over from their sources."""
+    if extension is not None and extension.to_train() is not None:
+        return extension.to_train(), extension.to_train()
+    return (checked.n_trials * checked.max_epochs,
+            planned_trial_epochs(spec, checked.n_trials, checked.max_epochs, checked.strata))
+
+
 def duration(seconds: float | None) -> str:
     """``1:02:03``, ``2:03``, or ``?`` when unknown."""
     if seconds is None or not math.isfinite(seconds):
@@ -183,19 +194,18 @@ class RunStatus:
         return "\n".join(lines)
 
 
-def _progress(spec: SweepSpec, checked, trials: pd.DataFrame, axes: list[str]) -> Progress:
-    """Trials by bucket, trial-epochs and the best so far, from the run's tables."""
-    from cae.results.tables import best_trial
+def _progress(spec: SweepSpec, checked, trials: pd.DataFrame, axes: list[str],
+              extension=None) -> Progress:
+    """Trials by bucket, trial-epochs trained and the best so far, from the run's tables."""
+    from cae.results.tables import best_trial, trained_epochs
 
-    progress = Progress(checked.n_trials, checked.n_trials * checked.max_epochs,
-                        planned_trial_epochs(spec, checked.n_trials, checked.max_epochs,
-                                             checked.strata))
+    progress = Progress(checked.n_trials, *work(spec, checked, extension))
     counts = dict.fromkeys(BUCKETS, 0)
     if not trials.empty:
         for status, reason in zip(trials["status"].astype(str),
                                   trials["stop_reason"].astype(str)):
             counts[bucket(status, reason)] += 1
-        progress.epochs = int(trials["epochs"].sum())
+        progress.epochs = trained_epochs(trials)
         best = best_trial(trials)
         if best is not None:
             progress.best = float(best["best_val_loss"])
@@ -213,6 +223,7 @@ def run_status(run_dir: str, now: float | None = None) -> RunStatus:
     from cae.run import directory as rundir
     from cae.run.lease import read_holder, stale
     from cae.run.state import first_start
+    from cae.sweep.extension import read_extension
     from cae.sweep.plan import check_spec
 
     local = rundir.local_copy(run_dir)
@@ -222,7 +233,7 @@ def run_status(run_dir: str, now: float | None = None) -> RunStatus:
     trials = frames.trials
     axes = spec.swept()
     now = time.time() if now is None else now
-    progress = _progress(spec, checked, trials, axes)
+    progress = _progress(spec, checked, trials, axes, read_extension(str(local)))
     unfinished = unfinished_count(trials, checked.n_trials)
     start = first_start(local)  # elapsed counts every session's epochs since then
     signs = [t for t in (_newest_result_time(local), start,

@@ -403,6 +403,20 @@ def tables(run_dir: str | Path, refresh: bool | None = None) -> Frames:
     return Frames(pd.read_parquet(trials_path), pd.read_parquet(epochs_path))
 
 
+def trained_epochs(trials: pd.DataFrame) -> int:
+    """The trial-epochs a run trained: each trial's epochs less those its source had
+    trained before (``extended_at``, a trial of ``cae extend``)."""
+    if trials.empty:
+        return 0
+    carried = trials["extended_at"].fillna(0) if "extended_at" in trials else 0
+    return int((trials["epochs"] - carried).clip(lower=0).sum())
+
+
+def carried_epochs(trials: pd.DataFrame) -> int:
+    """The epochs the trials of a ``cae extend`` run took over from their sources."""
+    return int(trials["extended_at"].fillna(0).sum()) if "extended_at" in trials else 0
+
+
 def best_trial(trials: pd.DataFrame) -> pd.Series | None:
     """The trial with the lowest best validation loss."""
     ok = trials.dropna(subset=["best_val_loss"])

@@ -119,26 +119,28 @@ def _point(base: dict, target: dict) -> dict:
 
 
 def extension_spec(old: SweepSpec, sources: list[Source],
-                   epochs: int) -> tuple[SweepSpec, dict[str, str]]:
-    """The new run's spec, and its points' sources (``adopt``: point key -> location)."""
+                   epochs: int) -> tuple[SweepSpec, dict[str, str], dict[str, int]]:
+    """The new run's spec, its points' sources (``adopt``: point key -> location) and the
+    epochs each source had trained (``carried``: point key -> epochs)."""
     # the old space's fixed values belong to every trial: into the base, out of the points
     base = apply_point(copy.deepcopy(old.trial), {k: v for k, (kind, v) in old.axes().items()
                                                   if kind == "fixed"})
     lengths = {s.epoch + epochs for s in sources}
     if len(lengths) == 1:
         base["max_epochs"] = lengths.pop()
-    mappings, adopt = [], {}
+    mappings, adopt, carried = [], {}, {}
     for s in sources:
         target = s.config.model_dump(mode="json")
         target["max_epochs"] = s.epoch + epochs
         mapping = _point(base, target)
         mappings.append(mapping)
         adopt[point_key({"variant": mapping})] = s.location
+        carried[point_key({"variant": mapping})] = s.epoch
     data = old.model_dump(mode="json")
     data.update(name=f"{old.name}-extend", trial=base,
                 space={"variant": {"grid": mappings}}, scheduler={"kind": "fifo"},
                 search={"kind": "grid"}, num_samples=1, fuse=None)
-    return SweepSpec.model_validate(data), adopt
+    return SweepSpec.model_validate(data), adopt, carried
 
 
 def extend_run(run_dir: str, epochs: int, *, best_per: str | None = None,
@@ -156,13 +158,13 @@ def extend_run(run_dir: str, epochs: int, *, best_per: str | None = None,
     old = rundir.load_run_spec(run_dir)
     trials, _ = read_trials(run_dir)
     sources = _sources(run_dir, select_many(trials, best_per, trial_ids), data_dir)
-    spec, adopt = extension_spec(old, sources, epochs)
+    spec, adopt, carried = extension_spec(old, sources, epochs)
     spec.storage = storage or run_dir.rstrip("/").rsplit("/", 1)[0]
     name = name or f"{run_dir.rstrip('/').rsplit('/', 1)[-1]}-extend-" \
                    f"{datetime.now():%Y%m%d-%H%M%S}"
     new_dir = f"{rundir.storage_uri(spec.storage).rstrip('/')}/{name}"
     if rundir.is_uri(new_dir) or not (rundir.local_path(new_dir) / rundir.SPEC_FILE).is_file():
-        write_sources(new_dir, adopt)  # where its trials start, on a resume too
+        write_sources(new_dir, adopt, carried, epochs)  # where its trials start, on a resume too
     for s in sources:
         print(f"extending trial {s.label} ({s.row['trial_dir']}): from epoch {s.epoch} to "
               f"{s.epoch + epochs}", flush=True)

@@ -27,6 +27,7 @@ from cae.config.spec import SweepSpec
 from cae.results.status import Progress, rate
 from cae.run.outcomes import BUCKETS, bucket
 from cae.run.packfiles import PACK_KEY
+from cae.run.state import point_key
 from cae.sweep.livereport import LiveReport
 from cae.sweep.plan import Checked
 
@@ -52,8 +53,9 @@ class ProgressCallback(tune.Callback):
     def __init__(self, name: str, total: int, max_epochs: int, planned: int,
                  axes: list[str], stream: IO[str] | None = None, tty: bool | None = None,
                  interval: float = PLAIN_EVERY_S, live: LiveReport | None = None,
-                 final_report: bool = False):
+                 final_report: bool = False, carried: dict[str, int] | None = None):
         self.name, self.axes = name, list(axes)
+        self.carried = dict(carried or {})  # cae extend: point key -> epochs taken over
         self.total, self.max_epochs, self.planned = total, max_epochs, planned
         self.interval, self.live, self.final_report = interval, live, final_report
         self._stream, self._tty = stream, tty
@@ -93,7 +95,10 @@ class ProgressCallback(tune.Callback):
             stopped = int(last.get("members_stopped", 0)) if kind in ("running", "paused") else 0
             counts["done"] += stopped
             counts[kind] += members - stopped
-            p.epochs += int(last.get("member_epochs", last.get("epoch", 0)) or 0)
+            epochs = int(last.get("member_epochs", last.get("epoch", 0)) or 0)
+            if epochs and self.carried:  # count what this run trained, not its sources
+                epochs = max(0, epochs - self.carried.get(point_key(trial.config), 0))
+            p.epochs += epochs
             value = last.get("best_val_loss")
             if isinstance(value, (int, float)) and math.isfinite(value) and value < best:
                 best, best_trial = value, trial
@@ -188,11 +193,12 @@ def for_run(spec: SweepSpec, checked: Checked, run_dir: str, report_every: float
     """The callback of ``cae sweep`` / ``cae resume`` for a checked spec: the bar (plain
     lines under ``verbose``, beside Ray's own output), and the live report of ``run_dir``
     every ``report_every`` seconds (0: none), once more at the end if ``final_report``."""
-    from cae.results.status import planned_trial_epochs
+    from cae.results.status import work
+    from cae.sweep.extension import read_extension
 
-    axes = spec.swept()
-    planned = planned_trial_epochs(spec, checked.n_trials, checked.max_epochs, checked.strata)
+    extension = read_extension(run_dir)
+    most, planned = work(spec, checked, extension)
     live = LiveReport(run_dir, report_every) if report_every > 0 else None
-    return ProgressCallback(spec.name, checked.n_trials, checked.n_trials * checked.max_epochs,
-                            planned, axes, tty=False if verbose else None, live=live,
-                            final_report=final_report)
+    return ProgressCallback(spec.name, checked.n_trials, most, planned, spec.swept(),
+                            tty=False if verbose else None, live=live,
+                            final_report=final_report, carried=extension.carried)
