@@ -106,6 +106,7 @@ def test_repair_sets_a_session_aside_for_a_torn_searcher_state(run):
     for keep in (0.0, 0.5, 0.99):
         _cut(searcher, keep) if keep else searcher.write_bytes(b"")
         assert runstate.keep_copy(run) is None  # a torn state is never copied
+        assert runstate.read_statuses(run).note.startswith(f"{searcher.name} could not be read")
         said = runstate.repair(run)
         assert said.startswith(f"{searcher.name} could not be read (cut short)"), said
         assert "last good copy" in said

@@ -72,6 +72,9 @@ def read_statuses(run_dir: Path) -> Statuses:
             where = "cae's last good copy" if i >= len(newest) else "an older session's state"
             note = (f"{newest[0].name} could not be read; trial statuses are from {where} "
                     f"({path.name}, {_age(newest[0], path)})")
+        elif i == 0 and (torn := torn_files(run_dir)):
+            note = (f"{' and '.join(torn)} could not be read (cut short); cae resume sets "
+                    "this session's state aside and goes on from cae's last good copy")
         return Statuses(parsed[0], source=path, note=note)
     note = None
     if newest:
@@ -122,6 +125,14 @@ def _whole(path: Path) -> bool:
         return False
 
 
+def torn_files(run_dir: Path) -> list[str]:
+    """The names of the newest session's state files that are not whole."""
+    sessions = _sessions(run_dir)
+    if not sessions:
+        return []
+    return [p.name for p in _session_files(run_dir, _session_of(sessions[0])) if not _whole(p)]
+
+
 def _session_whole(folder: Path, session: str) -> bool:
     return all(_whole(p) for p in _session_files(folder, session))
 
@@ -163,13 +174,11 @@ def repair(run_dir: Path) -> str | None:
     the session's files aside (``*.torn``) and put cae's last good copy of that session in
     their place (or leave Tune the older sessions). Returns what was done, or None if
     nothing was."""
-    sessions = _sessions(run_dir)
-    if not sessions:
-        return None
-    session = _session_of(sessions[0])
-    torn = [p.name for p in _session_files(run_dir, session) if not _whole(p)]
+    torn = torn_files(run_dir)
     if not torn:
         return None
+    sessions = _sessions(run_dir)
+    session = _session_of(sessions[0])
     for path in _session_files(run_dir, session):
         os.replace(path, path.with_name(path.name + TORN_SUFFIX))
     what = f"{' and '.join(torn)} could not be read (cut short)"
