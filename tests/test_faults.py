@@ -122,12 +122,14 @@ def _resume(run_dir: Path, capsys) -> tuple[int, str]:
     return rc, captured.out + captured.err
 
 
-@pytest.mark.parametrize(("copy", "torn"), [
-    ("kept", "experiment_state"), ("lost", "experiment_state"), ("kept", "searcher-state")])
+@pytest.mark.parametrize(("copy", "torn"), [("kept", "experiment_state"),
+                                           ("lost", "searcher-state")])
 def test_a_killed_driver_and_a_torn_state_lose_nothing(tmp_path, undisturbed, capsys, copy, torn):
     """A state file cut short (the experiment state by half, or the searcher's pickle left
     empty, as a full disk leaves them); with cae's last good copy of the session the run goes
-    on from that copy, without one every trial takes its own directory over again."""
+    on from that copy, without one every trial takes its own directory over again. (Which
+    file is torn does not change what the repair does: tests/test_recorded_run.py checks the
+    other two pairings.)"""
     run_dir = tmp_path / "k"
     proc = _start(_spec_file(tmp_path), tmp_path, "k")
     _wait_for(lambda: epochs_reported(run_dir) >= 6, "six reported epochs")

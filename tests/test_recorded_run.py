@@ -95,6 +95,14 @@ def test_repair_sets_a_torn_state_aside_for_the_copy(run):
     assert "could not be read" in said and "last good copy" in said
     assert state.read_text() == whole and Path(f"{state}{runstate.TORN_SUFFIX}").is_file()
     assert runstate.repair(run) is None  # nothing left to repair
+    # without the copy, the whole session goes aside and the sweep starts again
+    shutil.rmtree(run / runstate.COPY_DIR)
+    _cut(state)
+    said = runstate.repair(run)
+    assert said.startswith(f"{state.name} could not be read (cut short) and there is no "
+                           "earlier state"), said
+    assert not list(run.glob("experiment_state-*.json"))
+    assert not list(run.glob("searcher-state-*.pkl"))  # the session's files go together
 
 
 def test_repair_sets_a_session_aside_for_a_torn_searcher_state(run):
