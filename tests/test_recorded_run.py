@@ -3,7 +3,9 @@ Tune's own files and cae's), read without Ray: the tables, records fixed when ma
 the fallbacks for torn state files and torn checkpoints."""
 
 import json
+import os
 import shutil
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -121,6 +123,18 @@ def test_repair_sets_a_session_aside_for_a_torn_searcher_state(run):
         assert searcher.read_bytes() == whole
         assert Path(f"{searcher}{runstate.TORN_SUFFIX}").is_file()
         assert runstate.repair(run) is None
+
+
+def test_a_state_written_a_moment_ago_is_not_copied_yet(run):
+    """Tune copies its state files one by one: a copy taken while it writes could mix two
+    moments, so only a state left alone for a second is copied."""
+    searcher = max(run.glob("searcher-state-*.pkl"))
+    searcher.write_bytes(searcher.read_bytes())  # rewritten, the same bytes, just now
+    assert runstate.keep_copy(run) is None
+    assert runstate.keep_copy(run, quiet=0) is False  # settled: the copy holds it already
+    old = time.time() - 5
+    os.utime(searcher, (old, old))
+    assert runstate.keep_copy(run) is False
 
 
 def test_a_torn_checkpoint_falls_back_to_the_one_before(run):

@@ -9,7 +9,10 @@ atomically: a full disk or a driver killed mid-copy leaves the newest one cut sh
   cae keeps in ``.cae-state/``, else no statuses at all (each trial's own files then say
   whether it ended), with a note saying which;
 - while a sweep runs, the driver copies the newest state (every file of its session) into
-  ``.cae-state/`` whenever every file of it is whole and it has changed (``keep_copy``);
+  ``.cae-state/`` whenever every file of it is whole, none was written in the last second
+  and it has changed (``keep_copy``): Tune copies the files from its staging folder one by
+  one (several at once), so a state read while it copies can mix two moments, a searcher
+  ahead of or behind the trials it handed out;
 - before ``cae resume``, ``repair`` sets a torn session's files aside (``*.torn``: any of
   them cut short, the searcher's pickle as much as the experiment state) and puts
   the last good copy in their place, so that ``Tuner.restore`` reads a whole state; trials
@@ -23,6 +26,7 @@ import json
 import os
 import pickletools
 import shutil
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,6 +41,7 @@ from cae.run.tunefiles import (
 
 COPY_DIR = ".cae-state"
 TORN_SUFFIX = ".torn"
+QUIET_S = 1.0  # a state is copied once its files have not been written for this long
 
 
 @dataclass
@@ -146,23 +151,40 @@ def _session_files(folder: Path, session: str) -> list[Path]:
             .is_file()]
 
 
-def keep_copy(run_dir: Path) -> bool | None:
+def _stamps(paths: list[Path]) -> list[tuple[str, int, int]]:
+    out = []
+    for path in paths:
+        st = path.stat()
+        out.append((path.name, st.st_mtime_ns, st.st_size))
+    return out
+
+
+def keep_copy(run_dir: Path, quiet: float = QUIET_S) -> bool | None:
     """Copy the newest session's state files into ``.cae-state/`` if every one of them is
-    whole and they differ from the copy there. Returns whether it copied, None when there
-    is no whole state to copy yet. Local runs only (at a URI each file is written whole)."""
+    whole, none changed in the last ``quiet`` seconds or while they were read, and they
+    differ from the copy there. Returns whether it copied, None when there is no whole,
+    settled state to copy now (try again later). Local runs only (at a URI each file is
+    written whole)."""
     sessions = _sessions(run_dir)
     if not sessions:
         return None
     session = _session_of(sessions[0])
-    files = {p.name: p.read_bytes() for p in _session_files(run_dir, session)}
-    copy_dir = run_dir / COPY_DIR
-    if not _session_whole(run_dir, session):
+    paths = _session_files(run_dir, session)
+    try:
+        before = _stamps(paths)
+        if time.time() - max(ns for _, ns, _ in before) / 1e9 < quiet:
+            return None  # Tune may be copying them now: another moment would be mixed in
+        files = {p.name: p.read_bytes() for p in paths}
+        if not _session_whole(run_dir, session) or _stamps(paths) != before:
+            return None
+    except FileNotFoundError:  # replaced while read
         return None
+    copy_dir = run_dir / COPY_DIR
     if files == {p.name: p.read_bytes() for p in _session_files(copy_dir, session)}:
         return False
     for name, data in files.items():
         write_file(copy_dir, name, data)  # whole, the folder made if needed
-    if not _session_whole(copy_dir, session):  # rewritten while it was read: not a state
+    if not _session_whole(copy_dir, session):  # not what was read: not a state to keep
         for name in files:
             (copy_dir / name).unlink(missing_ok=True)
         return None

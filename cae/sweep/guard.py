@@ -88,8 +88,11 @@ class RunGuard(tune.Callback):
                 self._last_copy = time.monotonic()
 
     def on_experiment_end(self, trials: list[Trial], **info) -> None:
-        if self.local is not None:
-            self._copy_state()
+        if self.local is None:
+            return
+        deadline = time.monotonic() + 2 * runstate.QUIET_S  # the last state, once settled
+        while self._copy_state() is None and time.monotonic() < deadline:
+            time.sleep(runstate.QUIET_S / 4)
 
     def _copy_state(self) -> bool | None:
         try:
