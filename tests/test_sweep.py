@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -299,7 +300,9 @@ def test_datasets_and_variants_in_space_are_what_each_trial_ran(tmp_path, data_c
         assert pictures == 3 * 3 * 3  # three trials, mnist among them: input, output, target
 
     finally:
-        moved.rename(data_copy)
+        if moved.exists():  # looking for the data where they were left empty folders there
+            shutil.rmtree(data_copy, ignore_errors=True)
+            moved.rename(data_copy)
         clear_cache()
     assert len(pd.read_parquet(run_dir / "trials.parquet")) == 4
 
