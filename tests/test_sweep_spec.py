@@ -105,6 +105,20 @@ def test_huge_sizes_are_refused_at_once_naming_the_field(tmp_path, capsys, chang
         assert needle in err, err
 
 
+@pytest.mark.parametrize("change, field", [
+    ({"resources": {"cpu": 1, "gpu": float("inf")}}, "resources.gpu"),  # found by test_fuzz
+    ({"resources": {"cpu": float("nan")}}, "resources.cpu"),
+    ({"trial": {"lr": float("inf")}}, "lr"),
+    ({"space": {"model.dropout": {"grid": [0.1, float("nan")]}}}, "model.dropout"),
+    ({"space": {"lr": {"uniform": [0.001, float("inf")]}}}, "lr"),
+])
+def test_infinite_and_nan_numbers_are_refused_naming_the_field(tmp_path, capsys, change, field):
+    assert main(["sweep", _write(tmp_path, {**BASE, **change}), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("cae: error: ") and "Traceback" not in err, err
+    assert f"{field}: Input should be a finite number" in err, err
+
+
 def test_a_point_that_cannot_fit_its_memory_share_is_refused(tmp_path, capsys):
     """The dry run estimates each architecture's memory per trial and refuses, before
     anything starts, a grid point that cannot fit a CPU trial's share of this machine."""
