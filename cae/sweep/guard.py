@@ -48,7 +48,7 @@ class RunGuard(tune.Callback):
         self.say = say or print
         self.local = None if is_uri(run_dir) else local_path(run_dir)
         self.stopped: str | None = None  # why the sweep was stopped, if it was
-        self._last_copy, self._every = 0.0, COPY_EVERY_S
+        self._last_copy, self._every, self._retry_at = 0.0, COPY_EVERY_S, 0.0
         self._lock = threading.Lock()
 
     def __getstate__(self) -> dict:  # Tune pickles its run config: settings only
@@ -81,22 +81,25 @@ class RunGuard(tune.Callback):
 
     def on_step_end(self, iteration: int, trials: list[Trial], **info) -> None:
         now = time.monotonic()
-        if self.local is not None and now - self._last_copy >= self._every:
-            if self._copy_state() is not None:  # else: no whole state yet, try next step
+        if self.local is not None and now - self._last_copy >= self._every \
+                and now >= self._retry_at:
+            if self._copy_state() is not None:
                 # a big sweep's state takes a while to copy: never more than 5% of the time
                 self._every = max(COPY_EVERY_S, 20 * (time.monotonic() - now))
                 self._last_copy = time.monotonic()
+            else:  # no whole, settled state yet: look again in a moment, not every step
+                self._retry_at = time.monotonic() + runstate.QUIET_S / 2
 
     def on_experiment_end(self, trials: list[Trial], **info) -> None:
-        if self.local is None:
-            return
-        deadline = time.monotonic() + 2 * runstate.QUIET_S  # the last state, once settled
-        while self._copy_state() is None and time.monotonic() < deadline:
-            time.sleep(runstate.QUIET_S / 4)
+        # Tune has just written its last state and waited for the copy to finish
+        # (``tune.run``: a forced checkpoint before the cleanup that calls this): no copy
+        # is under way to wait out
+        if self.local is not None:
+            self._copy_state(quiet=0.0)
 
-    def _copy_state(self) -> bool | None:
+    def _copy_state(self, quiet: float = runstate.QUIET_S) -> bool | None:
         try:
-            return runstate.keep_copy(self.local)
+            return runstate.keep_copy(self.local, quiet=quiet)
         except OSError as exc:  # a full disk: noticed through the trials' failures
             if diskspace.is_full_error(exc) and self.stopped is None:
                 self.stop("storage full")
