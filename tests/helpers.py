@@ -44,13 +44,28 @@ def kill_first_after(run_dir: Path, pattern: str, killed: dict, rows: int = 2,
         time.sleep(0.1)
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    """A TCP port on the loopback that nothing listens on now."""
+    """A TCP port on the loopback that nothing listens on now, and that this process has
+    not handed out before: the OS may give a port just closed again, and a command given
+    two such ports (Ray's GCS and its agent, say) would refuse to start."""
     import socket
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    held = []
+    try:
+        while True:
+            s = socket.socket()
+            held.append(s)  # kept open until one is found: the OS does not give it again
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+            if port not in _HANDED_OUT:
+                _HANDED_OUT.add(port)
+                return port
+    finally:
+        for s in held:
+            s.close()
 
 
 def epochs_reported(run_dir: Path) -> int:
