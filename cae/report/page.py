@@ -86,8 +86,8 @@ def header_html(run: Run) -> str:
         _fact("by status", ", ".join(f"{c} {s.lower()}" for s, c in statuses.items()) or "-"),
         _fact("stopped by", ", ".join(f"{c} {r}" for r, c in reasons.items()) or "-"),
         _fact("trial-epochs", f"{trained_epochs(t):,}" + (
-            f" (besides {carried_epochs(t):,} carried over from the trials extended)"
-            if carried_epochs(t) else "")),
+            f" (besides {carried:,} carried over from the trials extended)"
+            if (carried := carried_epochs(t)) else "")),
         _fact("compute time (sum of trials)",
               _duration(float(t["wall_time_s"].fillna(0).sum()) if n else 0.0)),
     ]

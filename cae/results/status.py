@@ -51,8 +51,8 @@ def work(spec: SweepSpec, checked, extension=None) -> tuple[int, int]:
     ``cae.sweep.plan.check_spec``), or for a run of ``cae extend`` (``extension``,
     ``cae.sweep.extension.read_extension``) the epochs its trials train on, not those they
     carry over from their sources."""
-    if extension is not None and extension.to_train() is not None:
-        return extension.to_train(), extension.to_train()
+    if extension is not None and (most := extension.to_train()) is not None:
+        return most, most
     return (checked.n_trials * checked.max_epochs,
             planned_trial_epochs(spec, checked.n_trials, checked.max_epochs, checked.strata))
 

@@ -107,16 +107,24 @@ def _age(newer: Path, older: Path) -> str:
 
 
 def _whole(path: Path) -> bool:
-    """Whether one of Tune's state files is whole: the experiment state as Tune's JSON, the
-    others (pickles, whatever their suffix says) when their opcodes run to the pickle's STOP,
-    walked with ``pickletools`` so that nothing is imported or built (a reader without Ray
-    can judge a searcher's state), or else when they parse as JSON."""
-    if path.name.startswith("experiment_state-"):
-        return _parse(path) is not None
+    """Whether one of Tune's state files is whole (see ``_whole_bytes``)."""
     try:
-        data = path.read_bytes()
+        return _whole_bytes(path.name, path.read_bytes())
     except OSError:
         return False
+
+
+def _whole_bytes(name: str, data: bytes) -> bool:
+    """Whether the bytes of Tune's state file ``name`` are whole: the experiment state as
+    Tune's JSON, the others (pickles, whatever their suffix says) when their opcodes run to
+    the pickle's STOP, walked with ``pickletools`` so that nothing is imported or built (a
+    reader without Ray can judge a searcher's state), or else when they parse as JSON."""
+    if name.startswith("experiment_state-"):
+        try:
+            read_experiment_state(data.decode())
+            return True
+        except (StateFormatError, UnicodeDecodeError):
+            return False
     try:
         for _ in pickletools.genops(data):
             pass
@@ -175,7 +183,7 @@ def keep_copy(run_dir: Path, quiet: float = QUIET_S) -> bool | None:
         if time.time() - max(ns for _, ns, _ in before) / 1e9 < quiet:
             return None  # Tune may be copying them now: another moment would be mixed in
         files = {p.name: p.read_bytes() for p in paths}
-        if not _session_whole(run_dir, session) or _stamps(paths) != before:
+        if _stamps(paths) != before or not all(_whole_bytes(n, d) for n, d in files.items()):
             return None
     except FileNotFoundError:  # replaced while read
         return None
@@ -183,11 +191,7 @@ def keep_copy(run_dir: Path, quiet: float = QUIET_S) -> bool | None:
     if files == {p.name: p.read_bytes() for p in _session_files(copy_dir, session)}:
         return False
     for name, data in files.items():
-        write_file(copy_dir, name, data)  # whole, the folder made if needed
-    if not _session_whole(copy_dir, session):  # not what was read: not a state to keep
-        for name in files:
-            (copy_dir / name).unlink(missing_ok=True)
-        return None
+        write_file(copy_dir, name, data)  # the bytes judged whole, each file written whole
     return True
 
 
