@@ -59,9 +59,17 @@ def test_denoise_reports_each_distortion():
     assert last["val_loss"] == pytest.approx(mean, rel=0.05)  # balanced groups
 
 
-def test_divergence_raises_with_the_reason():
+def test_divergence_ends_the_trial_with_the_reason():
+    """The loop lets a diverging trial leave (``stop_reason`` diverged, the reason kept, no
+    test); ``train``, which promises a trained model, raises."""
     cfg = _cfg(lr=1e12, model={"channels": [4, 8], "latent_dim": 8,
                                 "output_activation": "linear"})
+    trainer = Trainer(cfg)
+    seen = []
+    assert trainer.fit(lambda m, s: seen.append((m, s())), evaluate_test=True) == "diverged"
+    assert "loss became" in trainer.member.error and trainer.member.test == {}
+    assert seen[-1][0]["stop_reason"] == "diverged"
+    assert seen[-1][1]["error"] == trainer.member.error  # the checkpoint keeps the reason
     with pytest.raises(Diverged, match="loss became (nan|inf)"):
         train(cfg, evaluate_test=False)
 
@@ -88,9 +96,11 @@ def _clone(state: dict) -> dict:
 
 
 def test_a_resumed_run_with_dropout_reproduces_the_uninterrupted_one():
-    """Dropout draws from the global random state: the checkpoint carries it, so a run
-    interrupted after epoch 2 and resumed from a saved-and-loaded checkpoint (as a restarted
-    Ray trial would) gives the very losses of the uninterrupted run."""
+    """Dropout masks and distortions come from the trial's seed and epoch, never from the
+    global random state (which the checkpoint does not carry), so a run interrupted after
+    epoch 2 and resumed from a saved-and-loaded checkpoint in a process whose global state
+    moved on (as a restarted Ray trial would) gives the very losses of the uninterrupted
+    run."""
     import io
 
     kw = {"max_epochs": 4, "model": {"channels": [4, 8], "dense": [32], "latent_dim": 8,

@@ -1,27 +1,37 @@
-"""The rules of the one training loop, shared by a trial (``cae.train.trainer.Trainer``) and
-every member of a pack (``cae.train.pack.Pack``): the order of the batches, the loss, the
-evaluation, when a trial stops and what it reports after an epoch.
+"""The one training loop (:func:`fit`) and its rules, for a trial alone
+(``cae.train.trainer.Trainer``) and for the members of a pack (``cae.train.pack.Pack``) alike:
+the order of the batches, the loss, the evaluation, when a trial stops, what it reports after
+an epoch and what its checkpoint holds.
 
-Both loops are written over a leading member axis: a single trial is a pack of one here,
-so the two cannot drift apart. Losses are summed on the device and read once per
+:func:`fit` owns the epochs: the counter and the clock, each member's :class:`Stopping` rule
+and best weights, its metrics, learning-rate schedule and history, the test of the best
+weights when it stops, the caller's callback, and what a divergence does. It drives a
+*runner* (:class:`Runner`) of K members, which owns the tensors: a ``Trainer`` is the runner of
+one trial in plain PyTorch, a ``Pack`` the runner of K under ``vmap``. So a trial and a
+pack's member cannot drift apart. Losses are summed on the device and read once per
 evaluation: no host synchronisation per batch.
 """
 
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 
 from cae.config.trial import SEED_STRIDE, TrialConfig
+from cae.train.optimizers import Schedule
 from cae.train.tasks import Task
 
 
 class Diverged(RuntimeError):
-    """The training or validation loss became NaN or infinite."""
+    """A trial's training or validation loss became NaN or infinite (raised by
+    ``cae.train.trainer.train`` for a caller that wants one trained model; the loop itself
+    lets a diverging member leave, see :func:`fit`)."""
 
 
 # ---- the batches ---------------------------------------------------------------------------
@@ -118,14 +128,24 @@ def _results(n: int, names: list[str], sums: list, per_group: list, counts: list
 # ---- a trial's checkpoint -----------------------------------------------------------------
 
 
-def trial_checkpoint(model: dict, optimizer: dict, epoch: int, stopping: Stopping,
-                     best_model: dict | None, history: list[dict], final: dict | None,
+def trial_checkpoint(model: dict, optimizer: dict, epoch: int, member: Member,
                      **extra) -> dict:
     """The one checkpoint schema of a trial, alone (``Trainer.state_dict``) or a pack's
-    member (``Pack.member_state``): either loads into a plain CAE and ``torch.optim.Adam``,
-    and ``cae.run.checkpoints`` reads both alike."""
-    return {"model": model, "optimizer": optimizer, "epoch": epoch, **stopping.state(),
-            "best_model": best_model, "history": history, "final": final, **extra}
+    member (``Pack.member_state``): the weights and BatchNorm statistics (``model``, plain
+    CAE keys), its ``torch.optim`` optimiser's ``state_dict``, the epoch, the stopping
+    counters, the best weights, the history, the learning-rate schedule, its test errors and
+    divergence once it has stopped, and the caller's ``final`` report. Either loads into a
+    plain CAE and its optimiser, a ``Trainer`` or any pack (``Pack.load_members``), and
+    ``cae.run.checkpoints`` reads both alike.
+
+    No random state: every draw of training comes from the member's own generator, reseeded
+    from (seed, epoch) when an epoch starts (:func:`batch_order`), and dropout masks are a
+    hash of (seed, layer, step) (``cae.train.stacked.MaskedDropout``), so the epoch alone
+    says where each stream stands."""
+    return {"model": model, "optimizer": optimizer, "epoch": epoch, **member.stopping.state(),
+            "best_model": member.best_state, "history": member.history, "final": member.final,
+            "schedule": member.schedule.state_dict(), "test": member.test,
+            "error": member.error, **extra}
 
 
 # ---- when a trial stops --------------------------------------------------------------------
@@ -192,3 +212,127 @@ class Stopping:
         self.best_val = float(state["best_val"])
         self.best_epoch = int(state["best_epoch"])
         self.bad_epochs = int(state["bad_epochs"])
+
+
+# ---- one trial, as the loop sees it -------------------------------------------------------
+
+
+@dataclass
+class Member:
+    """One trial that a runner trains (a ``Trainer``'s only one, or a pack's member): its
+    config, its stopping rule, the generator of its batches' order and distortions, its
+    learning-rate schedule, its history, and how it ended. ``final`` is the caller's (the
+    sweep's last report of the trial), kept in its checkpoint."""
+
+    index: int
+    cfg: TrialConfig
+    schedule: Schedule
+    gen: torch.Generator
+    stopping: Stopping
+    best_state: dict | None = None
+    history: list[dict] = field(default_factory=list)
+    stop_reason: str = ""  # "" while it trains
+    error: str = ""  # why it diverged
+    test: dict = field(default_factory=dict)
+    final: dict | None = None
+
+    def load(self, state: dict, device: torch.device) -> None:
+        """Its part of a checkpoint (:func:`trial_checkpoint`): stopping counters, schedule,
+        best weights, history, and whether it has ended, by its rule and its own config
+        (whose ``max_epochs`` may be higher than the checkpoint's: ``cae extend``)."""
+        self.stopping.load(state)
+        self.schedule.load_state_dict(state.get("schedule"))
+        best = state.get("best_model")
+        self.best_state = None if best is None else {k: v.to(device) for k, v in best.items()}
+        self.history = list(state.get("history") or [])
+        self.final = state.get("final")
+        self.test = dict(state.get("test") or {})
+        self.error = str(state.get("error") or "")
+        self.stop_reason = "diverged" if self.error else (
+            self.stopping.reason(int(state["epoch"])) or "")
+
+
+class Runner(Protocol):
+    """What :func:`fit` drives: K members' tensors. ``live()`` are the indices of the members
+    still training, in the order the runner computes them; ``train_epoch`` and ``evaluate``
+    return one value per live member in that order."""
+
+    members: list[Member]
+    epoch: int
+    val: tuple  # the validation split, prepared once (``Task.eval_inputs``)
+
+    def live(self) -> list[int]: ...
+
+    def train_epoch(self) -> list[float]: ...
+
+    def evaluate(self, prepared: tuple) -> list[dict]: ...
+
+    def weights(self, index: int) -> dict[str, torch.Tensor]: ...
+
+    def test(self, indices: list[int]) -> None: ...
+
+    def rates_changed(self) -> None: ...
+
+    def retire(self, indices: list[int]) -> None: ...
+
+
+def member_epoch(member: Member, epoch: int, train_loss: float, val: dict,
+                 weights: Callable[[], dict]) -> dict:
+    """One member's epoch by the trial's rules: its metrics (with ``stop_reason`` on its last
+    epoch). A loss that is not finite ends it as ``diverged`` with the reason in
+    ``member.error``: it leaves without a test, and the others go on (nothing raises, so a
+    pack is not lost to one member, and a deterministic divergence is not retried)."""
+    problem = Stopping.divergence(epoch, train_loss, val["loss"])
+    member.error = f"diverged: {problem}" if problem else ""
+    if not member.error and member.stopping.update(epoch, val["loss"]):
+        member.best_state = weights()
+    metrics = member.stopping.metrics(epoch, train_loss, val)
+    metrics["lr"] = member.schedule.epoch_lr  # its last step's
+    if not member.error:
+        member.schedule.after_epoch(val["loss"])
+    member.stop_reason = "diverged" if member.error else (member.stopping.reason(epoch) or "")
+    if member.stop_reason:
+        metrics["stop_reason"] = member.stop_reason
+    return metrics
+
+
+EpochCallback = Callable[[dict[int, dict]], None]
+
+
+def fit(runner: Runner, on_epoch: EpochCallback | None = None, evaluate_test: bool = True,
+        until: int | None = None) -> dict[int, str]:
+    """Train ``runner``'s members until each has stopped (or, with ``until``, until the
+    runner's epoch reaches it); each member's stop reason ("" for one still training).
+
+    After each epoch ``on_epoch(metrics)`` gets the metrics of every member that trained in
+    it, by index (``stop_reason`` on a member's last epoch, whose test errors, on its best
+    weights, are in ``member.test`` by then); members leaving are still in the runner then,
+    so their checkpoints can be taken. ``epoch_time_s`` is the runner's epoch, training and
+    validation, for every member it trained."""
+    for i in runner.live():  # resumed from the checkpoint of a member that had ended
+        member = runner.members[i]
+        member.stop_reason = member.stop_reason or member.stopping.reason(runner.epoch) or ""
+    runner.retire([i for i in runner.live() if runner.members[i].stop_reason])
+    while runner.live() and (until is None or runner.epoch < until):
+        t0 = time.perf_counter()
+        live = runner.live()
+        train = runner.train_epoch()
+        runner.epoch += 1
+        val = runner.evaluate(runner.val)
+        elapsed = time.perf_counter() - t0
+        metrics = {}
+        for i, train_loss, errors in zip(live, train, val, strict=True):
+            metrics[i] = member_epoch(runner.members[i], runner.epoch, train_loss, errors,
+                                      lambda i=i: runner.weights(i))
+            metrics[i]["epoch_time_s"] = elapsed
+        runner.rates_changed()
+        leaving = [i for i in live if runner.members[i].stop_reason]
+        if evaluate_test:
+            runner.test([i for i in leaving if not runner.members[i].error])
+        for i, m in metrics.items():
+            runner.members[i].history.append(m)
+        if on_epoch is not None:
+            on_epoch(metrics)
+        if leaving:
+            runner.retire(leaving)
+    return {m.index: m.stop_reason for m in runner.members}

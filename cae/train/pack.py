@@ -22,23 +22,23 @@ What the members share and what they keep, and how a plain run reproduces a memb
   learning rate, weight decay, betas, momentum and clipping norm; each member's learning-rate
   schedule is its own (a ``torch.optim.lr_scheduler`` over a stand-in optimiser whose rate
   the pack reads): a handful of kernels per step whatever the number of tensors.
-- **Stopping.** Each member keeps its own ``cae.train.loop.Stopping`` rule; a member
-  that stops leaves the pack with its test errors measured on its best weights (one that
-  diverges leaves without them), the caller saves its checkpoint, and the pack shrinks (at
-  once when eager; under ``compile`` when half the slots are empty, so shapes, and
-  compilations, change at most log2(K) times; an empty slot meanwhile trains nothing:
-  learning rate 0, zero weights).
-- **Checkpoints.** :meth:`Pack.member_state` is a member's checkpoint in ``Trainer``'s format
-  (model, best_model, optimizer as ``torch.optim.Adam`` saves it, epoch, history, ...), so it
-  loads into a plain ``CAE``; :meth:`Pack.state_dict` is the whole pack, for an exact resume.
+- **The epochs.** ``cae.train.loop.fit`` runs them, as it runs a ``Trainer``'s: each member
+  keeps its own ``Stopping`` rule; a member that stops leaves the pack with its test errors
+  measured on its best weights (one that diverges leaves without them), the caller saves
+  its checkpoint, and the pack shrinks (at once when eager; under ``compile`` when half the
+  slots are empty, so shapes, and compilations, change at most log2(K) times; an empty slot
+  meanwhile trains nothing: learning rate 0, zero weights).
+- **Checkpoints.** A pack has no checkpoint of its own: :meth:`Pack.member_state` is a
+  member's, in ``Trainer``'s format (``cae.train.loop.trial_checkpoint``: it loads into a
+  plain ``CAE`` and its ``torch.optim`` optimiser), and :meth:`Pack.load_members` builds a
+  pack from any members' checkpoints at one epoch: the same pack resumed exactly, or the
+  survivors of several packs regrouped into one (``cae.sweep.packs``).
 """
 
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 
 import torch
 from torch.func import stack_module_state
@@ -46,8 +46,16 @@ from torch.func import stack_module_state
 from cae.config.trial import TrialConfig
 from cae.data.datasets import ImageData, load, split, to_device
 from cae.model.network import CAE, build_model
+from cae.train import loop
 from cae.train.hardware import autocast, compiler, mark_step, resolve_device, resolve_precision
-from cae.train.loop import Stopping, batch_order, evaluate, member_losses, trial_checkpoint
+from cae.train.loop import (
+    Member,
+    Stopping,
+    batch_order,
+    evaluate,
+    member_losses,
+    trial_checkpoint,
+)
 from cae.train.optimizers import (
     BUFFERS,
     BatchedOptimizer,
@@ -62,53 +70,16 @@ from cae.train.tasks import make_task
 # ---- members ----------------------------------------------------------------------------
 
 
-@dataclass
-class Member:
-    """One trial of the pack: its config, its stopping rule, its batches' generator, its
-    learning-rate schedule (over ``stand_in``, an optimiser of its trial's kind holding only
-    the rate) and its history."""
-
-    index: int
-    cfg: TrialConfig
-    stopping: Stopping
-    gen: torch.Generator  # its batches' order and distortions
-    stand_in: torch.optim.Optimizer
-    schedule: Schedule
-    best_state: dict | None = None
-    history: list[dict] = field(default_factory=list)
-    stop_reason: str = ""  # "" while it trains
-    error: str = ""  # why it diverged
-    test: dict = field(default_factory=dict)
-    final: dict | None = None  # set by the caller (the last report), saved with the pack
-
-    @classmethod
-    def start(cls, index: int, cfg: TrialConfig, device: torch.device,
-              steps_per_epoch: int) -> Member:
-        stand_in = make_optimizer([torch.zeros(1)], cfg)
-        schedule = Schedule(stand_in, cfg, steps_per_epoch)
-        stand_in.step()  # moves nothing (no gradient); tells torch's schedulers it steps
-        return cls(index, cfg, Stopping.of(cfg), torch.Generator(device=device), stand_in,
-                   schedule)
-
-    def record(self) -> dict:
-        """What a pack's checkpoint keeps of the member."""
-        return {**self.stopping.state(), "schedule": self.schedule.state_dict(),
-                **{k: getattr(self, k) for k in ("best_state", "history", "stop_reason",
-                                                 "error", "test", "final")}}
-
-    def load(self, record: dict, device: torch.device) -> None:
-        self.stopping.load(record)
-        self.schedule.load_state_dict(record.get("schedule"))
-        for key in ("best_state", "history", "stop_reason", "error", "test", "final"):
-            setattr(self, key, record[key])
-        if self.best_state is not None:
-            self.best_state = {k: v.to(device) for k, v in self.best_state.items()}
+def _member(index: int, cfg: TrialConfig, device: torch.device, steps_per_epoch: int) -> Member:
+    """A pack's member: its learning-rate schedule runs over a stand-in optimiser of its
+    trial's kind that holds only the rate, which the pack reads."""
+    stand_in = make_optimizer([torch.zeros(1)], cfg)
+    schedule = Schedule(stand_in, cfg, steps_per_epoch)
+    stand_in.step()  # moves nothing (no gradient); tells torch's schedulers it steps
+    return Member(index, cfg, schedule, torch.Generator(device=device), Stopping.of(cfg))
 
 
 # ---- the pack ----------------------------------------------------------------------------
-
-EpochCallback = Callable[[dict[int, dict], Callable[[], dict]], None]
-
 
 class Pack:
     """K fusable trials trained together; ``fit`` runs the epochs (see the module doc).
@@ -144,9 +115,10 @@ class Pack:
         names = [n for n, m in self.base.named_modules() if m in self.base._edges]
         self.edge_names = [f"{n}.weight" for n in names]
         _, buffers = stack_module_state(models)
+        self._fresh = {k: v.clone() for k, v in buffers.items()}  # every member's at its start
         flat = torch.stack([self.layout.row(dict(m.named_parameters())) for m in models])
-        steps_per_epoch = math.ceil(self.splits.train.shape[0] / c0.batch_size)
-        self.members = [Member.start(i, c, self.device, steps_per_epoch)
+        self.steps_per_epoch = math.ceil(self.splits.train.shape[0] / c0.batch_size)
+        self.members = [_member(i, c, self.device, self.steps_per_epoch)
                         for i, c in enumerate(cfgs)]
         self.per_step = any(m.schedule.name == "onecycle" for m in self.members)
         self.epoch = 0
@@ -198,8 +170,10 @@ class Pack:
         """Indices of the members still training."""
         return [s for s in self.slots if s is not None]
 
-    def _retire(self, leaving: list[int]) -> None:
+    def retire(self, leaving: list[int]) -> None:
         """Empty the slots of ``leaving``; shrink the stack when the policy says so."""
+        if not leaving:
+            return
         rows = [self.slots.index(i) for i in leaving]
         slots = [None if s in leaving else s for s in self.slots]
         flat = self.stack.flat.detach()
@@ -252,8 +226,8 @@ class Pack:
                    min(bs, n - start))
 
     def train_epoch(self) -> list[float]:
-        """One epoch of every slot, each on its member's batches: each slot's mean training
-        loss."""
+        """One epoch of every slot, each on its member's batches: each live member's mean
+        training loss (in slot order)."""
         self.stack.train()
         n = self.splits.train.shape[0]
         total = torch.zeros(len(self.slots), device=self.device, dtype=self.dtype)
@@ -271,66 +245,45 @@ class Pack:
                 self.opt.set({"lr": torch.tensor(self._rates(), dtype=torch.float64,
                                                  device=self.device)})
             total += losses.detach() * size
-        return [t / n for t in total.tolist()]  # the one host sync of the epoch
+        return self._live_rows([t / n for t in total.tolist()])  # the one host sync
 
-    def evaluate(self, prepared: tuple, run: Callable | None = None) -> list[dict]:
-        """Each slot's errors over a prepared split (``cae.train.loop.evaluate``, as a
-        trial's); ``run(x)`` is the stack to evaluate."""
+    def _live_rows(self, rows: list) -> list:
+        """The entries of ``rows`` (one per slot) of the slots that hold a member."""
+        return [row for row, s in zip(rows, self.slots, strict=True) if s is not None]
+
+    def evaluate(self, prepared: tuple) -> list[dict]:
+        """Each live member's errors over a prepared split (``cae.train.loop.evaluate``, as a
+        trial's), in slot order."""
+        return self._live_rows(self._evaluate(prepared, self.forward))
+
+    def _evaluate(self, prepared: tuple, run: Callable) -> list[dict]:
+        """Each row's errors when ``run(x)`` is the stack to evaluate."""
         self.stack.eval()
-        run = run or self.forward
         return evaluate(lambda x: run(x.to(self.dtype))[1], prepared, self.task, self.kinds,
                         self.cfg.eval_batch_size,
                         lambda: mark_step(self.cfg.compile, self.device))
 
+    def rates_changed(self) -> None:
+        """Each row's learning rate, as its member's schedule has it after an epoch."""
+        self.opt.set({"lr": torch.tensor(self._rates(), dtype=torch.float64,
+                                         device=self.device)})
+
+    def weights(self, index: int) -> dict[str, torch.Tensor]:
+        """Member ``index``'s state dict (plain ``CAE`` keys, in its order)."""
+        return self._weights(self.slots.index(index))
+
     # ---- the run --------------------------------------------------------------------------
-    def fit(self, on_epoch: EpochCallback | None = None) -> dict[int, str]:
-        """Train until every member has stopped; each member's stop reason.
+    def fit(self, on_epoch: Callable[[dict[int, dict], Callable[[], dict]], None] | None = None,
+            until: int | None = None) -> dict[int, str]:
+        """Train until every member has stopped (or the pack's epoch reaches ``until``);
+        each member's stop reason ("" for one still training): ``cae.train.loop.fit``.
 
-        After each epoch ``on_epoch(metrics, pack_state)`` gets the metrics of every member
-        that trained in it (by index; as ``Trainer``'s, and ``stop_reason`` on a member's
-        last epoch) and a function returning :meth:`state_dict`. Members leaving are still
-        in the pack then: :meth:`member_state` gives their checkpoints."""
-        while self.live():
-            t0 = time.perf_counter()
-            train = self.train_epoch()
-            self.epoch += 1
-            val = self.evaluate(self.val)
-            elapsed = time.perf_counter() - t0
-            metrics, leaving = {}, []
-            for row, i in enumerate(self.slots):
-                if i is None:
-                    continue
-                m = metrics[i] = self._member_epoch(self.members[i], row, train[row], val[row])
-                m["epoch_time_s"] = elapsed
-                if "stop_reason" in m:
-                    leaving.append(i)
-            self.opt.set({"lr": torch.tensor(self._rates(), dtype=torch.float64,
-                                             device=self.device)})
-            if self.evaluate_test:
-                self._test([i for i in leaving if not self.members[i].error])
-            for i, m in metrics.items():
-                self.members[i].history.append(m)
-            if on_epoch is not None:
-                on_epoch(metrics, self.state_dict)
-            if leaving:
-                self._retire(leaving)
-        return {m.index: m.stop_reason for m in self.members}
-
-    def _member_epoch(self, member: Member, row: int, train_loss: float, val: dict) -> dict:
-        """One member's epoch by the rule ``Trainer.fit`` follows: its metrics. A member
-        that diverges leaves the pack (a trial alone would raise)."""
-        member.error = Stopping.divergence(self.epoch, train_loss, val["loss"]) or ""
-        if not member.error and member.stopping.update(self.epoch, val["loss"]):
-            member.best_state = self._weights(row)
-        metrics = member.stopping.metrics(self.epoch, train_loss, val)
-        metrics["lr"] = member.schedule.epoch_lr  # its last step's, as a trial's
-        if not member.error:
-            member.schedule.after_epoch(val["loss"])
-        member.stop_reason = "diverged" if member.error else (
-            member.stopping.reason(self.epoch) or "")
-        if member.stop_reason:
-            metrics["stop_reason"] = member.stop_reason
-        return metrics
+        After each epoch ``on_epoch(metrics, states)`` gets the metrics of every member that
+        trained in it (by index; as ``Trainer``'s, and ``stop_reason`` on a member's last
+        epoch) and a function returning their checkpoints (:meth:`member_state`) by index."""
+        callback = None if on_epoch is None else (lambda metrics: on_epoch(
+            metrics, lambda: {i: self.member_state(i) for i in metrics}))
+        return loop.fit(self, callback, evaluate_test=self.evaluate_test, until=until)
 
     def _weights(self, row: int) -> dict[str, torch.Tensor]:
         """The state dict (plain ``CAE`` keys, in its order) of the member in ``row``."""
@@ -339,7 +292,7 @@ class Pack:
         return {k: (params[k][0] if k in params else buffers[k][row]).detach().clone()
                 for k in self.base.state_dict()}
 
-    def _test(self, indices: list[int]) -> None:
+    def test(self, indices: list[int]) -> None:
         """Test-split errors of the best weights of ``indices``, into each ``Member.test``."""
         if not indices:
             return
@@ -352,8 +305,8 @@ class Pack:
         names = [n for n in self.stack.buffer_names if n in states[0]]
         buffers = {n: torch.stack([s[n] for s in states]) for n in names}
         params = self.layout.views(flat)
-        results = self.evaluate(self._test_inputs,
-                                run=lambda x: run_stack(self.base, params, buffers, x))
+        results = self._evaluate(self._test_inputs,
+                                 lambda x: run_stack(self.base, params, buffers, x))
         for i, result in zip(indices, results):
             self.members[i].test = {f"test_{k}": v for k, v in result.items()}
 
@@ -361,40 +314,80 @@ class Pack:
     def member_state(self, index: int) -> dict:
         """Member ``index``'s checkpoint in ``Trainer.state_dict``'s format (loads into a plain
         CAE, its ``torch.optim`` optimiser and schedule); only while it is in the pack (up to
-        its last ``on_epoch``)."""
+        its last ``on_epoch``). ``pack`` says where it trained: the pack's size and its rows
+        (members by index, None for an empty one), for an exact resume of this pack."""
         member, row = self.members[index], self.slots.index(index)
-        group = {k: v for k, v in member.stand_in.param_groups[0].items() if k != "params"}
+        group = {k: v for k, v in member.schedule.optimizer.param_groups[0].items()
+                 if k != "params"}
         return trial_checkpoint(
             self._weights(row),
             self.opt.member_state(row, self.layout.names, self.layout.views, group),
-            self.epoch, member.stopping, member.best_state, member.history, member.final,
-            schedule=member.schedule.state_dict(), pack={"members": len(self.members)})
+            self.epoch, member, pack={"members": len(self.members), "slots": list(self.slots)})
 
-    def state_dict(self) -> dict:
-        """The whole pack, for a resume that continues exactly as if uninterrupted."""
-        return {
-            "kind": "fused-pack",
-            "epoch": self.epoch,
-            "slots": list(self.slots),
-            "flat": self.stack.flat.detach().clone(),
-            "buffers": {k: v.clone() for k, v in self.stack.stacked_buffers().items()},
-            **{name: value.clone() for name, value in self.opt.buffers.items()},
-            "steps": self.opt.steps,
-            "members": [m.record() for m in self.members],
-        }
+    def load_members(self, states: list[dict | None], slots: list[int | None] | None = None
+                     ) -> None:
+        """Continue from the members' checkpoints (:meth:`member_state`, or a ``Trainer``'s;
+        None: a member that starts afresh, only where none has a checkpoint). The members
+        still training must all be at one epoch; those whose checkpoint is their last epoch
+        do not train. ``slots``: the rows as they were (an exact resume of a compiled pack
+        with empty rows); by default the members still training, in order."""
+        if len(states) != len(self.members):
+            raise ValueError(f"{len(states)} checkpoints for a pack of {len(self.members)}")
+        if not any(states):
+            return
+        if not all(states):
+            raise ValueError("a pack cannot start some members afresh and resume others")
+        for member, state in zip(self.members, states):
+            member.load(state, self.device)
+        live = [m.index for m in self.members if not m.stop_reason]
+        epochs = {int(states[i]["epoch"]) for i in live}
+        if len(epochs) > 1:
+            raise ValueError(f"the members to train are at different epochs ({sorted(epochs)})")
+        self.epoch = epochs.pop() if epochs else max(int(s["epoch"]) for s in states)
+        present = [s for s in slots or [] if s is not None]
+        if not (present and set(live) <= set(present)):  # not the rows of these members
+            slots, present = live, live
+        if not present:
+            self._set_slots([])
+            return
+        rows = [s if s is not None else present[0] for s in slots]
+        flat = torch.stack([self.layout.row(states[i]["model"]) for i in rows]).to(self.device)
+        buffers = {name: torch.stack([self._buffer(name, i, states[i]) for i in rows])
+                   for name in self.stack.buffer_names}
+        moments = {b: torch.stack([self._moments(b, states[i]) for i in rows])
+                   for b in BUFFERS[self.opt.name]}
+        self._install(list(slots), flat, buffers, moments, self._steps(states[present[0]]))
+        empty = [r for r, s in enumerate(slots) if s is None]
+        with torch.no_grad():  # an empty row trains nothing, as it did before the resume
+            self.stack.flat.detach()[empty] = 0
+            for value in self.opt.buffers.values():
+                value[empty] = 0
+        # members saved in their last epoch leave now, as they did then
+        self.retire([i for i in present if self.members[i].stop_reason])
 
-    def load_state_dict(self, state: dict) -> None:
-        if len(state["members"]) != len(self.members):
-            raise ValueError(f"the checkpoint holds a pack of {len(state['members'])} members, "
-                             f"this pack has {len(self.members)}")
-        self.epoch = int(state["epoch"])
-        for member, record in zip(self.members, state["members"]):
-            member.load(record, self.device)
-        buffers = {k: v.to(self.device) for k, v in state["buffers"].items()}
-        moments = {name: state[name].to(self.device) for name in BUFFERS[self.opt.name]}
-        self._install(list(state["slots"]), state["flat"].to(self.device), buffers, moments,
-                      int(state["steps"]))
-        # saved during the last epoch of some members: they leave now, as they did then
-        leaving = [i for i in self.live() if self.members[i].stop_reason]
-        if leaving:
-            self._retire(leaving)
+    def _buffer(self, name: str, index: int, state: dict) -> torch.Tensor:
+        """Buffer ``name`` of member ``index`` as its checkpoint has it; the dropout layers'
+        (not in a state dict) as they start, their step counts where the epoch puts them."""
+        if name in state["model"]:
+            return state["model"][name].to(self.device)
+        value = self._fresh[name][index]
+        if name.endswith(".step"):
+            return torch.full_like(value, self.epoch * self.steps_per_epoch)
+        return value
+
+    def _moments(self, buffer: str, state: dict) -> torch.Tensor:
+        """A member's optimiser state ``buffer`` as one flat row (zeros where its torch
+        optimiser keeps none: SGD without momentum, or before the first step)."""
+        per = state["optimizer"]["state"]
+        parts = [per.get(j, per.get(str(j), {})).get(buffer) for j in range(len(
+            self.layout.names))]
+        return torch.cat([p.reshape(-1).to(self.device, self.dtype) if p is not None else
+                          torch.zeros(size, device=self.device, dtype=self.dtype)
+                          for p, size in zip(parts, self.layout.sizes)])
+
+    def _steps(self, state: dict) -> int:
+        """The optimiser steps taken (Adam's bias correction counts them)."""
+        first = state["optimizer"]["state"].get(0, state["optimizer"]["state"].get("0", {}))
+        if "step" in first:
+            return int(float(first["step"]))
+        return self.epoch * self.steps_per_epoch

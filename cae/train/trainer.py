@@ -1,21 +1,24 @@
-"""One trial in plain PyTorch: epochs, validation, patience, final test evaluation.
+"""One trial in plain PyTorch: the runner of one member for the one training loop.
 
-No Ray here. ``fit`` calls ``on_epoch(metrics, checkpoint)`` after every epoch, which is
-how the sweep's trainable reports to Ray Tune and saves checkpoints, and how ``cae train``
-prints its lines; ``load_state_dict`` continues from such a checkpoint. The rules (batch
-order, loss, evaluation, stopping) are ``cae.train.loop``'s, shared with the members of a
-pack, and dropout is :class:`~cae.train.stacked.MaskedDropout` as in a pack, so a trial
-computes the same losses fused or not. The data stay on the device as uint8; batches are
-indexed, converted and distorted there; losses are summed on the device and read once per
-epoch, so there is no host synchronisation per step.
+No Ray here. ``Trainer`` holds the model, optimiser, data and task of a trial and trains its
+epochs; ``cae.train.loop.fit`` runs them (the same loop a pack's members run in), and
+``Trainer.fit(on_epoch)`` calls ``on_epoch(metrics, checkpoint)`` after every epoch, which is
+how ``cae train`` prints its lines; ``load_state_dict`` continues from such a checkpoint.
+Dropout is :class:`~cae.train.stacked.MaskedDropout` as in a pack, so a trial computes the
+same losses fused or not. The data stay on the device as uint8; batches are indexed,
+converted and distorted there; losses are summed on the device and read once per epoch, so
+there is no host synchronisation per step.
+
+Unlike a pack, a trial runs its convolutions in ``channels_last``: faster for plain convs
+on CUDA and on the CPU (oneDNN), while a pack's convolutions are grouped under ``vmap``,
+whose stacked (K, B, C, H, W) inputs have no such layout. The layout changes no loss
+beyond rounding.
 """
 
 from __future__ import annotations
 
-import copy
 import json
 import math
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,9 +28,11 @@ import torch
 from cae.config.trial import TrialConfig
 from cae.data.datasets import ImageData, load, split, to_device
 from cae.model.network import CAE, build_model, count_params
+from cae.train import loop
 from cae.train.hardware import autocast, compiler, mark_step, resolve_device, resolve_precision
 from cae.train.loop import (
     Diverged,
+    Member,
     Stopping,
     batch_order,
     evaluate,
@@ -55,7 +60,8 @@ class TrainResult:
 
 
 class Trainer:
-    """Holds the model, optimiser, data and task of one trial; ``fit`` runs the epochs.
+    """Holds the model, optimiser, data and task of one trial (``members[0]``); ``fit`` runs
+    the epochs (``cae.train.loop.fit``).
 
     The batches' order and random distortions follow the trial's seed
     (``cae.train.loop.batch_order``), as they do for the same trial in a pack."""
@@ -72,7 +78,6 @@ class Trainer:
         model = use_masked_dropout(build_model(cfg.model, seed=cfg.seed).to(self.device),
                                    cfg.seed)
         self.cuda = self.device.type == "cuda"
-        # channels_last is faster for these small convs on CUDA and on the CPU (oneDNN) alike.
         self.model = model.to(memory_format=torch.channels_last)
         self.dtype = next(self.model.parameters()).dtype  # float64 only in exactness tests
         # Encoder and decoder are compiled separately so the latent stays reachable for
@@ -81,67 +86,75 @@ class Trainer:
         self.enc, self.dec = wrap(self.model.encoder), wrap(self.model.decoder)
         self.steps_per_epoch = math.ceil(self.splits.train.shape[0] / cfg.batch_size)
         self.opt = make_optimizer(self.model.parameters(), cfg)
-        self.schedule = Schedule(self.opt, cfg, self.steps_per_epoch)
-        self.gen = torch.Generator(device=self.device)
+        self.members = [Member(0, cfg, Schedule(self.opt, cfg, self.steps_per_epoch),
+                               torch.Generator(device=self.device), Stopping.of(cfg))]
         # The validation inputs are prepared once, identically for every trial and epoch.
         self.val = self.task.eval_inputs(self.splits.val, seed=cfg.task.eval_seed)
         self.epoch = 0
-        self.stopping = Stopping.of(cfg)
-        self.best_state: dict | None = None
-        self.history: list[dict] = []
-        self.final: dict | None = None  # the last epoch's metrics, once the run has ended
+
+    # ---- the trial's state, as ``Member`` keeps it -----------------------------------------
+    @property
+    def member(self) -> Member:
+        return self.members[0]
 
     @property
     def best_val(self) -> float:
-        return self.stopping.best_val
+        return self.member.stopping.best_val
 
     @property
     def best_epoch(self) -> int:
-        return self.stopping.best_epoch
+        return self.member.stopping.best_epoch
+
+    @property
+    def history(self) -> list[dict]:
+        return self.member.history
+
+    @property
+    def best_state(self) -> dict | None:
+        return self.member.best_state
+
+    @best_state.setter
+    def best_state(self, state: dict | None) -> None:
+        self.member.best_state = state
+
+    @property
+    def schedule(self) -> Schedule:
+        return self.member.schedule
 
     # ---- state for checkpoints -----------------------------------------------------
     def state_dict(self) -> dict:
-        """Everything a resumed run needs to continue exactly as if uninterrupted: the
-        weights, the optimiser, the early-stopping state and the global random state, on the
-        CPU and on CUDA. A pack's member saves the same keys (``Pack.member_state``)."""
-        rng = {"cpu": torch.get_rng_state()}
-        if self.cuda:
-            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        """Everything a resumed run needs to continue exactly as if uninterrupted
+        (``cae.train.loop.trial_checkpoint``); a pack's member saves the same keys."""
         return trial_checkpoint(self.model.state_dict(), self.opt.state_dict(), self.epoch,
-                                self.stopping, self.best_state, self.history, self.final,
-                                schedule=self.schedule.state_dict(), rng=rng)
+                                self.member)
 
     def load_state_dict(self, state: dict) -> None:
+        """A checkpoint of this trial, alone or as a pack's member (a random state saved by
+        an older cae is not needed: see ``trial_checkpoint``)."""
         self.model.load_state_dict(state["model"])
         self.opt.load_state_dict(state["optimizer"])
-        self.schedule.load_state_dict(state.get("schedule"))
         self.epoch = int(state["epoch"])
-        self.stopping.load(state)
-        self.best_state = state.get("best_model")
-        self.history = list(state.get("history", []))
-        self.final = state.get("final")
+        self.member.load(state, self.device)
         # dropout masks are a function of the training steps so far
         set_dropout_step(self.model, self.epoch * self.steps_per_epoch)
-        rng = state.get("rng") or {}
-        if "cpu" in rng:
-            torch.set_rng_state(rng["cpu"])
-        if "cuda" in rng and self.cuda:
-            torch.cuda.set_rng_state(rng["cuda"], self.device)
 
-    # ---- one epoch ------------------------------------------------------------------
+    # ---- the runner of one member (``cae.train.loop.Runner``) ------------------------
+    def live(self) -> list[int]:
+        return [] if self.member.stop_reason else [0]
+
     def _inputs(self, x: torch.Tensor) -> torch.Tensor:
         return x.to(dtype=self.dtype, memory_format=torch.channels_last)
 
-    def train_epoch(self) -> float:
-        cfg, model = self.cfg, self.model
+    def train_epoch(self) -> list[float]:
+        cfg, model, member = self.cfg, self.model, self.member
         model.train()
         train = self.splits.train
         n = train.shape[0]
-        perm = batch_order(self.gen, cfg.seed, self.epoch, n)
+        perm = batch_order(member.gen, cfg.seed, self.epoch, n)
         total = torch.zeros((), device=self.device)
         for start in range(0, n, cfg.batch_size):
             idx = perm[start : start + cfg.batch_size]
-            x, y, _ = self.task.batch(train[idx], idx, self.gen)
+            x, y, _ = self.task.batch(train[idx], idx, member.gen)
             mark_step(cfg.compile, self.device)
             with autocast(self.precision, self.device):
                 z = self.enc(self._inputs(x))
@@ -152,64 +165,59 @@ class Trainer:
             if cfg.grad_clip:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             self.opt.step()
-            self.schedule.after_step()
+            member.schedule.after_step()
             total += loss.detach() * idx.numel()
-        return float(total) / n  # the one host sync of the epoch
+        return [float(total) / n]  # the one host sync of the epoch
 
-    def evaluate(self, prepared: tuple) -> dict:
+    def evaluate(self, prepared: tuple) -> list[dict]:
         """Mean loss over a prepared split, per distortion group, and the task's extra
         errors (colorize: in RGB), computed in fp32 whatever the training precision: every
         trial's (and the baselines') errors are measured alike."""
         self.model.eval()
         return evaluate(lambda x: self.dec(self.enc(self._inputs(x))).unsqueeze(0), prepared,
                         self.task, [self.cfg.loss], self.cfg.eval_batch_size,
-                        lambda: mark_step(self.cfg.compile, self.device))[0]
+                        lambda: mark_step(self.cfg.compile, self.device))
 
-    # ---- the run --------------------------------------------------------------------
-    def fit(self, on_epoch: Callable[[dict, Callable[[], dict]], None] | None = None) -> str:
-        """Train until max_epochs or patience; return the stop reason.
+    def weights(self, index: int = 0) -> dict[str, torch.Tensor]:
+        return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
 
-        The last epoch's metrics carry ``stop_reason``, so ``on_epoch`` knows it is the last.
-        """
-        if self.stopping.exhausted():
-            return "patience"  # resumed from the checkpoint of a run that had already ended
-        while self.epoch < self.cfg.max_epochs:
-            t0 = time.perf_counter()
-            train_loss = self.train_epoch()
-            self.epoch += 1
-            val = self.evaluate(self.val)
-            problem = Stopping.divergence(self.epoch, train_loss, val["loss"])
-            if problem:
-                raise Diverged(problem)
-            if self.stopping.update(self.epoch, val["loss"]):
-                self.best_state = copy.deepcopy(self.model.state_dict())
-            metrics = self.stopping.metrics(self.epoch, train_loss, val)
-            metrics["lr"] = self.schedule.epoch_lr  # its last step's
-            self.schedule.after_epoch(val["loss"])
-            metrics["epoch_time_s"] = time.perf_counter() - t0
-            stop = self.stopping.reason(self.epoch)
-            if stop:
-                metrics["stop_reason"] = stop
-            self.history.append(metrics)
-            if on_epoch is not None:
-                on_epoch(metrics, self.state_dict)
-            if stop:
-                return stop
-        return "max_epochs"
-
-    def test(self) -> dict:
-        """Test-split errors of the best (by validation) weights; the model keeps its own
-        (last epoch's) weights afterwards, so a checkpoint saved later says what it holds."""
+    def test(self, indices: list[int] | None = None) -> dict:
+        """Test-split errors of the best (by validation) weights, into ``member.test`` (and
+        returned); the model keeps its own (last epoch's) weights afterwards, so a
+        checkpoint saved later says what it holds. ``indices`` (the loop's): [] tests
+        nothing."""
+        if indices is not None and 0 not in indices:
+            return self.member.test
         current = None
         if self.best_state is not None:
-            current = {k: v.clone() for k, v in self.model.state_dict().items()}
+            current = self.weights()
             self.model.load_state_dict(self.best_state)
         try:
             prepared = self.task.eval_inputs(self.splits.test, seed=self.cfg.task.eval_seed + 1)
-            return {f"test_{k}": v for k, v in self.evaluate(prepared).items()}
+            self.member.test = {f"test_{k}": v for k, v in self.evaluate(prepared)[0].items()}
         finally:
             if current is not None:
                 self.model.load_state_dict(current)
+        return self.member.test
+
+    def rates_changed(self) -> None:
+        """Nothing to do: the schedule moves the optimiser's own rate."""
+
+    def retire(self, indices: list[int]) -> None:
+        """Nothing to free: a trial that stopped trains no more (``live`` is empty)."""
+
+    # ---- the run --------------------------------------------------------------------
+    def fit(self, on_epoch: Callable[[dict, Callable[[], dict]], None] | None = None,
+            evaluate_test: bool = False) -> str:
+        """Train until max_epochs, patience or a divergence; return the stop reason.
+
+        ``on_epoch(metrics, state)`` after each epoch: the last epoch's metrics carry
+        ``stop_reason``, and ``state()`` is its checkpoint. ``evaluate_test``: the test
+        errors of the best weights go into ``member.test`` when the trial stops (``test()``
+        measures them on demand)."""
+        callback = None if on_epoch is None else (
+            lambda metrics: on_epoch(metrics[0], self.state_dict))
+        return loop.fit(self, callback, evaluate_test=evaluate_test)[0]
 
 
 def train(
@@ -223,12 +231,15 @@ def train(
 
     ``on_epoch(metrics, state)`` is called after each epoch; ``state()`` returns the
     checkpoint dict (model, optimiser, epoch, early-stopping state). ``resume`` is such a
-    dict: the run continues after its epoch.
+    dict: the run continues after its epoch. A trial that diverges raises ``Diverged``
+    (after its last epoch's ``on_epoch``): there is no model to return.
     """
     trainer = Trainer(cfg, data)
     if resume is not None:
         trainer.load_state_dict(resume)
-    reason = trainer.fit(on_epoch)
+    reason = trainer.fit(on_epoch, evaluate_test=evaluate_test)
+    if reason == "diverged":
+        raise Diverged(trainer.member.error)
     result = TrainResult(
         history=trainer.history,
         best_val=trainer.best_val,
@@ -239,8 +250,9 @@ def train(
         model=trainer.model,
         best_state=trainer.best_state,
     )
-    if evaluate_test:
-        result.test = trainer.test()
+    if evaluate_test and not trainer.member.test:  # resumed from the end: nothing trained
+        trainer.test()
+    result.test = trainer.member.test
     return result
 
 
