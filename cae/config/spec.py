@@ -115,9 +115,10 @@ class FuseConfig(Strict):
 
     ``fuse: auto`` turns it on only for trials on a GPU (``resources.gpu`` > 0 or
     ``device: cuda``): on a CPU a pack runs slower than its members one by one
-    (docs/performance.md). Packs run with ``scheduler.kind: fifo`` and grid search only (a
-    scheduler or a searcher sees one Tune trial per pack, not its members); members stop by
-    their own patience or max_epochs."""
+    (docs/performance.md). Packs run with grid search (they are formed from trials known in
+    advance) under any scheduler: members stop by their own patience or max_epochs, and
+    under ``sha`` or ``asha`` each member is a trial to the halving, its survivors at each
+    rung regrouped into full packs (``cae.schedule.packbook``)."""
 
     max_members: int = Field(32, ge=1, le=4096)
     auto: bool = False
@@ -212,12 +213,11 @@ class SweepSpec(Strict):
 
     @model_validator(mode="after")
     def _check_fusion(self) -> SweepSpec:
-        if self.fusion() and (self.scheduler.kind != "fifo" or self.search.kind != "grid"):
-            used = (f"scheduler.kind '{self.scheduler.kind}'" if self.scheduler.kind != "fifo"
-                    else f"search.kind '{self.search.kind}'")
-            raise ValueError(f"fuse: fused packs support scheduler.kind 'fifo' with grid search "
-                             f"only (members stop by patience or max_epochs), not {used}; "
-                             "set scheduler.kind: fifo or remove fuse")
+        if self.fusion() and self.search.kind != "grid":
+            raise ValueError(
+                f"fuse: packs are formed from trials known before they start, and "
+                f"search.kind '{self.search.kind}' proposes each trial from the results of "
+                "those before it; use search.kind: grid with fuse, or remove fuse")
         return self
 
     @model_validator(mode="after")

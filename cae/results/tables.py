@@ -32,12 +32,13 @@ from cae.run import outcomes, packfiles
 from cae.run import state as runstate
 from cae.run.checkpoints import newest_history
 from cae.run.directory import BASELINES_FILE, read_spec, write_file
+from cae.run.outcomes import SCHEDULER_STOPS
 from cae.run.record import RECORD_FILE, columns, flatten, make_record, trial_config_of
-from cae.run.tunefiles import TrialState
+from cae.run.tunefiles import TrialState, last_error
 
 TRIALS_FILE, EPOCHS_FILE = "trials.parquet", "epochs.parquet"
 _SCHEDULER_DEFAULTS = SchedulerConfig()  # for a spec that leaves a field out
-EPOCH_COLUMNS = ("train_loss", "val_loss", "epoch_time_s", "time_total_s")
+EPOCH_COLUMNS = ("train_loss", "val_loss", "epoch_time_s", "time_total_s", "pack")
 # Ray Tune's bookkeeping fields, and a trial's facts that are not per epoch.
 _NOT_PER_EPOCH = {
     "timestamp", "checkpoint_dir_name", "done", "training_iteration", "trial_id", "date",
@@ -103,16 +104,7 @@ def read_trial(trial_dir: Path, name: str | None = None, *,
         return TrialFiles(name or trial_dir.name, point, record, [], {}, "")
     return TrialFiles(name or trial_dir.name, point, record,
                       _json_lines(trial_dir / "result.json"), newest_history(trial_dir),
-                      _last_error(trial_dir))
-
-
-def _last_error(trial_dir: Path) -> str:
-    """The last line of a trial's ``error.txt`` ("error" if all are blank), "" without one."""
-    path = trial_dir / "error.txt"
-    if not path.is_file():
-        return ""
-    lines = [ln.strip() for ln in path.read_text().splitlines()]
-    return next((ln for ln in reversed(lines) if ln), "error")
+                      last_error(trial_dir))
 
 
 def merged_epochs(files: TrialFiles) -> dict[int, dict]:
@@ -139,10 +131,13 @@ def counted_epochs(by_epoch: dict[int, dict]) -> dict[int, dict]:
 
 
 def epoch_rows(trial_id: str, by_epoch: dict[int, dict]) -> list[dict]:
+    """A trial's rows of ``epochs``; ``pack``: the fused pack that trained the epoch (its
+    directory; None for a trial trained alone)."""
     return [{"trial_id": trial_id, "epoch": epoch,
              **{k: v for k, v in r.items() if k not in _NOT_PER_EPOCH and k != "epoch"
-                and not k.startswith("test_")},
-             "time_total_s": r.get("time_total_s")} for epoch, r in by_epoch.items()]
+                and k != "pack" and not k.startswith("test_")},
+             "time_total_s": r.get("time_total_s"), "pack": r.get("pack")}
+            for epoch, r in by_epoch.items()]
 
 
 def _finite(x) -> bool:
@@ -254,8 +249,8 @@ def trial_dirs(run_dir: Path, *, outcome: bool = True) -> list[TrialFiles]:
     ``read_trial``'s."""
     found = []
     for p in sorted(run_dir.iterdir()):
-        if p.name.startswith(".") or not (p / "params.json").is_file():
-            continue
+        if p.name.startswith(".") or not (p / "params.json").is_file() or packfiles.regrouped(p):
+            continue  # a pack of members who live in the folders of their first packs
         members = packfiles.members(p)
         found += [read_trial(p, outcome=outcome)] if not members else [
             _member(read_trial(m, f"{p.name}/{m.name}", outcome=outcome), point)
@@ -274,16 +269,12 @@ def read_frames(run_dir: str | Path) -> Frames:
     halving = (sched.get("grace_period", default.grace_period),
                sched.get("reduction_factor", default.reduction_factor)) if (
         scheduler == "sha" and sched.get("work_ahead", default.work_ahead)) else None
+    later = packfiles.holders(run_dir)
     rows, epochs = [], []
     for files in trial_dirs(run_dir):
-        state = statuses.trials.get(files.name)
-        if "/" in files.name:  # a fused pack's member: its own end, else its pack's status
-            pack = files.name.split("/", 1)[0]
-            state, error = packfiles.member_state(files.name, files.history,
-                                                  statuses.trials.get(pack))
-            if state.status == "ERROR" and not error:  # the pack failed before it ended
-                error = _last_error(run_dir / pack)
-            files.error = error
+        state, files.error = packfiles.trial_state(run_dir, files.name, files.history,
+                                                   files.error, statuses.trials, later,
+                                                   halving=scheduler in SCHEDULER_STOPS)
         by_epoch = merged_epochs(files)
         row = trial_row(files, by_epoch, state, spec.get("trial") or {}, scheduler, halving)
         rows.append(row)
@@ -388,7 +379,9 @@ def _stale(run_dir: Path) -> bool:
     if len(made) < 2:
         return True
     newest = max((p.stat().st_mtime for pattern in ("*.json", "*/result.json", "*/error.txt",
-                                                    f"*/{RECORD_FILE}", "*/checkpoint_*")
+                                                    f"*/{RECORD_FILE}", "*/checkpoint_*",
+                                                    "*/member_*/checkpoint_*",
+                                                    f"*/member_*/{packfiles.STOPPED_FILE}")
                   for p in run_dir.glob(pattern)), default=0.0)
     return newest > min(made)
 

@@ -85,6 +85,22 @@ def epoch_of(history: dict) -> int:
     return int(epochs[-1].get("epoch", len(epochs))) if epochs else 0
 
 
+def load(fs: Any, checkpoint: str) -> Found | None:
+    """The checkpoint in folder ``checkpoint`` if its ``state.pt`` and ``history.json`` are
+    both whole, else None."""
+    history = read_history(fs, checkpoint)
+    if history is None:
+        return None
+    import torch
+
+    try:
+        state = torch.load(io.BytesIO(_read(fs, f"{checkpoint}/{STATE_FILE}")),
+                           weights_only=True, map_location="cpu")
+    except Exception:  # noqa: BLE001 - torn, missing or not a torch file
+        return None
+    return Found(checkpoint, state, history)
+
+
 def load_newest(fs: Any, trial_path: str) -> Found | None:
     """Load the checkpoint with the most epochs whose ``state.pt`` and ``history.json`` are
     both whole; None when the trial has none. (By epochs, not by name: after a restore from

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from pathlib import Path
 
 # The files Tune keeps a run's state in, at the top of the run directory ({} is the
 # session's timestamp); ``experiment_state`` is the one ``Tuner.restore`` reads.
@@ -49,3 +50,12 @@ def read_experiment_state(text: str) -> tuple[dict[str, TrialState], float | Non
     except (ValueError, KeyError, TypeError) as exc:
         raise StateFormatError(f"{type(exc).__name__}: {exc}") from None
     return trials, float(start) if isinstance(start, (int, float)) else None
+
+
+def last_error(trial_dir: Path) -> str:
+    """The last line of a trial's ``error.txt`` ("error" if all are blank), "" without one."""
+    path = trial_dir / "error.txt"
+    if not path.is_file():
+        return ""
+    lines = [ln.strip() for ln in path.read_text().splitlines()]
+    return next((ln for ln in reversed(lines) if ln), "error")

@@ -181,10 +181,17 @@ class StratifiedScheduler(MetricModeScheduler):
         return "\n".join(lines)
 
 
+# The key under which a fused pack's result under halving carries how many of the sweep's
+# members are in each progress bucket (``cae.schedule.packed.PackScheduler.member_fates``).
+MEMBER_FATES = "member_fates"
+
+
 class SpeculationMarks(Callback):
-    """Writes into a result trained ahead of an undecided rung (``work_ahead``) the rung's
-    epoch (``speculative``) and the trial's value there (``speculative_rung_value``), before
-    Ray Tune's loggers write it: the scheduler runs first and says so (``speculation``)."""
+    """Writes into a result what the scheduler, which runs first, says of it, before Ray
+    Tune's loggers and cae's console read it: trained ahead of an undecided rung
+    (``work_ahead``), the rung's epoch (``speculative``) and the trial's value there
+    (``speculative_rung_value``); from a fused pack under halving, how many members are in
+    each progress bucket (``member_fates``)."""
 
     def __init__(self, scheduler: TrialScheduler):
         self.scheduler = scheduler
@@ -194,6 +201,9 @@ class SpeculationMarks(Callback):
         mark = getattr(self.scheduler, "speculation", lambda _: None)(trial.trial_id)
         if mark is not None:
             result[SPECULATIVE], result[SPECULATIVE_VALUE] = mark
+        fates = getattr(self.scheduler, "member_fates", None)
+        if fates is not None:
+            result[MEMBER_FATES] = fates()
 
 
 def speculation_marks(scheduler: TrialScheduler) -> SpeculationMarks:

@@ -39,7 +39,7 @@ MOVED_MODULES = {
     "cae.record": "cae.run.record", "cae.outcomes": "cae.run.outcomes",
     "cae.diskspace": "cae.run.diskspace", "cae.packfiles": "cae.run.packfiles",
     "cae.driver": "cae.sweep.driver", "cae.trainable": "cae.sweep.trainable",
-    "cae.packtrial": "cae.sweep.packtrial", "cae.packplan": "cae.sweep.packplan",
+    "cae.packtrial": "cae.sweep.trainable", "cae.packplan": "cae.sweep.packplan",
     "cae.plan": "cae.sweep.plan", "cae.dryrun": "cae.sweep.dryrun",
     "cae.guard": "cae.sweep.guard", "cae.signals": "cae.sweep.signals",
     "cae.cluster": "cae.sweep.cluster", "cae.progress": "cae.sweep.progress",

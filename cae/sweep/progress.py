@@ -28,6 +28,7 @@ from cae.results.status import Progress, rate
 from cae.run.outcomes import BUCKETS, bucket
 from cae.run.packfiles import PACK_KEY
 from cae.run.state import point_key
+from cae.schedule.schedulers import MEMBER_FATES
 from cae.sweep.livereport import LiveReport
 from cae.sweep.plan import Checked
 
@@ -62,6 +63,9 @@ class ProgressCallback(tune.Callback):
         self._bar = None
         self._start = self._last = 0.0
         self._epochs_at_start: int | None = None
+        # a fused sweep under halving: members by bucket, as the scheduler last said
+        # (``cae.schedule.schedulers.MEMBER_FATES``); its packs overlap in members
+        self._fates: dict[str, int] = {}
         self.lines = 0  # plain lines printed (for tests)
 
     def __getstate__(self) -> dict:  # Tune pickles its run config (tuner.pkl): no streams
@@ -87,7 +91,7 @@ class ProgressCallback(tune.Callback):
         best, best_trial, created = math.inf, None, 0
         for trial in trials:
             last = trial.last_result or {}
-            # a fused pack (cae.sweep.packtrial) is one Tune trial for several of the sweep's
+            # a fused pack (cae.sweep.trainable) is one Tune trial for several of the sweep's
             # trials: each member counts as one, those it has stopped already as done
             members = len(trial.config.get(PACK_KEY) or ()) or 1
             created += members
@@ -103,7 +107,7 @@ class ProgressCallback(tune.Callback):
             if isinstance(value, (int, float)) and math.isfinite(value) and value < best:
                 best, best_trial = value, trial
         counts["pending"] += max(0, self.total - created)  # not created by the search yet
-        p.counts = counts
+        p.counts = dict(self._fates) if self._fates else counts
         if best_trial is not None:
             p.best = best
             p.best_config = {} if PACK_KEY in best_trial.config else dict(best_trial.config)
@@ -160,6 +164,8 @@ class ProgressCallback(tune.Callback):
 
     def on_trial_result(self, iteration: int, trials: list[Trial], trial: Trial,
                         result: dict, **info) -> None:
+        if isinstance(result.get(MEMBER_FATES), dict):
+            self._fates = {kind: int(result[MEMBER_FATES].get(kind, 0)) for kind in BUCKETS}
         if result.get("resumed_from"):  # a checkpoint skipped or a trial taken over
             self.say(f"trial {trial.trial_id} goes on from {result['resumed_from']} "
                       f"({self._where(trial)})")

@@ -1,28 +1,37 @@
-"""The Ray Tune function trainable: one trial of a sweep around ``cae.train.trainer.Trainer``.
+"""The Ray Tune function trainable of a sweep: one Tune trial, which trains one trial of the
+sweep (a ``cae.train.trainer.Trainer``) or a fused pack of several (a ``cae.train.pack.Pack``).
+At this level a trial is a pack of one: the same members' folders, resume path, checkpoint
+writer, extension and epoch loop (``cae.train.loop.fit``) serve both.
 
-When it first starts, a trial writes its record (``cae.run.record``: the configuration it runs,
-every default filled in) into its directory of the run; restarted, it goes on with that
-configuration. Each epoch it reports the losses to Ray Tune with a checkpoint (model,
-optimiser, epoch, early-stopping and random state, and the epochs so far as JSON for
-``cae.results.tables``). The final epoch's report also carries the test errors and the stop
-reason, because a scheduler may end the trial right after its last report. A trial that
-diverges raises, so Ray Tune marks it as an error with that reason and the sweep goes on.
+Each member of the Tune trial has a folder in the run: a trial's is its Tune trial's
+directory; a pack's members have ``member_NN`` folders in the directory of the pack that
+first trained them (``cae.run.packfiles``), and a pack formed later from survivors of other
+packs (successive halving, ``cae.sweep.packs``) trains its members in those folders. When a
+member first starts it writes its record there (``cae.run.record``: the configuration it
+runs, every default filled in); restarted, it goes on with that configuration. Every epoch
+each member's checkpoint (weights, optimiser, schedule, stopping counters, history; see
+``cae.train.loop.trial_checkpoint``) goes into its folder: a trial's through ``tune.report``,
+so Tune keeps and prunes it, a pack's member's written by cae, which keeps the newest few.
+The last epoch of a member carries its test errors and stop reason (a scheduler may end the
+trial right after its last report). A member that diverges ends with the reason as its
+error (``cae.train.loop.fit``); the others go on.
 
-A restarted trial goes on from the newest checkpoint in its directory that can be read
-whole (``cae.run.checkpoints``), which after a restore from an older state can be newer than
-the one Tune hands it: it then first reports that checkpoint's last epoch again, so that the
-scheduler decides on it as if nothing had happened. A trial of a rebuilt run takes over the
-directory of the earlier trial with its search-space point (``adopt``). A trial of
-``cae extend`` takes over a finished trial of another run the same way (``adopt`` names it
-in full): it starts from that trial's newest checkpoint, the last epoch's whole state (a
-trial trained to ``max_epochs`` while still improving ends on its best epoch), trains on to
-its own, higher ``max_epochs``, and its record says which trial it ``extends``.
+A restarted trial goes on from the newest checkpoint of each member that can be read whole
+(``cae.run.checkpoints``), which after a restore from an older state can be newer than Tune's
+view: it then first reports that epoch again, so that the scheduler decides on it as if
+nothing had happened. A trial of a rebuilt run takes over the directory of the earlier trial
+with its search-space point (``adopt``). A trial of ``cae extend`` takes over a finished trial
+of another run the same way (``extends.json`` names it): it starts from that trial's newest
+checkpoint, the last epoch's whole state (a trial trained to ``max_epochs`` while still
+improving ends on its best epoch), trains on to its own, higher ``max_epochs``, and its
+record says which trial it ``extends``.
 """
 
 from __future__ import annotations
 
 import json
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import ray
@@ -32,55 +41,20 @@ from ray import tune
 from cae.config.points import trial_config
 from cae.config.trial import TrialConfig
 from cae.data.datasets import ImageData
-from cae.run import checkpoints
-from cae.run.directory import write_file
-from cae.run.record import RECORD_FILE, make_record, trial_config_of
-from cae.run.state import point_key
+from cae.run import checkpoints, packfiles
 from cae.sweep import internals
-from cae.sweep.extension import read_sources
+from cae.sweep.members import (
+    MemberFolder,
+    clear_stop_mark,
+    extended,
+    pack_report,
+    recorded_config,
+    save_member,
+    start_states,
+)
+from cae.train import loop
+from cae.train.pack import Pack
 from cae.train.trainer import Trainer
-
-
-def here_and_source(run_dir: str, point: dict, adopt: dict[str, str] | None) -> tuple[str, str]:
-    """This trial's directory, and the one it goes on from: its own, or, when it has no
-    checkpoint yet and ``adopt`` names an earlier directory for its point, that one: a
-    directory of this run (a run whose state was lost, ``cae.run.state.orphans``), or by
-    its full path or URI a trial of another run that this one trains on (``cae extend``)."""
-    here = f"{run_dir.rstrip('/')}/{internals.trial_dir_name()}"
-    adopt = {**read_sources(run_dir), **(adopt or {})}  # cae extend's sources, if any
-    if point_key(point) in adopt and not checkpoints.list_checkpoints(
-            *checkpoints.filesystem(here)):
-        where = adopt[point_key(point)]
-        outside = "://" in where or where.startswith("/")
-        return here, where if outside else f"{run_dir.rstrip('/')}/{where}"
-    return here, here
-
-
-def extension_of(run_dir: str, source: str) -> str | None:
-    """How the record of a trial names the trial of another run it trains on: relative to
-    the storage the two runs share (``<run>/<trial dir>``), else in full; None for a source
-    in this run."""
-    run_dir = run_dir.rstrip("/")
-    if source.startswith(run_dir + "/"):
-        return None
-    storage = run_dir.rsplit("/", 1)[0] + "/"
-    return source.removeprefix(storage) if source.startswith(storage) else source
-
-
-def extended(found: checkpoints.Found, cfg: TrialConfig) -> checkpoints.Found:
-    """A finished trial's newest checkpoint made the start of its extension: no final
-    report (it trains on to ``cfg.max_epochs``), its last epoch no longer its end, and a
-    fresh patience where it had run out (an extension of a trial stopped by patience gets
-    ``patience`` epochs to improve)."""
-    state = dict(found.state, final=None)
-    history = [dict(h) for h in state.get("history") or []]
-    if history:
-        history[-1].pop("stop_reason", None)
-    state["history"] = history
-    if cfg.patience and int(state.get("bad_epochs", 0)) >= cfg.patience:
-        state["bad_epochs"] = 0
-    return checkpoints.Found(found.path, state, {**found.history, "epochs": history,
-                                                  "final": None}, found.skipped)
 
 
 def static_facts(runner, data: ImageData) -> dict:
@@ -93,35 +67,13 @@ def static_facts(runner, data: ImageData) -> dict:
     }
 
 
-def read_record(location: str) -> dict | None:
-    """The record a trial (or a pack's member) wrote in ``location`` at its first start."""
-    fs, path = checkpoints.filesystem(location)
-    try:
-        with fs.open_input_stream(f"{path}/{RECORD_FILE}") as f:
-            return json.loads(f.read())
-    except (OSError, ValueError):
-        return None
-
-
-def recorded_config(here: str, source: str, current: TrialConfig, point: dict, *,
-                    depth: int = 1, extra: dict | None = None,
-                    files: dict[str, bytes] | None = None) -> TrialConfig:
-    """The configuration a trial runs: the record of its first start (in its own directory
-    ``here``, or in ``source``, the one it takes over), else ``current``, recorded now with
-    ``extra`` keys, after ``files`` are written beside it. A record taken over names the
-    trial it ``continues`` by the last ``depth`` parts of ``source`` (a pack's member: 2)."""
-    record = read_record(here)
-    if record is None:
-        record = (read_record(source) if source != here else None) or make_record(current,
-                                                                                  point)
-        if source != here:  # the tables then leave the trial taken over out
-            record["continues"] = "/".join(source.rstrip("/").rsplit("/", depth)[-depth:])
-        record.update(extra or {})
-        for name, data in (files or {}).items():
-            write_file(here, name, data)
-        write_file(here, RECORD_FILE, json.dumps(record).encode())
-    # where the data are read from may differ on a resume (cae resume --data-dir)
-    return trial_config_of(record, {}, point, current.data.data_dir)
+def report_epoch(metrics: dict, state: dict, history: dict) -> None:
+    """Report ``metrics`` to Tune with a checkpoint of the weights and the trial's history
+    (its epochs, kept beside state.pt since result.json can lose rows on a restart)."""
+    with tempfile.TemporaryDirectory() as d:
+        torch.save(state, Path(d) / checkpoints.STATE_FILE)
+        (Path(d) / checkpoints.HISTORY_FILE).write_text(json.dumps(history, default=float))
+        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
 
 
 def _ray_epoch() -> int:
@@ -133,37 +85,29 @@ def _ray_epoch() -> int:
     return checkpoints.epoch_of(history or {})
 
 
-def report_epoch(metrics: dict, state: dict, history: dict) -> None:
-    """Report ``metrics`` to Tune with a checkpoint of the weights and the trial's history
-    (its epochs, kept beside state.pt since result.json can lose rows on a restart)."""
-    with tempfile.TemporaryDirectory() as d:
-        torch.save(state, Path(d) / checkpoints.STATE_FILE)
-        (Path(d) / checkpoints.HISTORY_FILE).write_text(json.dumps(history, default=float))
-        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
-
-
-def go_on(found: checkpoints.Found | None, here: str, source: str, epochs: list[dict],
+def go_on(found: checkpoints.Found | None, member: MemberFolder, epochs: list[dict],
           static: dict) -> bool:
-    """What a trial (or a pack) reports before it trains on from ``found``, its newest
-    checkpoint, whose epochs so far are ``epochs``. True when it had already finished
-    before an interruption: nothing is left to train.
+    """What a trial alone reports before it trains on from ``found``, its newest checkpoint,
+    whose epochs so far are ``epochs``. True when it had already finished before an
+    interruption: nothing is left to train.
 
     When Tune's view is behind (a restore from an older state, a torn newest checkpoint, a
-    trial taken over from ``source``), the last epoch is reported again first, so that the
-    scheduler decides on it before any new one; a trial taken over also keeps its history
-    in its own directory."""
+    trial taken over from another directory), the last epoch is reported again first, so
+    that the scheduler decides on it before any new one; a trial taken over also keeps its
+    history in its own directory."""
     if found is None:
         return False
+    moved = member.source != member.folder
     if found.state.get("final"):
-        if source == here:
-            tune.report(found.state["final"])
-        else:
+        if moved:
             report_epoch(found.state["final"], found.state, found.history)
+        else:
+            tune.report(found.state["final"])
         return True
-    if source != here or found.skipped or checkpoints.epoch_of(found.history) > _ray_epoch():
+    if moved or found.skipped or checkpoints.epoch_of(found.history) > _ray_epoch():
         note = {}
-        if source != here or found.skipped:
-            where = found.name if source == here else f"{found.path.rsplit('/', 2)[-2]}/" \
+        if moved or found.skipped:
+            where = found.name if not moved else f"{found.path.rsplit('/', 2)[-2]}/" \
                 f"{found.name}"
             skipped = f" ({'; '.join(found.skipped)})" if found.skipped else ""
             note = {"resumed_from": f"{where}{skipped}"}
@@ -172,43 +116,139 @@ def go_on(found: checkpoints.Found | None, here: str, source: str, epochs: list[
     return False
 
 
-def run_trial(point: dict, base: dict, datasets: dict[str, ImageData], run_dir: str,
-              adopt: dict[str, str] | None = None, threads: int = 1) -> None:
-    """Train one trial, reporting every epoch to Ray Tune (used with tune.with_parameters).
+@dataclass
+class _Job:
+    """One Tune trial's members: their folders, configurations and checkpoints to go on
+    from, and its data."""
 
-    ``datasets`` holds every dataset of the sweep by ``DataConfig.source_key``; the trial
-    takes the one its own config names. ``run_dir`` is the run directory (a path or a URI);
-    ``adopt`` maps search-space points to directories of a rebuilt run's earlier trials."""
-    torch.set_num_threads(max(1, threads))
-    current = trial_config(base, point)
-    key = current.data.source_key()
+    folders: list[MemberFolder]
+    cfgs: list[TrialConfig]
+    found: list[checkpoints.Found | None]
+    data: ImageData
+    pack: bool  # a pack (of any size), or a trial alone
+
+
+def _job(config: dict, base: dict, datasets: dict[str, ImageData], run_dir: str,
+         adopt: dict[str, str] | None) -> _Job:
+    """Who trains in this Tune trial (``config``: a trial's point, or a pack's), as what,
+    from where."""
+    here = f"{run_dir.rstrip('/')}/{internals.trial_dir_name()}"
+    folders = MemberFolder.of(config, here, run_dir, adopt)
+    cfgs, found = [], []
+    for member in folders:
+        current = trial_config(base, member.point)
+        newest = checkpoints.load_newest(*checkpoints.filesystem(member.source))
+        if member.extends is None:
+            cfg = recorded_config(member, current)
+        elif newest is None:  # cae extend checked that it had one: it went since
+            raise RuntimeError(f"{member.source}: no whole checkpoint left to train on from")
+        else:  # cae extend: this run's point says what it runs, the old trial where it starts
+            cfg = recorded_config(member, current, extended_at=int(newest.state["epoch"]))
+            newest = extended(newest, cfg)
+        cfgs.append(cfg)
+        found.append(newest)
+    key = cfgs[0].data.source_key()
     if key not in datasets:  # check_spec loads every grid value: a bug if this happens
         raise RuntimeError(f"no dataset loaded for {key}; loaded: {', '.join(datasets)}")
-    here, source = here_and_source(run_dir, point, adopt)
-    found = checkpoints.load_newest(*checkpoints.filesystem(source))
-    extends = extension_of(run_dir, source)
-    if extends is None:
-        cfg = recorded_config(here, source, current, point)
-    elif found is None:  # cae extend checked that it had one: it went since
-        raise RuntimeError(f"{source}: no whole checkpoint left to train on from")
-    else:  # cae extend: this run's point says what it runs, the old trial where it starts
-        cfg = recorded_config(here, here, current, point, extra={
-            "extends": extends, "extended_at": int(found.state["epoch"])})
-        found = extended(found, cfg)
-    trainer = Trainer(cfg, datasets[key])
-    static = static_facts(trainer, datasets[key])
+    return _Job(folders, cfgs, found, datasets[key], packfiles.is_pack_point(config))
+
+
+def run_trial(config: dict, base: dict, datasets: dict[str, ImageData], run_dir: str,
+              adopt: dict[str, str] | None = None, threads: int = 1) -> None:
+    """Train one Tune trial of a sweep, a trial or a fused pack, reporting every epoch to
+    Ray Tune (used with ``tune.with_parameters``; see the module doc).
+
+    ``datasets`` holds every dataset of the sweep by ``DataConfig.source_key``; ``run_dir``
+    is the run directory (a path or a URI); ``adopt`` maps search-space points to
+    directories of a rebuilt run's earlier trials."""
+    torch.set_num_threads(max(1, threads))
+    job = _job(config, base, datasets, run_dir, adopt)
+    if job.pack:
+        _train_pack(job, config, run_dir)
+    else:
+        _train_alone(job)
+
+
+def run_pack(config: dict, **kwargs) -> None:
+    """``run_trial`` under the name the Tune trials of fused sweeps carry (their directories
+    are ``run_pack_*``; a run is restored with the trainable of the name it began with)."""
+    run_trial(config, **kwargs)
+
+
+# ---- a trial alone ----------------------------------------------------------------------
+
+
+def _train_alone(job: _Job) -> None:
+    """One trial: its checkpoints through ``tune.report`` into its own directory."""
+    (member,), (found,) = job.folders, job.found
+    trainer = Trainer(job.cfgs[0], job.data)
+    static = static_facts(trainer, job.data)
     if found is not None and not found.state.get("final"):
         trainer.load_state_dict(found.state)
-    if go_on(found, here, source, trainer.history, static):
+    if go_on(found, member, trainer.history, static):
         return
 
-    def on_epoch(metrics: dict, state_fn) -> None:
-        report = {**metrics, **static}
-        state = state_fn()  # saved before test() swaps in the best weights
-        if "stop_reason" in metrics:  # the last epoch of this trial
-            report.update(trainer.test())
-            state["final"] = report
+    def on_epoch(metrics: dict[int, dict]) -> None:
+        report = {**metrics[0], **static}
+        state = trainer.state_dict()
+        if "stop_reason" in report:  # the last epoch of this trial
+            report.update(_end(trainer.member))
+            state["final"] = trainer.member.final = report
         report_epoch(report, state, {"epochs": trainer.history, "static": static,
                                      "final": state.get("final")})
 
-    trainer.fit(on_epoch)
+    loop.fit(trainer, on_epoch)
+
+
+def _end(member: loop.Member) -> dict:
+    """What a member's last report adds to its epoch: its test errors, or why it diverged."""
+    return {**member.test, **({"error": member.error} if member.error else {})}
+
+
+# ---- a pack -------------------------------------------------------------------------------
+
+
+def _train_pack(job: _Job, config: dict, run_dir: str) -> None:
+    """A fused pack: each member's checkpoint written into its folder every epoch; what Tune
+    gets is the pack's epoch (``cae.sweep.members.pack_report``), with every member's
+    metrics under halving, and no checkpoint (the members' are the pack's)."""
+    pack = Pack(job.cfgs, job.data)
+    states, slots = start_states(job.found, job.folders)
+    pack.load_members(states, slots)
+    static = static_facts(pack, job.data)
+    name = job.folders[0].pack_name
+    tune_id = tune.get_context().get_trial_id()
+    ids = [f.trial_id(tune_id, found) for f, found in zip(job.folders, job.found)]
+    book_ids = config.get("ids")
+
+    def report(metrics: dict[int, dict]) -> dict:
+        return {**pack_report(pack, metrics, job.folders, run_dir, book_ids), **static}
+
+    for folder, found in zip(job.folders, job.found):
+        folder.take_over(found)
+    if any(states):  # restarted, or formed from members that trained before: say where
+        last = {i: m.history[-1] for i, m in enumerate(pack.members) if m.history}
+        if not pack.live():
+            tune.report({**report(last), "final": True})
+            return
+        tune.report({**report(last), "reported_again": True})
+    for i in pack.live():
+        clear_stop_mark(job.folders[i])
+
+    def on_epoch(metrics: dict[int, dict]) -> None:
+        for i, m in metrics.items():
+            member = pack.members[i]
+            before = member.history[-2]["time_total_s"] if len(member.history) > 1 else 0.0
+            m["time_total_s"] = before + m["epoch_time_s"]
+            m["pack"] = name
+            if "stop_reason" in m:
+                member.final = {**m, **static, **_end(member)}
+            state = pack.member_state(i)
+            state["pack"]["name"] = name  # a pack resumed from these takes its rows back
+            save_member(job.folders[i], pack.epoch, state,
+                        {"epochs": member.history, "static": {**static, "trial_id": ids[i]},
+                         "final": member.final}, keep=job.folders[i].start_epoch)
+        done = all(pack.members[i].stop_reason for i in pack.live())
+        tune.report({**report(metrics), **({"final": True} if done else {})})
+
+    loop.fit(pack, on_epoch, evaluate_test=pack.evaluate_test)

@@ -47,14 +47,16 @@ def scheduler(spec: SweepSpec, max_epochs: int):
 
 def wrapped_trainable(spec: SweepSpec, datasets: dict, run_dir: str,
                       adopt: dict[str, str] | None = None):
-    """``cae.sweep.trainable.run_trial`` with the sweep's data and run directory, and the trials
-    of an earlier run to take over (``adopt``: search-space point -> directory)."""
+    """``cae.sweep.trainable.run_trial`` (``run_pack``, its name for a fused sweep's packs)
+    with the sweep's data and run directory, its resources per Tune trial, and the trials of
+    an earlier run to take over (``adopt``: search-space point -> directory)."""
     from ray import tune
 
-    from cae.sweep.trainable import run_trial
+    from cae.sweep.trainable import run_pack, run_trial
 
-    fn = tune.with_parameters(run_trial, base=spec.trial, datasets=datasets, run_dir=run_dir,
-                              adopt=adopt or {}, threads=max(1, int(spec.resources.cpu)))
+    fn = tune.with_parameters(run_pack if spec.fusion() else run_trial, base=spec.trial,
+                              datasets=datasets, run_dir=run_dir, adopt=adopt or {},
+                              threads=max(1, int(spec.resources.cpu)))
     return tune.with_resources(fn, {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu})
 
 
@@ -177,6 +179,28 @@ def ray_session(address: str | None, dashboard: bool = False):
             ray.shutdown()
 
 
+def searcher_and_scheduler(spec: SweepSpec, run_dir: str, checked: Checked):
+    """The searcher, the number of Tune trials it hands out (-1: as many as it forms) and
+    the scheduler of a sweep. A fused sweep has one Tune trial per pack
+    (``cae.sweep.packplan``): a fixed list of packs under FIFO, or, under successive
+    halving, the packs its survivors are regrouped into at each rung."""
+    from cae.schedule import create_searcher
+
+    if spec.fusion() and spec.scheduler.kind != "fifo":
+        from cae.sweep.packplan import fused_halving
+
+        searcher, sched = fused_halving(spec, param_space(spec), run_dir, checked.max_epochs,
+                                        checked.budget, METRIC, MODE)
+        return searcher, -1, sched
+    if spec.fusion():
+        from cae.sweep.packplan import pack_searcher
+
+        searcher, n_trials = pack_searcher(spec, param_space(spec), checked.budget)
+    else:
+        searcher, n_trials = create_searcher(spec, param_space(spec))
+    return searcher, n_trials, scheduler(spec, checked.max_epochs)
+
+
 def fit(spec: SweepSpec, datasets: dict, run_dir: str, checked: Checked,
         callbacks: Sequence = (), verbose: bool = False, adopt: dict[str, str] | None = None):
     """Run the sweep into ``run_dir`` (storage/name) to the end, or until SIGINT, SIGUSR1 or
@@ -184,23 +208,14 @@ def fit(spec: SweepSpec, datasets: dict, run_dir: str, checked: Checked,
     ``wrapped_trainable``."""
     from ray import tune
 
-    from cae.schedule import create_searcher
     from cae.schedule.schedulers import speculation_marks
 
     storage, name = run_dir.rstrip("/").rsplit("/", 1)
-    if spec.fusion():  # one Tune trial per fused pack (cae.sweep.packtrial)
-        from cae.sweep.packplan import pack_searcher
-        from cae.sweep.packtrial import wrapped_pack_trainable
-
-        searcher, n_trials = pack_searcher(spec, param_space(spec), checked.budget)
-        trainable = wrapped_pack_trainable(spec, datasets, run_dir, adopt)
-    else:
-        searcher, n_trials = create_searcher(spec, param_space(spec))
-        trainable = wrapped_trainable(spec, datasets, run_dir, adopt)
-    sched = scheduler(spec, checked.max_epochs)
-    # the scheduler's marks on results trained ahead of a rung (saved with the tuner, so a
-    # resume keeps the pair)
-    callbacks = [*callbacks, speculation_marks(sched)]
+    searcher, n_trials, sched = searcher_and_scheduler(spec, run_dir, checked)
+    trainable = wrapped_trainable(spec, datasets, run_dir, adopt)
+    # the scheduler's marks on results (trained ahead of a rung; the members of packs under
+    # halving), saved with the tuner, so a resume keeps the pair; before the console reads them
+    callbacks = [speculation_marks(sched), *callbacks]
     tuner = tune.Tuner(
         trainable,
         param_space={},
@@ -223,16 +238,12 @@ def resume(run_dir: str, spec: SweepSpec, datasets: dict, callbacks: Sequence = 
     the state Tune saved with the experiment. ``adopt``: see ``wrapped_trainable``."""
     from ray import tune
 
-    if spec.fusion():
-        from cae.sweep.packtrial import wrapped_pack_trainable as wrapped_trainable_
-    else:
-        wrapped_trainable_ = wrapped_trainable
     from cae.schedule.schedulers import SpeculationMarks
     from cae.sweep.moved import old_names
 
     with old_names():  # a run made before cae's modules moved: its pickles name old paths
-        tuner = tune.Tuner.restore(run_dir, trainable=wrapped_trainable_(spec, datasets,
-                                                                         run_dir, adopt),
+        tuner = tune.Tuner.restore(run_dir, trainable=wrapped_trainable(spec, datasets,
+                                                                        run_dir, adopt),
                                    resume_unfinished=True, resume_errored=False)
         # The run config comes back from the run's tuner.pkl as the sweep began; this
         # resume's console settings replace it (Tuner.restore takes no run config of its own).
