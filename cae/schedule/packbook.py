@@ -207,14 +207,14 @@ class PackBook:
             arrived |= new and seat.epoch in self.rungs
         promoted, stopped = self._decide()
         stopped += [self.seats[m] for m, d in decisions.items() if d == STOP]
+        training = [s for s in stopped if s.fate == "training"]  # in a pack that trains on
+        others = sorted({s.pack for s in training if s.pack != pack_id})
         for seat in stopped:
             seat.fate = "stopped"
-        others = sorted({s.pack for s in stopped if s.pack not in (None, pack_id)
-                         and s.pack in self.packs})
         live = [self.seats[m] for m in self.packs.get(pack_id, [])
                 if self.seats[m].fate == "training"]
         stop = any(d == STOP for d in decisions.values()) or any(
-            s.pack == pack_id for s in stopped)
+            s.pack == pack_id for s in training)
         if not stop and (arrived or WAIT in decisions.values()):  # at or past a rung
             stop = not (self.work_ahead and idle and live and all(
                 decisions.get(s.trial_id) == WAIT and self._decider(s).ahead(s)
