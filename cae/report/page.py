@@ -20,6 +20,7 @@ import plotly.graph_objects as go
 
 from cae.data.userdata import skipped_note
 from cae.report import axes, figures
+from cae.report.packs import has_packs, pack_timeline
 from cae.report.run import Run, axis_labels, best_trials, load_run, short_id
 from cae.report.table import SORT_JS, best_per_latent, frame_html, table_html
 from cae.results.tables import carried_epochs, trained_epochs
@@ -190,6 +191,13 @@ def sections(run: Run, pictures: bool = True,
                     "distorted input unchanged (red): a low mean can hide a distortion the "
                     "model never learned to undo, or undoes worse than doing nothing.",
                     _fig_html(dist)))
+    if has_packs(e):
+        out.append(("packs", "Fused packs",
+                    "Which pack trained which trial, epoch by epoch (one colour per pack). "
+                    "Under successive halving each rung's survivors go on in new packs, as "
+                    "full as the sweep's max_members allows; a pack's members train alike, "
+                    "each on its own batches, as it would alone. Hover a bar for its pack.",
+                    _fig_html(pack_timeline(t, e))))
     if pictures and run.path is not None:
         from cae.report.pictures import sample_pictures
 

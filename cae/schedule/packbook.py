@@ -227,16 +227,17 @@ class PackBook:
         return stop, stopped, others
 
     def pack_ended(self, pack_id: str, errored: bool = False) -> None:
-        """A pack's Tune trial ended (complete, stopped, removed, or failed: its members fail
-        with it, until it is retried)."""
+        """A pack's Tune trial ended (complete, stopped, removed), or failed: its members fail
+        with it, until it is retried (Tune retries right after, so nothing is decided on a
+        failure: ``settle`` decides once nothing else can run)."""
         if errored:
             for mid in self.packs.get(pack_id, []):
                 seat = self.seats[mid]
                 if seat.fate == "training" and seat.pack == pack_id:
                     seat.fate = "failed"
                     self._decider(seat).ended(seat, errored=True)
-        else:
-            self._leave(pack_id)
+            return
+        self._leave(pack_id)
         self._decide_and_form()
 
     def pack_back(self, pack_id: str) -> None:

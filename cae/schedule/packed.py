@@ -139,7 +139,6 @@ class PackScheduler(MetricModeScheduler):
     def __init__(self, run_dir: str, metric: str | None = None, mode: str | None = None):
         super().__init__(metric, mode)
         self.run_dir = run_dir.rstrip("/")
-        self._settled = False  # after a restore, the book decides what it can at once
         self._fates: dict[str, int] = {}
 
     def on_trial_add(self, tune_controller, trial: Trial) -> None:
@@ -183,16 +182,16 @@ class PackScheduler(MetricModeScheduler):
 
     def choose_trial_to_run(self, tune_controller) -> Trial | None:
         """The first pack waiting for a worker, in the order they were formed; with none, the
+        book decides what it can (after a restore, or a pack that failed for good) and the
         members queued for a pack are formed into packs (a worker would sit idle)."""
         book = book_of(tune_controller)
-        if not self._settled:
-            self._settled = True
-            book.settle()
         for trial in tune_controller.get_trials():
             if trial.status == Trial.PENDING:
                 return trial
+        book.settle()
         if not book.formed:
             book.flush()
+        self._fates = fates(book)
         return None
 
     def member_fates(self) -> dict[str, int]:
