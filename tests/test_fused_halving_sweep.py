@@ -85,6 +85,21 @@ def test_a_fused_sha_sweep_gives_the_unfused_answer(tmp_path):
     winner = fused.loc[~stopped, "trial_id"].iloc[0]
     assert fused_epochs.loc[fused_epochs["trial_id"] == winner, "pack"].nunique() == 4
     assert alone_epochs["pack"].isna().all()
+    # cae extend: two members the halving stopped at epoch 3 go on together in one pack,
+    # each from its own checkpoint, to epoch 5
+    two = fused[(fused["epochs"] == 3)].loc[4, "trial_id"].tolist()[:2]
+    assert len(two) == 2
+    assert main(["extend", str(tmp_path / "f"), "--epochs", "2", "--trial", *two, "--name",
+                 "x", "--no-report", "--report-every", "0"]) == 0
+    extended = pd.read_parquet(tmp_path / "x" / "trials.parquet")
+    assert len(list((tmp_path / "x").glob("run_pack_*"))) == 1  # one pack of the two
+    assert extended["extended_at"].tolist() == [3, 3]
+    assert extended["epochs"].tolist() == [5, 5]
+    assert set(extended["stop_reason"]) == {"max_epochs"} and extended["test_loss"].notna().all()
+    epochs = pd.read_parquet(tmp_path / "x" / "epochs.parquet")
+    for _, rows in epochs.groupby("trial_id"):
+        assert rows["epoch"].tolist() == [1, 2, 3, 4, 5]
+        assert rows["pack"].iloc[-1] == rows["pack"].iloc[-2] != rows["pack"].iloc[2]
 
 
 def _losses(run_dir: Path) -> dict[tuple, tuple[float, float]]:

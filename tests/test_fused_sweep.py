@@ -196,3 +196,29 @@ def test_pack_processes_killed_at_random_lose_nothing(tmp_path):
     assert len(trials) == 8 and set(trials["status"]) == {"TERMINATED"}
     assert trials["num_failures"].sum() >= 2
     assert _member_losses(run_dir) == _member_losses(tmp_path / "u")
+
+
+@pytest.mark.slow
+def test_a_fused_run_interrupted_by_the_code_before_one_loop_resumes_to_its_losses(tmp_path,
+                                                                                  capsys):
+    """``tests/data/interrupted-fused-run`` was stopped after 2 or 3 of 4 epochs (Ctrl-C) by the
+    code before packs resumed from their members' checkpoints (commit 3a44e34: its packs
+    kept checkpoints of their own). It resumes from its members' checkpoints, every member
+    ends with each epoch once, and the losses are those of the same spec run undisturbed by
+    that code, bit for bit."""
+    import shutil
+
+    data = Path(__file__).parent / "data"
+    run = tmp_path / "run"
+    shutil.copytree(data / "interrupted-fused-run", run)
+    before = pd.read_parquet(run / "trials.parquet")
+    assert set(before["status"]) == {"RUNNING"} and before["epochs"].between(1, 3).all()
+    assert main(["resume", str(run), "--no-report", "--report-every", "0"]) == 0
+    capsys.readouterr()
+    trials, epochs = _tables(run)
+    epochs = epochs.drop(columns=["lr"]).merge(trials[["trial_id", "model.latent_dim", "lr"]],
+                                               on="trial_id")
+    assert len(trials) == 4 and set(trials["status"]) == {"TERMINATED"}
+    got = sorted([int(a), float(b), int(c), float(v)] for a, b, c, v in zip(
+        epochs["model.latent_dim"], epochs["lr"], epochs["epoch"], epochs["val_loss"]))
+    assert got == json.loads((data / "interrupted-fused-run-losses.json").read_text())

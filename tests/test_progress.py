@@ -304,3 +304,38 @@ def test_status_counts_elapsed_time_from_the_first_session(tmp_path):
     status = run_status(str(run))
     assert status.state == "running"
     assert status.progress.elapsed >= 100  # not the 10 s since the resume
+
+
+def test_a_fused_sweep_under_halving_counts_its_members_and_says_who_diverged():
+    """Packs overlap in members (a rung's survivors go on in new packs): the counts are the
+    scheduler's (``member_fates``), and a member that diverged is one line, as a trial
+    alone that diverged is."""
+    from cae.sweep.progress import ProgressCallback
+
+    out = io.StringIO()
+    cb = ProgressCallback("s", total=6, max_epochs=18, planned=10, axes=["lr"], stream=out,
+                          tty=False, interval=0)
+    cb.setup()
+    pack = types.SimpleNamespace(status="RUNNING", trial_id="p1", config={
+        "pack": [{"lr": 0.1}, {"lr": 0.2}], "ids": ["m0", "m1"]},
+        last_result={"epoch": 2, "member_epochs": 2, "best_val_loss": 0.4}, error_file=None)
+    result = {"epoch": 2, "member_fates": {"done": 3, "running": 2, "paused": 1},
+              "members": {"m0": {"epoch": 2, "trial": "p0_00", "error": "diverged: val "
+                                 "loss became nan at epoch 2"}, "m1": {"epoch": 2}}}
+    cb.on_trial_result(1, [pack], pack, result)
+    cb.on_step_end(1, [pack, pack])  # two packs that share members
+    lines = out.getvalue().splitlines()
+    assert lines[0] == ("trial p0_00 of pack p1 ended (epoch 2): diverged: val loss became "
+                        "nan at epoch 2")
+    assert lines[1].startswith("s: 3/6 done, 2 running, 1 paused; 4/18 trial-epochs")
+    alone = _trial("TERMINATED", 1, 0.9, 1e12, trial_id="bad")
+    alone.last_result["stop_reason"] = "diverged"
+    cb._fates = {}
+    cb.on_trial_result(2, [alone], alone, {"epoch": 1, "stop_reason": "diverged",
+                                          "error": "diverged: train loss became nan at "
+                                                   "epoch 1"})
+    cb.on_step_end(2, [alone])
+    lines = out.getvalue().splitlines()
+    assert lines[2] == ("trial bad ended (lr=1e+12; epoch 1): diverged: train loss became nan "
+                        "at epoch 1")
+    assert lines[3].startswith("s: 0/6 done, 5 pending, 1 errored")

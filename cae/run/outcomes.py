@@ -16,6 +16,9 @@ import pandas as pd
 NOT_FINISHED = ("RUNNING", "PENDING", "PAUSED")
 # Stop reasons a trial reports itself at its last epoch.
 OWN_ENDS = ("max_epochs", "patience")
+# What a trial whose loss became NaN or infinite reports (``cae.train.loop``): it ends, with
+# the reason as its error, and reads as one.
+DIVERGED = "diverged"
 # Stop reasons of trials the scheduler stopped early (at a rung of successive halving).
 SCHEDULER_STOPS = ("asha", "sha")
 # Progress buckets of a sweep, in the order they are shown.
@@ -40,7 +43,9 @@ def stop_reason(status: str, reported: str | None, error: str, scheduler: str) -
 def bucket(status: str, reason: str = "") -> str:
     """A trial's progress bucket; a trial that reported an end of its own is done whatever
     its status (Ray writes its state every few seconds: RUNNING or UNKNOWN there may
-    already have ended)."""
+    already have ended), one that diverged errored (it ends without failing in Tune)."""
+    if reason == DIVERGED:
+        return "errored"
     if reason in OWN_ENDS and status != "ERROR":
         return "done"
     return _BUCKET_OF.get(status, "running")

@@ -17,7 +17,9 @@ configuration is exactly the old one but for its length. The run directory's
 ``extends.json`` maps each point to its source, and the trainable (``cae.sweep.trainable``)
 starts the point from there as a resume starts from a trial's own checkpoint (on a
 ``cae resume`` of the new run too). Continuing gives the losses that training that long in
-the first place gives.
+the first place gives. A fused run's trials go on fused (FIFO), each pack from its
+members' checkpoints, where the trials that could share a pack reached the same epoch;
+else each trains on alone.
 """
 
 from __future__ import annotations
@@ -139,8 +141,20 @@ def extension_spec(old: SweepSpec, sources: list[Source],
     data = old.model_dump(mode="json")
     data.update(name=f"{old.name}-extend", trial=base,
                 space={"variant": {"grid": mappings}}, scheduler={"kind": "fifo"},
-                search={"kind": "grid"}, num_samples=1, fuse=None)
+                search={"kind": "grid"}, num_samples=1,
+                fuse=data.get("fuse") if _fusable(sources) else None)
     return SweepSpec.model_validate(data), adopt, carried
+
+
+def _fusable(sources: list[Source]) -> bool:
+    """Whether the chosen trials of a fused run can go on fused: a pack trains its members
+    from one epoch, so trials that could share a pack must have reached the same one."""
+    from cae.train.packing import pack_key
+
+    start: dict[str, set[int]] = {}
+    for s in sources:
+        start.setdefault(pack_key(s.config), set()).add(s.epoch)
+    return all(len(epochs) == 1 for epochs in start.values())
 
 
 def extend_run(run_dir: str, epochs: int, *, best_per: str | None = None,

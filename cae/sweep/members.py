@@ -253,15 +253,16 @@ def _state_at(member: MemberFolder, found: checkpoints.Found, epoch: int) -> dic
 
 # each member's metrics a pack's report carries, for a scheduler that decides per member
 MEMBER_KEYS = ("epoch", "train_loss", "val_loss", "best_val_loss", "best_epoch",
-               "stop_reason", "error", "epoch_time_s")
+               "stop_reason", "epoch_time_s")
 
 
 def pack_report(pack, metrics: dict[int, dict], folders: list[MemberFolder], run_dir: str,
-                ids: list[str] | None) -> dict:
+                ids: list[str], book_ids: list[str] | None) -> dict:
     """A pack's epoch as Tune sees it: its members' best losses (FIFO reads nothing), how
-    many trained and stopped, the trial-epochs trained in this pack (the progress bar), and,
-    under halving (``ids``: each member's id in ``cae.schedule.packbook``), under ``members``
-    each member's metrics and folder (relative to the run directory)."""
+    many trained and stopped, the trial-epochs trained in this pack (the progress bar), and
+    under ``members`` each member's metrics, trial id (``ids``), folder (relative to the run
+    directory) and divergence, by its id in ``cae.schedule.packbook`` under halving
+    (``book_ids``), else by its trial id."""
     vals = [m["val_loss"] for m in metrics.values()]
     finite = [v for v in vals if v == v and abs(v) != float("inf")]
     report = {"epoch": pack.epoch, "val_loss": min(finite, default=float("nan")),
@@ -271,11 +272,14 @@ def pack_report(pack, metrics: dict[int, dict], folders: list[MemberFolder], run
               "members_stopped": sum(1 for m in pack.members if m.stop_reason),
               "member_epochs": sum(max(0, len(m.history) - f.start_epoch)
                                    for m, f in zip(pack.members, folders))}
-    if ids:
-        prefix = run_dir.rstrip("/") + "/"
-        report["members"] = {ids[i]: {**{k: m[k] for k in MEMBER_KEYS if k in m},
-                                      "home": folders[i].folder.removeprefix(prefix)}
-                             for i, m in metrics.items()}
+    prefix = run_dir.rstrip("/") + "/"
+    keys = book_ids or ids
+    report["members"] = {keys[i]: {**{k: m[k] for k in MEMBER_KEYS if k in m},
+                                   "trial": ids[i],
+                                   "home": folders[i].folder.removeprefix(prefix),
+                                   **({"error": pack.members[i].error}
+                                      if pack.members[i].error else {})}
+                         for i, m in metrics.items()}
     return report
 
 

@@ -28,6 +28,7 @@ from cae.results.status import Progress, rate
 from cae.run.outcomes import BUCKETS, bucket
 from cae.run.packfiles import PACK_KEY
 from cae.run.state import point_key
+from cae.schedule.packed import MEMBERS
 from cae.schedule.schedulers import MEMBER_FATES
 from cae.sweep.livereport import LiveReport
 from cae.sweep.plan import Checked
@@ -166,6 +167,12 @@ class ProgressCallback(tune.Callback):
                         result: dict, **info) -> None:
         if isinstance(result.get(MEMBER_FATES), dict):
             self._fates = {kind: int(result[MEMBER_FATES].get(kind, 0)) for kind in BUCKETS}
+        if result.get("error"):  # a trial that diverged ends without failing
+            self.say(f"trial {trial.trial_id} ended ({self._where(trial)}): {result['error']}")
+        for member, metrics in (result.get(MEMBERS) or {}).items():
+            if isinstance(metrics, dict) and metrics.get("error"):
+                self.say(f"trial {metrics.get('trial', member)} of pack {trial.trial_id} "
+                         f"ended (epoch {metrics.get('epoch')}): {metrics['error']}")
         if result.get("resumed_from"):  # a checkpoint skipped or a trial taken over
             self.say(f"trial {trial.trial_id} goes on from {result['resumed_from']} "
                       f"({self._where(trial)})")

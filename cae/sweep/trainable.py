@@ -222,7 +222,7 @@ def _train_pack(job: _Job, config: dict, run_dir: str) -> None:
     book_ids = config.get("ids")
 
     def report(metrics: dict[int, dict]) -> dict:
-        return {**pack_report(pack, metrics, job.folders, run_dir, book_ids), **static}
+        return {**pack_report(pack, metrics, job.folders, run_dir, ids, book_ids), **static}
 
     for folder, found in zip(job.folders, job.found):
         folder.take_over(found)
