@@ -117,3 +117,19 @@ def tiny_config(max_epochs: int = 3, **kw):
         else:
             base[key] = value
     return TrialConfig.model_validate(base)
+
+
+def spec_with(spec: dict, **changes) -> dict:
+    """A copy of the sweep spec ``spec`` with dotted ``changes`` (``trial.max_epochs=4``; a
+    value of None removes the key)."""
+    out = json.loads(json.dumps(spec))
+    for key, value in changes.items():
+        *path, last = key.split(".")
+        target = out
+        for part in path:
+            target = target.setdefault(part, {})
+        if value is None:
+            target.pop(last, None)
+        else:
+            target[last] = value
+    return out

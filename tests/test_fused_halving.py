@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import spec_with
 from ray.tune.utils import flatten_dict
 
 import cae.sweep.trainable as trainable
@@ -115,14 +116,7 @@ class Sweep:
 
 
 def _spec(**changes) -> SweepSpec:
-    data = json.loads(json.dumps(SPEC))
-    for key, value in changes.items():
-        node = data
-        *path, last = key.split(".")
-        for part in path:
-            node = node[part]
-        node[last] = value
-    return SweepSpec.model_validate(data)
+    return SweepSpec.model_validate(spec_with(SPEC, **changes))
 
 
 def _alone(spec: SweepSpec, point: dict, epochs: int) -> list[dict]:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-from helpers import kill_running_at_random
+from helpers import kill_running_at_random, spec_with
 
 from cae.cli import main
 
@@ -34,15 +34,8 @@ SPEC = {
 
 
 def _write(folder: Path, **changes) -> Path:
-    spec = json.loads(json.dumps(SPEC))
-    for key, value in changes.items():
-        node, *path = key.split(".")
-        target = spec
-        for part in [node, *path][:-1]:
-            target = target.setdefault(part, {})
-        target[[node, *path][-1]] = value
     path = folder / f"spec-{len(list(folder.glob('spec-*')))}.yaml"
-    path.write_text(yaml.safe_dump(spec))
+    path.write_text(yaml.safe_dump(spec_with(SPEC, **changes)))
     return path
 
 

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import torch
 import yaml
-from helpers import kill_first_after
+from helpers import kill_first_after, spec_with
 
 from cae.cli import main
 from cae.config.spec import SweepSpec
@@ -30,18 +30,8 @@ SPEC = {
 
 
 def _write(tmp_path: Path, **changes) -> Path:
-    spec = json.loads(json.dumps(SPEC))
-    for key, value in changes.items():
-        node, *path = key.split(".")
-        target = spec
-        for part in [node, *path][:-1]:
-            target = target.setdefault(part, {})
-        if value is None:
-            target.pop([node, *path][-1], None)
-        else:
-            target[[node, *path][-1]] = value
     path = tmp_path / "spec.yaml"
-    path.write_text(yaml.safe_dump(spec))
+    path.write_text(yaml.safe_dump(spec_with(SPEC, **changes)))
     return path
 
 
