@@ -20,8 +20,10 @@ and whether each stratum's winner and best validation loss equal FIFO's and SHA'
 
     python benchmarks/schedsim.py            # validation, the sweep over workers, figure
     python benchmarks/schedsim.py --quick    # fewer points (a smoke run)
+    python benchmarks/schedsim.py --packs    # fused packs (benchmarks/packsim.py)
 
-Writes ``benchmarks/results/schedsim.json`` and ``docs/schedsim.png``.
+Writes ``benchmarks/results/schedsim.json`` and ``docs/schedsim.png``; with ``--packs``
+``benchmarks/results/schedsim-packs.json`` and ``docs/packsim.png``.
 """
 
 from __future__ import annotations
@@ -387,7 +389,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="only replay these recorded runs (trace names) and print them")
     p.add_argument("--figure", action="store_true",
                    help="only draw the figure again from benchmarks/results/schedsim.json")
+    p.add_argument("--packs", action="store_true",
+                   help="fused packs instead (benchmarks/packsim.py): Study B's grid on 1 and 8 "
+                        "GPUs, one trial per GPU under sha, FIFO packs, packs under sha")
     args = p.parse_args(argv)
+    if args.packs:
+        return packs(args.quick)
     if args.figure:
         rows = json.loads(common.results_path("schedsim", False).read_text())["points"]
         print(f"figure: {figure(rows, common.ROOT / 'docs' / 'schedsim.png')}")
@@ -448,6 +455,32 @@ def main(argv: list[str] | None = None) -> int:
 
 
 TRACES = ("quickstart-sha", "peer-sha", "quickstart-fifo", "quickstart-fifo-seed1", "peer-fifo")
+
+
+def packs(quick: bool) -> int:
+    """``--packs``: ``packsim.compare`` for Study B's grid as written and with three repeats
+    per point (``--quick``: as written, on 8 GPUs), its table, results and figure."""
+    import packsim
+
+    started, info = common.now(), common.machine()
+    cases = [(1, [8], [2.4])] if quick else [(1, [1, 8], [2.4, 11.5]), (3, [1, 8], [2.4, 11.5])]
+    grids = [packsim.compare(n, gpus, saturations) for n, gpus, saturations in cases]
+    for g in grids:
+        print(f"Study B's grid, {g['trials']:,} trials ({g['num_samples']} per point), "
+              f"{g['fifo_packs']:,} FIFO packs:")
+        print(packsim.describe_runs(g))
+    figures = {"what": packsim.__doc__.split("\n\n")[0].replace("\n", " "),
+               "assumptions": {"pack_epoch": "t(K) = t1 * max(1, K / S), S = saturation_members "
+                                             "(HFTA's 2.4x-11.5x trials per hour)",
+                               "t1": "steps x layers x 3 kernels x 10 us (launch-bound)",
+                               "start_s": packsim.START_S, "curves": "drawn, seed 0"},
+               "grids": grids}
+    out = common.results_path("schedsim-packs", quick)
+    common.write_results(out, "schedsim-packs", info, figures, started)
+    if not quick:
+        print(f"figure: {packsim.figure(grids, common.ROOT / 'docs' / 'packsim.png')}")
+    print(f"wrote {out}")
+    return 0
 
 
 if __name__ == "__main__":

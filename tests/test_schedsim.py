@@ -213,3 +213,33 @@ def test_a_real_sweep_is_replayed_with_the_same_decisions(tmp_path):
     got = schedsim.replay({**trace, "events": trace["events"]})
     assert got["same_decisions"] and got["trial_epochs"]["measured"] < 16 * 4
     assert abs(got["wall_error"]) <= 0.25  # a short run: the fixed costs weigh more
+
+
+# ---- fused packs (benchmarks/packsim.py) ---------------------------------------------------
+
+
+def test_packs_under_halving_decide_as_one_trial_per_gpu_and_regroup_the_survivors():
+    """A slice of Study B's grid with 3 seeds (latent 4 and 8, one conv per stage: 576
+    trials): the real fused book and scheduler stop the same trials at the same rungs
+    as the real unfused ones (the same trial-epochs), members share their packs' epochs
+    (fewer pack-epochs than trial-epochs), FIFO packs, training everything, take longer, and
+    a pack of K costs as HFTA's scaling has it."""
+    import packsim
+    from cae.config.points import trial_config
+    from cae.sweep.packplan import trial_points
+    from cae.sweep.tuner import param_space
+
+    assert packsim.pack_s(2.0, 1, 2.4) == 2.0 and packsim.pack_s(2.0, 12, 2.4) == 10.0
+    spec = packsim.grid(3)
+    spec.space["model.latent_dim"] = {"grid": [4, 8]}
+    spec.space["model.convs"] = {"grid": [1]}
+    points = trial_points(spec, param_space(spec))
+    keys = [sim.config_key(p) for p in points]
+    seconds = {k: packsim.alone_s(trial_config(spec.trial, p)) for k, p in zip(keys, points)}
+    drawn = packsim.curves(keys, 30)
+    works = {k: sim.Work(drawn[k], (seconds[k],) * 30) for k in keys}
+    alone = packsim.unfused(spec, works, 2)
+    packs = packsim.halving_packs(spec, works, seconds, 2, 2.4)
+    assert len(points) == 576 and alone.trial_epochs == packs["trial_epochs"]
+    assert packs["pack_epochs"] < packs["trial_epochs"]  # members shared their packs' epochs
+    assert packsim.fifo_packs(spec, seconds, 2, 2.4) > packs["wall_s"]
