@@ -225,6 +225,7 @@ def test_packs_under_halving_decide_as_one_trial_per_gpu_and_regroup_the_survivo
     (fewer pack-epochs than trial-epochs), FIFO packs, training everything, take longer, and
     a pack of K costs as HFTA's scaling has it."""
     import packsim
+
     from cae.config.points import trial_config
     from cae.sweep.packplan import trial_points
     from cae.sweep.tuner import param_space
