@@ -133,3 +133,84 @@ def spec_with(spec: dict, **changes) -> dict:
         else:
             target[last] = value
     return out
+
+
+def epochs_trained(trials, epochs, keys: list[str]) -> set[tuple]:
+    """(keys..., epoch) of the epochs a run had trained (its tables)."""
+    rows = epochs.merge(trials[["trial_id", *keys]], on="trial_id")
+    return {(*map(_plain, (r[k] for k in keys)), int(r["epoch"])) for _, r in rows.iterrows()}
+
+
+def _plain(value):
+    return int(value) if float(value).is_integer() else float(value)
+
+
+def assert_resumed_losses(got: dict, expected: dict, trained_before: set) -> None:
+    """A resumed run's losses against the same spec run undisturbed, on the machine that
+    recorded it: the epochs trained before the interruption equal bit for bit, those after
+    within 1e-5 (bit for bit on that machine; another CPU rounds differently)."""
+    import pytest
+
+    assert set(got) == set(expected)
+    for key, value in expected.items():
+        if key in trained_before:
+            assert got[key] == value, key
+        else:
+            assert got[key] == pytest.approx(value, rel=1e-5, abs=0), key
+
+
+def pack_workers(run_dir: Path) -> list[dict]:
+    """What each fused pack of a run directory is doing, from its members' newest
+    checkpoints (written into the run directory as they train; Tune's own files of a pack
+    get there only now and then): its directory (``dir``), the last epoch it trained, the
+    worker process that trained it (``pid``), whether every member it trained has ended,
+    and whether it was formed from members of earlier packs (``regrouped``)."""
+    from cae.run.checkpoints import newest_history
+
+    packs: dict[str, dict] = {}
+    for folder in run_dir.glob("*/member_*"):
+        history = newest_history(folder)
+        epochs = history.get("epochs") or []
+        if not epochs or not epochs[-1].get("pack"):
+            continue
+        name = epochs[-1]["pack"]
+        w = packs.setdefault(name, {"dir": name, "epoch": 0, "pid": None, "ended": True,
+                                    "regrouped": name != folder.parent.name})
+        w["epoch"] = max(w["epoch"], int(epochs[-1]["epoch"]))
+        w["pid"] = (history.get("static") or {}).get("pid")
+        w["ended"] &= bool(history.get("final"))
+    return list(packs.values())
+
+
+def member_epochs(run_dir: Path) -> int:
+    """Epochs the members of a fused run's packs have trained so far, each once."""
+    from cae.run.checkpoints import newest_history
+
+    return sum(len(newest_history(f).get("epochs") or []) for f in run_dir.glob("*/member_*"))
+
+
+def kill_packs_at_random(proc: subprocess.Popen, run_dir: Path, every: int,
+                         first_at: int | None = None,
+                         ok: Callable[[dict], bool] = lambda worker: True,
+                         kills: int = 3, seed: int = 0) -> int:
+    """``kill_running_at_random`` for a fused run's packs (``pack_workers``): SIGKILL the
+    worker of a random pack that has not ended and passes ``ok`` once ``first_at`` member
+    epochs are trained, then after every ``every`` more, ``kills`` times. Returns how many
+    kills landed."""
+    rng, landed, next_at = random.Random(seed), 0, every if first_at is None else first_at
+    killed: set[int] = set()
+    while proc.poll() is None and landed < kills:
+        time.sleep(0.1)
+        if member_epochs(run_dir) < next_at:
+            continue
+        pids = {w["pid"] for w in pack_workers(run_dir)
+                if not w["ended"] and w["pid"] not in killed and ok(w)}
+        for pid in rng.sample(sorted(pids), min(1, len(pids))):
+            try:
+                os.kill(pid, signal.SIGKILL)
+                landed += 1
+                killed.add(pid)
+                next_at = member_epochs(run_dir) + every
+            except ProcessLookupError:
+                pass
+    return landed

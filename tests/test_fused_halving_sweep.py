@@ -2,7 +2,6 @@
 sample (the slow tier): the answer of the unfused sweep, and nothing lost to killed packs
 (also while a regrouped pack starts) or a killed driver."""
 
-import json
 import subprocess
 import sys
 import threading
@@ -12,7 +11,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-from helpers import kill_running_at_random, spec_with
+from helpers import kill_packs_at_random, pack_workers, spec_with
 
 from cae.cli import main
 
@@ -114,62 +113,83 @@ def _start(spec: Path, storage: Path, name: str) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
-def _kill_a_regrouped_pack_as_it_starts(run_dir: Path, killed: list, timeout: float = 600):
-    """SIGKILL the worker of the first pack formed from survivors (its ``params.json`` names
-    their folders) right after it reported where its members are, before it trains."""
+def _kill_at_the_last_rung_arrival(proc, run_dir: Path, packs: int, killed: list) -> None:
+    """SIGKILL the worker of the last of the sweep's ``packs`` first packs to reach the rung
+    at epoch 1, as soon as its members' checkpoints of that epoch are written: the rung is
+    decided then, its survivors regrouped into new packs, and that worker goes on to
+    another pack; the kill lands in the middle of it."""
     import os
     import signal
 
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        for params in run_dir.glob("run_pack_*/params.json"):
-            if "homes" not in json.loads(params.read_text()):
-                continue
-            lines = (params.parent / "result.json").read_text().splitlines() if (
-                params.parent / "result.json").is_file() else []
-            if len(lines) == 1 and json.loads(lines[0]).get("reported_again"):
-                os.kill(json.loads(lines[0])["pid"], signal.SIGKILL)
-                killed.append(params.parent.name)
-                return
-        time.sleep(0.05)
+    from helpers import pack_workers
+
+    seen: set[str] = set()
+    while proc.poll() is None:
+        first = {w["dir"]: w for w in pack_workers(run_dir)
+                 if not w["regrouped"] and w["epoch"] >= 1}
+        if len(first) == packs:
+            last = [w for name, w in first.items() if name not in seen][-1]
+            os.kill(last["pid"], signal.SIGKILL)
+            killed.append(last["pid"])
+            return
+        seen = set(first)
+        time.sleep(0.02)
 
 
 def test_killed_packs_and_a_killed_driver_lose_nothing(tmp_path, capsys):
     """12 trials, packs of 3, rungs at epochs 1 and 3 of 5. Pack workers SIGKILLed at
-    random (Tune retries each from its members' checkpoints), one of them a regrouped pack
-    just as it starts; and, in another run, the driver SIGKILLed mid-sweep and the run
-    finished by ``cae resume``. Every member ends with each epoch once, and its losses equal,
-    bit for bit, those of an undisturbed fused run of the same spec (who shares a pack
-    follows from the halving's decisions alone: ``work_ahead`` off)."""
+    random (Tune retries each from its members' checkpoints), one of them as the first rung
+    is decided and its survivors regrouped; and, in another run, the driver SIGKILLed
+    mid-sweep and the run finished by ``cae resume``. Every member ends with each epoch
+    once, and its losses equal, bit for bit, those of an undisturbed fused run of the same
+    spec (who shares a pack follows from the halving's decisions alone: ``work_ahead``
+    off)."""
     from test_faults import _kill_driver, _resume, _wait_for
 
     spec = _write(tmp_path, **{"num_samples": 2, "trial.max_epochs": 5, "max_failures": 6,
-                               "scheduler.work_ahead": False})
+                               "scheduler.work_ahead": False, "trial.data.train_limit": 2000})
     undisturbed = _losses(_sweep(spec, tmp_path, "u"))
     assert len(undisturbed) == 12 + 4 * 2 + 2 * 2
 
     run_dir = tmp_path / "k"
     proc = _start(spec, tmp_path, "k")
-    killed: list[str] = []
-    regroup = threading.Thread(target=_kill_a_regrouped_pack_as_it_starts,
-                               args=(run_dir, killed))
+    killed: list[int] = []
+    regroup = threading.Thread(target=_kill_at_the_last_rung_arrival,
+                               args=(proc, run_dir, 4, killed))
     regroup.start()
-    kills = kill_running_at_random(proc, run_dir, "run_pack_*", every=4, first_at=2,
-                                   running=lambda last: not last.get("final"))
+    # Tune retries a worker killed while it trains: the random kills go to packs training
+    # between rungs (a pack at a rung ends there, and its worker may start another)
+    kills = kill_packs_at_random(proc, run_dir, every=4, first_at=14,
+                                 ok=lambda w: w["epoch"] not in (1, 3))
     out, err = proc.communicate(timeout=900)
     regroup.join()
     assert proc.returncode == 0, err
-    assert killed and kills >= 2, (killed, kills)
+    assert killed and kills >= 1, (killed, kills)
     trials, _ = _tables(run_dir)
     assert trials["num_failures"].sum() >= 1
     assert _losses(run_dir) == undisturbed
 
     run_dir = tmp_path / "d"
     proc = _start(spec, tmp_path, "d")
-    _wait_for(lambda: any("homes" in json.loads(p.read_text())
-                          for p in run_dir.glob("run_pack_*/params.json")),
-              "a pack formed from survivors")
+    _wait_for(lambda: any(w["regrouped"] for w in pack_workers(run_dir)),
+              "a pack formed from survivors training")
     _kill_driver(proc)
     rc, said = _resume(run_dir, capsys)
     assert rc == 0, said
     assert _losses(run_dir) == undisturbed
+
+
+def test_a_fused_asha_sweep_halves_members_and_regroups_survivors(tmp_path):
+    """Under asha each member is a trial to Ray's ASHA: the members it stops read as unfused
+    trials it stops, each trial ends once with every epoch once, and a member that goes on
+    trains in packs formed after the rung (its epochs name more than one pack)."""
+    spec = _write(tmp_path, **{"scheduler.kind": "asha", "num_samples": 2,
+                               "trial.max_epochs": 5})
+    trials, epochs = _tables(_sweep(spec, tmp_path, "a"))
+    assert len(trials) == 12 and set(trials["status"]) == {"TERMINATED"}
+    assert set(trials["stop_reason"]) == {"asha", "max_epochs"}
+    for _, rows in epochs.groupby("trial_id"):
+        assert sorted(rows["epoch"]) == list(range(1, len(rows) + 1))
+    to_the_end = trials.loc[trials["stop_reason"] == "max_epochs", "trial_id"]
+    packs = epochs[epochs["trial_id"].isin(to_the_end)].groupby("trial_id")["pack"].nunique()
+    assert (packs > 1).all()

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import torch
 import yaml
-from helpers import kill_first_after, spec_with
+from helpers import assert_resumed_losses, epochs_trained, pack_workers, spec_with
 
 from cae.cli import main
 from cae.config.spec import SweepSpec
@@ -112,16 +112,17 @@ def test_a_fused_sweep_has_a_row_per_member_like_an_unfused_one(tmp_path):
 
 @pytest.mark.slow
 def test_a_crashed_pack_goes_on_exactly_from_its_checkpoint(tmp_path):
-    """The pack's worker is killed after epoch 2 of 4; Tune retries it from its checkpoint,
-    and every member's losses equal those of the same pack trained here without a break."""
-    path = _write(tmp_path, **{"trial.max_epochs": 4, "space": {"lr": {"grid": [0.002,
-                                                                              0.01]}},
-                               "max_failures": 2})
+    """The pack's worker is killed after epoch 2 of 4; Tune retries it from its members'
+    checkpoints, and every member's losses equal those of the same pack trained here
+    without a break."""
+    # 3,000 images: epochs long enough for the killer to land mid-way (a pack reports
+    # without a checkpoint of its own, so a small one runs through in a blink)
+    path = _write(tmp_path, **{"trial.max_epochs": 4, "trial.data.train_limit": 3000,
+                               "space": {"lr": {"grid": [0.002, 0.01]}}, "max_failures": 2})
     run_dir = tmp_path / "c"
     killed = {}
 
-    killer = threading.Thread(target=kill_first_after,
-                              args=(run_dir, "run_pack_*", killed))
+    killer = threading.Thread(target=_kill_the_first_pack_after, args=(run_dir, 2, killed))
     killer.start()
     assert main(["sweep", str(path), "--storage", str(tmp_path), "--name", "c",
                  "--no-report"]) == 0
@@ -148,6 +149,24 @@ def test_a_crashed_pack_goes_on_exactly_from_its_checkpoint(tmp_path):
             [h["val_loss"] for h in member.history], rel=1e-6)
 
 
+def _kill_the_first_pack_after(run_dir: Path, epochs: int, killed: dict,
+                               timeout: float = 300.0) -> None:
+    """SIGKILL the worker of the first pack whose members have trained ``epochs`` epochs
+    (``helpers.pack_workers``); ``killed`` gets its epoch and pid."""
+    import os
+    import signal
+    import time
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        for w in pack_workers(run_dir):
+            if w["epoch"] >= epochs and not w["ended"]:
+                killed.update(epoch=w["epoch"], pid=w["pid"])
+                os.kill(w["pid"], signal.SIGKILL)
+                return
+        time.sleep(0.05)
+
+
 def _member_losses(run_dir: Path) -> dict[tuple, list[float]]:
     """(lr, latent, seed) -> a member's validation losses, epoch by epoch."""
     trials, epochs = _tables(run_dir)
@@ -167,9 +186,10 @@ def test_pack_processes_killed_at_random_lose_nothing(tmp_path):
     import subprocess
     import sys
 
-    from helpers import kill_running_at_random
+    from helpers import kill_packs_at_random
 
-    path = _write(tmp_path, **{"trial.max_epochs": 4, "max_failures": 3})
+    path = _write(tmp_path, **{"trial.max_epochs": 4, "max_failures": 3,
+                               "trial.data.train_limit": 3000})
     assert main(["sweep", str(path), "--storage", str(tmp_path), "--name", "u",
                  "--no-report", "--report-every", "0"]) == 0
     run_dir = tmp_path / "k"
@@ -177,8 +197,7 @@ def test_pack_processes_killed_at_random_lose_nothing(tmp_path):
                              str(tmp_path), "--name", "k", "--no-report", "--report-every", "0"],
                             cwd=tmp_path, start_new_session=True, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    kills = kill_running_at_random(proc, run_dir, "run_pack_*", every=2, first_at=1,
-                                   running=lambda last: last.get("members_stopped", 0) < 4)
+    kills = kill_packs_at_random(proc, run_dir, every=2, first_at=1)
     out, err = proc.communicate(timeout=900)
     assert proc.returncode == 0, err
     assert kills >= 2, "too few kills landed"
@@ -195,7 +214,7 @@ def test_a_fused_run_interrupted_by_the_code_before_one_loop_resumes_to_its_loss
     code before packs resumed from their members' checkpoints (commit 3a44e34: its packs
     kept checkpoints of their own). It resumes from its members' checkpoints, every member
     ends with each epoch once, and the losses are those of the same spec run undisturbed by
-    that code, bit for bit."""
+    that code (bit for bit on the machine that made it; see ``assert_resumed_losses``)."""
     import shutil
 
     data = Path(__file__).parent / "data"
@@ -209,6 +228,10 @@ def test_a_fused_run_interrupted_by_the_code_before_one_loop_resumes_to_its_loss
     epochs = epochs.drop(columns=["lr"]).merge(trials[["trial_id", "model.latent_dim", "lr"]],
                                                on="trial_id")
     assert len(trials) == 4 and set(trials["status"]) == {"TERMINATED"}
-    got = sorted([int(a), float(b), int(c), float(v)] for a, b, c, v in zip(
-        epochs["model.latent_dim"], epochs["lr"], epochs["epoch"], epochs["val_loss"]))
-    assert got == json.loads((data / "interrupted-fused-run-losses.json").read_text())
+    got = {(int(a), float(b), int(c)): float(v) for a, b, c, v in zip(
+        epochs["model.latent_dim"], epochs["lr"], epochs["epoch"], epochs["val_loss"])}
+    expected = json.loads((data / "interrupted-fused-run-losses.json").read_text())
+    old = pd.read_parquet(data / "interrupted-fused-run" / "epochs.parquet").drop(
+        columns=["lr"])
+    trained = epochs_trained(before, old, ["model.latent_dim", "lr"])
+    assert_resumed_losses(got, {tuple(row[:3]): row[3] for row in expected}, trained)

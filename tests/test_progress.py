@@ -325,8 +325,8 @@ def test_a_fused_sweep_under_halving_counts_its_members_and_says_who_diverged():
     cb.on_trial_result(1, [pack], pack, result)
     cb.on_step_end(1, [pack, pack])  # two packs that share members
     lines = out.getvalue().splitlines()
-    assert lines[0] == ("trial p0_00 of pack p1 ended (epoch 2): diverged: val loss became "
-                        "nan at epoch 2")
+    assert lines[0] == ("trial p0_00 of pack p1 errored (epoch 2): diverged: val loss "
+                        "became nan at epoch 2")
     assert lines[1].startswith("s: 3/6 done, 2 running, 1 paused; 4/18 trial-epochs")
     alone = _trial("TERMINATED", 1, 0.9, 1e12, trial_id="bad")
     alone.last_result["stop_reason"] = "diverged"
@@ -336,6 +336,6 @@ def test_a_fused_sweep_under_halving_counts_its_members_and_says_who_diverged():
                                                    "epoch 1"})
     cb.on_step_end(2, [alone])
     lines = out.getvalue().splitlines()
-    assert lines[2] == ("trial bad ended (lr=1e+12; epoch 1): diverged: train loss became nan "
-                        "at epoch 1")
+    assert lines[2] == ("trial bad errored (lr=1e+12; epoch 1): diverged: train loss became "
+                        "nan at epoch 1")
     assert lines[3].startswith("s: 0/6 done, 5 pending, 1 errored")

@@ -192,12 +192,7 @@ def sections(run: Run, pictures: bool = True,
                     "model never learned to undo, or undoes worse than doing nothing.",
                     _fig_html(dist)))
     if has_packs(e):
-        out.append(("packs", "Fused packs",
-                    "Which pack trained which trial, epoch by epoch (one colour per pack). "
-                    "Under successive halving each rung's survivors go on in new packs, as "
-                    "full as the sweep's max_members allows; a pack's members train alike, "
-                    "each on its own batches, as it would alone. Hover a bar for its pack.",
-                    _fig_html(pack_timeline(t, e))))
+        out.append(_packs_section(t, e))
     if pictures and run.path is not None:
         from cae.report.pictures import sample_pictures
 
@@ -209,6 +204,16 @@ def sections(run: Run, pictures: bool = True,
                 "Best validation loss first; click a column header to sort by it.",
                 f'<div class="scroll">{table_html(t, spec)}</div>'))
     return out
+
+
+def _packs_section(trials: pd.DataFrame, epochs: pd.DataFrame) -> tuple[str, str, str, str]:
+    """The section of a fused sweep: which pack trained which trial when."""
+    return ("packs", "Fused packs",
+            "Which pack trained which trial, epoch by epoch (one colour per pack). Under "
+            "successive halving each rung's survivors go on in new packs, as full as the "
+            "sweep's max_members allows; a pack's members train alike, each on its own "
+            "batches, as it would alone. Hover a bar for its pack.",
+            _fig_html(pack_timeline(trials, epochs)))
 
 
 def _importance_html(run: Run) -> str:

@@ -269,7 +269,7 @@ def read_frames(run_dir: str | Path) -> Frames:
     halving = (sched.get("grace_period", default.grace_period),
                sched.get("reduction_factor", default.reduction_factor)) if (
         scheduler == "sha" and sched.get("work_ahead", default.work_ahead)) else None
-    later = packfiles.holders(run_dir)
+    later = packfiles.holders(run_dir, statuses.trials)
     rows, epochs = [], []
     for files in trial_dirs(run_dir):
         state, files.error = packfiles.trial_state(run_dir, files.name, files.history,

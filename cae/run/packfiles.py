@@ -85,10 +85,13 @@ def member_state(name: str, history: dict, pack: TrialState | None,
     return TrialState(status, trial_id, failures), ""
 
 
-def holders(run_dir: Path) -> dict[str, str]:
+def holders(run_dir: Path, tune: dict[str, TrialState] | None = None) -> dict[str, str]:
     """Each member folder (``<pack dir>/member_NN``) that a later pack trains (halving: the
-    survivors of a rung regrouped) -> the newest such pack's directory name."""
-    later = []
+    survivors of a rung regrouped) -> the newest such pack's directory name, from the packs'
+    ``params.json`` and from Tune's state (``tune``: a pack that failed as it started has no
+    files but its error)."""
+    later = [(_created(name), name, list(state.homes))
+             for name, state in (tune or {}).items() if state.homes]
     for p in run_dir.iterdir():
         point = _point(p)
         if is_pack_point(point) and point.get(HOMES_KEY):

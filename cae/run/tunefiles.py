@@ -26,6 +26,9 @@ class TrialState:
     status: str
     trial_id: str
     num_failures: int
+    # a fused pack formed from members of earlier packs: their folders (``cae.run.packfiles``),
+    # from its config, which Tune keeps even for a trial that failed before it wrote its files
+    homes: tuple[str, ...] = ()
 
 
 class StateFormatError(ValueError):
@@ -43,9 +46,12 @@ def read_experiment_state(text: str) -> tuple[dict[str, TrialState], float | Non
         for trial_json, meta_json in data["trial_data"]:
             trial = json.loads(trial_json) if isinstance(trial_json, str) else trial_json
             meta = json.loads(meta_json) if isinstance(meta_json, str) else meta_json
+            config = trial.get("config")
+            homes = config.get("homes") if isinstance(config, dict) else None
             trials[trial["relative_logdir"]] = TrialState(
                 str(trial["status"]), str(trial["trial_id"]),
-                int((meta or {}).get("num_failures", 0)))
+                int((meta or {}).get("num_failures", 0)),
+                tuple(homes) if isinstance(homes, list) else ())
         start = data.get("stats", {}).get("start_time")
     except (ValueError, KeyError, TypeError) as exc:
         raise StateFormatError(f"{type(exc).__name__}: {exc}") from None

@@ -168,11 +168,12 @@ class ProgressCallback(tune.Callback):
         if isinstance(result.get(MEMBER_FATES), dict):
             self._fates = {kind: int(result[MEMBER_FATES].get(kind, 0)) for kind in BUCKETS}
         if result.get("error"):  # a trial that diverged ends without failing
-            self.say(f"trial {trial.trial_id} ended ({self._where(trial)}): {result['error']}")
+            self.say(f"trial {trial.trial_id} errored ({self._where(trial, result)}): "
+                     f"{result['error']}")
         for member, metrics in (result.get(MEMBERS) or {}).items():
             if isinstance(metrics, dict) and metrics.get("error"):
                 self.say(f"trial {metrics.get('trial', member)} of pack {trial.trial_id} "
-                         f"ended (epoch {metrics.get('epoch')}): {metrics['error']}")
+                         f"errored (epoch {metrics.get('epoch')}): {metrics['error']}")
         if result.get("resumed_from"):  # a checkpoint skipped or a trial taken over
             self.say(f"trial {trial.trial_id} goes on from {result['resumed_from']} "
                       f"({self._where(trial)})")
@@ -187,10 +188,11 @@ class ProgressCallback(tune.Callback):
         self.say(f"trial {trial.trial_id} failed and is retried from its last checkpoint "
                   f"({self._where(trial)}): {_error_line(trial)}")
 
-    def _where(self, trial: Trial) -> str:
+    def _where(self, trial: Trial, result: dict | None = None) -> str:
+        """The trial's swept settings and its epoch (of ``result``, else its last)."""
         from cae.results.status import config_text
 
-        epoch = (trial.last_result or {}).get("epoch")
+        epoch = (result or trial.last_result or {}).get("epoch")
         at = f"epoch {epoch}" if epoch else "before its first epoch"
         config = config_text(dict(trial.config), self.axes)
         return f"{config}; {at}" if config else at

@@ -30,6 +30,7 @@ record says which trial it ``extends``.
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,12 +59,14 @@ from cae.train.trainer import Trainer
 
 
 def static_facts(runner, data: ImageData) -> dict:
-    """What every report of a trial (or a pack) carries: where and how it trains."""
+    """What every report of a trial (or a pack) carries: where and how it trains (its worker
+    process too: a pack's members' checkpoints say which process trained them)."""
     return {
         "device": str(runner.device),
         "precision": runner.precision,
         "data_loaded": f"{data.name}: {tuple(data.train.shape)} train images",
         "node_id": ray.get_runtime_context().get_node_id(),
+        "pid": os.getpid(),
     }
 
 
