@@ -106,6 +106,27 @@ def test_a_failed_pack_fails_its_members_until_it_is_retried():
     assert fates(book) == {"running": 2}
 
 
+def test_the_members_of_a_pack_failed_for_good_go_on_in_a_new_one_up_to_max_failures():
+    """Tune gives up on a trial whose worker's death it hears of twice: the members keep
+    their state in their folders, so they go on in a new pack of the same composition."""
+    book = _book(2, 2, [1, 3], max_t=4)
+    book.max_failures = 1
+    book.next_pack("p0")
+    _report(book, "p0", 1, {"m0": 0.2, "m1": 0.1})
+    book.pack_ended("p0")
+    assert book.next_pack("p1")["ids"] == ["m1"]
+    _report(book, "p1", 2, {"m1": 0.09}, idle=False)
+    book.pack_ended("p1", errored=True)  # Tune retries it ...
+    book.pack_back("p1")
+    book.pack_ended("p1", errored=True)  # ... and hears of the same death again: gives up
+    book.pack_failed("p1")
+    assert book.next_pack("p2") == {"pack": [{"lr": 1}], "ids": ["m1"], "homes": ["p/m1"],
+                                    "epoch": 2}
+    book.pack_ended("p2", errored=True)
+    book.pack_failed("p2")  # its one failure used up: it fails
+    assert book.seats["m1"].fate == "failed" and book.finished()
+
+
 def test_asha_regroups_when_the_survivors_fill_a_pack_or_no_one_else_can_come():
     book = _book(8, 2, [1, 2], max_t=4, kind="asha")
     for i in range(4):

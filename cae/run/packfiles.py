@@ -85,20 +85,20 @@ def member_state(name: str, history: dict, pack: TrialState | None,
     return TrialState(status, trial_id, failures), ""
 
 
-def holders(run_dir: Path, tune: dict[str, TrialState] | None = None) -> dict[str, str]:
-    """Each member folder (``<pack dir>/member_NN``) that a later pack trains (halving: the
-    survivors of a rung regrouped) -> the newest such pack's directory name, from the packs'
-    ``params.json`` and from Tune's state (``tune``: a pack that failed as it started has no
-    files but its error)."""
-    later = [(_created(name), name, list(state.homes))
-             for name, state in (tune or {}).items() if state.homes]
+def holders(run_dir: Path, tune: dict[str, TrialState] | None = None) -> dict[str, list[str]]:
+    """Each member folder (``<pack dir>/member_NN``) that later packs train (halving: the
+    survivors of a rung regrouped; a pack formed again after its pack failed) -> those
+    packs' directory names, oldest first, from the packs' ``params.json`` and from Tune's
+    state (``tune``: a pack that failed as it started has no files but its error)."""
+    later = {name: list(state.homes) for name, state in (tune or {}).items() if state.homes}
     for p in run_dir.iterdir():
         point = _point(p)
         if is_pack_point(point) and point.get(HOMES_KEY):
-            later.append((_created(p.name), p.name, point[HOMES_KEY]))
-    out = {}
-    for _, name, homes in sorted(later):
-        out.update({home: name for home in homes})
+            later[p.name] = point[HOMES_KEY]
+    out: dict[str, list[str]] = {}
+    for name in sorted(later, key=_created):
+        for home in later[name]:
+            out.setdefault(home, []).append(name)
     return out
 
 
@@ -118,21 +118,24 @@ def read_stopped(folder: Path) -> dict | None:
 
 
 def trial_state(run_dir: Path, name: str, history: dict, error: str,
-                tune: dict[str, TrialState], later: dict[str, str], halving: bool
+                tune: dict[str, TrialState], later: dict[str, list[str]], halving: bool
                 ) -> tuple[TrialState | None, str]:
     """A trial's status and error (``error``: from its ``error.txt``): Tune's (``tune``, by
     directory name), where a trial that diverged (its final report says so; it ends without
     failing) is an error; for a fused pack's member (``<pack dir>/member_NN``) its own end,
-    its stop mark, else the status of the newest pack holding it (``later``: ``holders``)."""
+    its stop mark, else the status of the newest pack holding it (``later``: ``holders``),
+    with the failures of every pack that held it."""
     final = history.get("final") or {}
     if "/" not in name:  # a trial alone
         state = tune.get(name)
         if final.get("error") and state is not None:
             return TrialState("ERROR", state.trial_id, state.num_failures), str(final["error"])
         return state, error
-    pack = later.get(name, name.split("/", 1)[0])
-    state, error = member_state(name, history, tune.get(pack), read_stopped(run_dir / name),
-                                halving)
+    packs = [name.split("/", 1)[0], *later.get(name, [])]
+    state, error = member_state(name, history, tune.get(packs[-1]),
+                                read_stopped(run_dir / name), halving)
+    failures = sum(tune[p].num_failures for p in packs if p in tune)
+    state = TrialState(state.status, state.trial_id, failures)
     if state.status == "ERROR" and not error:  # the pack failed before it ended
-        error = last_error(run_dir / pack)
+        error = last_error(run_dir / packs[-1])
     return state, error

@@ -51,6 +51,7 @@ class Seat:
     value: float | None = None  # its validation loss then
     fate: str = "queued"  # queued | training | waiting | stopped | ended | failed
     pack: str | None = None  # the Tune trial that trains it (or last trained it)
+    failures: int = 0  # packs of it that failed for good (it went on in a new one)
 
     @property
     def config(self) -> dict:
@@ -145,8 +146,9 @@ class PackBook:
 
     def __init__(self, seats: list[Seat], first: list[list[str]], max_members: int,
                  rungs: list[int], decider: Callable[[tuple], Decider], sync: bool,
-                 work_ahead: bool = False):
+                 work_ahead: bool = False, max_failures: int = 0):
         self.seats = {s.trial_id: s for s in seats}
+        self.max_failures = max_failures
         self.formed: list[list[str]] = [list(p) for p in first]  # packs to hand out, in order
         self.packs: dict[str, list[str]] = {}  # Tune trial id -> its members
         self.max_members, self.rungs, self.sync = max_members, rungs, sync
@@ -238,6 +240,20 @@ class PackBook:
                     self._decider(seat).ended(seat, errored=True)
             return
         self._leave(pack_id)
+        self._decide_and_form()
+
+    def pack_failed(self, pack_id: str) -> None:
+        """A pack failed for good (Tune retries a trial up to ``max_failures`` times, but not
+        one whose worker's death it hears of twice): its members, whose state is in their
+        folders, go on in a new pack, each up to ``max_failures`` times; past that they
+        fail."""
+        for mid in self.packs.get(pack_id, []):
+            seat = self.seats[mid]
+            if seat.fate == "failed" and seat.pack == pack_id and (
+                    seat.failures < self.max_failures):
+                seat.failures += 1
+                seat.fate = "queued"
+                self._decider(seat).back(seat)
         self._decide_and_form()
 
     def pack_back(self, pack_id: str) -> None:

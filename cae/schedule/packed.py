@@ -94,7 +94,10 @@ class PackSearcher(Searcher):
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None,
                           error: bool = False) -> None:
-        pass  # the scheduler files what a pack did
+        """The scheduler files what a pack did; a pack that failed for good (Tune tells a
+        searcher only then) has its members go on in a new one (``PackBook.pack_failed``)."""
+        if error:
+            self.book.pack_failed(trial_id)
 
     def save(self, checkpoint_path: str) -> None:
         with open(checkpoint_path, "wb") as f:

@@ -185,6 +185,6 @@ def fused_halving(spec: SweepSpec, space: dict, run_dir: str, max_epochs: int,
     decide = deciders(s.kind, at, max_t=max_t, grace_period=s.grace_period,
                       reduction_factor=s.reduction_factor, metric=metric, mode=mode)
     book = PackBook(seats, first, spec.fusion() or 1, at, decide, sync=s.kind == "sha",
-                    work_ahead=s.work_ahead)
+                    work_ahead=s.work_ahead, max_failures=spec.max_failures)
     return PackSearcher(book, metric, mode), PackScheduler(run_dir, metric, mode)
 
