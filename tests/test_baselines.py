@@ -190,7 +190,6 @@ def test_denoise_frame_has_one_row_per_baseline_size_and_split(denoise_frame):
 
 
 def test_colorize_baseline_is_the_training_mean_chroma_on_real_photographs():
-    pytest.importorskip("skimage")
     from cae.data.datasets import load, split
     from cae.train.tasks import rgb_to_ycbcr
 

@@ -135,7 +135,6 @@ def test_job_submission_to_a_local_cluster():
     """The README's flow: `ray start --head` (job server on 127.0.0.1, token auth), then
     `ray job submit --working-dir . -- cae sweep ...`; the job succeeds, the run directory
     is complete, and the Ray processes this test started are gone after it."""
-    pytest.importorskip("aiohttp", reason="the Ray job server and `ray job` need ray[default]")
     from cae.config.spec import load_spec
     from cae.sweep.plan import check_spec
 

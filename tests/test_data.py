@@ -249,7 +249,6 @@ def test_absent_dataset_raises_a_helpful_error(name, download, tmp_path, no_netw
 
 
 def test_photos_are_tiles_of_whole_photographs_held_out_for_testing():
-    pytest.importorskip("skimage")
     from cae.config.catalog import DATASETS
 
     d = load(DataConfig(dataset="photos"))

@@ -113,7 +113,6 @@ def test_denoise_groups_and_colorize_rgb_match(float64):
     for task, dataset in (("denoise", "sample"), ("colorize", "photos")):
         kw = {"task": {"name": task}, "max_epochs": 1}
         if dataset == "photos":
-            pytest.importorskip("skimage")
             kw["data"] = {"dataset": "photos", "train_limit": 120, "test_limit": 40}
         cfgs = [_cfg(seed=0, **kw), _cfg(seed=5, lr=0.001, **kw)]
         pack = Pack(cfgs, load(cfgs[0].data))

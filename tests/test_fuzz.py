@@ -6,7 +6,6 @@ import io
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
-import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -112,8 +111,8 @@ def test_mutated_shipped_specs_exit_0_or_2(tmp_path, text):
 def test_broken_yaml_exits_2(tmp_path, text):
     rc, err = _dry_run(tmp_path, text)
     _check(rc, err, text)
+    assert rc == 2, f"exit {rc} for spec:\n{text}"
 
 
 def test_fuzz_covers_the_shipped_specs():
     assert {"quickstart", "full_grid", "study_b_denoise"} <= set(SPECS)
-    pytest.importorskip("hypothesis")

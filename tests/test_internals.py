@@ -125,7 +125,7 @@ def test_a_scheduler_taking_results_one_at_a_time_says_so_to_tune():
 
 
 def test_the_optuna_study_of_a_searcher_is_reachable():
-    optuna = pytest.importorskip("optuna")
+    import optuna
     from ray import tune
     from ray.tune.search.optuna import OptunaSearch
 

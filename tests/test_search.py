@@ -18,8 +18,6 @@ from cae.cli import main
 from cae.config.spec import load_spec
 from cae.sweep.internals import optuna_study
 
-pytest.importorskip("optuna")
-
 REPO = Path(__file__).resolve().parents[1]
 OPTUNA = str(REPO / "sweeps" / "quickstart_optuna.yaml")
 QUICK = str(REPO / "sweeps" / "quickstart.yaml")

@@ -30,7 +30,7 @@ def images() -> torch.Tensor:
 
 def photos() -> list[np.ndarray]:
     """Real RGB photographs shipped with scikit-image (offline)."""
-    skdata = pytest.importorskip("skimage.data")
+    import skimage.data as skdata
     return [skdata.astronaut(), skdata.coffee(), skdata.chelsea()]
 
 

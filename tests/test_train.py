@@ -75,7 +75,6 @@ def test_divergence_ends_the_trial_with_the_reason():
 
 
 def test_colorize_on_real_photographs():
-    pytest.importorskip("skimage")
     cfg = TrialConfig.model_validate({
         "data": {"dataset": "photos", "train_limit": 1200}, "task": {"name": "colorize"},
         "model": {"preset": "study_a_colorize"}, "lr": 0.003, "batch_size": 64,
