@@ -23,7 +23,15 @@ import pytest
 import yaml
 
 from cae.cli import main
-from cae.results.importance import IMPORTANCE_FILE, importance, min_trials
+from cae.report.importance import importance_bars, importance_html
+from cae.results.importance import (
+    IMPORTANCE_FILE,
+    OUTSIDE_NOTE,
+    comparable_losses,
+    importance,
+    importance_text,
+    min_trials,
+)
 from cae.results.learning import curve_facts, still_learning, still_learning_lines
 
 REPO = Path(__file__).resolve().parents[1]
@@ -101,8 +109,8 @@ def test_importance_ranks_the_deciding_axis_first_with_an_interval():
     assert list(frame["axis"]) == ["lr", "eval_batch_size"]
     lr, inert = frame.iloc[0], frame.iloc[1]
     assert lr["importance"] > 0.8 and lr["low"] > inert["high"]
-    assert (frame["low"] <= frame["importance"]).all()
-    assert (frame["importance"] <= frame["high"]).all()
+    # the intervals as drawn: the decisive axis's excludes the idle axis's estimate
+    assert lr["low"] > inert["importance"] and inert["high"] < lr["importance"]
     assert frame["importance"].sum() == pytest.approx(1.0)
     assert set(frame["trials_used"]) == {40} and "PED-ANOVA" in frame["method"].iloc[0]
     assert "trained to its own end" in frame["budget"].iloc[0]
@@ -116,12 +124,65 @@ def test_too_few_trials_give_a_note_not_a_number():
     assert f"this run has {min_trials() - 1}" in frame["note"].iloc[0]
 
 
+def _ranked_by(trials: pd.DataFrame, axis: str, seed: int) -> np.ndarray:
+    """Losses decided by one axis (lr: the higher the better; eval_batch_size: 50 best)."""
+    noise = np.random.default_rng(seed).normal(0, 1e-3, len(trials))
+    if axis == "lr":
+        return 1.0 - (np.log10(trials["lr"].to_numpy()) + 5) / 3 + noise
+    return trials["eval_batch_size"].to_numpy() / 200 + noise
+
+
 def test_trials_stopped_by_the_scheduler_are_compared_at_the_rung_all_reached():
-    trials, epochs = _made_up(30)
+    """Up to epoch 2 lr decides the ranking, after it eval_batch_size does (and every
+    later loss is lower): a budget other than the rung all trials reached ranks the wrong
+    axis first."""
+    trials, _ = _made_up(30)
     trials.loc[:9, ["stop_reason", "epochs"]] = ["sha", 2]
-    epochs["val_loss"] = 1.0 / epochs["epoch"]  # later epochs are better: they must not count
+    early, late = _ranked_by(trials, "lr", 1), _ranked_by(trials, "eval_batch_size", 2) - 2
+    epochs = pd.DataFrame({"trial_id": np.repeat(trials["trial_id"], 4),
+                           "epoch": np.tile([1, 2, 3, 4], 30),
+                           "val_loss": np.stack([early + 0.1, early, late + 0.1, late], 1)
+                           .reshape(-1)})
+    trials["best_val_loss"] = late  # the trials trained on: their best, at epoch 4
+    trials.loc[:9, "best_val_loss"] = early[:10]
     frame = importance(trials, epochs, SPEC, n_boot=20)
     assert "up to epoch 2" in frame["budget"].iloc[0]
+    assert list(frame["axis"]) == ["lr", "eval_batch_size"]
+    assert frame["importance"].iloc[0] > 0.8
+
+
+def test_a_budget_at_the_first_rung_says_it_compares_the_first_epoch():
+    trials, epochs = _made_up(30)
+    trials.loc[:9, ["stop_reason", "epochs"]] = ["asha", 1]
+    frame = importance(trials, epochs, SPEC, n_boot=20)
+    assert "after one epoch only" in frame["budget"].iloc[0]
+
+
+def test_trials_that_errored_or_diverged_count_as_worse_than_every_finished_one():
+    """The failed trials had reached the lowest losses before they failed (the high
+    learning rates): kept, they would make lr look decisive the wrong way round."""
+    trials, epochs = _made_up(30)
+    failed = trials["lr"] > 10 ** -2.5
+    assert 2 <= failed.sum() <= 10
+    trials.loc[failed, "best_val_loss"] = 0.01  # finite, and the best of all
+    trials.loc[failed, ["status", "stop_reason"]] = ["ERROR", "error: diverged: val loss nan"]
+    losses, _ = comparable_losses(trials, epochs)
+    assert (losses[failed] > losses[~failed].max()).all()
+    assert len(losses) == 30
+
+
+def test_an_estimate_outside_its_interval_is_marked_and_explained():
+    frame = pd.DataFrame({"axis": ["lr", "eval_batch_size"], "importance": [0.7, 0.3],
+                          "low": [0.75, 0.1], "high": [0.9, 0.35], "ped_anova": [1.0, 0.4],
+                          "method": "m", "budget": "b", "trials_used": 30, "note": ""})
+    text = importance_text(frame)
+    assert "0.70*(0.75-0.90)" in text and "0.30 (0.10-0.35)" in text
+    assert text.splitlines()[-1].strip() == OUTSIDE_NOTE
+    page = importance_html(frame)
+    assert "0.70*" in page and "0.30*" not in page and "outside the interval" in page
+    fig = importance_bars({"run": frame})
+    assert list(fig.data[0].error_x.arrayminus) == [0.0, pytest.approx(0.2)]
+    assert "outside its interval" in fig.data[0].customdata[0][2]
 
 
 def test_status_prints_the_importance_or_why_there_is_none(tmp_path, capsys):
@@ -270,7 +331,47 @@ def test_a_sweep_with_a_known_answer_ranks_its_axes_right(tmp_path, capsys):
     assert best["stop_reason"] == "max_epochs" and bool(best["still_improving"])
     assert "still improving at max_epochs" in out and f"cae extend {run}" in out
     assert main(["status", str(run), "--importance"]) == 0
-    assert re.search(r"lr\s+\d\.\d\d \(", capsys.readouterr().out)
+    assert re.search(r"lr\s+\d\.\d\d[ *]\(", capsys.readouterr().out)
+
+
+DIVERGING = """
+name: diverging
+trial:
+  data: {dataset: sample, train_limit: 100, test_limit: 50}
+  model: {channels: [4, 8], latent_dim: 8, output_activation: linear}
+  optimizer: {name: sgd, momentum: 0.9}
+  schedule: {name: step, warmup_epochs: 9, step_size: 100}
+  max_epochs: 12
+  patience: null
+space:
+  lr: {grid: [0.0001, 0.3, 40.0]}
+num_samples: 2
+scheduler: {kind: fifo}
+max_failures: 0
+resources: {cpu: 1}
+"""
+
+
+@pytest.mark.slow
+def test_trials_that_diverge_in_a_real_sweep_count_as_its_worst(tmp_path, capsys):
+    """SGD warmed up to a learning rate of 40 trains its first epochs, then its loss grows
+    until it is infinite: those trials diverge after a finite best loss, and the loss that
+    compares the trials (importance's) puts them behind every finished one."""
+    spec = tmp_path / "diverging.yaml"
+    spec.write_text(DIVERGING)
+    assert main(["sweep", str(spec), "--storage", str(tmp_path), "--name", "d",
+                 "--no-report", "--report-every", "0"]) == 0
+    trials = pd.read_parquet(tmp_path / "d" / "trials.parquet")
+    epochs = pd.read_parquet(tmp_path / "d" / "epochs.parquet")
+    high = trials["lr"] == 40.0
+    assert (trials.loc[high, "status"] == "ERROR").all(), trials
+    assert trials.loc[high, "stop_reason"].str.contains("diverged").all()
+    assert np.isfinite(trials.loc[high, "best_val_loss"]).all()
+    assert (trials.loc[high, "epochs"] > 1).all()  # a finite best before it diverged
+    assert (trials.loc[~high, "stop_reason"] == "max_epochs").all()
+    losses, _ = comparable_losses(trials, epochs)
+    assert len(losses) == 6
+    assert (losses[high] > losses[~high].max()).all()
 
 
 BASE = """

@@ -15,6 +15,7 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from cae.report.curves import BEST_COLORS
+from cae.results.importance import OUTSIDE_NOTE, outside_interval
 
 
 def has_numbers(frame: pd.DataFrame | None) -> bool:
@@ -29,15 +30,21 @@ def importance_bars(frames: dict[str, pd.DataFrame], title: str | None = None) -
     fig = go.Figure()
     for i, (name, frame) in enumerate(shown.items()):
         f = frame.dropna(subset=["importance"]).set_index("axis").reindex(order)
+        # an estimate outside its interval (OUTSIDE_NOTE): the whiskers reach the interval's
+        # far end only, and the hover says so
+        outside = outside_interval(f.reset_index()).to_numpy()
         fig.add_trace(go.Bar(
             y=order, x=f["importance"].to_numpy("float32"), orientation="h",
             name=name, marker_color=BEST_COLORS[i % len(BEST_COLORS)],
+            marker_pattern_shape=["/" if o else "" for o in outside],
             error_x=dict(type="data", symmetric=False,
-                         array=(f["high"] - f["importance"]).to_numpy("float32"),
-                         arrayminus=(f["importance"] - f["low"]).to_numpy("float32")),
-            customdata=f[["low", "high"]].to_numpy("float32"),
+                         array=(f["high"] - f["importance"]).clip(lower=0).to_numpy("float32"),
+                         arrayminus=(f["importance"] - f["low"]).clip(lower=0)
+                         .to_numpy("float32")),
+            customdata=[[lo, hi, "<br>outside its interval (hatched)" if o else ""]
+                        for lo, hi, o in zip(f["low"], f["high"], outside)],
             hovertemplate=f"{html.escape(name)}<br>%{{y}}: %{{x:.2f}} (%{{customdata[0]:.2f}}"
-                          "-%{customdata[1]:.2f})<extra></extra>"))
+                          "-%{customdata[1]:.2f})%{customdata[2]}<extra></extra>"))
     first = next(iter(shown.values()), None)
     fig.update_layout(
         title=title or "Importance of each swept axis (PED-ANOVA, with its bootstrap interval)",
@@ -56,16 +63,20 @@ def importance_html(frame: pd.DataFrame) -> str:
     """One run's importance as plain HTML bars (no script: the report's section): per axis
     a bar of its share, a line over its interval, and the numbers."""
     rows = []
-    for _, r in frame.dropna(subset=["importance"]).iterrows():
+    shown = frame.dropna(subset=["importance"])
+    outside = outside_interval(shown)
+    for i, r in shown.iterrows():
         share, low, high = (max(0.0, min(1.0, float(r[k]))) for k in ("importance", "low",
                                                                        "high"))
+        mark = "*" if outside[i] else ""
         bar = (f'<div class="imp"><span class="bar" style="width:{share:.1%}"></span>'
                f'<span class="ci" style="left:{low:.1%};width:{high - low:.1%}"></span></div>')
         rows.append(f"<tr><td>{html.escape(str(r['axis']))}</td><td>{bar}</td>"
-                    f"<td>{share:.2f}</td><td>{low:.2f}-{high:.2f}</td></tr>")
+                    f"<td>{share:.2f}{mark}</td><td>{low:.2f}-{high:.2f}</td></tr>")
+    note = f'<p class="note">{html.escape(OUTSIDE_NOTE)}.</p>' if outside.any() else ""
     return (f"<style>{IMPORTANCE_CSS}</style>"
             '<table class="best importance"><tr><th>axis</th><th>importance</th>'
-            '<th>share</th><th>interval</th></tr>' + "".join(rows) + "</table>")
+            '<th>share</th><th>interval</th></tr>' + "".join(rows) + "</table>" + note)
 
 
 IMPORTANCE_CSS = """

@@ -6,11 +6,15 @@ values of the swept axes (``SweepSpec.swept``; a grid or choice axis as categori
 random range as the range it was drawn from) and one loss that compares the trials at the
 same budget (``comparable_losses``: each trial's best validation loss when every trial
 was trained to its own end, else its best validation loss up to the highest rung every
-trial reached). PED-ANOVA asks how differently each axis's values are spread among the
+trial reached; a trial that errored or diverged counts as worse than every other).
+PED-ANOVA asks how differently each axis's values are spread among the
 best ``TARGET_QUANTILE`` of the trials than among all of them; an axis whose values the
 best trials share decides the loss. Importances are shares of the sum over the axes (they
-add up to 1); the interval is the 5th to 95th percentile over bootstrap resamples of the
-trials. Below ``min_trials()`` comparable trials there is no number, only a note saying
+add up to 1); the interval is the 5th to 95th percentile of the shares over bootstrap
+resamples of the trials, as they come: a resample repeats some trials and leaves others
+out, which can shift PED-ANOVA's share to one side, so the estimate from all the trials may
+lie outside its interval (``outside_interval``; the report and ``cae status`` mark it and
+say so). Below ``min_trials()`` comparable trials there is no number, only a note saying
 how many are needed.
 
 Written as ``importance.parquet`` in the run directory (``write_importance``, at the end of
@@ -59,8 +63,10 @@ def method_text(n_boot: int) -> str:
 
 def comparable_losses(trials: pd.DataFrame, epochs: pd.DataFrame) -> tuple[pd.Series, str]:
     """Per trial (``trials``' index): the loss that compares it with the others at one
-    budget, and what that budget is. Unfinished trials are left out; trials that failed
-    (a diverged learning rate, say) count as worse than any other."""
+    budget, and what that budget is. Unfinished trials are left out; trials that errored
+    or diverged (a learning rate too high, say) count as worse than every other, whatever
+    loss they had reached before: their best-so-far loss would favour exactly the settings
+    that fail."""
     loss = pd.to_numeric(trials.get("best_val_loss"), errors="coerce")
     failed = trials["stop_reason"].astype(str).str.startswith("error")
     keep = ~unfinished_mask(trials) & (loss.notna() | failed)
@@ -76,10 +82,14 @@ def comparable_losses(trials: pd.DataFrame, epochs: pd.DataFrame) -> tuple[pd.Se
         loss = upto.where(~own, loss)
         budget = (f"best validation loss up to epoch {rung}, the highest rung every trial "
                   "reached (the scheduler stopped some there)")
+        if rung == 1:
+            budget = ("validation loss of the first epoch, the first rung (the scheduler "
+                      "stopped some there): the trials are compared after one epoch only")
     loss = loss[keep].astype(float)
-    finite = loss[np.isfinite(loss)]
+    bad = failed[keep] | ~np.isfinite(loss)
+    finite = loss[~bad]
     worst = float(finite.max()) * 10 + 1 if len(finite) else 1.0
-    return loss.where(np.isfinite(loss), worst), budget
+    return loss.where(~bad, worst), budget
 
 
 # ---- the study ---------------------------------------------------------------------------
@@ -167,7 +177,8 @@ class Inputs:
         """A digest of the inputs: the same digest, the same answer (not computed again)."""
         values = {k: axis_values(self.trials, k).astype(str).tolist() for k in self.axes}
         text = json.dumps([sorted(self.axes), values, [repr(v) for v in self.losses],
-                           self.budget, N_BOOT, TARGET_QUANTILE, MIN_TOP], default=str)
+                           self.budget, N_BOOT, TARGET_QUANTILE, MIN_TOP, INTERVAL],
+                          default=str)
         return hashlib.sha1(text.encode()).hexdigest()[:16]
 
 
@@ -222,15 +233,24 @@ def importance(trials: pd.DataFrame, epochs: pd.DataFrame, spec: dict,
     boots = np.array([_shares(_ped_anova([params[j] for j in pick], dists, y[pick]), keys)
                       for pick in (rng.integers(0, n, n) for _ in range(n_boot))])
     shares = _shares(raw, keys)
-    # resamples repeat trials, so their spread can lie to one side of the estimate: the
-    # interval is widened to hold it
-    low = np.minimum(np.percentile(boots, INTERVAL[0], axis=0), shares)
-    high = np.maximum(np.percentile(boots, INTERVAL[1], axis=0), shares)
+    low, high = (np.percentile(boots, q, axis=0) for q in INTERVAL)
     rows = [{"axis": k, "importance": s, "low": lo, "high": hi, "ped_anova": raw.get(k, 0.0),
              "method": method_text(n_boot), "budget": budget, "trials_used": n, "note": ""}
             for k, s, lo, hi in zip(keys, shares, low, high)]
     return _frame(rows, inp.key()).sort_values("importance", ascending=False, kind="stable",
                                                ignore_index=True)
+
+
+OUTSIDE_NOTE = ("* the estimate from all the trials lies outside the interval of its bootstrap "
+                "resamples: a resample repeats some trials and leaves others out, which "
+                "shifts PED-ANOVA's share to one side here; the estimate is less certain "
+                "than the interval's width says")
+
+
+def outside_interval(frame: pd.DataFrame) -> pd.Series:
+    """The axes whose estimate lies outside its own interval (``OUTSIDE_NOTE``)."""
+    imp = frame["importance"]
+    return imp.notna() & ((imp < frame["low"]) | (imp > frame["high"]))
 
 
 def _param(value, dist):
@@ -305,9 +325,13 @@ def importance_text(frame: pd.DataFrame) -> str:
     if frame["importance"].isna().all():
         return "\n".join(lines + [f"  {first['note']}"])
     width = max(len(str(a)) for a in frame["axis"])
-    for _, r in frame.iterrows():
+    outside = outside_interval(frame)
+    for i, r in frame.iterrows():
         bar = "#" * int(round(20 * r["importance"]))
-        lines.append(f"  {str(r['axis']):<{width}}  {r['importance']:.2f} "
+        mark = "*" if outside[i] else " "
+        lines.append(f"  {str(r['axis']):<{width}}  {r['importance']:.2f}{mark}"
                      f"({r['low']:.2f}-{r['high']:.2f})  {bar}")
     lines.append(f"  {first['method']}")
+    if outside.any():
+        lines.append(f"  {OUTSIDE_NOTE}")
     return "\n".join(lines)
