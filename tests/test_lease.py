@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -40,6 +41,42 @@ def test_the_lease_of_a_driver_that_is_gone_is_taken_over_with_a_line(tmp_path):
     with Lease(str(tmp_path), "cae resume B", say=said.append):
         assert read_holder(str(tmp_path)).command == "cae resume B"
     assert len(said) == 1 and "taking over" in said[0] and "it is gone" in said[0]
+
+
+def test_a_driver_killed_but_not_yet_reaped_is_gone(tmp_path):
+    """A SIGKILLed driver whose parent has not waited for it (a zombie) still has its pid:
+    it runs no more, so its lease is taken over."""
+    driver = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    try:
+        holder = _write_holder(tmp_path, pid=driver.pid)
+        assert holder.alive() is True
+        driver.kill()
+        deadline = time.time() + 30
+        while Path(f"/proc/{driver.pid}/stat").read_text().split(")")[-1].split()[0] != "Z":
+            assert time.time() < deadline, "the killed driver did not become a zombie"
+            time.sleep(0.05)
+        os.kill(driver.pid, 0)  # the pid is still there ...
+        assert holder.alive() is False  # ... and the driver gone
+        said = []
+        with Lease(str(tmp_path), "cae resume B", say=said.append):
+            assert read_holder(str(tmp_path)).command == "cae resume B"
+        assert len(said) == 1 and "it is gone" in said[0]
+    finally:
+        driver.kill()
+        driver.wait()
+
+
+def test_a_pid_that_a_later_process_took_is_not_the_driver(tmp_path):
+    """The lease says when its driver started: a process with its pid that started later is
+    another one."""
+    assert _write_holder(tmp_path).alive() is True  # this process, started before the lease
+    young = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    try:
+        assert _write_holder(tmp_path, pid=young.pid).alive() is True
+        assert _write_holder(tmp_path, pid=young.pid, started=time.time() - 600).alive() is False
+    finally:
+        young.kill()
+        young.wait()
 
 
 def test_another_hosts_driver_counts_as_gone_only_when_its_heartbeat_is_old(tmp_path):

@@ -53,7 +53,9 @@ class Holder:
         return max(0.0, (time.time() if now is None else now) - self.heartbeat)
 
     def alive(self) -> bool | None:
-        """Whether its process exists: known only on its own host (None elsewhere)."""
+        """Whether its process runs: known only on its own host (None elsewhere). A process
+        killed but not yet reaped by its parent (a zombie) keeps its pid and is gone; so is
+        a pid that a later process took (it started after the lease)."""
         if self.host != socket.gethostname():
             return None
         try:
@@ -61,12 +63,28 @@ class Holder:
         except ProcessLookupError:
             return False
         except PermissionError:
-            return True
-        return True
+            pass
+        state, started = _process(self.pid)
+        if state in ("Z", "X"):
+            return False
+        return not (started is not None and started > self.started + 5.0)
 
     def describe(self, now: float | None = None) -> str:
         return (f"`{self.command}` (pid {self.pid} on {self.host}, heartbeat "
                 f"{self.age(now):.0f} s ago)")
+
+
+def _process(pid: int) -> tuple[str | None, float | None]:
+    """A process's state letter (``Z``: a zombie) and when it started (epoch seconds), from
+    Linux's ``/proc``; (None, None) where there is none."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        fields = stat[stat.rindex(")") + 2:].split()  # after the command, which may hold ')'
+        boot = next(float(line.split()[1]) for line in Path("/proc/stat").read_text()
+                    .splitlines() if line.startswith("btime "))
+        return fields[0], boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None, None
 
 
 def _fs(run_dir: str):
