@@ -16,7 +16,6 @@ import re
 from pathlib import Path
 
 import pytest
-import ray
 import yaml
 from ray.autoscaler._private.util import prepare_config, validate_config
 
@@ -81,17 +80,31 @@ def test_autoscaling_gpu_workers(cfg):
         assert t["node_config"]["InstanceType"].startswith(("g", "p")), "not a GPU instance"
 
 
-def test_image_is_this_ray(cfg):
+def test_image_is_the_newest_ray_the_project_admits(cfg):
+    """The image's Ray is the newest minor version pyproject.toml admits (the one the
+    suite runs on, unless it checks the floors), and installing the project on it pins that
+    Ray so that it does not move."""
+    import tomllib
+    from packaging.requirements import Requirement
+
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    admitted = next(r for r in map(Requirement, pyproject["project"]["dependencies"])
+                    if r.name == "ray").specifier
     images = {cfg["docker"]["image"]}
     images |= {cfg["docker"][k] for k in ("head_image", "worker_image") if k in cfg["docker"]}
+    versions = set()
     for image in images:
         m = re.fullmatch(r"rayproject/ray:(\d+\.\d+\.\d+)-py3\d+-(gpu|cpu|cu\d+)", image)
         assert m, f"{image}: not a pinned rayproject/ray image"
-        assert m.group(1) == ray.__version__
+        versions.add(m.group(1))
+    assert len(versions) == 1
+    version = versions.pop()
+    major, minor, _ = map(int, version.split("."))
+    assert version in admitted and f"{major}.{minor + 1}.0" not in admitted, (version, admitted)
     assert re.search(r"-(gpu|cu\d+)$", cfg["docker"].get("worker_image", cfg["docker"]["image"]))
     # installing the project must not move the image's Ray
     setup = " ".join(cfg["setup_commands"])
-    assert f"=={ray.__version__}" in setup
+    assert f"=={version}" in setup
 
 
 def test_setup_installs_this_project(cfg):
