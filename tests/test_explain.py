@@ -443,6 +443,39 @@ def test_four_epochs_then_four_more_equal_eight_to_the_bit(tmp_path, capsys):
 
 
 @pytest.mark.slow
+def test_step_and_plateau_trials_extended_equal_the_longer_run_to_the_bit(tmp_path, capsys):
+    """Trials of a step schedule (halved every 3 epochs) and of a plateau schedule (the rate
+    times 0.7 after every epoch that is not better by min_delta 1) trained 4 epochs and
+    extended by 4 have the losses and rates of the same trials trained 8 in the first
+    place: the schedules go on where they were, across the extension."""
+    variants = ("[{schedule.name: step, schedule.step_size: 3, schedule.gamma: 0.5}, "
+                "{schedule.name: plateau, schedule.plateau_patience: 0, schedule.gamma: 0.7, "
+                "min_delta: 1.0}]")
+    eight = _sweep(tmp_path, "eight", 8, variants)
+    four = _sweep(tmp_path, "four", 4, variants)
+    ids = pd.read_parquet(four / "trials.parquet")["trial_id"].tolist()
+    assert main(["extend", str(four), "--epochs", "4", "--trial", *ids, "--name", "plus",
+                 "--no-report", "--report-every", "0"]) == 0
+    capsys.readouterr()
+
+    def curves(run: Path) -> dict[str, pd.DataFrame]:
+        trials = pd.read_parquet(run / "trials.parquet").set_index("trial_id")
+        epochs = pd.read_parquet(run / "epochs.parquet")
+        return {trials.loc[t, "schedule.name"]: e.sort_values("epoch").reset_index(drop=True)
+                for t, e in epochs.groupby("trial_id")}
+
+    got, want = curves(tmp_path / "plus"), curves(eight)
+    assert set(got) == set(want) == {"step", "plateau"}
+    for name in ("step", "plateau"):
+        assert list(got[name]["epoch"]) == list(range(1, 9)), name
+        for col in ("train_loss", "val_loss", "lr"):
+            assert got[name][col].tolist() == want[name][col].tolist(), (name, col)
+    assert want["step"]["lr"].tolist() == pytest.approx([0.003] * 3 + [0.0015] * 3 +
+                                                        [0.00075] * 2)
+    assert want["plateau"]["lr"].iloc[4] == pytest.approx(0.003 * 0.7 ** 3)
+
+
+@pytest.mark.slow
 def test_compare_page_of_two_runs_renders_with_both_runs_data(small_run, tmp_path):
     """Two small real runs on different tasks: the page compares them by the ratio to each
     one's PCA, says so, every figure holds both runs, and Chromium draws it without

@@ -167,29 +167,33 @@ def _kill_the_first_pack_after(run_dir: Path, epochs: int, killed: dict,
         time.sleep(0.05)
 
 
-def _member_losses(run_dir: Path) -> dict[tuple, list[float]]:
-    """(lr, latent, seed) -> a member's validation losses, epoch by epoch."""
+def _member_losses(run_dir: Path, column: str = "val_loss") -> dict[tuple, list[float]]:
+    """(lr, latent, seed) -> a member's validation losses (or ``column``), epoch by epoch."""
     trials, epochs = _tables(run_dir)
     out = {}
     for _, row in trials.iterrows():
         rows = epochs[epochs["trial_id"] == row["trial_id"]].sort_values("epoch")
         assert rows["epoch"].tolist() == list(range(1, len(rows) + 1)), "an epoch twice"
-        out[(row["lr"], row["model.latent_dim"], row["seed"])] = rows["val_loss"].tolist()
+        out[(row["lr"], row["model.latent_dim"], row["seed"])] = rows[column].tolist()
     return out
 
 
 @pytest.mark.slow
 def test_pack_processes_killed_at_random_lose_nothing(tmp_path):
-    """Two packs of four, 4 epochs; a running pack's worker is SIGKILLed after every second
-    epoch reported (a random one of those running), three times; Tune retries each from its
-    checkpoint, and every member's losses equal an undisturbed fused run's, bit for bit."""
+    """Two packs of four, 4 epochs, under a plateau schedule (the rate times 0.7 after two
+    epochs in a row not better by min_delta 1: its count of such epochs is state); a
+    running pack's worker is SIGKILLed after every second epoch reported (a random one of
+    those running), three times; Tune retries each from its checkpoint, and every member's
+    losses and rates equal an undisturbed fused run's, bit for bit."""
     import subprocess
     import sys
 
     from helpers import kill_packs_at_random
 
     path = _write(tmp_path, **{"trial.max_epochs": 4, "max_failures": 3,
-                               "trial.data.train_limit": 3000})
+                               "trial.data.train_limit": 3000, "trial.min_delta": 1.0,
+                               "trial.schedule": {"name": "plateau", "plateau_patience": 1,
+                                                  "gamma": 0.7}})
     assert main(["sweep", str(path), "--storage", str(tmp_path), "--name", "u",
                  "--no-report", "--report-every", "0"]) == 0
     run_dir = tmp_path / "k"
@@ -205,6 +209,11 @@ def test_pack_processes_killed_at_random_lose_nothing(tmp_path):
     assert len(trials) == 8 and set(trials["status"]) == {"TERMINATED"}
     assert trials["num_failures"].sum() >= 2
     assert _member_losses(run_dir) == _member_losses(tmp_path / "u")
+    rates = _member_losses(run_dir, "lr")
+    assert rates == _member_losses(tmp_path / "u", "lr")
+    # better at epoch 1, not at 2 and 3: times 0.7 for epoch 4
+    assert all(r[:3] == [r[0]] * 3 and r[3] == pytest.approx(0.7 * r[0])
+               for r in rates.values()), rates
 
 
 @pytest.mark.slow

@@ -75,13 +75,17 @@ def test_each_schedule_is_recorded_per_epoch():
     assert flat == pytest.approx([0.003, 0.003, 0.0015, 0.00075])
 
 
-@pytest.mark.parametrize("schedule", [{"name": "cosine", "warmup_epochs": 1},
-                                      {"name": "onecycle"}])
+@pytest.mark.parametrize("schedule", [
+    {"name": "cosine", "warmup_epochs": 1}, {"name": "onecycle"},
+    {"name": "step", "step_size": 1, "gamma": 0.5, "warmup_epochs": 1},
+    # with min_delta 0.01 the plateau halves the rate after epochs 2 and 3
+    {"name": "plateau", "plateau_patience": 0, "gamma": 0.5}])
 def test_a_trial_killed_mid_schedule_resumes_to_the_same_losses(schedule):
     """Stopped after epoch 2 of 4 and resumed from a saved-and-loaded checkpoint, as a
-    restarted Ray trial is: every epoch's losses and rates equal the uninterrupted run's."""
+    restarted Ray trial is: every epoch's losses and rates equal the uninterrupted run's
+    (a plateau schedule's count of epochs without a better loss included)."""
     kw = {"schedule": schedule, "optimizer": {"name": "adamw"}, "weight_decay": 0.01,
-          "grad_clip": 0.5}
+          "grad_clip": 0.5, "min_delta": 0.01 if schedule["name"] == "plateau" else 0.0}
     whole = train(_cfg(**kw), evaluate_test=False).history
     buf = io.BytesIO()
     Trainer(_cfg(**kw)).fit(lambda m, s: torch.save(s(), buf) if m["epoch"] == 2 else None)
@@ -90,6 +94,8 @@ def test_a_trial_killed_mid_schedule_resumes_to_the_same_losses(schedule):
                     evaluate_test=False).history
     for key in ("train_loss", "val_loss", "lr"):
         assert [h[key] for h in resumed] == [h[key] for h in whole], key
+    rates = [h["lr"] for h in whole]  # the schedule acts after the resume point
+    assert rates[1] != rates[2] != rates[3], rates
 
 
 def test_clipping_changes_the_steps():
