@@ -278,6 +278,7 @@ class Run:
         self.plan = plan(args.budget, args.smoke, args.cases)
         self.started, self.info = common.now(), common.machine()
         self.info["toolchain"] = toolchain()
+        self.info["inductor_cache"] = inductor_cache()
         self.cases: dict = {}
         self.busy = Busy()
         self.out = args.out or common.results_path("gpu", False, "smoke" if args.smoke else None)
@@ -333,8 +334,34 @@ class Run:
                    "backend": self.args.backend, "budget_s": self.args.budget,
                    "plan": self.plan, "busy_source": self.busy.source,
                    "sizes": self.s, "cases": self.cases,
+                   "wall_s": round(time.time() - self.t0, 1), "cpu_s": cpu_seconds(),
                    **summary(self.cases, judged=not self.args.smoke)}
         common.write_results(self.out, "gpu", self.info, figures, self.started)
+
+
+def cpu_seconds() -> float:
+    """CPU seconds (user and system) of this process and of its children that have ended
+    (the workers of (c), inductor's compile workers)."""
+    import resource
+
+    own, kids = (resource.getrusage(w) for w in (resource.RUSAGE_SELF,
+                                                 resource.RUSAGE_CHILDREN))
+    return round(own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime, 1)
+
+
+def inductor_cache() -> dict:
+    """Where inductor keeps what it compiled and how many files it held at the start (0: a
+    cold cache, every graph compiled from scratch)."""
+    where = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if not where:
+        try:
+            from torch._inductor.runtime.runtime_utils import cache_dir
+
+            where = cache_dir()
+        except Exception:  # noqa: BLE001 - a record, never a failure
+            return {"dir": None, "files_at_start": None}
+    files = sum(len(f) for _, _, f in os.walk(where)) if os.path.isdir(where) else 0
+    return {"dir": where, "files_at_start": files}
 
 
 def toolchain() -> dict:
