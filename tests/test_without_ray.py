@@ -18,6 +18,9 @@ from helpers import assert_resumed_losses, epochs_trained
 REPO = Path(__file__).resolve().parents[1]
 RECORDED = REPO / "tests" / "data" / "recorded-run"
 INTERRUPTED = REPO / "tests" / "data" / "interrupted-run"
+# stopped half-way (2 of 4 trials trained 3 of 6 epochs, 2 not started) by cae at
+# commit b5af075, whose plain trials drew dropout masks from torch's global generator
+OLD_DROPOUT = REPO / "tests" / "data" / "interrupted-dropout-run"
 
 # `import ray` (and any `from ray...`) raises ImportError in this interpreter, and every
 # attempt is counted in `sys.ray_imports` (a reader that tries Ray and falls back still
@@ -176,3 +179,36 @@ def test_an_interrupted_run_of_the_old_layout_resumes_to_the_end(tmp_path, capsy
                               ["model.latent_dim", "model.convs"])
     assert_resumed_losses(got, {tuple(row[:3]): row[3] for row in expected}, trained)
 
+
+
+@pytest.mark.slow
+def test_a_run_whose_dropout_drew_from_the_global_generator_goes_on_and_says_so(tmp_path,
+                                                                               capsys):
+    """``tests/data/interrupted-dropout-run`` (dropout 0.2) was made by a cae that drew a
+    plain trial's dropout masks from torch's global generator: it resumes to the end, the
+    epochs it had trained are kept as they were, and one line says that the trials it had
+    started go on with masks from their seeds, so their later epochs differ from what that
+    cae would have trained."""
+    import pandas as pd
+
+    from cae.cli import main
+    from cae.run.checkpoints import newest_history
+
+    run = tmp_path / "run"
+    shutil.copytree(OLD_DROPOUT, run)
+    before = {d.name: newest_history(d).get("epochs") or [] for d in run.glob("run_trial_*")}
+    assert sorted(len(e) for e in before.values()) == [0, 0, 3, 3]
+    assert main(["resume", str(run), "--no-report", "--report-every", "0"]) == 0
+    err = capsys.readouterr().err
+    notes = [line for line in err.splitlines() if "global generator" in line]
+    assert len(notes) == 1 and notes[0].startswith("cae: note: 2 trial(s) with dropout"), err
+    trials = pd.read_parquet(run / "trials.parquet")
+    epochs = pd.read_parquet(run / "epochs.parquet")
+    assert len(trials) == 4 and set(trials["status"]) == {"TERMINATED"}
+    assert set(epochs.groupby("trial_id")["epoch"].max()) == {6}
+    for name, old in before.items():
+        rows = epochs[epochs["trial_id"] == trials.set_index("trial_dir").loc[name, "trial_id"]]
+        got = rows.sort_values("epoch")["val_loss"].tolist()[:len(old)]
+        assert got == [e["val_loss"] for e in old], name  # kept as that cae trained them
+    assert main(["resume", str(run)]) == 0  # finished: nothing said again
+    assert "global generator" not in capsys.readouterr().err

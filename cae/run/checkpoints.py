@@ -124,3 +124,40 @@ def load_newest(fs: Any, trial_path: str) -> Found | None:
             continue
         return Found(checkpoint, state, history, skipped)
     return None
+
+
+# ---- checkpoints of an earlier cae -------------------------------------------------------
+
+DROPOUT_KEYS = ("dropout", "dense_dropout", "edge_dropout")
+
+
+def drew_global_dropout(state: dict) -> bool:
+    """Whether a trial's checkpoint comes from a cae that drew a plain trial's dropout masks
+    from torch's global generator: one that saved that generator's state (``rng``) and had
+    no learning-rate schedules yet (no ``schedule``; cae before 2026-12-06). Since then
+    every trial draws them from its own seed (``cae.train.stacked.MaskedDropout``)."""
+    return "rng" in state and "schedule" not in state and "pack" not in state
+
+
+def old_dropout_trials(run_dir: str) -> list[str]:
+    """The trials of a run, alone (not a pack's members) and not ended, whose model has
+    dropout and whose newest checkpoint :func:`drew_global_dropout`: resumed, they draw
+    other masks than the cae that made them would have."""
+    import pyarrow.fs as pafs
+
+    fs, root = filesystem(run_dir)
+    out = []
+    for info in fs.get_file_info(pafs.FileSelector(root, allow_not_found=True)):
+        if info.type != pafs.FileType.Directory or not info.base_name.startswith("run_trial"):
+            continue
+        try:
+            model = json.loads(_read(fs, f"{info.path}/trial.json"))["config"]["model"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if not any(float(model.get(k) or 0) > 0 for k in DROPOUT_KEYS):
+            continue
+        found = load_newest(fs, info.path)
+        if found is not None and not found.state.get("final") and \
+                drew_global_dropout(found.state):
+            out.append(info.base_name)
+    return sorted(out)

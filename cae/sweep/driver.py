@@ -102,6 +102,7 @@ def resume_sweep(run_dir: str, *, address: str | None = None, data_dir: str | No
         return _end(run_dir, spec, checked.n_trials, console, data_dir, None,
                     _tracking(spec, run_dir, _stderr))
     datasets = plan.load_datasets(checked)
+    _say_old_dropout(run_dir)
 
     def start(callbacks: list) -> None:
         from cae.sweep import tuner
@@ -118,6 +119,20 @@ def resume_sweep(run_dir: str, *, address: str | None = None, data_dir: str | No
 
     return _drive(run_dir, spec, checked, start, address, force, console,
                   data_dir=data_dir, datasets=datasets)
+
+
+def _say_old_dropout(run_dir: str) -> None:
+    """One line when trials with dropout go on from checkpoints of a cae that drew their
+    masks otherwise (``cae.run.checkpoints.old_dropout_trials``): they continue, and their
+    later epochs are not those the earlier cae would have trained."""
+    from cae.run.checkpoints import old_dropout_trials
+
+    old = old_dropout_trials(run_dir)
+    if old:
+        _stderr(f"cae: note: {len(old)} trial(s) with dropout go on from checkpoints of a cae "
+                "from before 2026-12-06, which drew dropout masks from torch's global "
+                "generator; from here they draw them from each trial's seed, so their "
+                "later epochs differ from an uninterrupted run of that cae's")
 
 
 def _finished(run_dir: str) -> bool:

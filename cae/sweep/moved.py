@@ -55,13 +55,15 @@ RENAMED: dict[tuple[str, str], tuple[str, str]] = {
     ("cae.halving", "SyncHalvingScheduler"): ("cae.schedule.workahead", "sync_halving"),
     ("cae.halving", "CostBook"): ("cae.schedule.workahead", "CostBook"),
     ("cae.schedulers", "ShuffledSearcher"): ("cae.schedule.grid", "ShuffledSearcher"),
+    # after the move, before the registry: runs of those days pickled it here
+    ("cae.schedule.schedulers", "ShuffledSearcher"): ("cae.schedule.grid", "ShuffledSearcher"),
 }
 
 
 def resolve(old_module: str, name: str) -> Any:
     """The object an old pickle's ``old_module.name`` stands for today."""
-    new_module, new_name = RENAMED.get((old_module, name),
-                                       (MOVED_MODULES[old_module], name))
+    renamed = RENAMED.get((old_module, name))
+    new_module, new_name = renamed or (MOVED_MODULES[old_module], name)
     return getattr(importlib.import_module(new_module), new_name)
 
 
@@ -89,13 +91,23 @@ class _Finder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
 
 @contextmanager
 def old_names() -> Iterator[None]:
-    """For the length of a block, the old module paths import (as views of the tables)."""
+    """For the length of a block, the old module paths import (as views of the tables), and
+    a module of today that a name left holds it again under its old name."""
     finder = _Finder()
     sys.meta_path.insert(0, finder)
+    lent = []
+    for (old_module, name), _ in RENAMED.items():
+        if old_module not in MOVED_MODULES:
+            module = importlib.import_module(old_module)
+            if not hasattr(module, name):
+                setattr(module, name, resolve(old_module, name))
+                lent.append((module, name))
     try:
         yield
     finally:
         sys.meta_path.remove(finder)
+        for module, name in lent:
+            delattr(module, name)
         for old in MOVED_MODULES:
             if isinstance(sys.modules.get(old), _OldModule):
                 del sys.modules[old]
