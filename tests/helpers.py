@@ -214,3 +214,53 @@ def kill_packs_at_random(proc: subprocess.Popen, run_dir: Path, every: int,
             except ProcessLookupError:
                 pass
     return landed
+
+
+def check_wandb_history(run_dir: Path, exact: bool = True) -> dict:
+    """Every trial of a run's tables is one W&B run under ``run_dir/wandb``, read from
+    W&B's own files: its history holds each epoch of ``epochs.parquet`` once, in order, with
+    its train and validation loss (``exact``: as logged, else to float32 precision: an
+    epoch trained again after a kill) and every other number of the epoch (its times only
+    present: they differ when an epoch is trained again); its summary holds the trial's
+    status and best validation loss, and its newest folder ended (exit code 1 for a trial
+    that failed). Returns trial id -> what W&B holds of it."""
+    import math
+
+    import pandas as pd
+    import pytest
+
+    from cae.track.wandbfiles import read_runs
+
+    trials = pd.read_parquet(run_dir / "trials.parquet")
+    epochs = pd.read_parquet(run_dir / "epochs.parquet")
+    held = read_runs(run_dir / "wandb")
+    out = {}
+    for row in trials.to_dict("records"):
+        tid = row["trial_id"]
+        mine = [h for run_id, h in held.items() if run_id.startswith(f"{tid}-")]
+        assert len(mine) == 1, (tid, sorted(held))
+        run = out[tid] = mine[0]
+        table = epochs[epochs["trial_id"] == tid].sort_values("epoch").to_dict("records")
+        assert [s for s, _ in run.rows] == [int(e["epoch"]) for e in table], tid
+        for (step, logged), e in zip(run.rows, table):
+            assert logged["epoch"] == step
+            for col, value in e.items():
+                if col in ("trial_id", "epoch") or isinstance(value, (str, bool)):
+                    continue
+                try:
+                    value = float(value)
+                except (TypeError, ValueError):
+                    continue
+                if not math.isfinite(value):
+                    continue
+                if col in ("train_loss", "val_loss"):
+                    want = value if exact else pytest.approx(value, rel=1e-6, abs=0)
+                    assert logged[col] == want, (tid, step, col)
+                elif col in ("epoch_time_s", "time_total_s"):
+                    assert col in logged, (tid, step, col)
+                else:
+                    assert math.isclose(logged[col], value), (tid, step, col)
+        assert run.summary["status"] == row["status"], tid
+        assert run.summary["best_val_loss"] == pytest.approx(row["best_val_loss"]), tid
+        assert run.exit_code == (1 if row["status"] == "ERROR" else 0), tid
+    return out

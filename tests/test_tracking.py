@@ -1,12 +1,12 @@
 """Every trial in an experiment tracker: MLflow (a real ``mlflow server`` with a SQLite
 store, started and stopped here) and W&B (offline: no account, no network).
 
-Checked through ``MlflowClient`` and W&B's own CLI: one run per trial, its ``val_loss``
-history equal to ``epochs.parquet`` epoch by epoch, its params equal to ``trials.parquet``,
+Checked through ``MlflowClient``, W&B's own CLI and its offline files
+(``tests/test_wandb_contents.py`` has more of them): one run per trial, its history equal
+to ``epochs.parquet`` epoch by epoch, its params equal to ``trials.parquet``,
 the sweep's parent run with the tables and the report; ``cae track`` twice, a driver killed
 and resumed, a server killed mid-sweep: each epoch there once; ``cae track`` without Ray."""
 
-import json
 import math
 import os
 import shutil
@@ -20,7 +20,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-from helpers import free_port
+from helpers import check_wandb_history, free_port
 
 from cae.cli import main
 from cae.config.errors import UserError
@@ -345,6 +345,7 @@ def test_cae_track_to_wandb_offline_writes_each_run_once(recorded):
     listed = wandb_dry_run(recorded)
     for folder in folders:
         assert folder.split("-", 3)[-1] in listed
+    check_wandb_history(recorded)
 
 
 def wandb_dry_run(run_dir: Path) -> str:
@@ -483,7 +484,4 @@ def test_a_sweep_writes_wandb_offline_runs_and_exits_at_once(tmp_path):
     listed = wandb_dry_run(run_dir)
     for tid in trials["trial_id"]:
         assert f"-{tid}-" in listed, listed
-    sent = json.loads((run_dir / "wandb" / "cae-sent.json").read_text())
-    epochs = pd.read_parquet(run_dir / "epochs.parquet")
-    for tid, group in epochs.groupby("trial_id"):
-        assert sent[tid]["step"] == group["epoch"].max() and sent[tid]["state"] == "finished"
+    check_wandb_history(run_dir)  # W&B's own files: each epoch once, with its values
