@@ -249,6 +249,41 @@ def test_masked_dropout_rates_streams_and_eval():
     assert "step" not in a.state_dict() and a.state_dict() == {}
 
 
+def _int64_masked_dropout(x, rate: float, seed: int, layer: int, step: int):
+    """The masks as first defined: the whole hash in int64, the rate compared in float32
+    (every run with dropout since 2026-12-06 drew these)."""
+    from cae.train.stacked import _M32, _mix32
+
+    seed_t, step_t = torch.tensor(seed), torch.tensor(step)
+    key = _mix32(_mix32((seed_t & _M32) ^ _mix32((seed_t >> 32) & _M32)) ^ layer)
+    key = _mix32(key ^ (step_t & _M32))
+    index = torch.arange(x.numel()).view(x.shape)
+    bits = _mix32(_mix32((index + key) & _M32) ^ key) >> 8
+    rate_t = torch.tensor(float(rate))
+    return x * ((bits.to(torch.float32) * 2.0**-24 >= rate_t) / (1 - rate_t)).to(x.dtype)
+
+
+@pytest.mark.parametrize("seed", [0, 12345, 2**31, 2**32 + 7, 10**12 + 3])
+def test_masked_dropout_draws_the_masks_of_the_int64_hash_bit_for_bit(seed):
+    """The int32 hash, with what depends on the seed and the rate hashed at construction,
+    draws exactly the masks of the int64 hash (runs made with those resume bit for bit), in
+    either memory layout."""
+    for rate in (0.1, 0.33, 0.5, 0.9):
+        for shape in ((64, 4, 14, 14), (3, 5), (1000,)):
+            layer = MaskedDropout(rate, seed, 1003)
+            for step in (0, 1, 2**31 + 5):
+                layer.step.fill_(step)
+                x = torch.rand(shape, dtype=torch.float64)
+                want = _int64_masked_dropout(x, rate, seed, 1003, step)
+                assert torch.equal(layer(x), want), (rate, shape, step)
+    x = torch.rand(8, 4, 6, 6).contiguous(memory_format=torch.channels_last)
+    layer = MaskedDropout(0.2, seed, 3)
+    layer.channels_last = True
+    got = layer(x)
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(got, _int64_masked_dropout(x, 0.2, seed, 3, 0))
+
+
 def test_which_trials_fuse():
     cfgs = [_cfg(seed=0), _cfg(seed=1, lr=0.01, weight_decay=0.1, loss="l1"),
             _cfg(model_channels=[4, 4]), _cfg(batch_size=16), _cfg(model_dropout=0.1),

@@ -40,7 +40,7 @@ from cae.train.loop import (
     trial_checkpoint,
 )
 from cae.train.optimizers import Schedule, make_optimizer
-from cae.train.stacked import set_dropout_step, use_masked_dropout
+from cae.train.stacked import masks_channels_last, set_dropout_step, use_masked_dropout
 from cae.train.tasks import make_task
 
 
@@ -78,7 +78,7 @@ class Trainer:
         model = use_masked_dropout(build_model(cfg.model, seed=cfg.seed).to(self.device),
                                    cfg.seed)
         self.cuda = self.device.type == "cuda"
-        self.model = model.to(memory_format=torch.channels_last)
+        self.model = masks_channels_last(model.to(memory_format=torch.channels_last))
         self.dtype = next(self.model.parameters()).dtype  # float64 only in exactness tests
         # Encoder and decoder are compiled separately so the latent stays reachable for
         # the activity penalty.
