@@ -197,7 +197,8 @@ def test_a_run_whose_dropout_drew_from_the_global_generator_goes_on_and_says_so(
     run = tmp_path / "run"
     shutil.copytree(OLD_DROPOUT, run)
     before = {d.name: newest_history(d).get("epochs") or [] for d in run.glob("run_trial_*")}
-    assert sorted(len(e) for e in before.values()) == [0, 0, 3, 3]
+    # (the two trials not started have no directory yet: git keeps no empty folder)
+    assert sorted(len(e) for e in before.values() if e) == [3, 3]
     assert main(["resume", str(run), "--no-report", "--report-every", "0"]) == 0
     err = capsys.readouterr().err
     notes = [line for line in err.splitlines() if "global generator" in line]
