@@ -54,8 +54,7 @@ class Holder:
 
     def alive(self) -> bool | None:
         """Whether its process runs: known only on its own host (None elsewhere). A process
-        killed but not yet reaped by its parent (a zombie) keeps its pid and is gone; so is
-        a pid that a later process took (it started after the lease)."""
+        killed but not yet reaped by its parent (a zombie) keeps its pid and is gone."""
         if self.host != socket.gethostname():
             return None
         try:
@@ -64,27 +63,21 @@ class Holder:
             return False
         except PermissionError:
             pass
-        state, started = _process(self.pid)
-        if state in ("Z", "X"):
-            return False
-        return not (started is not None and started > self.started + 5.0)
+        return _state(self.pid) not in ("Z", "X")
 
     def describe(self, now: float | None = None) -> str:
         return (f"`{self.command}` (pid {self.pid} on {self.host}, heartbeat "
                 f"{self.age(now):.0f} s ago)")
 
 
-def _process(pid: int) -> tuple[str | None, float | None]:
-    """A process's state letter (``Z``: a zombie) and when it started (epoch seconds), from
-    Linux's ``/proc``; (None, None) where there is none."""
+def _state(pid: int) -> str | None:
+    """A process's state letter (``Z``: a zombie, ``X``: dead) from Linux's ``/proc``; None
+    where there is none."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
-        fields = stat[stat.rindex(")") + 2:].split()  # after the command, which may hold ')'
-        boot = next(float(line.split()[1]) for line in Path("/proc/stat").read_text()
-                    .splitlines() if line.startswith("btime "))
-        return fields[0], boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError, StopIteration):
-        return None, None
+        return stat[stat.rindex(")") + 2:].split()[0]  # after the command, which may hold ')'
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def _fs(run_dir: str):
