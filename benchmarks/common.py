@@ -113,7 +113,10 @@ def write_results(path: Path, name: str, info: dict, figures: dict, started: str
     record = {"benchmark": name, "date": started, "finished": now(), "command": command_line(),
               "machine": info, **figures}
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(record, indent=2, default=_jsonable) + "\n")
+    # whole or not at all: a kill in the middle of a write leaves the file before it
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(record, indent=2, default=_jsonable) + "\n")
+    os.replace(tmp, path)
     return path
 
 

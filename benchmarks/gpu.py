@@ -280,6 +280,7 @@ class Run:
         self.info["toolchain"] = toolchain()
         self.info["inductor_cache"] = inductor_cache()
         self.cases: dict = {}
+        self._writing = threading.Lock()  # the watchdog and the cases write one at a time
         self.busy = Busy()
         self.out = args.out or common.results_path("gpu", False, "smoke" if args.smoke else None)
         # a case that hangs (a compilation, a driver) must not cost the results so far
@@ -330,6 +331,10 @@ class Run:
             self.write()
 
     def write(self) -> None:
+        with self._writing:
+            self._write()
+
+    def _write(self) -> None:
         figures = {"what": __doc__.split("\n\n")[0], "smoke": self.args.smoke,
                    "backend": self.args.backend, "budget_s": self.args.budget,
                    "plan": self.plan, "busy_source": self.busy.source,
@@ -795,6 +800,36 @@ def use_backend(backend: str) -> None:
     cae.train.trainer.compiler = cae.train.pack.compiler = compiler
 
 
+def preflight(out: Path) -> int:
+    """Write, line by line as each is known, whether pydantic, torch, torchvision and cae's
+    config import, their versions, and the GPU torch sees; 0 when all import."""
+    ok = True
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "w") as f:
+        def line(text: str) -> None:
+            f.write(text + "\n")
+            f.flush()
+            print(text, flush=True)
+
+        line(f"python {sys.version.split()[0]}")
+        for mod in ("pydantic", "torch", "torchvision", "cae.config.trial"):
+            try:
+                module = __import__(mod, fromlist=["_"])
+                line(f"{mod} {getattr(module, '__version__', 'imports')}")
+            except Exception as exc:  # noqa: BLE001 - what fails is the answer
+                ok = False
+                line(f"{mod} FAILS: {type(exc).__name__}: {exc}"[:500])
+        try:
+            import torch
+
+            gpu = (torch.cuda.get_device_name(0) if torch.cuda.is_available()
+                   else "none (torch sees no CUDA device)")
+        except Exception as exc:  # noqa: BLE001
+            gpu = f"unknown: {type(exc).__name__}: {exc}"[:500]
+        line(f"gpu {gpu}")
+    return 0 if ok else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--smoke", action="store_true", help="the cases on the CPU, tiny sizes")
@@ -806,8 +841,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cases", type=lambda v: v.split(","), metavar="a_check,d_graphs,...",
                    help="only these cases (a second try: the budget is split between them)")
     p.add_argument("--out", type=Path)
+    p.add_argument("--preflight", type=Path, metavar="FILE",
+                   help="only check, in seconds, that what the cases need imports (pydantic, "
+                        "torch, torchvision, cae) and which GPU there is; write it to FILE")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.preflight:
+        return preflight(args.preflight)
     unknown = set(args.cases or []) - set(ORDER)
     if unknown:
         p.error(f"no case {', '.join(sorted(unknown))}; the cases: {', '.join(ORDER)}")
@@ -828,11 +868,17 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     s = sizes(args.smoke)
     torch.set_num_threads(s["threads"])
-    use_backend(args.backend)
-    from cae.config.trial import DataConfig
-    from cae.data.datasets import load
-
     run = Run(args, s)
+    run.write()  # a results file from the start, whatever fails next
+    try:
+        use_backend(args.backend)
+        from cae.config.trial import DataConfig
+        from cae.data.datasets import load
+    except Exception as exc:  # noqa: BLE001 - carried wheels that do not import, say
+        run.cases["import"] = {"status": "error", "error": f"{type(exc).__name__}: {exc}"[:2000]}
+        run.write()
+        print(f"gpu.py: cae does not import here: {exc}; wrote {run.out}", file=sys.stderr)
+        return 2
     data = load(DataConfig.model_validate({"dataset": "sample", "train_limit": s["train_limit"],
                                            "test_limit": s["test_limit"]}))
     cases = {

@@ -65,6 +65,45 @@ def test_dry_prints_the_plan_and_runs_nothing(tmp_path):
         assert "reserve" in proc.stdout and "sizes:" in proc.stdout
 
 
+# an interpreter where pydantic does not import (carried wheels that do not install, say)
+NO_PYDANTIC = ("import runpy, sys; sys.modules['pydantic'] = None; "
+               "sys.argv = ['benchmarks/gpu.py', *sys.argv[1:]]; "
+               "runpy.run_path('benchmarks/gpu.py', run_name='__main__')")
+
+
+def test_the_preflight_says_in_seconds_what_imports_and_which_gpu(tmp_path):
+    out = tmp_path / "preflight.txt"
+    proc = subprocess.run([sys.executable, "benchmarks/gpu.py", "--preflight", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr
+    lines = out.read_text().splitlines()
+    assert [line.split()[0] for line in lines] == ["python", "pydantic", "torch",
+                                                     "torchvision", "cae.config.trial", "gpu"]
+    assert lines[2] == f"torch {torch.__version__}"
+    assert lines[-1].startswith("gpu none") or torch.cuda.is_available()
+
+    proc = subprocess.run([sys.executable, "-c", NO_PYDANTIC, "--preflight", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 1
+    text = out.read_text()
+    assert "pydantic FAILS" in text and "cae.config.trial FAILS" in text
+    assert f"torch {torch.__version__}" in text  # what imports is still said
+
+
+def test_a_cae_that_does_not_import_still_leaves_a_results_file(tmp_path):
+    """The results file is written before cae is imported: wheels that do not import cost
+    the cases, not the record of why."""
+    out = tmp_path / "gpu.json"
+    proc = subprocess.run([sys.executable, "-c", NO_PYDANTIC, "--smoke", "--budget", "30",
+                           "--out", str(out)], cwd=REPO, capture_output=True, text=True,
+                          timeout=300, check=False)
+    assert proc.returncode == 2, proc.stderr
+    record = json.loads(out.read_text())
+    assert record["cases"]["import"]["status"] == "error"
+    assert "pydantic" in record["cases"]["import"]["error"]
+    assert not list(tmp_path.glob(".*.tmp"))  # written whole, nothing left beside it
+
+
 class _After(gpu.Deadline):
     """A deadline that passes after ``n`` checks (no clock: the test does not race)."""
 
