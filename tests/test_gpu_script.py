@@ -71,6 +71,23 @@ NO_PYDANTIC = ("import runpy, sys; sys.modules['pydantic'] = None; "
                "runpy.run_path('benchmarks/gpu.py', run_name='__main__')")
 
 
+@pytest.mark.parametrize("smoke", [True, False])
+def test_every_batch_divides_its_split_so_each_pass_compiles_one_graph(smoke):
+    """On the device as in the smoke run: the training batches divide the training split,
+    the evaluation batches the validation and test splits (of the sample, 4,000 training
+    and 1,000 test images, split as cae splits them)."""
+    from cae.config.trial import DataConfig
+    from cae.data.userdata import held_out
+
+    s = gpu.sizes(smoke)
+    n = s["train_limit"] or 4000
+    val = held_out(n, DataConfig.model_fields["val_fraction"].default)
+    test = s["test_limit"] or 1000
+    assert (n - val) % s["batch_size"] == 0, (n - val, s["batch_size"])
+    assert val % s["eval_batch_size"] == 0 and test % s["eval_batch_size"] == 0
+    assert n <= 4000 and test <= 1000
+
+
 def test_the_preflight_says_in_seconds_what_imports_and_which_gpu(tmp_path):
     out = tmp_path / "preflight.txt"
     proc = subprocess.run([sys.executable, "benchmarks/gpu.py", "--preflight", str(out)],
