@@ -305,3 +305,31 @@ def test_compile_modes_and_old_booleans():
     assert TrialConfig.model_validate({"compile": "reduce-overhead"}).compile == "reduce-overhead"
     with pytest.raises(UserError, match="compile"):
         validate(TrialConfig, {"compile": "max-autotune"})
+
+
+@pytest.mark.parametrize("task", ["reconstruct", "denoise"])
+def test_a_packs_batches_are_each_members_own_also_when_gathered_at_once(task):
+    """A reconstructing pack takes every member's batch in one (K, B) gather (nothing is
+    drawn for it); the batches are exactly those each member's own order gives, one by one
+    through its task, also for an empty slot (a copy of the first member's). A denoising
+    pack draws each member's distortions from its own generator, as before."""
+    from cae.train.loop import batch_order
+
+    cfgs = [_cfg(seed=s, task={"name": task}, batch_size=48) for s in (0, 3, 11)]
+    pack = Pack(cfgs, load(cfgs[0].data))
+    pack.slots[1] = None  # a member that left: its slot trains a copy of the first's
+    got = list(pack._batches())
+    train, n = pack.splits.train, pack.splits.train.shape[0]
+    gens = {i: torch.Generator().manual_seed(0) for i in (0, 2)}
+    perms = {i: batch_order(gens[i], cfgs[i].seed, pack.epoch, n) for i in (0, 2)}
+    assert len(got) == math.ceil(n / 48)
+    for step, (x, y, size) in enumerate(got):
+        start = step * 48
+        rows = []
+        for i in (0, 0, 2):  # slot 1 copies the first live member
+            idx = perms[i][start:start + 48]
+            rows.append(pack.task.batch(train[idx], idx, gens[i])[:2])
+        if task == "reconstruct":  # nothing drawn: comparable row by row
+            assert torch.equal(x, torch.stack([r[0] for r in rows]))
+            assert torch.equal(y, torch.stack([r[1] for r in rows]))
+        assert x.shape[:2] == (3, size) and size == min(48, n - start)

@@ -216,6 +216,15 @@ class Pack:
         n, bs = train.shape[0], self.cfg.batch_size
         live = [self.members[s] for s in self.slots if s is not None]
         perms = {m.index: batch_order(m.gen, m.cfg.seed, self.epoch, n) for m in live}
+        if self.task.name == "reconstruct":  # input = target, nothing drawn: one gather
+            order = torch.stack([perms[s if s is not None else live[0].index]
+                                 for s in self.slots])  # (K, n)
+            for start in range(0, n, bs):
+                idx = order[:, start:start + bs]  # (K, B)
+                x = self.task.clean_input(train[idx.reshape(-1)])
+                x = x.view(*idx.shape, *x.shape[1:])
+                yield x, x, idx.shape[1]
+            return
         for start in range(0, n, bs):
             own = {}
             for m in live:
