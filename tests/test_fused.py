@@ -312,7 +312,8 @@ def test_a_packs_batches_are_each_members_own_also_when_gathered_at_once(task):
     """A reconstructing pack takes every member's batch in one (K, B) gather (nothing is
     drawn for it); the batches are exactly those each member's own order gives, one by one
     through its task, also for an empty slot (a copy of the first member's). A denoising
-    pack draws each member's distortions from its own generator, as before."""
+    pack keeps the member-by-member path (each draws its own distortions): its batches'
+    shapes."""
     from cae.train.loop import batch_order
 
     cfgs = [_cfg(seed=s, task={"name": task}, batch_size=48) for s in (0, 3, 11)]

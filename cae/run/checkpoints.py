@@ -59,7 +59,10 @@ def read_history(fs: Any, checkpoint: str) -> dict | None:
 def newest_history(trial_dir: str | Path) -> dict:
     """The whole ``history.json`` with the most epochs among the trial's checkpoints; {} if
     none is whole."""
-    fs, path = filesystem(trial_dir)
+    return _newest_history(*filesystem(trial_dir))
+
+
+def _newest_history(fs: Any, path: str) -> dict:
     found = [h for c in list_checkpoints(fs, path) if (h := read_history(fs, c)) is not None]
     return max(found, key=epoch_of, default={})
 
@@ -156,6 +159,8 @@ def old_dropout_trials(run_dir: str) -> list[str]:
             continue
         if not any(float(model.get(k) or 0) > 0 for k in DROPOUT_KEYS):
             continue
+        if _newest_history(fs, info.path).get("final"):
+            continue  # ended: nothing to resume, its state not worth loading
         found = load_newest(fs, info.path)
         if found is not None and not found.state.get("final") and \
                 drew_global_dropout(found.state):

@@ -50,10 +50,11 @@ def _as_int32(x: torch.Tensor) -> torch.Tensor:
 class MaskedDropout(nn.Module):
     """Inverted dropout whose mask is a hash of (seed, layer, step, element index).
 
-    ``rate``, ``seed`` and ``step`` are buffers, so under vmap each member has its own rate
-    and stream; ``step`` counts training calls. Not persistent: not in the state dict.
-    What depends on the seed and the layer alone (``base``) and on the rate alone
-    (``threshold``) is hashed once, at construction, into buffers of their own; each call
+    ``rate``, ``step`` and what the seed and the layer make of the stream (``base``) are
+    buffers, so under vmap each member has its own rate and stream; ``step`` counts
+    training calls. Not persistent: not in the state dict. ``base`` (from the seed and the
+    layer alone) and ``threshold`` (from the rate alone) are hashed once, at construction;
+    each call
     hashes the step into it and every element on int32 in place (:func:`_mix32_bits`): the
     masks of the int64 hash, bit for bit (tested), at a fraction of its cost."""
 
@@ -61,9 +62,8 @@ class MaskedDropout(nn.Module):
         super().__init__()
         self.layer = layer
         self.register_buffer("rate", torch.tensor(float(rate)), persistent=False)
-        seed_t = torch.tensor(int(seed), dtype=torch.int64)
-        self.register_buffer("seed", seed_t, persistent=False)
         self.register_buffer("step", torch.zeros((), dtype=torch.int64), persistent=False)
+        seed_t = torch.tensor(int(seed), dtype=torch.int64)
         base = _mix32(_mix32((seed_t & _M32) ^ _mix32((seed_t >> 32) & _M32)) ^ layer)
         self.register_buffer("base", _as_int32(base), persistent=False)
         # keep an element when its 24 bits * 2**-24 >= rate, in integers: rate * 2**24 is
